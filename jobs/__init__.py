@@ -1,0 +1,1 @@
+"""The `diffarc` command line: parse arguments, then call the pipeline."""

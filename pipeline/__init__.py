@@ -1,0 +1,1 @@
+"""The batch pipeline: listing, loading, Ray actors, Parquet archives, manifests and verification."""
