@@ -1,0 +1,226 @@
+"""The decode job (archive → image files, on Ray actors) and `cat` (one image, in this process).
+
+Each actor holds one codec and decodes whole shards, reading only the rows asked for. A stream that is
+damaged or was written for other weights is reported and skipped; the others are still decoded.
+Outputs are written atomically, and an output that already exists is skipped, so a killed decode is
+resumed by running it again.
+"""
+
+from __future__ import annotations
+
+import io
+import posixpath
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import ray
+from PIL import Image
+
+from ..codecs.base import Codec
+from ..codecs.container import BitstreamError
+from ..codecs.registry import create_codec
+from .archive import ArchiveError, CodecSpec, Failure, Manifest, ShardEntry, read_shard, require_manifest
+from .cluster import connect, pool_shape, run_on_pool, start_pool, torch_device
+from .storage import Location
+
+OUTPUT_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP", "tiff": "TIFF", "bmp": "BMP"}
+EXTENSIONS = {"png": ".png", "jpeg": ".jpg", "webp": ".webp", "tiff": ".tif", "bmp": ".bmp"}
+
+
+class UnsafeKeyError(ValueError):
+    pass
+
+
+def output_name(key: str, image_format: str) -> str:
+    """The file a key decodes to under DST: its relative path, extension replaced by the format's.
+
+    Keys come from an archive, which may be hostile: none may climb out of DST or name an absolute path.
+    """
+    parts = key.split("/")
+    if not key or key.startswith("/") or "\\" in key or any(p in ("", ".", "..") for p in parts):
+        raise UnsafeKeyError(f"key {key!r} is not a safe relative path; refusing to write it")
+    return posixpath.splitext(key)[0] + EXTENSIONS[image_format]
+
+
+def encode_image(pixels: np.ndarray, image_format: str) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels, "RGB").save(buffer, OUTPUT_FORMATS[image_format])
+    return buffer.getvalue()
+
+
+def decode_streams(codec: Codec, keys: list[str], streams: list[bytes], failures: list[Failure]):
+    """(key, pixels) for each stream that decodes; the rest become failures naming the problem."""
+    readable = []
+    for key, stream in zip(keys, streams):
+        try:
+            codec.read(stream)
+            readable.append((key, stream))
+        except BitstreamError as exc:
+            failures.append(Failure(key, "parse", str(exc)))
+    if not readable:
+        return []
+    try:
+        images = codec.decode([s for _, s in readable])
+        return [(key, image) for (key, _), image in zip(readable, images)]
+    except Exception as exc:
+        if len(readable) == 1:
+            failures.append(Failure(readable[0][0], "decode", f"{type(exc).__name__}: {exc}"))
+            return []
+    # One bad stream must not sink its batch: decode one by one to find it.
+    return [pair for key, stream in readable for pair in decode_streams(codec, [key], [stream], failures)]
+
+
+def codec_for_archive(spec: CodecSpec, device: str = "cpu") -> Codec:
+    codec = create_codec(spec.name, spec.params, device=device)
+    if codec.fingerprint.hex() != spec.fingerprint:
+        raise ArchiveError(
+            f"archive needs model weights with fingerprint {spec.fingerprint or '(none)'}; "
+            f"the loaded model is {codec.fingerprint.hex() or '(none)'}"
+        )
+    return codec
+
+
+@dataclass
+class DecodeTask:
+    entry: ShardEntry
+    keys: list[str] | None
+    prefix: str
+
+
+@dataclass
+class DecodeResult:
+    decoded: int
+    skipped: int
+    failures: list[Failure]
+
+
+@dataclass
+class DecodeSummary:
+    decoded: int
+    skipped_existing: int
+    failures: list[Failure] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def images_per_second(self) -> float:
+        return self.decoded / self.seconds if self.seconds else 0.0
+
+
+class DecodeWorker:
+    """A Ray actor: one codec, decoding shards of an archive to files under DST."""
+
+    def __init__(self, spec: CodecSpec):
+        self.codec = codec_for_archive(spec, torch_device())
+
+    def decode_shard(
+        self, archive: Location, task: DecodeTask, dst: Location, image_format: str, overwrite: bool, batch_size: int
+    ) -> DecodeResult:
+        table = read_shard(archive, task.entry, columns=["key", "bitstream"], keys=task.keys).to_pylist()
+        failures: list[Failure] = []
+        todo = []
+        skipped = 0
+        for row in table:
+            if not row["key"].startswith(task.prefix):
+                continue
+            try:
+                name = output_name(row["key"], image_format)
+            except UnsafeKeyError as exc:
+                failures.append(Failure(row["key"], "write", str(exc)))
+                continue
+            if not overwrite and dst.exists(name):
+                skipped += 1
+                continue
+            todo.append((row["key"], name, row["bitstream"]))
+        decoded = 0
+        for start in range(0, len(todo), batch_size):
+            batch = todo[start : start + batch_size]
+            names = {key: name for key, name, _ in batch}
+            for key, pixels in decode_streams(self.codec, [k for k, _, _ in batch], [s for _, _, s in batch], failures):
+                try:
+                    dst.write_atomic(names[key], encode_image(pixels, image_format))
+                    decoded += 1
+                except Exception as exc:
+                    failures.append(Failure(key, "write", f"{type(exc).__name__}: {exc}"))
+        return DecodeResult(decoded, skipped, failures)
+
+
+def select_shards(manifest: Manifest, keys: list[str] | None, prefix: str) -> list[DecodeTask]:
+    """Shards whose key range can hold the wanted keys, each with the keys it should read."""
+    tasks = []
+    for entry in manifest.shards:
+        if keys is not None:
+            wanted = [k for k in keys if entry.first_key <= k <= entry.last_key and k.startswith(prefix)]
+            if wanted:
+                tasks.append(DecodeTask(entry, wanted, prefix))
+        elif entry.last_key >= prefix and (entry.first_key.startswith(prefix) or entry.first_key <= prefix):
+            tasks.append(DecodeTask(entry, None, prefix))
+    return tasks
+
+
+def run_decode(
+    archive_url: str,
+    dst_url: str,
+    keys: list[str] | None = None,
+    prefix: str = "",
+    image_format: str = "png",
+    overwrite: bool = False,
+    actors: int | None = None,
+    batch_size: int = 8,
+    storage_options: dict | None = None,
+    address: str | None = None,
+    on_progress: Callable[[int, int, int], None] | None = None,
+) -> DecodeSummary:
+    started = time.perf_counter()
+    if image_format not in OUTPUT_FORMATS:
+        raise ValueError(f"unknown output format {image_format!r}; choose from {sorted(OUTPUT_FORMATS)}")
+    archive = Location(archive_url, storage_options)
+    dst = Location(dst_url, storage_options)
+    manifest = require_manifest(archive)
+    tasks = select_shards(manifest, keys, prefix)
+    summary = DecodeSummary(0, 0)
+    if tasks:
+        connect(address)
+        pool = start_pool(DecodeWorker, pool_shape(actors), manifest.codec)
+        try:
+            for result in run_on_pool(
+                pool,
+                tasks,
+                lambda actor, task: actor.decode_shard.remote(archive, task, dst, image_format, overwrite, batch_size),
+            ):
+                summary.decoded += result.decoded
+                summary.skipped_existing += result.skipped
+                summary.failures += result.failures
+                if on_progress:
+                    on_progress(summary.decoded + summary.skipped_existing, None, len(summary.failures))
+        finally:
+            for actor in pool:
+                ray.kill(actor)
+    if keys is not None:
+        found = summary.decoded + summary.skipped_existing + len(summary.failures)
+        if found < len(keys):
+            missing = set(keys) - _keys_in(archive, tasks)
+            summary.failures += [Failure(k, "select", "key not in archive") for k in sorted(missing)]
+    summary.seconds = time.perf_counter() - started
+    return summary
+
+
+def _keys_in(archive: Location, tasks: list[DecodeTask]) -> set[str]:
+    found: set[str] = set()
+    for task in tasks:
+        found.update(read_shard(archive, task.entry, columns=["key"], keys=task.keys).column("key").to_pylist())
+    return found
+
+
+def cat_item(archive_url: str, key: str, image_format: str = "png", storage_options: dict | None = None) -> bytes:
+    """One image, decoded here: the manifest's key ranges and the shard's row-group statistics mean
+    only the row group holding the key is read."""
+    archive = Location(archive_url, storage_options)
+    manifest = require_manifest(archive)
+    for task in select_shards(manifest, [key], ""):
+        rows = read_shard(archive, task.entry, columns=["key", "bitstream"], keys=[key]).to_pylist()
+        if rows:
+            codec = codec_for_archive(manifest.codec)
+            return encode_image(codec.decode([rows[0]["bitstream"]])[0], image_format)
+    raise KeyError(f"key {key!r} is not in the archive")

@@ -1,0 +1,220 @@
+"""The encode job: source collection → archive, on a pool of Ray actors that each hold the codec.
+
+    driver: list sources ─► skip keys the archive holds ─► chunk into shards ─► run_on_pool
+    actor:  fetch + load images (thread pool, ahead of the codec) ─► codec.encode in batches
+            ─► write the shard (Parquet) ─► return its manifest entry, keys and failures
+    driver: commit each returned shard to the manifest as it arrives
+
+Fetching and image decoding run on threads inside the actor while the codec works on the previous
+batch, and the next shard is already queued on the actor, so the codec (and its GPU) does not wait.
+Memory is bounded per actor by the shard size, not by the collection.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import ray
+
+from ..codecs.base import Codec
+from ..codecs.registry import create_codec
+from .archive import ArchiveWriter, CodecSpec, EncodedItem, Failure, ShardEntry, write_shard
+from .cluster import connect, describe_worker, pool_shape, run_on_pool, start_pool, torch_device
+from .images import DEFAULT_MAX_PIXELS, load_rgb
+from .sources import SourceItem, fetch, list_sources, sha256_hex
+from .storage import Location
+
+
+@dataclass
+class EncodeOptions:
+    codec: str
+    params: dict[str, Any] = field(default_factory=dict)
+    preset: str | None = None
+    shard_size: int = 512  # items per shard
+    batch_size: int = 8  # images per codec call
+    actors: int | None = None  # default: one per GPU, else one per CPU
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    retry_failed: bool = False
+    fetch_threads: int = 8
+
+
+@dataclass
+class ShardResult:
+    entry: ShardEntry | None
+    keys: list[str]
+    failures: list[Failure]
+    seconds: float
+    worker: dict
+
+
+@dataclass
+class EncodeSummary:
+    archive: str
+    listed: int
+    skipped_non_images: int
+    already_done: int
+    encoded: int
+    failed: int
+    seconds: float
+    source_bytes: int
+    bitstream_bytes: int
+    workers: list[dict]
+    totals: dict
+
+    @property
+    def images_per_second(self) -> float:
+        return self.encoded / self.seconds if self.seconds else 0.0
+
+
+@dataclass(frozen=True)
+class LoadedImage:
+    item: SourceItem
+    pixels: Any  # np.ndarray
+    source_bytes: int
+    source_sha256: str
+
+
+class EncodeWorker:
+    """A Ray actor: one codec, loaded once, encoding whole shards."""
+
+    def __init__(self, codec: str, params: dict, storage_options: dict | None, max_pixels: int, fetch_threads: int):
+        self.device = torch_device()
+        self.codec: Codec = create_codec(codec, params, device=self.device)
+        self.storage_options = storage_options
+        self.max_pixels = max_pixels
+        self.fetcher = ThreadPoolExecutor(fetch_threads)
+
+    def codec_spec(self) -> CodecSpec:
+        return CodecSpec(self.codec.name, self.codec.config, self.codec.fingerprint.hex())
+
+    def encode_shard(self, archive: Location, items: list[SourceItem], batch_size: int) -> ShardResult:
+        started = time.perf_counter()
+        encoded: list[EncodedItem] = []
+        failures: list[Failure] = []
+        batch: list[LoadedImage] = []
+        for loaded in self._load_ahead(items, batch_size, failures):
+            batch.append(loaded)
+            if len(batch) == batch_size:
+                encoded += self._encode_batch(batch, failures)
+                batch = []
+        encoded += self._encode_batch(batch, failures)
+        entry = write_shard(archive, encoded, self.codec_spec()) if encoded else None
+        return ShardResult(
+            entry, [e.key for e in encoded], failures, time.perf_counter() - started, describe_worker(self.device)
+        )
+
+    def _load_ahead(self, items: list[SourceItem], depth: int, failures: list[Failure]) -> Iterator[LoadedImage]:
+        """Loaded images in order, with up to 2·depth fetches running ahead of the consumer."""
+        pending = []
+        for item in items:
+            pending.append(self.fetcher.submit(self._load, item))
+            if len(pending) > 2 * depth:
+                yield from self._collect(pending.pop(0), failures)
+        for future in pending:
+            yield from self._collect(future, failures)
+
+    @staticmethod
+    def _collect(future, failures: list[Failure]) -> Iterator[LoadedImage]:
+        result = future.result()
+        if isinstance(result, Failure):
+            failures.append(result)
+        else:
+            yield result
+
+    def _load(self, item: SourceItem) -> LoadedImage | Failure:
+        try:
+            data = fetch(item, self.storage_options)
+        except Exception as exc:  # any storage error: record it, keep the job going
+            return Failure(item.key, "fetch", f"{type(exc).__name__}: {exc}")
+        try:
+            pixels = load_rgb(data, self.max_pixels)
+        except Exception as exc:
+            return Failure(item.key, "load", str(exc))
+        return LoadedImage(item, pixels, len(data), sha256_hex(data))
+
+    def _encode_batch(self, batch: list[LoadedImage], failures: list[Failure]) -> list[EncodedItem]:
+        if not batch:
+            return []
+        try:
+            streams = self.codec.encode([b.pixels for b in batch])
+        except Exception:
+            if len(batch) == 1:
+                raise
+            # One bad image must not sink its batch: encode one by one to find it.
+            return [e for b in batch for e in self._encode_one(b, failures)]
+        return [self._encoded(b, s) for b, s in zip(batch, streams)]
+
+    def _encode_one(self, loaded: LoadedImage, failures: list[Failure]) -> list[EncodedItem]:
+        try:
+            return [self._encoded(loaded, self.codec.encode([loaded.pixels])[0])]
+        except Exception as exc:
+            failures.append(Failure(loaded.item.key, "encode", f"{type(exc).__name__}: {exc}"))
+            return []
+
+    @staticmethod
+    def _encoded(loaded: LoadedImage, stream: bytes) -> EncodedItem:
+        height, width = loaded.pixels.shape[:2]
+        return EncodedItem(loaded.item.key, stream, width, height, loaded.source_bytes, loaded.source_sha256)
+
+
+def run_encode(
+    src: str,
+    archive_url: str,
+    options: EncodeOptions,
+    storage_options: dict | None = None,
+    address: str | None = None,
+    on_progress: Callable[[int, int, int], None] | None = None,
+) -> EncodeSummary:
+    """Encode every image under `src` not yet in the archive; returns when all are committed."""
+    started = time.perf_counter()
+    params = create_codec(options.codec, options.params, options.preset).config  # fail fast on bad params
+    listing = list_sources(src, storage_options)
+    connect(address)
+    shape = pool_shape(options.actors)
+    actors = start_pool(
+        EncodeWorker, shape, options.codec, params, storage_options, options.max_pixels, options.fetch_threads
+    )
+    archive = Location(archive_url, storage_options)
+    writer = ArchiveWriter(archive, ray.get(actors[0].codec_spec.remote()), source=src)
+    if options.retry_failed:
+        todo = [item for item in listing.items if item.key in writer.failures]
+    else:
+        todo = [item for item in listing.items if item.key not in writer.done and item.key not in writer.failures]
+    already_done = len(listing.items) - len(todo)
+    shards = (todo[i : i + options.shard_size] for i in range(0, len(todo), options.shard_size))
+    encoded = failed = 0
+    source_bytes = bitstream_bytes = 0
+    workers: dict[int, dict] = {}
+    try:
+        for result in run_on_pool(
+            actors, shards, lambda actor, items: actor.encode_shard.remote(archive, items, options.batch_size)
+        ):
+            writer.commit(result.entry, result.keys, result.failures)
+            encoded += len(result.keys)
+            failed += len(result.failures)
+            if result.entry:
+                source_bytes += result.entry.source_bytes
+                bitstream_bytes += result.entry.bitstream_bytes
+            workers[result.worker["pid"]] = result.worker
+            if on_progress:
+                on_progress(encoded + failed, len(todo), failed)
+        manifest = writer.finish()
+    finally:
+        for actor in actors:
+            ray.kill(actor)
+    return EncodeSummary(
+        archive=archive_url,
+        listed=len(listing.items),
+        skipped_non_images=listing.skipped_non_images,
+        already_done=already_done,
+        encoded=encoded,
+        failed=failed,
+        seconds=time.perf_counter() - started,
+        source_bytes=source_bytes,
+        bitstream_bytes=bitstream_bytes,
+        workers=list(workers.values()),
+        totals=manifest.totals,
+    )

@@ -1,0 +1,238 @@
+"""The verify job: is the archive whole, and — against the originals — how good is it?
+
+Integrity, on every shard (in Ray actors): the shard's size and SHA-256 match the manifest, its row
+count and schema are right, every bitstream parses (container CRC), was written by the archive's codec
+with the archive's weights, and states the width and height its row does. Across shards (driver):
+no key twice, no key both encoded and failed, and the failure table matches its checksum.
+
+Quality, with `against`: a deterministic sample of items (chosen by a hash of the key, so the same
+fraction picks the same items every run) is decoded and compared with its source image, loaded by the
+same loader the encoder used: PSNR, MS-SSIM and, when weights are found, LPIPS-squeeze. Thresholds
+apply to every sampled item: one item below a threshold fails the job.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import pyarrow.parquet as pq
+import ray
+
+from ..codecs.container import BitstreamError
+from .archive import SHARD_SCHEMA, Failure, Manifest, ShardEntry, require_manifest
+from .cluster import connect, pool_shape, run_on_pool, start_pool, torch_device
+from .decode import codec_for_archive, decode_streams
+from .images import DEFAULT_MAX_PIXELS, load_rgb
+from .metrics import LPIPS, LPIPS_MIN_SIDE, ms_ssim, psnr
+from .storage import Location
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    min_psnr: float | None = None
+    min_ms_ssim: float | None = None
+    max_lpips: float | None = None
+
+    def violations(self, row: dict) -> list[str]:
+        found = []
+        if self.min_psnr is not None and row["psnr"] < self.min_psnr:
+            found.append(f"PSNR {row['psnr']:.2f} < {self.min_psnr}")
+        if self.min_ms_ssim is not None and row["ms_ssim"] < self.min_ms_ssim:
+            found.append(f"MS-SSIM {row['ms_ssim']:.4f} < {self.min_ms_ssim}")
+        if self.max_lpips is not None and row.get("lpips") is not None and row["lpips"] > self.max_lpips:
+            found.append(f"LPIPS {row['lpips']:.4f} > {self.max_lpips}")
+        return found
+
+
+def in_sample(key: str, fraction: float) -> bool:
+    return int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) / 2**32 < fraction
+
+
+@dataclass
+class ShardReport:
+    path: str
+    keys: list[str]
+    problems: list[str]
+    failures: list[Failure]
+    quality: list[dict]
+
+
+@dataclass
+class VerifyReport:
+    shards: int = 0
+    items: int = 0
+    problems: list[str] = field(default_factory=list)  # archive-level: the archive is not intact
+    failures: list[Failure] = field(default_factory=list)  # item-level: a stream that does not parse/decode
+    quality: list[dict] = field(default_factory=list)
+    below_threshold: list[dict] = field(default_factory=list)
+    lpips_used: bool = False
+    seconds: float = 0.0
+
+    @property
+    def intact(self) -> bool:
+        return not self.problems and not self.failures
+
+    def summary(self) -> dict:
+        def stat(name):
+            values = [r[name] for r in self.quality if r.get(name) is not None and math.isfinite(r[name])]
+            if not values:
+                return None
+            return {"mean": sum(values) / len(values), "min": min(values), "max": max(values), "n": len(values)}
+
+        return {
+            "intact": self.intact,
+            "shards": self.shards,
+            "items": self.items,
+            "problems": self.problems,
+            "failures": [f.__dict__ for f in self.failures],
+            "compared": len(self.quality),
+            "psnr": stat("psnr"),
+            "ms_ssim": stat("ms_ssim"),
+            "lpips": stat("lpips"),
+            "lpips_used": self.lpips_used,
+            "below_threshold": self.below_threshold,
+            "seconds": self.seconds,
+        }
+
+
+class VerifyWorker:
+    """A Ray actor: the archive's codec (and LPIPS network) loaded once, checking whole shards."""
+
+    def __init__(self, manifest: Manifest, lpips_weights: str | None, storage_options: dict | None, max_pixels: int):
+        self.device = torch_device()
+        self.manifest = manifest
+        self.codec = codec_for_archive(manifest.codec, self.device)
+        self.lpips = LPIPS(lpips_weights, self.device) if lpips_weights else None
+        self.storage_options = storage_options
+        self.max_pixels = max_pixels
+
+    def verify_shard(self, archive: Location, entry: ShardEntry, against: str | None, fraction: float) -> ShardReport:
+        report = ShardReport(entry.path, [], [], [], [])
+        try:
+            data = archive.read(entry.path)
+        except FileNotFoundError:
+            report.problems.append(f"{entry.path}: listed in the manifest but missing")
+            return report
+        if len(data) != entry.bytes or hashlib.sha256(data).hexdigest() != entry.sha256:
+            report.problems.append(f"{entry.path}: size or SHA-256 differs from the manifest (damaged or replaced)")
+            return report
+        table = pq.read_table(io.BytesIO(data))
+        if not SHARD_SCHEMA.equals(table.schema.remove_metadata()):
+            report.problems.append(f"{entry.path}: schema differs from the archive format")
+            return report
+        if table.num_rows != entry.rows:
+            report.problems.append(f"{entry.path}: {table.num_rows} rows, manifest says {entry.rows}")
+        rows = table.to_pylist()
+        report.keys = [r["key"] for r in rows]
+        for row in rows:
+            try:
+                header, _ = self.codec.read(row["bitstream"])
+                if (header.width, header.height) != (row["width"], row["height"]):
+                    raise BitstreamError(
+                        f"stream is {header.width}×{header.height}, row says {row['width']}×{row['height']}"
+                    )
+            except BitstreamError as exc:
+                report.failures.append(Failure(row["key"], "parse", str(exc)))
+        if against:
+            report.quality = self._compare(rows, against, fraction, report.failures)
+        return report
+
+    def _compare(self, rows: list[dict], against: str, fraction: float, failures: list[Failure]) -> list[dict]:
+        bad = {f.key for f in failures}
+        sample = [r for r in rows if r["key"] not in bad and in_sample(r["key"], fraction)]
+        source = Location(against, self.storage_options)
+        quality = []
+        for key, decoded in decode_streams(self.codec, [r["key"] for r in sample], [r["bitstream"] for r in sample], failures):
+            row = next(r for r in sample if r["key"] == key)
+            try:
+                original = load_rgb(source.read(key), self.max_pixels)
+            except Exception as exc:
+                failures.append(Failure(key, "verify", f"source unreadable: {type(exc).__name__}: {exc}"))
+                continue
+            if original.shape != decoded.shape:
+                failures.append(Failure(key, "verify", f"source is {original.shape}, decoded is {decoded.shape}"))
+                continue
+            measured = {
+                "key": key,
+                "bpp": 8 * len(row["bitstream"]) / (row["width"] * row["height"]),
+                "psnr": psnr(original, decoded),
+                "ms_ssim": ms_ssim(original, decoded),
+                "lpips": None,
+            }
+            if self.lpips is not None and min(original.shape[:2]) >= LPIPS_MIN_SIDE:
+                measured["lpips"] = self.lpips(original, decoded)
+            quality.append(measured)
+        return quality
+
+
+def run_verify(
+    archive_url: str,
+    against: str | None = None,
+    fraction: float = 1.0,
+    thresholds: Thresholds = Thresholds(),
+    lpips_weights: str | None = None,
+    actors: int | None = None,
+    storage_options: dict | None = None,
+    address: str | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    on_progress: Callable[[int, int, int], None] | None = None,
+) -> VerifyReport:
+    started = time.perf_counter()
+    archive = Location(archive_url, storage_options)
+    manifest = require_manifest(archive)
+    report = VerifyReport(shards=len(manifest.shards), lpips_used=bool(lpips_weights and against))
+    if not manifest.complete:
+        report.problems.append("manifest is not marked complete: the encode job has not finished")
+    seen: dict[str, str] = {}
+    if manifest.shards:
+        connect(address)
+        pool = start_pool(VerifyWorker, pool_shape(actors), manifest, lpips_weights, storage_options, max_pixels)
+        try:
+            for done, shard in enumerate(
+                run_on_pool(
+                    pool, manifest.shards, lambda actor, entry: actor.verify_shard.remote(archive, entry, against, fraction)
+                ),
+                start=1,
+            ):
+                report.problems += shard.problems
+                report.failures += shard.failures
+                report.quality += shard.quality
+                report.items += len(shard.keys)
+                for key in shard.keys:
+                    if key in seen:
+                        report.problems.append(f"key {key!r} is in two shards: {seen[key]} and {shard.path}")
+                    seen[key] = shard.path
+                if on_progress:
+                    on_progress(done, len(manifest.shards), len(report.failures))
+        finally:
+            for actor in pool:
+                ray.kill(actor)
+    report.problems += _check_failure_table(archive, manifest, seen)
+    for row in report.quality:
+        violations = thresholds.violations(row)
+        if violations:
+            report.below_threshold.append({"key": row["key"], "violations": violations})
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def _check_failure_table(archive: Location, manifest: Manifest, encoded: dict[str, str]) -> list[str]:
+    if not manifest.failures:
+        return []
+    path = manifest.failures["path"]
+    try:
+        data = archive.read(path)
+    except FileNotFoundError:
+        return [f"{path}: failure table listed in the manifest but missing"]
+    if hashlib.sha256(data).hexdigest() != manifest.failures["sha256"]:
+        return [f"{path}: failure table's SHA-256 differs from the manifest"]
+    keys = pq.read_table(io.BytesIO(data), columns=["key"]).column("key").to_pylist()
+    problems = [f"key {k!r} is both encoded ({encoded[k]}) and in the failure table" for k in keys if k in encoded]
+    if len(keys) != manifest.failures["rows"]:
+        problems.append(f"{path}: {len(keys)} rows, manifest says {manifest.failures['rows']}")
+    return problems
