@@ -1,0 +1,178 @@
+"""Shared fixtures: a real local Ray, a real S3-compatible server on 127.0.0.1, and test images."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+KODAK = SHARED / "data" / "kodak"
+LPIPS_WEIGHTS = SHARED / "weights" / "lpips-squeeze" / "lpips_squeeze_v0.1.safetensors"
+
+
+@pytest.fixture(scope="session")
+def kodak() -> Path:
+    if not KODAK.is_dir():
+        pytest.skip(f"Kodak images not found at {KODAK} (../shared is absent)")
+    return KODAK
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """One real local Ray cluster per test module, as design.md asks."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def photo_like(height: int, width: int, seed: int) -> np.ndarray:
+    """Smooth gradients plus a little texture: compresses like a photo, unlike pure noise."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    base = np.stack(
+        [128 + 100 * np.sin(x / (9 + seed) + c) * np.cos(y / (13 + seed) - c) for c in (0.0, 1.0, 2.0)], axis=2
+    )
+    return np.clip(base + rng.normal(0, 6, base.shape), 0, 255).astype(np.uint8)
+
+
+@pytest.fixture
+def image_folder(tmp_path: Path) -> Path:
+    """Six small PNG/JPEG images, two of them in a sub-folder."""
+    folder = tmp_path / "images"
+    (folder / "sub").mkdir(parents=True)
+    for index, (name, size) in enumerate(
+        [("a.png", (48, 64)), ("b.jpg", (64, 40)), ("c.png", (33, 17)), ("d.png", (64, 64)),
+         ("sub/e.jpg", (40, 72)), ("sub/f.png", (20, 30))]
+    ):
+        Image.fromarray(photo_like(*size, seed=index)).save(folder / name)
+    return folder
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3-compatible server (moto in server mode) on 127.0.0.1, for the whole test session."""
+    executable = shutil.which("moto_server") or str(Path(sys.executable).with_name("moto_server"))
+    if not Path(executable).exists():
+        pytest.skip("moto_server not installed (pip install 'moto[server]')")
+    port = _free_port()
+    process = subprocess.Popen(
+        [executable, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            if time.monotonic() > deadline or process.poll() is not None:
+                process.kill()
+                raise RuntimeError("moto_server did not start")
+            time.sleep(0.2)
+    yield {
+        "endpoint": endpoint,
+        "env": {
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_ENDPOINT_URL": endpoint,
+        },
+        "storage_options": {
+            "key": "testing",
+            "secret": "testing",
+            "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"},
+        },
+    }
+    process.terminate()
+    process.wait(10)
+
+
+@pytest.fixture
+def lpips_weights() -> Path:
+    if not LPIPS_WEIGHTS.is_file():
+        pytest.skip(f"LPIPS weights not found at {LPIPS_WEIGHTS} (../shared is absent)")
+    return LPIPS_WEIGHTS
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(extra)
+    return env
+
+
+def write_bad_inputs(folder: Path) -> dict[str, tuple[int, int] | None]:
+    """The awkward files real archives contain. Returns key → expected (height, width), or None where
+    the item must land in the failure table."""
+    import io
+    import struct
+    import zlib
+
+    folder.mkdir(parents=True, exist_ok=True)
+    expected: dict[str, tuple[int, int] | None] = {}
+    photo = Image.fromarray(photo_like(40, 60, seed=7))
+
+    jpeg = io.BytesIO()
+    photo.save(jpeg, "JPEG")
+    (folder / "truncated.jpg").write_bytes(jpeg.getvalue()[: len(jpeg.getvalue()) // 2])
+    expected["truncated.jpg"] = None
+    (folder / "empty.png").write_bytes(b"")
+    expected["empty.png"] = None
+    (folder / "text.png").write_text("this is not an image\n")
+    expected["text.png"] = None
+
+    # A PNG whose header claims 100000×100000 pixels: refused before a single pixel is decoded.
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    bomb = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 100_000, 100_000, 8, 2, 0, 0, 0))
+    bomb += chunk(b"IDAT", zlib.compress(b"\0" * 1000)) + chunk(b"IEND", b"")
+    (folder / "bomb.png").write_bytes(bomb)
+    expected["bomb.png"] = None
+
+    photo.convert("CMYK").save(folder / "cmyk.jpg", "JPEG")
+    expected["cmyk.jpg"] = (40, 60)
+    sixteen = (np.arange(30 * 50, dtype=np.uint16).reshape(30, 50) * 40).astype(np.uint16)
+    Image.fromarray(sixteen).save(folder / "sixteen.png")
+    expected["sixteen.png"] = (30, 50)
+    palette = photo.convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
+    palette.info["transparency"] = 0
+    palette.save(folder / "palette.png", transparency=0)
+    expected["palette.png"] = (40, 60)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90° clockwise to display
+    photo.save(folder / "rotated.jpg", "JPEG", exif=exif.tobytes())
+    expected["rotated.jpg"] = (60, 40)
+    frames = [Image.fromarray(photo_like(24, 32, seed=s)) for s in range(3)]
+    frames[0].save(folder / "animated.gif", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    expected["animated.gif"] = (24, 32)
+    Image.fromarray(photo_like(1, 1, seed=1)).save(folder / "one.png")
+    expected["one.png"] = (1, 1)
+    Image.fromarray(photo_like(1, 4000, seed=2)).save(folder / "strip.png")
+    expected["strip.png"] = (1, 4000)
+    Image.new("LA", (16, 12), (100, 0)).save(folder / "transparent.png")
+    expected["transparent.png"] = (12, 16)
+    return expected
+
+
+@pytest.fixture
+def bad_inputs(tmp_path: Path) -> tuple[Path, dict]:
+    folder = tmp_path / "bad"
+    return folder, write_bad_inputs(folder)

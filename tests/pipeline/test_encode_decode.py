@@ -1,0 +1,153 @@
+"""Encode, decode and verify on a real local Ray cluster (one per module)."""
+
+import dataclasses
+import hashlib
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from diffarc.codecs import container
+from diffarc.codecs.registry import create_codec
+from diffarc.pipeline.archive import MANIFEST, read_failures, read_shard, require_manifest
+from diffarc.pipeline.decode import run_decode
+from diffarc.pipeline.encode import EncodeOptions, run_encode
+from diffarc.pipeline.metrics import psnr
+from diffarc.pipeline.storage import Location
+from diffarc.pipeline.verify import Thresholds, run_verify
+
+from ..conftest import photo_like
+
+pytestmark = pytest.mark.slow
+
+
+def archive_keys(path) -> list[str]:
+    archive = Location(str(path))
+    manifest = require_manifest(archive)
+    return [k for e in manifest.shards for k in read_shard(archive, e, columns=["key"]).column("key").to_pylist()]
+
+
+def test_every_bad_input_is_encoded_or_in_the_failure_table(ray_cluster, bad_inputs, tmp_path):
+    folder, expected = bad_inputs
+    summary = run_encode(str(folder), str(tmp_path / "arc"), EncodeOptions("jpeg", shard_size=4, batch_size=3))
+    good = {k for k, shape in expected.items() if shape is not None}
+    bad = set(expected) - good
+    assert sorted(archive_keys(tmp_path / "arc")) == sorted(good)
+    failures = read_failures(Location(str(tmp_path / "arc")), require_manifest(Location(str(tmp_path / "arc"))))
+    assert set(failures) == bad
+    assert all(f.stage in ("load", "fetch") and f.reason for f in failures.values())
+    assert summary.encoded == len(good) and summary.failed == len(bad)
+
+    result = run_decode(str(tmp_path / "arc"), str(tmp_path / "out"))
+    assert result.decoded == len(good) and not result.failures
+    for key in good:
+        with Image.open(tmp_path / "out" / (key.rsplit(".", 1)[0] + ".png")) as image:
+            assert (image.height, image.width) == expected[key], key
+
+
+def test_decode_round_trip_subsets_and_resume(ray_cluster, image_folder, tmp_path):
+    run_encode(str(image_folder), str(tmp_path / "arc"), EncodeOptions("webp", {"quality": 90}, shard_size=2))
+    out = tmp_path / "out"
+    first = run_decode(str(tmp_path / "arc"), str(out), prefix="sub/")
+    assert first.decoded == 2 and sorted(p.name for p in (out / "sub").iterdir()) == ["e.png", "f.png"]
+    assert not (out / "a.png").exists()
+    again = run_decode(str(tmp_path / "arc"), str(out))  # a re-run skips what is already there
+    assert (again.decoded, again.skipped_existing) == (4, 2)
+    codec = create_codec("webp", {"quality": 90})
+    direct = codec.decode(codec.encode([np.asarray(Image.open(image_folder / "a.png").convert("RGB"))]))[0]
+    assert np.array_equal(np.asarray(Image.open(out / "a.png")), direct)  # the pipeline adds no loss of its own
+    chosen = run_decode(str(tmp_path / "arc"), str(tmp_path / "few"), keys=["c.png", "missing.png"])
+    assert chosen.decoded == 1 and [(f.key, f.reason) for f in chosen.failures] == [("missing.png", "key not in archive")]
+
+
+def rewrite_shard(archive_path, mutate):
+    """Apply `mutate(rows)` to the first shard and re-register it, as damage that slipped past storage."""
+    archive = Location(str(archive_path))
+    manifest = require_manifest(archive)
+    entry = manifest.shards[0]
+    table = read_shard(archive, entry)
+    rows = table.to_pylist()
+    mutate(rows)
+    new = pa.Table.from_pylist(rows, schema=table.schema)
+    pq.write_table(new, archive_path / entry.path)
+    data = (archive_path / entry.path).read_bytes()
+    entry.bytes, entry.sha256 = len(data), hashlib.sha256(data).hexdigest()
+    archive.write_atomic(MANIFEST, manifest.to_json())
+    return [r["key"] for r in rows]
+
+
+def test_damaged_streams_fail_clearly_and_the_rest_decode(ray_cluster, image_folder, tmp_path):
+    run_encode(str(image_folder), str(tmp_path / "arc"), EncodeOptions("jpeg", shard_size=6))
+
+    def damage(rows):
+        flipped = bytearray(rows[0]["bitstream"])
+        flipped[len(flipped) // 2] ^= 0x10
+        rows[0]["bitstream"] = bytes(flipped)
+        rows[1]["bitstream"] = rows[1]["bitstream"][:-7]
+        header, payload = container.unpack(rows[2]["bitstream"])
+        rows[2]["bitstream"] = container.pack(dataclasses.replace(header, fingerprint=b"\x01" * 32), payload)
+
+    keys = rewrite_shard(tmp_path / "arc", damage)
+    result = run_decode(str(tmp_path / "arc"), str(tmp_path / "out"))
+    reasons = {f.key: f.reason for f in result.failures}
+    assert result.decoded == 3
+    assert "CRC mismatch" in reasons[keys[0]]
+    assert "truncated" in reasons[keys[1]]
+    assert "fingerprint 0101" in reasons[keys[2]]
+    report = run_verify(str(tmp_path / "arc"))
+    assert not report.intact and {f.key for f in report.failures} == set(keys[:3])
+
+
+def test_verify_detects_a_replaced_shard_and_measures_quality(ray_cluster, image_folder, tmp_path, lpips_weights):
+    run_encode(str(image_folder), str(tmp_path / "arc"), EncodeOptions("jpeg", {"quality": 60}, shard_size=3))
+    report = run_verify(str(tmp_path / "arc"), against=str(image_folder), lpips_weights=str(lpips_weights),
+                        thresholds=Thresholds(min_psnr=25.0, max_lpips=0.9))
+    assert report.intact and report.items == 6 and len(report.quality) == 6
+    codec = create_codec("jpeg", {"quality": 60})
+    for row in report.quality:  # verify's figures are the metrics of exactly what the codec decodes
+        original = np.asarray(Image.open(image_folder / row["key"]).convert("RGB"))
+        assert row["psnr"] == pytest.approx(psnr(original, codec.decode(codec.encode([original]))[0]), abs=1e-9)
+        assert 0 < row["ms_ssim"] <= 1
+    assert all(r["lpips"] is not None for r in report.quality if min(Image.open(image_folder / r["key"]).size) >= 17)
+    assert not report.below_threshold
+    strict = run_verify(str(tmp_path / "arc"), against=str(image_folder), thresholds=Thresholds(min_psnr=60))
+    assert len(strict.below_threshold) == 6
+    sampled = run_verify(str(tmp_path / "arc"), against=str(image_folder), fraction=0.5)
+    again = run_verify(str(tmp_path / "arc"), against=str(image_folder), fraction=0.5)
+    assert [r["key"] for r in sampled.quality] == [r["key"] for r in again.quality]
+    assert 0 < len(sampled.quality) < 6
+
+    manifest = require_manifest(Location(str(tmp_path / "arc")))
+    shard = tmp_path / "arc" / manifest.shards[1].path
+    shard.write_bytes(shard.read_bytes()[:-1] + b"\0")
+    report = run_verify(str(tmp_path / "arc"))
+    assert not report.intact and any("SHA-256" in p for p in report.problems)
+
+
+def test_retry_failed_redoes_only_the_failures(ray_cluster, image_folder, tmp_path):
+    (image_folder / "late.png").write_bytes(b"not yet an image")
+    arc = tmp_path / "arc"
+    first = run_encode(str(image_folder), str(arc), EncodeOptions("jpeg", shard_size=4))
+    assert first.failed == 1
+    Image.fromarray(photo_like(20, 20, seed=9)).save(image_folder / "late.png")
+    resumed = run_encode(str(image_folder), str(arc), EncodeOptions("jpeg", shard_size=4))
+    assert resumed.encoded == 0 and resumed.totals["failed"] == 1  # a plain re-run leaves failures alone
+    retried = run_encode(str(image_folder), str(arc), EncodeOptions("jpeg", shard_size=4, retry_failed=True))
+    assert retried.encoded == 1 and retried.totals["failed"] == 0
+    keys = archive_keys(arc)
+    assert sorted(keys) == sorted(set(keys)) and len(keys) == 7
+
+
+def test_rerun_encodes_only_new_items(ray_cluster, image_folder, tmp_path):
+    arc = tmp_path / "arc"
+    run_encode(str(image_folder), str(arc), EncodeOptions("avif", shard_size=4))
+    Image.fromarray(photo_like(30, 30, seed=11)).save(image_folder / "new.png")
+    (image_folder / "README.txt").write_text("not an image name: skipped, not failed")
+    summary = run_encode(str(image_folder), str(arc), EncodeOptions("avif", shard_size=4))
+    assert (summary.already_done, summary.encoded, summary.skipped_non_images) == (6, 1, 1)
+    assert len(archive_keys(arc)) == 7
+    manifest = json.loads((arc / MANIFEST).read_text())
+    assert manifest["complete"] and manifest["totals"]["items"] == 7
