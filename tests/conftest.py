@@ -98,7 +98,7 @@ def s3_server():
         "storage_options": {
             "key": "testing",
             "secret": "testing",
-            "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"},
+            "client_kwargs": {"endpoint_url": endpoint},
         },
     }
     process.terminate()
