@@ -16,13 +16,13 @@ from ..conftest import cli_env, photo_like
 
 pytestmark = pytest.mark.slow
 
-ITEMS = 40
+ITEMS = 20
 
 
 def encode_command(src: Path, archive: Path) -> list[str]:
-    # AVIF at its slowest speed makes each 2-image shard take long enough to be killed between commits.
+    # Slow AVIF settings make each 2-image shard take long enough to be killed between commits.
     return [sys.executable, "-m", "diffarc.jobs.cli", "encode", str(src), str(archive), "--codec", "avif",
-            "--param", "speed=0", "--param", "quality=90", "--shard-size", "2", "--actors", "1", "--json"]
+            "--param", "speed=2", "--param", "quality=90", "--shard-size", "2", "--actors", "1", "--json"]
 
 
 def committed_keys(archive: Path) -> list[str]:
@@ -34,7 +34,7 @@ def test_killed_encode_resumes_with_no_key_lost_or_repeated(tmp_path):
     src, archive = tmp_path / "src", tmp_path / "archive"
     src.mkdir()
     for index in range(ITEMS):
-        Image.fromarray(photo_like(160, 200, seed=index)).save(src / f"img{index:03d}.png")
+        Image.fromarray(photo_like(96, 120, seed=index)).save(src / f"img{index:03d}.png")
 
     # Its own process group, so SIGKILL takes the job's local Ray with it, as a killed job on a node would.
     job = subprocess.Popen(encode_command(src, archive), env=cli_env(), start_new_session=True,
@@ -42,7 +42,7 @@ def test_killed_encode_resumes_with_no_key_lost_or_repeated(tmp_path):
     deadline = time.monotonic() + 240
     while True:
         manifest = archive / "manifest.json"
-        if manifest.exists() and len(json.loads(manifest.read_text())["shards"]) >= 3:
+        if manifest.exists() and len(json.loads(manifest.read_text())["shards"]) >= 2:
             break
         assert job.poll() is None, job.stderr.read().decode()[-2000:]
         assert time.monotonic() < deadline, "encode made no progress"
