@@ -68,6 +68,6 @@ def test_cli_finds_the_server_from_aws_environment_variables(s3_ray, image_folde
     runner = CliRunner()
     encoded = runner.invoke(main, ["encode", "s3://envphotos/images", "s3://envarchive/a", "--codec", "webp", "--json"])
     assert encoded.exit_code == 0, encoded.output
-    assert json.loads(encoded.output)["encoded"] == 6
+    assert json.loads(encoded.stdout)["encoded"] == 6
     info = runner.invoke(main, ["info", "s3://envarchive/a", "--json"])
-    assert info.exit_code == 0 and json.loads(info.output)["items"] == 6
+    assert info.exit_code == 0 and json.loads(info.stdout)["items"] == 6
