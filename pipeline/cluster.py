@@ -76,7 +76,8 @@ def run_on_pool(
     from `tasks` lazily, so a long listing streams through instead of being submitted all at once.
     """
     tasks = iter(tasks)
-    idle = deque(actor for actor in actors for _ in range(in_flight_per_actor))
+    # Round-robin order, so the first tasks spread over all actors instead of queueing on the first.
+    idle = deque(actor for _ in range(in_flight_per_actor) for actor in actors)
     running: dict[ray.ObjectRef, Any] = {}
     exhausted = False
     while True:
