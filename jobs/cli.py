@@ -254,8 +254,8 @@ def info(archive, price_per_gb_month, storage_options, as_json):
         + (f"  (ratio {facts['ratio']:.2f}×)" if facts["ratio"] else ""),
         f"bpp       mean {bpp['mean']:.3f}, median {bpp['median']:.3f}, p5 {bpp['p5']:.3f}, p95 {bpp['p95']:.3f}"
         if bpp else "bpp       (no items)",
-        f"cost      ${facts['cost_source_per_month']:.4f}/month as source → ${facts['cost_archive_per_month']:.4f}"
-        f"/month archived: saves ${facts['saved_per_month']:.4f}/month at ${price_per_gb_month}/GB-month",
+        f"cost      ${facts['cost_source_per_month']:.4g}/month as source → ${facts['cost_archive_per_month']:.4g}"
+        f"/month archived: saves ${facts['saved_per_month']:.4g}/month at ${price_per_gb_month}/GB-month",
     ])
 
 

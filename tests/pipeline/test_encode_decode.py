@@ -151,3 +151,14 @@ def test_rerun_encodes_only_new_items(ray_cluster, image_folder, tmp_path):
     assert len(archive_keys(arc)) == 7
     manifest = json.loads((arc / MANIFEST).read_text())
     assert manifest["complete"] and manifest["totals"]["items"] == 7
+
+
+def test_list_file_of_urls_is_a_source(ray_cluster, image_folder, tmp_path):
+    listing = tmp_path / "list.txt"
+    urls = [f"file://{image_folder / 'a.png'}", str(image_folder / "sub" / "e.jpg"), "# a comment", ""]
+    listing.write_text("\n".join(urls + [urls[0]]))  # the same URL twice is one item
+    summary = run_encode(str(listing), str(tmp_path / "arc"), EncodeOptions("jpeg"))
+    assert summary.encoded == 2
+    assert sorted(archive_keys(tmp_path / "arc")) == sorted(
+        [str(image_folder / "a.png").lstrip("/"), str(image_folder / "sub" / "e.jpg").lstrip("/")]
+    )
