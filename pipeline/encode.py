@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterator
 import ray
 
 from ..codecs.base import Codec
-from ..codecs.registry import create_codec
+from ..codecs.registry import codec_class, create_codec
 from .archive import ArchiveWriter, CodecSpec, EncodedItem, Failure, ShardEntry, write_shard
 from .cluster import connect, describe_worker, pool_shape, run_on_pool, start_pool, torch_device
 from .images import DEFAULT_MAX_PIXELS, load_rgb
@@ -170,25 +170,23 @@ def run_encode(
 ) -> EncodeSummary:
     """Encode every image under `src` not yet in the archive; returns when all are committed."""
     started = time.perf_counter()
-    params = create_codec(options.codec, options.params, options.preset).config  # fail fast on bad params
+    params = codec_class(options.codec).resolve_params(options.params, options.preset)  # fail fast, load nothing
     listing = list_sources(src, storage_options)
     connect(address)
-    shape = pool_shape(options.actors)
     actors = start_pool(
-        EncodeWorker, shape, options.codec, params, storage_options, options.max_pixels, options.fetch_threads
+        EncodeWorker, pool_shape(options.actors), options.codec, params, storage_options, options.max_pixels,
+        options.fetch_threads,
     )
     archive = Location(archive_url, storage_options)
-    writer = ArchiveWriter(archive, ray.get(actors[0].codec_spec.remote()), source=src)
-    if options.retry_failed:
-        todo = [item for item in listing.items if item.key in writer.failures]
-    else:
-        todo = [item for item in listing.items if item.key not in writer.done and item.key not in writer.failures]
-    already_done = len(listing.items) - len(todo)
-    shards = (todo[i : i + options.shard_size] for i in range(0, len(todo), options.shard_size))
-    encoded = failed = 0
-    source_bytes = bitstream_bytes = 0
+    encoded = failed = source_bytes = bitstream_bytes = 0
     workers: dict[int, dict] = {}
     try:
+        writer = ArchiveWriter(archive, ray.get(actors[0].codec_spec.remote()), source=src)
+        if options.retry_failed:
+            todo = [item for item in listing.items if item.key in writer.failures]
+        else:
+            todo = [i for i in listing.items if i.key not in writer.done and i.key not in writer.failures]
+        shards = (todo[i : i + options.shard_size] for i in range(0, len(todo), options.shard_size))
         for result in run_on_pool(
             actors, shards, lambda actor, items: actor.encode_shard.remote(archive, items, options.batch_size)
         ):
@@ -209,7 +207,7 @@ def run_encode(
         archive=archive_url,
         listed=len(listing.items),
         skipped_non_images=listing.skipped_non_images,
-        already_done=already_done,
+        already_done=len(listing.items) - len(todo),
         encoded=encoded,
         failed=failed,
         seconds=time.perf_counter() - started,
