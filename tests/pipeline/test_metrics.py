@@ -104,7 +104,7 @@ def test_ms_ssim_on_one_scale_image_is_plain_ssim():
     # 21 px fits the window once but not at half size: one scale, its weight renormalised to 1.
     img = photo_like(21, 30)
     noisy = add_noise(img, 12)
-    assert ms_ssim(img, noisy) == pytest.approx(naive_ssim(img, noisy), abs=1e-9)
+    assert ms_ssim(img, noisy) == pytest.approx(naive_ssim(img, noisy), abs=1e-5)  # float32 vs float64
 
 
 # --- LPIPS ------------------------------------------------------------------------------------------
