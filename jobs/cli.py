@@ -18,6 +18,7 @@ import click
 
 from ..codecs.registry import DEFAULT_CODEC, codec_class, codec_names
 from ..pipeline.images import DEFAULT_MAX_PIXELS
+from .bench import bench
 
 EXIT_ITEMS_FAILED = 3
 EXIT_BELOW_THRESHOLD = 4
@@ -307,6 +308,8 @@ def list_codecs(as_json):
             lines.append("    presets: " + ", ".join(f"{k} {v}" for k, v in c["presets"].items()))
     emit(as_json, {"codecs": described}, lines)
 
+
+main.add_command(bench)
 
 if __name__ == "__main__":
     main()
