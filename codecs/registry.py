@@ -16,6 +16,7 @@ _CODECS = {
     "jpeg": "diffarc.codecs.classical:JpegCodec",
     "webp": "diffarc.codecs.classical:WebpCodec",
     "avif": "diffarc.codecs.classical:AvifCodec",
+    "ddcm": "diffarc.codecs.ddcm:DdcmCodec",
 }
 
 # The codec `encode` uses when none is named: the best one that runs anywhere without weights.

@@ -1,0 +1,48 @@
+"""Images ⇄ latents of a model's autoencoder, for images of any size.
+
+Images are edge-padded to a multiple of `multiple` pixels (the autoencoder's 8× downsampling times
+whatever the diffusion UNet needs), encoded, and cropped back after decoding. Latents are in the
+diffusion model's space: (mode of the posterior − shift) × scaling_factor, as Stable Diffusion does.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+VAE_DOWNSAMPLING = 8
+
+
+def padded_size(height: int, width: int, multiple: int) -> tuple[int, int]:
+    return -(-height // multiple) * multiple, -(-width // multiple) * multiple
+
+
+def images_to_tensor(images: list[np.ndarray], size: tuple[int, int], device, dtype) -> torch.Tensor:
+    """A batch in [-1, 1], each image edge-padded (replicated borders) to `size`."""
+    batch = []
+    for image in images:
+        x = torch.from_numpy(np.ascontiguousarray(image)).to(device).permute(2, 0, 1).float() / 127.5 - 1
+        pad_h, pad_w = size[0] - image.shape[0], size[1] - image.shape[1]
+        if pad_h or pad_w:
+            # replicate needs a 3-D/4-D input and at least 1 pixel; it works for 1-pixel images too
+            x = F.pad(x.unsqueeze(0), (0, pad_w, 0, pad_h), mode="replicate").squeeze(0)
+        batch.append(x)
+    return torch.stack(batch).to(dtype)
+
+
+def tensor_to_images(x: torch.Tensor, sizes: list[tuple[int, int]]) -> list[np.ndarray]:
+    pixels = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return [np.ascontiguousarray(p[:h, :w]) for p, (h, w) in zip(pixels, sizes)]
+
+
+def encode_latents(model, x: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] images → diffusion-space latents (deterministic: the posterior's mode)."""
+    vae = model.vae
+    encoded = vae.encode(x)
+    latent = encoded.latent_dist.mode() if hasattr(encoded, "latent_dist") else encoded.latents
+    return (latent - model.shift_factor) * model.scaling_factor
+
+
+def decode_latents(model, latents: torch.Tensor) -> torch.Tensor:
+    return model.vae.decode(latents / model.scaling_factor + model.shift_factor).sample

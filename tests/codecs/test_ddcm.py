@@ -1,0 +1,116 @@
+"""DDCM on tiny diffusers models saved by the test: the path a user with real weights takes."""
+
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from diffarc.codecs import container
+from diffarc.codecs.container import BitstreamError
+from diffarc.codecs.registry import create_codec
+
+from ..conftest import photo_like
+
+
+def save_tiny_ldm(folder, seed=0, conditional=False):
+    """A latent diffusion model of Stable Diffusion's classes (AutoencoderKL 8×, 4 channels; UNet;
+    DDPM scheduler), small enough to run in a test."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel, UNet2DModel
+
+    torch.manual_seed(seed)
+    AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 8, 8, 8), layers_per_block=1, latent_channels=4, norm_num_groups=4,
+    ).save_pretrained(folder / "vae")
+    if conditional:  # SD 2.1's UNet class: cross-attention blocks, linear projections
+        unet = UNet2DConditionModel(
+            block_out_channels=(8, 16), layers_per_block=1, cross_attention_dim=12, attention_head_dim=2,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            norm_num_groups=4, use_linear_projection=True, in_channels=4, out_channels=4,
+        )
+    else:
+        unet = UNet2DModel(
+            in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4,
+            down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+        )
+    unet.save_pretrained(folder / "unet")
+    DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).save_pretrained(folder / "scheduler")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    return str(save_tiny_ldm(tmp_path_factory.mktemp("ldm")))
+
+
+IMAGES = [photo_like(40, 56, 1), photo_like(17, 9, 2), photo_like(1, 100, 3), photo_like(40, 56, 4)]
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"steps": 6, "codebook": 16, "tile": 2},
+        {"steps": 5, "codebook": 8, "tile": 0},
+        {"steps": 5, "codebook": 16, "tile": 2, "selection": "mp", "atoms": 3, "coef_bits": 2},
+        {"steps": 5, "codebook": 32, "tile": 2, "selection": "turbo", "atoms": 4},
+    ],
+)
+def test_decoder_replays_the_encoders_trajectory(tiny_model, params):
+    codec = create_codec("ddcm", {"model": tiny_model, **params})
+    streams = codec.encode(IMAGES)
+    decoded = codec.decode(streams)
+    assert [d.shape for d in decoded] == [i.shape for i in IMAGES]
+    for image, stream in zip(IMAGES, streams):
+        header, payload = container.unpack(stream)
+        assert len(payload) == math.ceil(codec.payload_bits(*image.shape[:2], codec.config) / 8)
+    # The decoder, replaying a stream alone, ends on the latent the encoder ended on.
+    same_size = [IMAGES[0], IMAGES[3]]
+    payloads, encoder_final = codec.encode_group(same_size, codec.latent_shape(40, 56, codec.config))
+    header = container.unpack(streams[0])[0]
+    for payload, final in zip(payloads, encoder_final):
+        assert torch.allclose(codec.decode_latent(payload, header), final.unsqueeze(0), atol=1e-3)
+
+
+def test_rate_follows_the_documented_formula(tiny_model):
+    codec = create_codec("ddcm", {"model": tiny_model, "steps": 11, "codebook": 64, "tile": 2})
+    # 40×56 pads to 48×64 (UNet needs latents divisible by 2, tiles of 2): latent 6×8 → 3×4 tiles
+    assert codec.payload_bits(40, 56, codec.config) == 10 * 12 * 6
+    turbo = create_codec("ddcm", {"model": tiny_model, "steps": 3, "codebook": 32, "tile": 2, "selection": "turbo", "atoms": 4})
+    assert turbo.payload_bits(40, 56, turbo.config) == 2 * 12 * (math.ceil(math.log2(math.comb(32, 4))) + 4)
+
+
+def test_a_stream_decodes_identically_in_another_process(tiny_model, tmp_path):
+    codec = create_codec("ddcm", {"model": tiny_model, "steps": 5, "codebook": 16, "tile": 2})
+    stream = codec.encode([IMAGES[0]])[0]
+    (tmp_path / "stream.bin").write_bytes(stream)
+    script = (
+        "import sys, numpy as np\n"
+        "from diffarc.codecs.registry import create_codec\n"
+        f"codec = create_codec('ddcm', {{'model': {tiny_model!r}}})\n"
+        f"np.save({str(tmp_path / 'out.npy')!r}, codec.decode([open({str(tmp_path / 'stream.bin')!r}, 'rb').read()])[0])\n"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True)
+    assert np.array_equal(np.load(tmp_path / "out.npy"), codec.decode([stream])[0])
+
+
+def test_stream_for_other_weights_is_refused(tiny_model, tmp_path):
+    other = str(save_tiny_ldm(tmp_path / "other", seed=1))
+    stream = create_codec("ddcm", {"model": tiny_model, "steps": 3, "codebook": 4}).encode([IMAGES[1]])[0]
+    with pytest.raises(BitstreamError, match="fingerprint"):
+        create_codec("ddcm", {"model": other}).decode([stream])
+
+
+def test_runs_on_a_stable_diffusion_2_1_architecture(tmp_path):
+    model = str(save_tiny_ldm(tmp_path / "sd", conditional=True))
+    codec = create_codec("ddcm", {"model": model, "steps": 4, "codebook": 16, "tile": 2})
+    assert codec.decode(codec.encode([IMAGES[0]]))[0].shape == IMAGES[0].shape
+
+
+def test_bad_parameters_are_refused(tiny_model):
+    with pytest.raises(ValueError, match="power of two"):
+        create_codec("ddcm", {"model": tiny_model, "codebook": 100})
+    with pytest.raises(ValueError, match="atoms <= codebook"):
+        create_codec("ddcm", {"model": tiny_model, "codebook": 4, "selection": "turbo", "atoms": 8})
