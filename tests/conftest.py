@@ -14,6 +14,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+# One torch thread in the test process: with Ray workers and other processes on few cores, torch's
+# OpenMP threads spin against each other and small models run tens of times slower.
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 KODAK = SHARED / "data" / "kodak"
