@@ -19,6 +19,7 @@ import click
 from ..codecs.registry import DEFAULT_CODEC, codec_class, codec_names
 from ..pipeline.images import DEFAULT_MAX_PIXELS
 from .bench import bench
+from .train import models, train
 
 EXIT_ITEMS_FAILED = 3
 EXIT_BELOW_THRESHOLD = 4
@@ -309,7 +310,8 @@ def list_codecs(as_json):
     emit(as_json, {"codecs": described}, lines)
 
 
-main.add_command(bench)
+for command in (bench, train, models):
+    main.add_command(command)
 
 if __name__ == "__main__":
     main()

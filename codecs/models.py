@@ -1,0 +1,312 @@
+"""The one place that turns a model reference into loaded models, and fingerprints them.
+
+    reference ──resolve_folder──► local diffusers folder ──load──► LatentDiffusionModel (cached per process)
+                                   vae/  unet/  scheduler/          vae, unet, scheduler config, fingerprint
+
+A reference is one of:
+- `builtin:<name>`: a model shipped in this package, `codecs/builtin/<name>/` (trained by `diffarc train`);
+- a local folder;
+- an fsspec URL of a folder (`s3://…`, `gs://…`, `memory://…`, `file://…`): copied once into
+  `$DIFFARC_MODEL_CACHE` (default `~/.cache/diffarc/models/`) under a hash of the URL, then loaded from there;
+- `owner/name`: a Hugging Face hub id, through diffusers' `from_pretrained`; works only where the hub can be
+  reached. Stable Diffusion 2.1's upstream ids were removed in 2025; any mirror with the same layout works,
+  as a hub id, a bucket or a local folder.
+
+The folder layout is diffusers' pipeline layout: `vae/` (AutoencoderKL or AutoencoderTiny), optionally
+`unet/` (UNet2DModel or UNet2DConditionModel) and `scheduler/` (a scheduler config). Weights load only
+from safetensors: a component whose weights are only pickle files (`.bin`, `.ckpt`, `.pt`, `.pth`) is
+refused, since unpickling a file can run arbitrary code.
+
+The fingerprint that bitstreams record is SHA-256 over every tensor of every component, sorted by
+`component.tensor` name, each as (name, shape, float32 little-endian values), followed by the VAE's
+latent scaling factor and shift (they change what a latent means). So it does not depend on file
+names, on sharding, or on the dtype the weights were stored in or cast to at load (fp16 values are exact
+in float32). The scheduler config is not part of it: it is configuration that a codec records itself.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import re
+import shutil
+import struct
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import torch
+
+BUILTIN_DIR = Path(__file__).resolve().parent / "builtin"
+MODEL_CACHE_ENV = "DIFFARC_MODEL_CACHE"
+PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
+
+# Only these diffusers classes are instantiated from a folder's config: a config cannot name arbitrary code.
+VAE_CLASSES = ("AutoencoderKL", "AutoencoderTiny")
+UNET_CLASSES = ("UNet2DModel", "UNet2DConditionModel")
+COMPONENTS = ("vae", "unet")
+
+
+class ModelLoadError(ValueError):
+    """A reference that cannot be resolved or loaded; the message says which and why."""
+
+
+@dataclass
+class LatentDiffusionModel:
+    """A latent autoencoder, optionally a diffusion UNet on its latents, and its scheduler config."""
+
+    reference: str
+    vae: torch.nn.Module
+    unet: torch.nn.Module | None
+    scheduler_config: dict | None
+    fingerprint: bytes
+    folder: Path | None = None
+    extras: dict = field(default_factory=dict)
+
+    @property
+    def scaling_factor(self) -> float:
+        return float(self.vae.config.get("scaling_factor", 1.0) or 1.0)
+
+    @property
+    def shift_factor(self) -> float:
+        return float(self.vae.config.get("shift_factor", 0.0) or 0.0)
+
+    @property
+    def parameters(self) -> int:
+        return sum(p.numel() for m in self.modules().values() for p in m.parameters())
+
+    def modules(self) -> dict[str, torch.nn.Module]:
+        return {name: m for name, m in (("vae", self.vae), ("unet", self.unet)) if m is not None}
+
+    def make_scheduler(self):
+        """A fresh scheduler object (schedulers are stateful: one per sampling loop)."""
+        if self.scheduler_config is None:
+            raise ModelLoadError(f"model {self.reference} has no scheduler/ config")
+        return _scheduler_class(self.scheduler_config).from_config(self.scheduler_config)
+
+
+# ---------------------------------------------------------------- fingerprints
+
+
+def fingerprint(modules: Mapping[str, torch.nn.Module], scaling: Iterable[float] = ()) -> bytes:
+    """SHA-256 of the weights of named modules; see the module docstring for exactly what is hashed."""
+    tensors = {
+        f"{component}.{name}": tensor
+        for component, module in modules.items()
+        for name, tensor in module.state_dict().items()
+    }
+    return fingerprint_tensors(tensors, scaling)
+
+
+def fingerprint_tensors(tensors: Mapping[str, torch.Tensor], scaling: Iterable[float] = ()) -> bytes:
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().to("cpu", torch.float32).contiguous()
+        encoded = name.encode("utf-8")
+        digest.update(struct.pack("<I", len(encoded)) + encoded)
+        digest.update(struct.pack(f"<I{tensor.dim()}q", tensor.dim(), *tensor.shape))
+        # numpy's '<f4' is little-endian whatever the host's byte order.
+        digest.update(tensor.numpy().astype("<f4", copy=False).tobytes())
+    for value in scaling:
+        digest.update(struct.pack("<d", float(value)))
+    return digest.digest()
+
+
+# ---------------------------------------------------------------- references → local folders
+
+
+def resolve_folder(reference: str) -> Path | None:
+    """The local folder a reference names (copying a remote folder into the cache), or None for a hub id."""
+    if reference.startswith("builtin:"):
+        name = reference.split(":", 1)[1]
+        folder = BUILTIN_DIR / name
+        if not name or not (folder / "vae").is_dir():
+            raise ModelLoadError(
+                f"no built-in model {name!r}; built-ins: {', '.join(builtin_names()) or '(none shipped)'}"
+            )
+        return folder
+    if "://" in reference:
+        if reference.startswith("file://"):
+            return _existing_folder(Path(reference[len("file://"):]), reference)
+        return _cached_copy(reference)
+    path = Path(reference).expanduser()
+    if path.exists():
+        return _existing_folder(path, reference)
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", reference):
+        return None  # a hub id
+    raise ModelLoadError(
+        f"model {reference!r} is not a built-in (builtin:<name>), an existing folder, an fsspec URL, or a "
+        "hub id (owner/name)"
+    )
+
+
+def _existing_folder(path: Path, reference: str) -> Path:
+    if not path.is_dir():
+        raise ModelLoadError(f"model {reference!r} is not a folder")
+    return path
+
+
+def model_cache_dir() -> Path:
+    return Path(os.environ.get(MODEL_CACHE_ENV) or Path.home() / ".cache" / "diffarc" / "models")
+
+
+def _cached_copy(url: str) -> Path:
+    """Copy a remote model folder once; a finished copy is renamed into place, so a crash leaves none."""
+    import fsspec
+
+    target = model_cache_dir() / hashlib.sha256(url.encode("utf-8")).hexdigest()[:24]
+    if target.is_dir():
+        return target
+    fs, root = fsspec.core.url_to_fs(url)
+    root = root.rstrip("/")
+    if not fs.isdir(root):
+        raise ModelLoadError(f"model URL {url} is not a folder")
+    staging = target.with_name(f"{target.name}.tmp-{uuid.uuid4().hex}")
+    try:
+        for remote in fs.find(root):
+            relative = remote[len(root):].lstrip("/")
+            local = staging / relative
+            local.parent.mkdir(parents=True, exist_ok=True)
+            fs.get_file(remote, str(local))
+        (staging / "SOURCE_URL").write_text(url + "\n")
+        try:
+            staging.rename(target)
+        except OSError:  # another process finished the same copy first
+            if not target.is_dir():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+# ---------------------------------------------------------------- loading
+
+
+def _diffusers_class(name: str, allowed: tuple[str, ...], where: Path):
+    import diffusers
+
+    if name not in allowed:
+        raise ModelLoadError(f"{where}/config.json names class {name!r}; diffarc loads only {', '.join(allowed)}")
+    return getattr(diffusers, name)
+
+
+def _scheduler_class(config: dict):
+    import diffusers
+
+    name = config.get("_class_name", "")
+    if not name.endswith("Scheduler") or not hasattr(diffusers, name):
+        raise ModelLoadError(f"scheduler config names unknown class {name!r}")
+    return getattr(diffusers, name)
+
+
+def check_safetensors(component_dir: Path) -> None:
+    """Refuse a component whose weights exist only as pickle files."""
+    files = [p for p in component_dir.iterdir() if p.is_file()]
+    if any(p.name.endswith(".safetensors") for p in files):
+        return
+    pickles = sorted(p.name for p in files if p.name.endswith(PICKLE_SUFFIXES))
+    if pickles:
+        raise ModelLoadError(
+            f"{component_dir / pickles[0]} is a pickle checkpoint; diffarc does not load pickle files (they can "
+            "run code when opened). Convert it to safetensors (e.g. load it where you trust it and call "
+            "save_pretrained(..., safe_serialization=True))."
+        )
+    raise ModelLoadError(f"{component_dir} holds no weights (*.safetensors)")
+
+
+def _load_component(folder: Path, component: str, allowed: tuple[str, ...], dtype: torch.dtype):
+    directory = folder / component
+    config_file = directory / "config.json"
+    if not config_file.is_file():
+        raise ModelLoadError(f"{directory} has no config.json")
+    check_safetensors(directory)
+    cls = _diffusers_class(json.loads(config_file.read_text()).get("_class_name", ""), allowed, directory)
+    # low_cpu_mem_usage=False: the default path wants `accelerate`, and only warns without it.
+    return cls.from_pretrained(str(directory), use_safetensors=True, torch_dtype=dtype, low_cpu_mem_usage=False)
+
+
+def _load_from_folder(reference: str, folder: Path, dtype: torch.dtype):
+    if not (folder / "vae").is_dir():
+        raise ModelLoadError(f"model folder {folder} (from {reference!r}) has no vae/ subfolder")
+    vae = _load_component(folder, "vae", VAE_CLASSES, dtype)
+    unet = _load_component(folder, "unet", UNET_CLASSES, dtype) if (folder / "unet").is_dir() else None
+    scheduler_file = folder / "scheduler" / "scheduler_config.json"
+    scheduler = json.loads(scheduler_file.read_text()) if scheduler_file.is_file() else None
+    return vae, unet, scheduler
+
+
+def _load_from_hub(reference: str, dtype: torch.dtype):
+    import diffusers
+
+    try:
+        options = dict(use_safetensors=True, torch_dtype=dtype, low_cpu_mem_usage=False)
+        vae = diffusers.AutoencoderKL.from_pretrained(reference, subfolder="vae", **options)
+        unet = diffusers.UNet2DConditionModel.from_pretrained(reference, subfolder="unet", **options)
+        scheduler = dict(diffusers.DDIMScheduler.load_config(reference, subfolder="scheduler"))
+    except Exception as exc:  # the hub client raises many kinds: offline, 404, gated, no safetensors
+        raise ModelLoadError(
+            f"could not load hub model {reference!r} ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). "
+            "The hub must be reachable and the repository must hold safetensors weights; otherwise copy a "
+            "mirror to a local folder or bucket and pass its path or URL."
+        ) from None
+    return vae, unet, scheduler
+
+
+@functools.lru_cache(maxsize=8)
+def _load_cached(reference: str, device: str, dtype: torch.dtype) -> LatentDiffusionModel:
+    folder = resolve_folder(reference)
+    if folder is None:
+        vae, unet, scheduler = _load_from_hub(reference, dtype)
+    else:
+        vae, unet, scheduler = _load_from_folder(reference, folder, dtype)
+    modules = {name: m for name, m in (("vae", vae), ("unet", unet)) if m is not None}
+    for module in modules.values():
+        module.to(device).eval().requires_grad_(False)
+    model = LatentDiffusionModel(reference, vae, unet, scheduler, b"", folder)
+    model.fingerprint = fingerprint(modules, (model.scaling_factor, model.shift_factor))
+    return model
+
+
+def load_model(reference: str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> LatentDiffusionModel:
+    """Load a model once per process (per reference, device and dtype); later calls return the same object.
+
+    The modules are in eval mode with gradients off: codecs share them and must not change them.
+    """
+    key = reference
+    if not reference.startswith("builtin:") and "://" not in reference and Path(reference).expanduser().exists():
+        key = str(Path(reference).expanduser().resolve())
+    return _load_cached(key, str(device), dtype)
+
+
+# ---------------------------------------------------------------- built-ins
+
+
+def builtin_names() -> list[str]:
+    if not BUILTIN_DIR.is_dir():
+        return []
+    return sorted(p.name for p in BUILTIN_DIR.iterdir() if (p / "vae").is_dir())
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def builtin_models() -> list[dict[str, Any]]:
+    """Name, path, parameter count, bytes on disk and fingerprint (hex) of each shipped model."""
+    rows = []
+    for name in builtin_names():
+        model = load_model(f"builtin:{name}")
+        rows.append(
+            {
+                "name": f"builtin:{name}",
+                "path": str(BUILTIN_DIR / name),
+                "parameters": model.parameters,
+                "bytes": folder_bytes(BUILTIN_DIR / name),
+                "fingerprint": model.fingerprint.hex(),
+                "components": sorted(model.modules()),
+            }
+        )
+    return rows

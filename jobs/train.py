@@ -1,0 +1,75 @@
+"""`diffarc train` (the built-in models, on Ray Train) and `diffarc models` (list the built-ins)."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+
+@click.command("train", context_settings={"show_default": True})
+@click.argument("what", type=click.Choice(["autoencoder", "diffusion"]))
+@click.option("--data", required=True, help="Folder of training images: local path or any fsspec URL. Never Kodak.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Where to write the diffusers model folder.")
+@click.option("--work-dir", required=True, type=click.Path(file_okay=False),
+              help="Checkpoints; re-running with the same work dir resumes from the newest one.")
+@click.option("--config", "config_name", type=click.Choice(["tiny", "small", "base"]), default="small",
+              help="Model size: tiny for tests, small for a CPU, base for GPUs.")
+@click.option("--steps", type=click.IntRange(min=1), default=2000, help="Total optimizer steps (a resumed run counts on).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, help="Images per step per worker.")
+@click.option("--crop", type=click.IntRange(min=16), default=256, help="Training crop side in pixels (multiple of 8).")
+@click.option("--lr", type=float, default=2e-4, help="AdamW learning rate.")
+@click.option("--workers", type=click.IntRange(min=1), default=1, help="Ray Train workers (data-parallel).")
+@click.option("--gpu", is_flag=True, help="One GPU per worker.")
+@click.option("--checkpoint-minutes", type=click.FloatRange(min=0), default=5.0, help="Minutes between checkpoints.")
+@click.option("--report-seconds", type=click.FloatRange(min=0), default=30.0, help="Seconds between progress lines.")
+@click.option("--autoencoder", default=None, help="diffusion: model reference of the frozen autoencoder (folder, URL, builtin:NAME).")
+@click.option("--lpips-weights", envvar="DIFFARC_LPIPS_WEIGHTS", default=None,
+              help="autoencoder: LPIPS-squeeze safetensors file for the perceptual loss [env: DIFFARC_LPIPS_WEIGHTS].")
+@click.option("--lpips-weight", type=click.FloatRange(min=0), default=0.5, help="autoencoder: λ of the LPIPS loss (0: L1 only).")
+@click.option("--save-dtype", type=click.Choice(["float32", "float16"]), default="float32", help="dtype of the written weights.")
+@click.option("--max-images", type=click.IntRange(min=2), default=None, help="Use only the first N images.")
+@click.option("--seed", type=int, default=0)
+@click.option("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray).")
+def train(what, data, out, work_dir, config_name, steps, batch_size, crop, lr, workers, gpu, checkpoint_minutes,
+          report_seconds, autoencoder, lpips_weights, lpips_weight, save_dtype, max_images, seed, address):  # fmt: skip
+    """Train a built-in model: WHAT is `autoencoder`, or `diffusion` (on an --autoencoder's latents)."""
+    from ..pipeline.training import TrainSettings, run_training
+
+    if crop % 8:
+        raise click.BadParameter("must be a multiple of 8", param_hint="--crop")
+    if what == "diffusion" and not autoencoder:
+        raise click.BadParameter("training the diffusion model needs the autoencoder's reference", param_hint="--autoencoder")
+    if what == "autoencoder" and lpips_weight > 0 and not lpips_weights:
+        raise click.BadParameter("give the LPIPS-squeeze weights, or --lpips-weight 0", param_hint="--lpips-weights")
+    settings = TrainSettings(
+        what=what, data=data, out=out, work_dir=work_dir, steps=steps, batch_size=batch_size, crop=crop, lr=lr,
+        workers=workers, gpu=gpu, checkpoint_minutes=checkpoint_minutes, report_seconds=report_seconds,
+        config=config_name, autoencoder=autoencoder, lpips_weights=lpips_weights, lpips_weight=lpips_weight,
+        save_dtype=save_dtype, seed=seed, max_images=max_images,
+    )  # fmt: skip
+    try:
+        metrics = run_training(settings, address)
+    except (FileNotFoundError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None
+    shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float))
+    click.echo(f"wrote {out} (step {metrics.get('step')}; {shown})")
+
+
+@click.command("models")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
+def models(as_json):
+    """List the built-in models: name, parameters, size on disk, fingerprint."""
+    from ..codecs.models import builtin_models
+
+    rows = builtin_models()
+    if as_json:
+        click.echo(json.dumps({"models": rows}))
+        return
+    if not rows:
+        click.echo("no built-in models shipped")
+    for row in rows:
+        click.echo(
+            f"{row['name']:<20} {row['parameters'] / 1e6:6.2f} M params  {row['bytes'] / 1e6:6.2f} MB  "
+            f"{'+'.join(row['components']):<9} {row['fingerprint']}"
+        )

@@ -1,0 +1,124 @@
+"""Training the built-in models on a real local Ray Train: a tiny config, a few steps, and kill/resume."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from diffarc.codecs import models
+from diffarc.codecs.models import load_model
+from diffarc.pipeline.training import TrainSettings, find_resume_checkpoint, is_validation_key, run_training
+
+from ..conftest import photo_like
+
+pytestmark = pytest.mark.slow
+
+# Until `train` is registered in jobs/cli.py, this is how a subprocess runs `diffarc train`.
+TRAIN_COMMAND = [sys.executable, "-m", "diffarc.jobs.cli", "train"]
+
+
+@pytest.fixture
+def images(tmp_path) -> Path:
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for seed in range(6):
+        Image.fromarray(photo_like(40 + 8 * seed, 56, seed)).save(folder / f"{seed}.png")
+    (folder / "notes.txt").write_text("not an image")
+    return folder
+
+
+def test_the_validation_split_is_a_stable_function_of_the_key():
+    keys = [f"img{i:04d}.jpg" for i in range(2000)]
+    held_out = [k for k in keys if is_validation_key(k)]
+    assert 60 < len(held_out) < 140  # about 5 %
+    assert held_out == [k for k in keys if is_validation_key(k)]
+
+
+def test_tiny_autoencoder_then_diffusion_write_loadable_diffusers_folders(ray_cluster, images, tmp_path):
+    common = dict(data=str(images), steps=3, batch_size=2, crop=32, config="tiny", checkpoint_minutes=60, report_seconds=0)
+    metrics = run_training(
+        TrainSettings(what="autoencoder", out=str(tmp_path / "ae"), work_dir=str(tmp_path / "work"), lpips_weight=0, **common)
+    )
+    assert metrics["step"] == 3 and metrics["val_psnr"] > 0
+    assert sorted(p.name for p in (tmp_path / "ae" / "vae").iterdir()) == ["config.json", "diffusion_pytorch_model.safetensors"]
+
+    models._load_cached.cache_clear()
+    metrics = run_training(
+        TrainSettings(what="diffusion", out=str(tmp_path / "ldm"), work_dir=str(tmp_path / "work"),
+                      autoencoder=str(tmp_path / "ae"), save_dtype="float16", **common)  # fmt: skip
+    )
+    assert set(metrics) >= {"val_eps_mse", "val_eps_mse_t50", "val_eps_mse_t950", "scaling_factor"}
+    model = load_model(str(tmp_path / "ldm"))
+    assert model.unet is not None and model.scheduler_config["prediction_type"] == "epsilon"
+    assert model.scaling_factor == pytest.approx(metrics["scaling_factor"], rel=1e-6)
+    assert next(model.unet.parameters()).dtype.is_floating_point
+    # The fp16 folder holds the same autoencoder as the fp32 one, up to fp16 rounding, with its scaling.
+    assert model.vae.config.latent_channels == load_model(str(tmp_path / "ae")).vae.config.latent_channels
+
+
+def _progress_lines(process: subprocess.Popen, pattern: str, timeout: float) -> list[str]:
+    """Read the process's output until a line matches; return all lines read."""
+    lines, deadline = [], time.monotonic() + timeout
+    for line in process.stdout:
+        lines.append(line)
+        if re.search(pattern, line) or time.monotonic() > deadline:
+            break
+    return lines
+
+
+def test_a_killed_train_resumes_from_its_last_checkpoint(images, tmp_path):
+    work, out = tmp_path / "work", tmp_path / "ae"
+    args = ["autoencoder", "--data", str(images), "--out", str(out), "--work-dir", str(work), "--config", "tiny",
+            "--batch-size", "2", "--crop", "32", "--lpips-weight", "0", "--report-seconds", "0",
+            "--checkpoint-minutes", "0.005"]  # fmt: skip
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    first = subprocess.Popen(
+        TRAIN_COMMAND + args + ["--steps", "100000"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env=env, start_new_session=True,  # its own process group: the kill reaches Ray's processes too
+    )
+    try:
+        lines = _progress_lines(first, r"checkpoint at step \d+", timeout=120)
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+    assert any("checkpoint at step" in line for line in lines), "".join(lines[-30:])
+    checkpoint = find_resume_checkpoint(work / "autoencoder")
+    assert checkpoint is not None
+    saved_step = int(re.search(r'"step": (\d+)', (checkpoint / "progress.json").read_text()).group(1))
+    assert saved_step > 0 and not out.exists()
+
+    second = subprocess.run(
+        TRAIN_COMMAND + args + ["--steps", str(saved_step + 2)], capture_output=True, text=True, env=env, timeout=180
+    )
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    resumed = [int(s) for s in re.findall(r"resumed from step (\d+)", second.stdout + second.stderr)]
+    # Ray's worker can outlive the kill by a moment and persist one more checkpoint: never an older one.
+    assert resumed and resumed[0] >= saved_step
+    assert f"wrote {out} (step {max(resumed[0], saved_step + 2)}" in second.stdout
+    assert (out / "vae" / "config.json").is_file()
+
+
+@pytest.mark.parametrize(
+    "args, complaint",
+    [
+        (["diffusion"], "--autoencoder"),
+        (["autoencoder", "--crop", "36"], "multiple of 8"),
+        (["autoencoder"], "--lpips-weights"),
+    ],
+)
+def test_train_refuses_incomplete_settings_before_starting_ray(tmp_path, monkeypatch, args, complaint):
+    from click.testing import CliRunner
+
+    from diffarc.jobs.train import train
+
+    monkeypatch.delenv("DIFFARC_LPIPS_WEIGHTS", raising=False)
+    result = CliRunner().invoke(train, args + ["--data", str(tmp_path), "--out", str(tmp_path / "o"), "--work-dir", str(tmp_path / "w")])
+    assert result.exit_code == 2 and complaint in result.output
