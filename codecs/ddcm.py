@@ -247,6 +247,10 @@ class DdcmCodec(Codec):
         down, across, tile = self.tile_grid(latent, config["tile"])
         shape = (latent[0], tile, tile) if tile else latent
         k_bits = int(math.log2(config["codebook"]))
+        if config["selection"] == "argmax":  # one entry per tile: generate them all in one call
+            entries = [reader.read(k_bits) for _ in range(down * across)]
+            noise = gaussian(config["seed"], step, entries, shape, self.device).flatten(1)
+            return from_tiles(noise.unsqueeze(0), latent, 1, config["tile"])
         noises = []
         for _ in range(down * across):
             if config["selection"] == "turbo":

@@ -22,7 +22,7 @@ def images_to_tensor(images: list[np.ndarray], size: tuple[int, int], device, dt
     """A batch in [-1, 1], each image edge-padded (replicated borders) to `size`."""
     batch = []
     for image in images:
-        x = torch.from_numpy(np.ascontiguousarray(image)).to(device).permute(2, 0, 1).float() / 127.5 - 1
+        x = torch.from_numpy(np.array(image)).to(device).permute(2, 0, 1).float() / 127.5 - 1  # a writable copy
         pad_h, pad_w = size[0] - image.shape[0], size[1] - image.shape[1]
         if pad_h or pad_w:
             # replicate needs a 3-D/4-D input and at least 1 pixel; it works for 1-pixel images too
