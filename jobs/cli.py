@@ -103,7 +103,8 @@ def main() -> None:
 @click.option("--codec", default=DEFAULT_CODEC, show_default=True, help="Codec name (see `diffarc codecs`).")
 @click.option("--preset", help="One of the codec's presets.")
 @click.option("--param", "params", multiple=True, metavar="K=V", help="Codec parameter; repeatable.")
-@click.option("--shard-size", type=click.IntRange(1), default=512, show_default=True, help="Images per shard.")
+@click.option("--shard-size", type=click.IntRange(1), default=512, show_default=True,
+              help="Most images per shard (a small job is split evenly across actors).")
 @click.option("--batch-size", type=click.IntRange(1), default=8, show_default=True, help="Images per codec call.")
 @click.option("--max-pixels", type=click.IntRange(1), default=DEFAULT_MAX_PIXELS, show_default=True)
 @click.option("--retry-failed", is_flag=True, help="Re-run only the items in the failure table.")

@@ -186,7 +186,9 @@ def run_encode(
             todo = [item for item in listing.items if item.key in writer.failures]
         else:
             todo = [i for i in listing.items if i.key not in writer.done and i.key not in writer.failures]
-        shards = (todo[i : i + options.shard_size] for i in range(0, len(todo), options.shard_size))
+        # A job smaller than a shard per actor is split evenly, so that no actor sits idle.
+        shard_size = max(1, min(options.shard_size, -(-len(todo) // len(actors))))
+        shards = (todo[i : i + shard_size] for i in range(0, len(todo), shard_size))
         for result in run_on_pool(
             actors, shards, lambda actor, items: actor.encode_shard.remote(archive, items, options.batch_size)
         ):

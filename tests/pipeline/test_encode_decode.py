@@ -162,3 +162,10 @@ def test_list_file_of_urls_is_a_source(ray_cluster, image_folder, tmp_path):
     assert sorted(archive_keys(tmp_path / "arc")) == sorted(
         [str(image_folder / "a.png").lstrip("/"), str(image_folder / "sub" / "e.jpg").lstrip("/")]
     )
+
+
+def test_a_small_job_is_split_across_all_actors(ray_cluster, image_folder, tmp_path):
+    summary = run_encode(str(image_folder), str(tmp_path / "arc"), EncodeOptions("jpeg", shard_size=512))
+    manifest = require_manifest(Location(str(tmp_path / "arc")))
+    assert [s.rows for s in manifest.shards] == [3, 3]
+    assert len(summary.workers) == 2
