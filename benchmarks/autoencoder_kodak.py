@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from diffarc.codecs.latents import VAE_DOWNSAMPLING, decode_latents, encode_latents, images_to_tensor, padded_size, tensor_to_images
 from diffarc.codecs.models import load_model
 from diffarc.pipeline.images import load_rgb
 from diffarc.pipeline.metrics import LPIPS, psnr
@@ -25,19 +26,18 @@ from diffarc.pipeline.metrics import LPIPS, psnr
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 
 
-def reconstruct(vae, image: np.ndarray) -> tuple[np.ndarray, float, float]:
-    """(reconstruction, encode seconds, decode seconds) of one H×W×3 uint8 image."""
+def reconstruct(model, image: np.ndarray) -> tuple[np.ndarray, float, float]:
+    """(reconstruction, encode seconds, decode seconds) of one H×W×3 uint8 image, through the same
+    padding and latent scaling the codecs use (codecs/latents.py)."""
     height, width = image.shape[:2]
-    padded = np.pad(image, ((0, -height % 8), (0, -width % 8), (0, 0)), mode="edge")
-    x = torch.from_numpy(padded).permute(2, 0, 1)[None].float() / 127.5 - 1.0
+    x = images_to_tensor([image], padded_size(height, width, VAE_DOWNSAMPLING), "cpu", torch.float32)
     with torch.inference_mode():
         start = time.perf_counter()
-        latent = vae.encode(x).latent_dist.mode()
+        latent = encode_latents(model, x)
         encoded = time.perf_counter()
-        y = vae.decode(latent).sample
+        y = decode_latents(model, latent)
         decoded = time.perf_counter()
-    y = ((y[0, :, :height, :width].clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
-    return y, encoded - start, decoded - encoded
+    return tensor_to_images(y, [(height, width)])[0], encoded - start, decoded - encoded
 
 
 def main() -> None:
@@ -60,7 +60,7 @@ def main() -> None:
     rows = []
     for path in files:
         image = load_rgb(path.read_bytes())
-        reconstruction, encode_s, decode_s = reconstruct(model.vae, image)
+        reconstruction, encode_s, decode_s = reconstruct(model, image)
         row = {"image": path.name, "psnr": psnr(image, reconstruction), "lpips": lpips(image, reconstruction),
                "encode_s": encode_s, "decode_s": decode_s}  # fmt: skip
         rows.append(row)
