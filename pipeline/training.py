@@ -509,6 +509,8 @@ def sample_grid(model, path: str | os.PathLike, rows: int = 4, side: int = 256, 
     """Unconditional DDIM samples of a LatentDiffusionModel, as one PNG grid (rows × rows)."""
     from PIL import Image
 
+    from ..codecs.latents import decode_latents, tensor_to_images
+
     scheduler = model.make_scheduler()
     scheduler.set_timesteps(steps)
     generator = torch.Generator().manual_seed(seed)
@@ -517,7 +519,6 @@ def sample_grid(model, path: str | os.PathLike, rows: int = 4, side: int = 256, 
     with torch.no_grad():
         for t in scheduler.timesteps:
             z = scheduler.step(model.unet(z, t).sample, t, z).prev_sample
-        images = model.vae.decode(z / model.scaling_factor).sample
-    images = ((images.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+        images = np.stack(tensor_to_images(decode_latents(model, z), [(side, side)] * (rows * rows)))
     grid = images.reshape(rows, rows, side, side, 3).transpose(0, 2, 1, 3, 4).reshape(rows * side, rows * side, 3)
     Image.fromarray(grid).save(path)
