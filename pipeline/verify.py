@@ -147,8 +147,9 @@ class VerifyWorker:
         sample = [r for r in rows if r["key"] not in bad and in_sample(r["key"], fraction)]
         source = Location(against, self.storage_options)
         quality = []
-        for key, decoded in decode_streams(self.codec, [r["key"] for r in sample], [r["bitstream"] for r in sample], failures):
-            row = next(r for r in sample if r["key"] == key)
+        rows_by_key = {r["key"]: r for r in sample}
+        for key, decoded in decode_streams(self.codec, list(rows_by_key), [r["bitstream"] for r in sample], failures):
+            row = rows_by_key[key]
             try:
                 original = load_rgb(source.read(key), self.max_pixels)
             except Exception as exc:
