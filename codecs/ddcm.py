@@ -46,7 +46,7 @@ import torch
 from .base import Codec, Param
 from .bitpack import BitReader, BitWriter, combination_bits, rank_combination, unrank_combination
 from .container import BitstreamError, Header
-from .latents import VAE_DOWNSAMPLING, decode_latents, encode_latents, images_to_tensor, padded_size, tensor_to_images
+from .latents import VAE_DOWNSAMPLING, decode_latents, encode_latents, images_to_tensor, latent_size, tensor_to_images
 from .models import load_model
 from .noise import gaussian
 from .samplers import ddim_mean, ddpm_sigma, linspace_schedule, predict
@@ -95,11 +95,7 @@ class DdcmCodec(Codec):
     # ------------------------------------------------------------------ geometry and rate
 
     def latent_shape(self, height: int, width: int, config: dict) -> tuple[int, int, int]:
-        unet_multiple = 2 ** (len(self.model.unet.config.block_out_channels) - 1)
-        tile = config["tile"]
-        multiple = math.lcm(unet_multiple, tile) if tile else unet_multiple
-        h, w = padded_size(height, width, VAE_DOWNSAMPLING * multiple)
-        return self.model.unet.config.in_channels, h // VAE_DOWNSAMPLING, w // VAE_DOWNSAMPLING
+        return latent_size(self.model, height, width, config["tile"] or 1)
 
     @staticmethod
     def tile_grid(latent: tuple[int, int, int], tile: int) -> tuple[int, int, int]:

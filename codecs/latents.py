@@ -7,6 +7,8 @@ diffusion model's space: (mode of the posterior − shift) × scaling_factor, as
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -16,6 +18,13 @@ VAE_DOWNSAMPLING = 8
 
 def padded_size(height: int, width: int, multiple: int) -> tuple[int, int]:
     return -(-height // multiple) * multiple, -(-width // multiple) * multiple
+
+
+def latent_size(model, height: int, width: int, multiple: int = 1) -> tuple[int, int, int]:
+    """(C, h, w) latent of an image edge-padded to what the VAE and the UNet need, and to `multiple` latent px."""
+    unet_multiple = 2 ** (len(model.unet.config.block_out_channels) - 1)
+    h, w = padded_size(height, width, VAE_DOWNSAMPLING * math.lcm(unet_multiple, multiple))
+    return model.unet.config.in_channels, h // VAE_DOWNSAMPLING, w // VAE_DOWNSAMPLING
 
 
 def images_to_tensor(images: list[np.ndarray], size: tuple[int, int], device, dtype) -> torch.Tensor:

@@ -17,6 +17,7 @@ _CODECS = {
     "webp": "diffarc.codecs.classical:WebpCodec",
     "avif": "diffarc.codecs.classical:AvifCodec",
     "ddcm": "diffarc.codecs.ddcm:DdcmCodec",
+    "latent-denoise": "diffarc.codecs.latent_denoise:LatentDenoiseCodec",
 }
 
 # The codec `encode` uses when none is named: the best one that runs anywhere without weights.

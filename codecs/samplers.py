@@ -32,14 +32,17 @@ def linspace_schedule(scheduler, steps: int, first: int | None = None) -> Schedu
     return Schedule(timesteps, alpha_bar, alpha_bar[1:] + [1.0], scheduler.config.prediction_type)
 
 
-def predict(unet, x: torch.Tensor, t: int, alpha_bar: float, prediction_type: str):
+def predict(unet, x: torch.Tensor, t, alpha_bar, prediction_type: str):
     """(x̂0, ε̂) from one UNet evaluation at timestep t.
+
+    t and ᾱ_t are numbers, or per-image tensors — t of shape (B,), ᾱ_t broadcastable to x — which may
+    be fractional and carry gradients (training the latent-denoise timestep predictor).
 
     A text-conditioned UNet (Stable Diffusion's UNet2DConditionModel) gets an all-zero context of one
     token: unconditional use without a text encoder. (Stable Diffusion's own empty-prompt embedding
     would need its CLIP text encoder, which diffarc does not load yet.)
     """
-    timesteps = torch.full((x.shape[0],), t, device=x.device)
+    timesteps = t if torch.is_tensor(t) else torch.full((x.shape[0],), t, device=x.device)
     context_width = getattr(unet.config, "cross_attention_dim", None)
     if context_width:
         context = torch.zeros(x.shape[0], 1, context_width, device=x.device, dtype=x.dtype)

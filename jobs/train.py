@@ -8,7 +8,7 @@ import click
 
 
 @click.command("train", context_settings={"show_default": True})
-@click.argument("what", type=click.Choice(["autoencoder", "diffusion"]))
+@click.argument("what", type=click.Choice(["autoencoder", "diffusion", "latent-denoise"]))
 @click.option("--data", required=True, help="Folder of training images: local path or any fsspec URL. Never Kodak.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Where to write the diffusers model folder.")
 @click.option("--work-dir", required=True, type=click.Path(file_okay=False),
@@ -18,12 +18,14 @@ import click
 @click.option("--steps", type=click.IntRange(min=1), default=2000, help="Total optimizer steps (a resumed run counts on).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, help="Images per step per worker.")
 @click.option("--crop", type=click.IntRange(min=16), default=256, help="Training crop side in pixels (multiple of 8).")
-@click.option("--lr", type=float, default=2e-4, help="AdamW learning rate.")
+@click.option("--lr", type=float, default=2e-4, help="AdamW learning rate; it falls linearly to 10 %% over the last quarter of --steps.")
 @click.option("--workers", type=click.IntRange(min=1), default=1, help="Ray Train workers (data-parallel).")
 @click.option("--gpu", is_flag=True, help="One GPU per worker.")
 @click.option("--checkpoint-minutes", type=click.FloatRange(min=0), default=5.0, help="Minutes between checkpoints.")
 @click.option("--report-seconds", type=click.FloatRange(min=0), default=30.0, help="Seconds between progress lines.")
 @click.option("--autoencoder", default=None, help="diffusion: model reference of the frozen autoencoder (folder, URL, builtin:NAME).")
+@click.option("--model", default=None,
+              help="latent-denoise: the frozen latent diffusion model whose predictors are trained (folder, URL, builtin:NAME).")
 @click.option("--lpips-weights", envvar="DIFFARC_LPIPS_WEIGHTS", default=None,
               help="autoencoder: LPIPS-squeeze safetensors file for the perceptual loss [env: DIFFARC_LPIPS_WEIGHTS].")
 @click.option("--lpips-weight", type=click.FloatRange(min=0), default=0.5, help="autoencoder: λ of the LPIPS loss (0: L1 only).")
@@ -32,20 +34,24 @@ import click
 @click.option("--seed", type=int, default=0)
 @click.option("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray).")
 def train(what, data, out, work_dir, config_name, steps, batch_size, crop, lr, workers, gpu, checkpoint_minutes,
-          report_seconds, autoencoder, lpips_weights, lpips_weight, save_dtype, max_images, seed, address):  # fmt: skip
-    """Train a built-in model: WHAT is `autoencoder`, or `diffusion` (on an --autoencoder's latents)."""
+          report_seconds, autoencoder, model, lpips_weights, lpips_weight, save_dtype, max_images, seed, address):  # fmt: skip
+    """Train a built-in model. WHAT is `autoencoder`; `diffusion` (on an --autoencoder's latents); or
+    `latent-denoise`, the predictors and entropy model of that codec for a frozen --model (written to
+    MODEL/latent_denoise/ they are found without naming them)."""
     from ..pipeline.training import TrainSettings, run_training
 
     if crop % 8:
         raise click.BadParameter("must be a multiple of 8", param_hint="--crop")
     if what == "diffusion" and not autoencoder:
         raise click.BadParameter("training the diffusion model needs the autoencoder's reference", param_hint="--autoencoder")
+    if what == "latent-denoise" and not model:
+        raise click.BadParameter("training latent-denoise needs the frozen model's reference", param_hint="--model")
     if what == "autoencoder" and lpips_weight > 0 and not lpips_weights:
         raise click.BadParameter("give the LPIPS-squeeze weights, or --lpips-weight 0", param_hint="--lpips-weights")
     settings = TrainSettings(
         what=what, data=data, out=out, work_dir=work_dir, steps=steps, batch_size=batch_size, crop=crop, lr=lr,
         workers=workers, gpu=gpu, checkpoint_minutes=checkpoint_minutes, report_seconds=report_seconds,
-        config=config_name, autoencoder=autoencoder, lpips_weights=lpips_weights, lpips_weight=lpips_weight,
+        config=config_name, autoencoder=autoencoder, model=model, lpips_weights=lpips_weights, lpips_weight=lpips_weight,
         save_dtype=save_dtype, seed=seed, max_images=max_images,
     )  # fmt: skip
     try:

@@ -45,13 +45,23 @@ from .sources import fetch, list_sources
 VALIDATION_PERCENT = 5
 KL_WEIGHT = 1e-6
 NOISE_LEVELS = (50, 250, 500, 750, 950)  # timesteps at which the diffusion validation loss is reported
+WARMDOWN_FRACTION = 0.25  # the learning rate falls linearly to 10 % over the last quarter of --steps
+
+
+def learning_rate(base: float, step: int, total: int) -> float:
+    """Constant, then a linear warm-down: the last steps at a small rate settle the weights (where a constant rate keeps them jittering)."""
+    start = total * (1 - WARMDOWN_FRACTION)
+    if step < start:
+        return base
+    return base * (1 - 0.9 * min(1.0, (step - start) / max(total - start, 1)))
 
 AUTOENCODER_CONFIGS: dict[str, dict[str, Any]] = {
     "tiny": dict(block_out_channels=(8, 8, 16, 16), layers_per_block=1, norm_num_groups=4, latent_channels=4),
-    # Sized for a CPU: about 1 M parameters, trainable on 2 shared cores in an hour.
-    "small": dict(block_out_channels=(16, 32, 64, 64), layers_per_block=1, norm_num_groups=8, latent_channels=8),
+    # Sized for a CPU: about 1 M parameters, trainable on 2 shared cores in an hour. 16 latent channels:
+    # with 8 the bottleneck held reconstructions near 22 dB on Kodak (see MODELS.md).
+    "small": dict(block_out_channels=(16, 32, 64, 64), layers_per_block=1, norm_num_groups=8, latent_channels=16),
     # For a GPU run: SD's VAE layout at a quarter of its width.
-    "base": dict(block_out_channels=(32, 64, 128, 128), layers_per_block=2, norm_num_groups=16, latent_channels=8),
+    "base": dict(block_out_channels=(32, 64, 128, 128), layers_per_block=2, norm_num_groups=16, latent_channels=16),
 }
 UNET_CONFIGS: dict[str, dict[str, Any]] = {
     "tiny": dict(
@@ -69,6 +79,11 @@ UNET_CONFIGS: dict[str, dict[str, Any]] = {
         up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
     ),
 }  # fmt: skip
+PREDICTOR_CONFIGS: dict[str, dict[str, Any]] = {
+    "tiny": dict(hidden=16, mixtures=2),
+    "small": dict(hidden=64, mixtures=4),
+    "base": dict(hidden=128, mixtures=6),
+}
 SCHEDULER_CONFIG = dict(
     num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
     prediction_type="epsilon", clip_sample=False, set_alpha_to_one=False, steps_offset=1,
@@ -80,7 +95,7 @@ SCHEDULER_CONFIG = dict(
 class TrainSettings:
     """Everything a training run needs; the click command fills it, the worker loop reads it."""
 
-    what: str  # "autoencoder" or "diffusion"
+    what: str  # "autoencoder", "diffusion" or "latent-denoise"
     data: str
     out: str
     work_dir: str
@@ -94,6 +109,7 @@ class TrainSettings:
     report_seconds: float = 30.0
     config: str = "small"
     autoencoder: str | None = None  # diffusion: the model reference of the frozen autoencoder
+    model: str | None = None  # latent-denoise: the frozen latent diffusion model the predictors serve
     lpips_weights: str | None = None
     lpips_weight: float = 0.5
     save_dtype: str = "float32"
@@ -254,8 +270,7 @@ def _worker_loop(config: dict) -> None:
 
     train_images, validation_images = load_training_images(settings)
     log(f"{settings.what}: {len(train_images)} training images, {len(validation_images)} held out")
-    task = _AutoencoderTask(settings, train_images, validation_images, device) if settings.what == "autoencoder" \
-        else _DiffusionTask(settings, train_images, validation_images, device)  # fmt: skip
+    task = TASKS[settings.what](settings, train_images, validation_images, device)
 
     # Ray Train's own restore and the newest folder on disk can disagree when a kill fell between writing
     # a checkpoint and recording it; the one further along wins.
@@ -266,8 +281,6 @@ def _worker_loop(config: dict) -> None:
     optimizer_factory = lambda m: torch.optim.AdamW(m.parameters(), lr=settings.lr, weight_decay=0.0)  # noqa: E731
     if resume is not None:
         model, optimizer, step = load_checkpoint(resume, task.model_class, optimizer_factory)
-        for group in optimizer.param_groups:  # this run's --lr, not the saved one
-            group["lr"] = settings.lr
         log(f"resumed from step {step} ({resume})")
     else:
         torch.manual_seed(settings.seed)
@@ -289,6 +302,8 @@ def _worker_loop(config: dict) -> None:
         rng = np.random.default_rng([settings.seed, step, rank])
         model.train()
         loss, parts = task.loss(trained, rng)
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(settings.lr, step, settings.steps)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -334,6 +349,10 @@ def format_progress(settings: TrainSettings, m: dict) -> str:
         shown.append(f"val PSNR {m['val_psnr']:.2f} dB")
     if "val_eps_mse" in m:
         shown.append(f"val ε-MSE {m['val_eps_mse']:.4f}")
+    if "val_gain_db" in m:
+        shown.append(f"bits {m['bits']:.3f}, val bits/value at Δ 1|2|4 "
+                     + "|".join(f"{m[f'val_bits_d{v}']:.3f}" for v in (1, 2, 4))
+                     + f", denoising gain {m['val_gain_db']:.2f} dB, t " + "|".join(f"{m[f'val_t_d{v}']:.0f}" for v in (1, 2, 4)))
     shown.append(f"{m['images_per_s']:.1f} img/s")
     return f"[{settings.what}] " + ", ".join(shown)
 
@@ -388,21 +407,12 @@ class _DiffusionTask:
         self.model_class = UNet2DModel
         self.vae = load_model(settings.autoencoder).vae.to(device)
         self.latent_crop = settings.crop // 8
-        self.train = self._latents(train, mirrored=True)
+        encode = lambda x: self.vae.encode(x).latent_dist.mode()  # noqa: E731 — raw: the scaling is learnt here
+        self.train = training_latents(encode, train, settings.crop, device, mirrored=True)
         self.scaling_factor = 1.0 / float(torch.cat([z.flatten() for z in self.train]).std())
-        self.validation = self._latents(validation, mirrored=False)
+        self.validation = training_latents(encode, validation, settings.crop, device, mirrored=False)
         self.scheduler = new_scheduler()
         self.alphas = self.scheduler.alphas_cumprod.to(device)
-
-    @torch.no_grad()
-    def _latents(self, images: list[np.ndarray], mirrored: bool) -> list[torch.Tensor]:
-        latents = []
-        for image in images:
-            image = fit_crop(image[: image.shape[0] // 8 * 8, : image.shape[1] // 8 * 8], self.settings.crop)
-            for view in (image, image[:, ::-1]) if mirrored else (image,):
-                x = torch.from_numpy(np.ascontiguousarray(view)).permute(2, 0, 1)[None].float().to(self.device) / 127.5 - 1
-                latents.append(self.vae.encode(x).latent_dist.mode()[0])
-        return latents
 
     def new_model(self):
         return new_unet(self.settings.config, self.vae.config.latent_channels)
@@ -411,12 +421,7 @@ class _DiffusionTask:
         return model
 
     def _crops(self, latents, count, rng) -> torch.Tensor:
-        c, out = self.latent_crop, []
-        for _ in range(count):
-            z = latents[rng.integers(len(latents))]
-            y, x = rng.integers(z.shape[1] - c + 1), rng.integers(z.shape[2] - c + 1)
-            out.append(z[:, y : y + c, x : x + c])
-        return torch.stack(out) * self.scaling_factor
+        return latent_crops(latents, count, self.latent_crop, rng) * self.scaling_factor
 
     def loss(self, trained, rng) -> tuple[torch.Tensor, dict]:
         z0 = self._crops(self.train, self.settings.batch_size, rng)
@@ -436,6 +441,119 @@ class _DiffusionTask:
             by_level[f"val_eps_mse_t{level}"] = float(F.mse_loss(model(noisy, t).sample, noise))
         return {"val_eps_mse": float(np.mean(list(by_level.values()))), **by_level,
                 "scaling_factor": self.scaling_factor}  # fmt: skip
+
+
+class _LatentDenoisePass(torch.nn.Module):
+    """Quantize (as uniform noise), predict t, denoise in one step, all differentiable for the predictors.
+
+    The frozen UNet is a submodule so that gradients reach the predictors through it; its own weights
+    take none (load_model froze them) and the optimizer only holds the predictors' parameters.
+    """
+
+    def __init__(self, predictors, model):
+        super().__init__()
+        self.predictors, self.unet = predictors, model.unet
+        self.register_buffer("alpha_bar", model.make_scheduler().alphas_cumprod.float().clone())
+        self.prediction_type = model.scheduler_config["prediction_type"]
+
+    def forward(self, z: torch.Tensor, step: torch.Tensor, uniform: torch.Tensor | None):
+        """(bits, squared error after denoising, squared error at t = 0, t), per image; uniform=None rounds."""
+        from ..codecs.latent_denoise import alpha_bar_at
+        from ..codecs.samplers import predict
+
+        shift, scale = self.predictors.transform(z, step)
+        y = (z - shift[..., None, None]) / scale[..., None, None]
+        box = step.view(-1, 1, 1, 1)
+        y_q = y + box * (uniform - 0.5) if uniform is not None else torch.round(y / box) * box
+        bits = self.predictors.density.bits(y_q, step).flatten(1).mean(1)
+        z_hat = y_q * scale[..., None, None] + shift[..., None, None]
+        t = self.predictors.timestep(z_hat, step, scale)
+        alpha_bar = alpha_bar_at(self.alpha_bar, t).view(-1, 1, 1, 1)
+        x0_hat, _ = predict(self.unet, alpha_bar.sqrt() * z_hat, t, alpha_bar, self.prediction_type)
+        error = ((x0_hat - z) ** 2).flatten(1).mean(1)
+        return bits, error, ((z_hat - z) ** 2).flatten(1).mean(1), t
+
+
+class _LatentDenoiseTask:
+    """Trains γ-net, t-net and entropy density on a frozen model's latents: min bits + λ(Δ)·MSE after denoising."""
+
+    STEP_RANGE = (0.5, 8.0)  # Δ drawn log-uniformly: from about 1 bpp down to a few hundredths on Kodak
+    VALIDATION_STEPS = (1.0, 2.0, 4.0)
+
+    def __init__(self, settings: TrainSettings, train, validation, device):
+        from ..codecs.latent_denoise import LatentDenoisePredictors
+        from ..codecs.latents import encode_latents
+        from ..codecs.models import load_model
+
+        if not settings.model:
+            raise ValueError("training the latent-denoise predictors needs --model (the frozen latent diffusion model)")
+        self.settings, self.device = settings, device
+        self.model_class = LatentDenoisePredictors
+        self.model = load_model(settings.model, str(device))
+        if self.model.unet is None:
+            raise ValueError(f"model {settings.model} has no diffusion UNet")
+        self.latent_crop = settings.crop // 8
+        encode = lambda x: encode_latents(self.model, x)  # noqa: E731 — in the diffusion model's space
+        self.train = training_latents(encode, train, settings.crop, device, mirrored=True)
+        self.validation = latent_crops(
+            training_latents(encode, validation, settings.crop, device, mirrored=False), 16, self.latent_crop,
+            np.random.default_rng(12345),
+        )  # fmt: skip
+
+    def new_model(self):
+        from ..codecs.latent_denoise import LatentDenoisePredictors
+
+        return LatentDenoisePredictors(latent_channels=self.model.unet.config.in_channels, **PREDICTOR_CONFIGS[self.settings.config])
+
+    def wrap(self, model):
+        return _LatentDenoisePass(model, self.model).to(self.device)
+
+    def loss(self, trained, rng) -> tuple[torch.Tensor, dict]:
+        from ..codecs.latent_denoise import lambda_for_step
+
+        z = latent_crops(self.train, self.settings.batch_size, self.latent_crop, rng)
+        low, high = np.log(self.STEP_RANGE)
+        step = torch.from_numpy(np.exp(rng.uniform(low, high, len(z)))).float().to(self.device)
+        uniform = torch.from_numpy(rng.random(z.shape, dtype=np.float32)).to(self.device)
+        bits, error, _, t = trained(z, step, uniform)
+        loss = (bits + lambda_for_step(step) * error).mean()
+        return loss, {"bits": float(bits.mean()), "mse": float(error.mean()), "t": float(t.mean())}
+
+    def validate(self, model) -> dict:
+        """Per validation Δ: bits per latent value, and what one denoising step buys over t = 0 (dB)."""
+        passes, out = _LatentDenoisePass(model, self.model).to(self.device), {}
+        for value in self.VALIDATION_STEPS:
+            step = torch.full((len(self.validation),), value, device=self.device)
+            bits, error, plain, t = passes(self.validation, step, None)
+            out[f"val_bits_d{value:g}"] = float(bits.mean())
+            out[f"val_gain_db_d{value:g}"] = float(10 * torch.log10(plain.mean() / error.mean()))
+            out[f"val_t_d{value:g}"] = float(t.mean())
+        out["val_gain_db"] = float(np.mean([out[f"val_gain_db_d{v:g}"] for v in self.VALIDATION_STEPS]))
+        return out
+
+
+@torch.no_grad()
+def training_latents(encode, images: list[np.ndarray], crop: int, device, mirrored: bool) -> list[torch.Tensor]:
+    """Each image (and its mirror image) through a frozen encoder once: (C, h, w) latents to crop from."""
+    latents = []
+    for image in images:
+        image = fit_crop(image[: image.shape[0] // 8 * 8, : image.shape[1] // 8 * 8], crop)
+        for view in (image, image[:, ::-1]) if mirrored else (image,):
+            x = torch.from_numpy(np.ascontiguousarray(view)).permute(2, 0, 1)[None].float().to(device) / 127.5 - 1
+            latents.append(encode(x)[0])
+    return latents
+
+
+def latent_crops(latents: list[torch.Tensor], count: int, side: int, rng: np.random.Generator) -> torch.Tensor:
+    out = []
+    for _ in range(count):
+        z = latents[rng.integers(len(latents))]
+        y, x = rng.integers(z.shape[1] - side + 1), rng.integers(z.shape[2] - side + 1)
+        out.append(z[:, y : y + side, x : x + side])
+    return torch.stack(out)
+
+
+TASKS = {"autoencoder": _AutoencoderTask, "diffusion": _DiffusionTask, "latent-denoise": _LatentDenoiseTask}
 
 
 # ---------------------------------------------------------------- the driver
@@ -489,6 +607,10 @@ def export_model(settings: TrainSettings, trained: Path, metrics: dict) -> None:
     shutil.rmtree(staging, ignore_errors=True)
     if settings.what == "autoencoder":
         AutoencoderKL.from_pretrained(str(trained)).to(dtype).save_pretrained(str(staging / "vae"))
+    elif settings.what == "latent-denoise":  # the folder is the predictors' own: MODEL/latent_denoise/ by default
+        from ..codecs.latent_denoise import LatentDenoisePredictors
+
+        LatentDenoisePredictors.from_pretrained(str(trained)).to(dtype).save_pretrained(str(staging))
     else:
         from ..codecs.models import load_model
 

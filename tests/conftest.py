@@ -43,6 +43,34 @@ def ray_cluster():
     ray.shutdown()
 
 
+def save_tiny_ldm(folder: Path, seed: int = 0, conditional: bool = False, dtype=torch.float32) -> Path:
+    """A latent diffusion model folder of Stable Diffusion's classes at toy width, saved as a user's would be:
+    AutoencoderKL (8× down, 4 latent channels), a UNet, DDIMScheduler with SD's betas. `conditional`
+    gives SD 2.1's UNet class: UNet2DConditionModel with cross-attention to 1024-d context, linear projections."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel, UNet2DModel
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        block_out_channels=(8, 8, 16, 16), layers_per_block=1, norm_num_groups=4, latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+    )  # fmt: skip
+    if conditional:
+        unet = UNet2DConditionModel(
+            block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, in_channels=4, out_channels=4,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=1024, attention_head_dim=(2, 4), use_linear_projection=True,
+        )  # fmt: skip
+    else:
+        unet = UNet2DModel(
+            in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4,
+            down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+        )  # fmt: skip
+    vae.to(dtype).save_pretrained(folder / "vae")
+    unet.to(dtype).save_pretrained(folder / "unet")
+    DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).save_pretrained(folder / "scheduler")
+    return folder
+
+
 def photo_like(height: int, width: int, seed: int) -> np.ndarray:
     """Smooth gradients plus a little texture: compresses like a photo, unlike pure noise."""
     rng = np.random.default_rng(seed)

@@ -12,33 +12,7 @@ from diffarc.codecs import container
 from diffarc.codecs.container import BitstreamError
 from diffarc.codecs.registry import create_codec
 
-from ..conftest import photo_like
-
-
-def save_tiny_ldm(folder, seed=0, conditional=False):
-    """A latent diffusion model of Stable Diffusion's classes (AutoencoderKL 8×, 4 channels; UNet;
-    DDPM scheduler), small enough to run in a test."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel, UNet2DModel
-
-    torch.manual_seed(seed)
-    AutoencoderKL(
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 8, 8, 8), layers_per_block=1, latent_channels=4, norm_num_groups=4,
-    ).save_pretrained(folder / "vae")
-    if conditional:  # SD 2.1's UNet class: cross-attention blocks, linear projections
-        unet = UNet2DConditionModel(
-            block_out_channels=(8, 16), layers_per_block=1, cross_attention_dim=12, attention_head_dim=2,
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-            norm_num_groups=4, use_linear_projection=True, in_channels=4, out_channels=4,
-        )
-    else:
-        unet = UNet2DModel(
-            in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4,
-            down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-        )
-    unet.save_pretrained(folder / "unet")
-    DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).save_pretrained(folder / "scheduler")
-    return folder
+from ..conftest import photo_like, save_tiny_ldm
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 
 import fsspec
 import numpy as np
@@ -16,26 +15,11 @@ from diffarc.codecs.base import Codec
 from diffarc.codecs.container import BitstreamError
 from diffarc.codecs.models import ModelLoadError, builtin_models, fingerprint_tensors, load_model
 
+from ..conftest import save_tiny_ldm
 
-def tiny_sd_model(folder: Path, seed: int = 0, dtype: torch.dtype = torch.float32) -> Path:
-    """A Stable Diffusion 2.1-architecture pipeline folder at toy width: AutoencoderKL (4 latent channels,
-    8× down), UNet2DConditionModel (cross-attention, 1024-d like SD 2.1's text encoder), DDIMScheduler."""
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 
-    torch.manual_seed(seed)
-    vae = AutoencoderKL(
-        block_out_channels=(8, 8, 16, 16), layers_per_block=1, norm_num_groups=4, latent_channels=4,
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-    )  # fmt: skip
-    unet = UNet2DConditionModel(
-        block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, in_channels=4, out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=1024, attention_head_dim=(2, 4), use_linear_projection=True,
-    )  # fmt: skip
-    vae.to(dtype).save_pretrained(folder / "vae")
-    unet.to(dtype).save_pretrained(folder / "unet")
-    DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).save_pretrained(folder / "scheduler")
-    return folder
+def tiny_sd21(folder, seed=0, dtype=torch.float32):
+    return save_tiny_ldm(folder, seed, conditional=True, dtype=dtype)
 
 
 @pytest.fixture(autouse=True)
@@ -47,14 +31,14 @@ def fresh_cache(tmp_path, monkeypatch):
 
 
 def test_same_weights_saved_twice_give_the_same_fingerprint(tmp_path):
-    first = load_model(str(tiny_sd_model(tmp_path / "a", seed=0)))
-    second = load_model(str(tiny_sd_model(tmp_path / "b", seed=0)))
+    first = load_model(str(tiny_sd21(tmp_path / "a", seed=0)))
+    second = load_model(str(tiny_sd21(tmp_path / "b", seed=0)))
     assert first is not second
     assert len(first.fingerprint) == 32 and first.fingerprint == second.fingerprint
 
 
 def test_file_names_and_tensor_order_do_not_change_the_fingerprint(tmp_path):
-    folder = tiny_sd_model(tmp_path / "a")
+    folder = tiny_sd21(tmp_path / "a")
     model = load_model(str(folder))
     # The same tensors read straight from the files, in reverse order, as if from other shards.
     tensors = {}
@@ -65,7 +49,7 @@ def test_file_names_and_tensor_order_do_not_change_the_fingerprint(tmp_path):
 
 
 def test_fp16_saved_weights_cast_to_fp32_give_the_same_fingerprint(tmp_path):
-    fp16 = load_model(str(tiny_sd_model(tmp_path / "half", dtype=torch.float16)))
+    fp16 = load_model(str(tiny_sd21(tmp_path / "half", dtype=torch.float16)))
     assert next(fp16.vae.parameters()).dtype == torch.float32
     # The fp32 model whose values are exactly the fp16 ones: save fp16, then load and save as fp32.
     as_fp32 = tmp_path / "full"
@@ -77,7 +61,7 @@ def test_fp16_saved_weights_cast_to_fp32_give_the_same_fingerprint(tmp_path):
 
 
 def test_one_changed_value_changes_the_fingerprint(tmp_path):
-    folder = tiny_sd_model(tmp_path / "a")
+    folder = tiny_sd21(tmp_path / "a")
     before = load_model(str(folder)).fingerprint
     weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
     state = load_file(weights)
@@ -90,7 +74,7 @@ def test_one_changed_value_changes_the_fingerprint(tmp_path):
 
 
 def test_a_pickle_only_component_is_refused_naming_the_file(tmp_path):
-    folder = tiny_sd_model(tmp_path / "a")
+    folder = tiny_sd21(tmp_path / "a")
     weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
     torch.save(load_file(weights), folder / "unet" / "diffusion_pytorch_model.bin")
     weights.unlink()
@@ -99,7 +83,7 @@ def test_a_pickle_only_component_is_refused_naming_the_file(tmp_path):
 
 
 def test_a_tiny_sd21_model_loads_from_a_folder_and_runs(tmp_path):
-    model = load_model(str(tiny_sd_model(tmp_path / "sd")))
+    model = load_model(str(tiny_sd21(tmp_path / "sd")))
     assert type(model.vae).__name__ == "AutoencoderKL" and type(model.unet).__name__ == "UNet2DConditionModel"
     assert model.scheduler_config["_class_name"] == "DDIMScheduler"
     assert load_model(str(tmp_path / "sd")) is model  # loaded once per process
@@ -115,7 +99,7 @@ def test_a_tiny_sd21_model_loads_from_a_folder_and_runs(tmp_path):
 
 @pytest.mark.parametrize("scheme", ["memory", "file"])
 def test_a_model_loads_from_an_fsspec_url(tmp_path, scheme):
-    local = tiny_sd_model(tmp_path / "sd")
+    local = tiny_sd21(tmp_path / "sd")
     expected = load_model(str(local)).fingerprint
     if scheme == "memory":
         fs = fsspec.filesystem("memory")
@@ -163,8 +147,8 @@ class _ModelCodec(Codec):
 
 
 def test_a_stream_made_with_one_model_is_refused_by_a_codec_holding_another(tmp_path):
-    model_a = load_model(str(tiny_sd_model(tmp_path / "a", seed=0)))
-    model_b = load_model(str(tiny_sd_model(tmp_path / "b", seed=1)))
+    model_a = load_model(str(tiny_sd21(tmp_path / "a", seed=0)))
+    model_b = load_model(str(tiny_sd21(tmp_path / "b", seed=1)))
     image = np.zeros((8, 8, 3), np.uint8)
     stream = _ModelCodec(model_a).encode([image])[0]
     assert _ModelCodec(model_a).decode([stream])[0].shape == (8, 8, 3)
@@ -174,7 +158,7 @@ def test_a_stream_made_with_one_model_is_refused_by_a_codec_holding_another(tmp_
 
 def test_builtin_models_are_listed_with_sizes_and_fingerprints(tmp_path, monkeypatch):
     shipped = tmp_path / "builtin"
-    tiny_sd_model(shipped / "toy")
+    tiny_sd21(shipped / "toy")
     monkeypatch.setattr(models, "BUILTIN_DIR", shipped)
     [row] = builtin_models()
     model = load_model("builtin:toy")
@@ -196,7 +180,7 @@ def test_the_models_command_lists_builtins_as_json(tmp_path, monkeypatch):
 
     from diffarc.jobs.train import models as models_command
 
-    tiny_sd_model(tmp_path / "builtin" / "toy")
+    tiny_sd21(tmp_path / "builtin" / "toy")
     monkeypatch.setattr(models, "BUILTIN_DIR", tmp_path / "builtin")
     result = CliRunner().invoke(models_command, ["--json"])
     assert result.exit_code == 0, result.output

@@ -3,14 +3,12 @@
 import json
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 from PIL import Image
 
 from diffarc.jobs.cli import EXIT_BELOW_THRESHOLD, EXIT_ITEMS_FAILED, main
-from diffarc.pipeline.archive import CodecSpec, EncodedItem, require_manifest, write_shard, ArchiveWriter
+from diffarc.pipeline.archive import ArchiveWriter, CodecSpec, EncodedItem, write_shard
 from diffarc.pipeline.storage import Location
 
 pytestmark = pytest.mark.slow

@@ -17,7 +17,7 @@ from diffarc.codecs import models
 from diffarc.codecs.models import load_model
 from diffarc.pipeline.training import TrainSettings, find_resume_checkpoint, is_validation_key, run_training
 
-from ..conftest import photo_like
+from ..conftest import photo_like, save_tiny_ldm
 
 pytestmark = pytest.mark.slow
 
@@ -62,6 +62,23 @@ def test_tiny_autoencoder_then_diffusion_write_loadable_diffusers_folders(ray_cl
     assert next(model.unet.parameters()).dtype.is_floating_point
     # The fp16 folder holds the same autoencoder as the fp32 one, up to fp16 rounding, with its scaling.
     assert model.vae.config.latent_channels == load_model(str(tmp_path / "ae")).vae.config.latent_channels
+
+
+def test_latent_denoise_predictors_train_for_a_stable_diffusion_architecture_and_serve_the_codec(ray_cluster, images, tmp_path):
+    """The path of a user with real SD 2.1 weights: train the predictors for the frozen model, then encode."""
+    from diffarc.codecs.latent_denoise import PREDICTORS_FOLDER
+    from diffarc.codecs.registry import create_codec
+
+    sd = save_tiny_ldm(tmp_path / "sd", conditional=True)
+    metrics = run_training(
+        TrainSettings(what="latent-denoise", data=str(images), out=str(sd / PREDICTORS_FOLDER), work_dir=str(tmp_path / "work"),
+                      model=str(sd), steps=3, batch_size=2, crop=32, config="tiny", checkpoint_minutes=60, report_seconds=0)
+    )  # fmt: skip
+    assert metrics["step"] == 3 and {"val_bits_d1", "val_gain_db_d2", "val_t_d4"} <= set(metrics)
+    assert all(metrics[f"val_bits_d{d}"] > 0 for d in (1, 2, 4))
+    codec = create_codec("latent-denoise", {"model": str(sd), "step": 1.0})
+    image = photo_like(40, 56, 7)
+    assert codec.decode(codec.encode([image]))[0].shape == image.shape
 
 
 def _progress_lines(process: subprocess.Popen, pattern: str, timeout: float) -> list[str]:
@@ -110,6 +127,7 @@ def test_a_killed_train_resumes_from_its_last_checkpoint(images, tmp_path):
     "args, complaint",
     [
         (["diffusion"], "--autoencoder"),
+        (["latent-denoise"], "--model"),
         (["autoencoder", "--crop", "36"], "multiple of 8"),
         (["autoencoder"], "--lpips-weights"),
     ],
