@@ -78,6 +78,10 @@ class Codec(ABC):
         """Content hash of the model weights this codec decodes with; empty for codecs without weights."""
         return b""
 
+    def stream_stats(self, stream: bytes) -> dict[str, float]:
+        """Figures a codec reports about one of its streams beyond its size (the bench averages them)."""
+        return {}
+
     def encode(self, images: Sequence[np.ndarray]) -> list[bytes]:
         for image in images:
             check_image(image)

@@ -196,11 +196,10 @@ class LatentDenoiseCodec(Codec):
     # ------------------------------------------------------------------ encode
 
     def encode_payloads(self, images: list[np.ndarray]) -> list[bytes]:
-        return [self.encode_one(image)[0] for image in images]
+        return [self.encode_one(image) for image in images]
 
     @torch.inference_mode()
-    def encode_one(self, image: np.ndarray) -> tuple[bytes, dict]:
-        """The payload of one image and what it spent: {'t', 'steps', 'side_bits', 'latent_bits'}."""
+    def encode_one(self, image: np.ndarray) -> bytes:
         config, dtype = self.config, DTYPES[self.config["precision"]]
         _, h, w = self.latent_shape(*image.shape[:2])
         x = images_to_tensor([image], (h * 8, w * 8), self.device, dtype)
@@ -222,8 +221,7 @@ class LatentDenoiseCodec(Codec):
         side = struct.pack("<Hhh", t, lo, hi) + shift[0].half().cpu().numpy().astype("<f2").tobytes() \
             + scale[0].half().cpu().numpy().astype("<f2").tobytes()  # fmt: skip
         coded = encode_symbols(symbols, tables, lo)
-        spent = {"t": t, "steps": min(config["steps"], t), "side_bits": 8 * len(side), "latent_bits": 8 * len(coded)}
-        return side + coded, spent
+        return side + coded
 
     def _search_timestep(self, image: np.ndarray, z_hat: torch.Tensor, predicted: int) -> int:
         """The candidate t whose decoded image is closest to the original in LPIPS."""
@@ -239,6 +237,13 @@ class LatentDenoiseCodec(Codec):
             decoded = self._pixels(z_hat, t, self.config, image.shape[:2])
             scores[t] = lpips(image, decoded)
         return min(scores, key=scores.get)
+
+    def stream_stats(self, stream: bytes) -> dict[str, float]:
+        header, payload = self.read(stream)
+        t = struct.unpack_from("<H", payload)[0]
+        side_bytes = struct.calcsize("<Hhh") + 4 * self.predictors.config.latent_channels
+        steps = min(self.resolve_params(header.params)["steps"], t)
+        return {"t": t, "denoising_steps": steps, "side_info_bits": 8 * side_bytes}
 
     # ------------------------------------------------------------------ decode
 

@@ -19,9 +19,11 @@ refused, since unpickling a file can run arbitrary code.
 
 The fingerprint that bitstreams record is SHA-256 over every tensor of every component, sorted by
 `component.tensor` name, each as (name, shape, float32 little-endian values), followed by the VAE's
-latent scaling factor and shift (they change what a latent means). So it does not depend on file
-names, on sharding, or on the dtype the weights were stored in or cast to at load (fp16 values are exact
-in float32). The scheduler config is not part of it: it is configuration that a codec records itself.
+latent scaling factor and shift (they change what a latent means), and then the noise schedule the
+sampler uses — the prediction type and the ᾱ_t table (float64) derived from the scheduler config — so
+a model with other betas or another prediction type is another model to a bitstream. It does not depend
+on file names, on sharding, on the scheduler's class or its sampling-only options, or on the dtype the
+weights were stored in or cast to at load (fp16 values are exact in float32).
 """
 
 from __future__ import annotations
@@ -91,17 +93,27 @@ class LatentDiffusionModel:
 # ---------------------------------------------------------------- fingerprints
 
 
-def fingerprint(modules: Mapping[str, torch.nn.Module], scaling: Iterable[float] = ()) -> bytes:
+def fingerprint(modules: Mapping[str, torch.nn.Module], scaling: Iterable[float] = (), schedule: bytes = b"") -> bytes:
     """SHA-256 of the weights of named modules; see the module docstring for exactly what is hashed."""
     tensors = {
         f"{component}.{name}": tensor
         for component, module in modules.items()
         for name, tensor in module.state_dict().items()
     }
-    return fingerprint_tensors(tensors, scaling)
+    return fingerprint_tensors(tensors, scaling, schedule)
 
 
-def fingerprint_tensors(tensors: Mapping[str, torch.Tensor], scaling: Iterable[float] = ()) -> bytes:
+def schedule_signature(scheduler_config: dict | None) -> bytes:
+    """What a sampler takes from the scheduler: its prediction type and ᾱ_t table, as bytes to hash."""
+    if scheduler_config is None:
+        return b""
+    scheduler = _scheduler_class(scheduler_config).from_config(scheduler_config)
+    prediction = scheduler.config.get("prediction_type", "epsilon").encode("utf-8")
+    table = scheduler.alphas_cumprod.to(torch.float64).numpy().astype("<f8").tobytes()
+    return struct.pack("<I", len(prediction)) + prediction + table
+
+
+def fingerprint_tensors(tensors: Mapping[str, torch.Tensor], scaling: Iterable[float] = (), schedule: bytes = b"") -> bytes:
     digest = hashlib.sha256()
     for name in sorted(tensors):
         tensor = tensors[name].detach().to("cpu", torch.float32).contiguous()
@@ -112,6 +124,7 @@ def fingerprint_tensors(tensors: Mapping[str, torch.Tensor], scaling: Iterable[f
         digest.update(tensor.numpy().astype("<f4", copy=False).tobytes())
     for value in scaling:
         digest.update(struct.pack("<d", float(value)))
+    digest.update(schedule)
     return digest.digest()
 
 
@@ -266,7 +279,7 @@ def _load_cached(reference: str, device: str, dtype: torch.dtype) -> LatentDiffu
     for module in modules.values():
         module.to(device).eval().requires_grad_(False)
     model = LatentDiffusionModel(reference, vae, unet, scheduler, b"", folder)
-    model.fingerprint = fingerprint(modules, (model.scaling_factor, model.shift_factor))
+    model.fingerprint = fingerprint(modules, (model.scaling_factor, model.shift_factor), schedule_signature(scheduler))
     return model
 
 

@@ -302,6 +302,7 @@ def measure_point(codec: Codec, keys: list[str], images: list[np.ndarray], lpips
             "lpips": lpips(image, decoded) if lpips is not None and min(height, width) >= LPIPS_MIN_SIDE else None,
             "encode_s": encoded - tick,
             "decode_s": decoded_at - encoded,
+            "stream_stats": codec.stream_stats(stream),
         })  # fmt: skip
         if index < len(boxes):
             crops.append(crop(decoded, boxes[index]).copy())
@@ -326,6 +327,7 @@ def summarize_point(curve: Curve, point: Point, rows: list[dict]) -> dict:
         "decode_s_per_image": decode_s,
         "encode_images_per_s": 1 / encode_s if encode_s else None,
         "decode_images_per_s": 1 / decode_s if decode_s else None,
+        "stream_stats": {k: _mean([r["stream_stats"][k] for r in rows]) for k in rows[0]["stream_stats"]} if rows else {},
     }
 
 

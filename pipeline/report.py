@@ -154,10 +154,20 @@ def _text_table(header: list[str], rows: list[list[str]], text_columns: int) -> 
     ]
 
 
+def stream_stats_lines(results: dict) -> list[str]:
+    """Per point, the means of what its codec reports about its streams (e.g. latent-denoise's t)."""
+    return [
+        f"{c['name']} [{p['label']}]: " + ", ".join(f"{k} {v:.4g}" for k, v in p["stream_stats"].items())
+        for c in results["curves"] for p in c["points"] if p.get("stream_stats")
+    ]  # fmt: skip
+
+
 def format_table(results: dict) -> str:
-    """The readable summary printed to stdout: every point, then the BD-rates."""
+    """The readable summary printed to stdout: every point, the codecs' own stream figures, the BD-rates."""
+    stats = stream_stats_lines(results)
     return "\n".join([
         *_text_table(*points_table(results), text_columns=2),
+        *(["", "Stream figures reported by the codecs (means over images)", *stats] if stats else []),
         "",
         f"BD-rate % against {results['reference']} (negative: fewer bits for the same quality)",
         *_text_table(*bd_rate_table(results), text_columns=1),

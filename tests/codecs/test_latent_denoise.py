@@ -49,11 +49,8 @@ def test_any_size_round_trips_and_the_decoder_rebuilds_the_latent(tiny_model):
     assert [d.shape for d in decoded] == [i.shape for i in IMAGES]
     t, lo, hi = side_info(streams[0])
     assert 0 < t <= 300 and lo <= hi
-    # The encoder's report of what it spent matches the stream.
-    payload, spent = codec.encode_one(IMAGES[0])
-    assert payload == container.unpack(streams[0])[1]
-    assert spent["t"] == t and spent["steps"] == min(4, t)
-    assert 8 * len(payload) == spent["side_bits"] + spent["latent_bits"] and spent["side_bits"] == 8 * (6 + 4 * 4)
+    # What the codec reports about a stream (the bench prints it) is what the stream holds.
+    assert codec.stream_stats(streams[0]) == {"t": t, "denoising_steps": min(4, t), "side_info_bits": 8 * (6 + 4 * 4)}
 
 
 def test_a_coarser_step_costs_fewer_bits(tiny_model):

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from diffarc.codecs import models
 from diffarc.codecs.base import Codec
 from diffarc.codecs.container import BitstreamError
-from diffarc.codecs.models import ModelLoadError, builtin_models, fingerprint_tensors, load_model
+from diffarc.codecs.models import ModelLoadError, builtin_models, fingerprint_tensors, load_model, schedule_signature
 
 from ..conftest import save_tiny_ldm
 
@@ -45,7 +45,8 @@ def test_file_names_and_tensor_order_do_not_change_the_fingerprint(tmp_path):
     for component in ("unet", "vae"):
         state = load_file(folder / component / "diffusion_pytorch_model.safetensors")
         tensors.update({f"{component}.{name}": state[name] for name in reversed(sorted(state))})
-    assert fingerprint_tensors(tensors, (model.scaling_factor, model.shift_factor)) == model.fingerprint
+    schedule = schedule_signature(model.scheduler_config)
+    assert fingerprint_tensors(tensors, (model.scaling_factor, model.shift_factor), schedule) == model.fingerprint
 
 
 def test_fp16_saved_weights_cast_to_fp32_give_the_same_fingerprint(tmp_path):
@@ -71,6 +72,24 @@ def test_one_changed_value_changes_the_fingerprint(tmp_path):
     save_file(state, weights)
     models._load_cached.cache_clear()
     assert load_model(str(folder)).fingerprint != before
+
+
+def test_the_noise_schedule_is_part_of_the_fingerprint_but_the_scheduler_class_is_not(tmp_path):
+    import json
+
+    folder = tiny_sd21(tmp_path / "a")
+    config_file = folder / "scheduler" / "scheduler_config.json"
+    original = json.loads(config_file.read_text())
+    before = load_model(str(folder)).fingerprint
+
+    def fingerprint_with(**changes):
+        config_file.write_text(json.dumps({**original, **changes}))
+        models._load_cached.cache_clear()
+        return load_model(str(folder)).fingerprint
+
+    assert fingerprint_with(_class_name="DDPMScheduler") == before  # same ᾱ table, another sampler class
+    assert fingerprint_with(beta_end=0.02) != before
+    assert fingerprint_with(prediction_type="v_prediction") != before
 
 
 def test_a_pickle_only_component_is_refused_naming_the_file(tmp_path):
