@@ -225,7 +225,7 @@ class LatentDenoiseCodec(Codec):
 
     def _search_timestep(self, image: np.ndarray, z_hat: torch.Tensor, predicted: int) -> int:
         """The candidate t whose decoded image is closest to the original in LPIPS."""
-        from ..pipeline.metrics import find_lpips_weights  # the one LPIPS; only this option needs it
+        from .metrics import find_lpips_weights
 
         weights = find_lpips_weights()
         if weights is None:
@@ -281,7 +281,7 @@ class LatentDenoiseCodec(Codec):
 
 @functools.lru_cache(maxsize=2)
 def _lpips(weights: str, device: str):
-    from ..pipeline.metrics import LPIPS
+    from .metrics import LPIPS
 
     return LPIPS(weights, device)
 

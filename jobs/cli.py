@@ -195,7 +195,7 @@ def decode(archive, dst, prefix, keys_file, image_format, overwrite, batch_size,
 def verify(archive, against, sample, lpips_weights, min_psnr, min_ms_ssim, max_lpips, report_path, actors, address,
            storage_options, as_json):
     """Check ARCHIVE's integrity and, with --against, its quality against the originals."""
-    from ..pipeline.metrics import find_lpips_weights
+    from ..codecs.metrics import find_lpips_weights
     from ..pipeline.verify import Thresholds, run_verify
 
     weights = None

@@ -44,7 +44,7 @@ from ..codecs.registry import codec_class, create_codec
 from .archive import tool_version
 from .bdrate import bd_rate, interpolation_for
 from .images import DEFAULT_MAX_PIXELS, ImageLoadError, load_rgb
-from .metrics import LPIPS, LPIPS_MIN_SIDE, find_lpips_weights, ms_ssim, psnr
+from ..codecs.metrics import LPIPS, LPIPS_MIN_SIDE, find_lpips_weights, ms_ssim, psnr
 from .report import write_outputs
 from .sources import fetch, list_sources
 from .storage import Location

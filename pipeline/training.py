@@ -366,7 +366,7 @@ class _AutoencoderTask:
         self.validation = center_crops(validation, settings.crop).to(device)
         self.lpips = None
         if settings.lpips_weight > 0:
-            from .metrics import lpips_network
+            from ..codecs.metrics import lpips_network
 
             if not settings.lpips_weights:
                 raise ValueError("the LPIPS loss needs --lpips-weights (or $DIFFARC_LPIPS_WEIGHTS), or --lpips-weight 0")

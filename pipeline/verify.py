@@ -28,7 +28,7 @@ from .archive import SHARD_SCHEMA, Failure, Manifest, ShardEntry, require_manife
 from .cluster import connect, pool_shape, run_on_pool, start_pool, torch_device
 from .decode import codec_for_archive, decode_streams
 from .images import DEFAULT_MAX_PIXELS, load_rgb
-from .metrics import LPIPS, LPIPS_MIN_SIDE, ms_ssim, psnr
+from ..codecs.metrics import LPIPS, LPIPS_MIN_SIDE, ms_ssim, psnr
 from .storage import Location
 
 

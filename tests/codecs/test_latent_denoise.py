@@ -125,7 +125,7 @@ def test_runs_on_a_stable_diffusion_2_1_architecture(tmp_path):
 
 @pytest.mark.skipif(not LPIPS_WEIGHTS.is_file(), reason=f"LPIPS weights not found at {LPIPS_WEIGHTS} (../shared is absent)")
 def test_search_keeps_the_candidate_with_the_best_lpips(tiny_model, monkeypatch):
-    from diffarc.pipeline.metrics import LPIPS
+    from diffarc.codecs.metrics import LPIPS
 
     monkeypatch.setenv("DIFFARC_LPIPS_WEIGHTS", str(LPIPS_WEIGHTS))
     image = photo_like(40, 56, 5)

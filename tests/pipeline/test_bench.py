@@ -19,7 +19,7 @@ from diffarc.pipeline.bench import (
     resolve_reference,
     run_bench,
 )
-from diffarc.pipeline.metrics import LPIPS, ms_ssim, psnr
+from diffarc.codecs.metrics import LPIPS, ms_ssim, psnr
 from diffarc.pipeline.throughput import PeakMemory, measure_throughput
 
 from ..conftest import LPIPS_WEIGHTS, photo_like

@@ -1,4 +1,4 @@
-"""Image-quality metrics shared by the `verify` and `bench` jobs.
+"""Image-quality metrics shared by the `verify` and `bench` jobs and by latent-denoise's timestep search.
 
 Every metric takes two numpy uint8 arrays of shape (H, W, 3), RGB, of the same shape, the original
 first, and returns a Python float.
