@@ -319,7 +319,10 @@ def builtin_models() -> list[dict[str, Any]]:
                 "parameters": model.parameters,
                 "bytes": folder_bytes(BUILTIN_DIR / name),
                 "fingerprint": model.fingerprint.hex(),
-                "components": sorted(model.modules()),
+                # Trained add-ons that codecs keep beside the model, e.g. latent_denoise/ (its predictors).
+                "components": sorted(model.modules()) + sorted(
+                    p.name for p in (BUILTIN_DIR / name).iterdir() if p.is_dir() and p.name not in ("vae", "unet", "scheduler")
+                ),
             }
         )
     return rows
