@@ -1,8 +1,6 @@
 """DDCM on tiny diffusers models saved by the test: the path a user with real weights takes."""
 
 import math
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -12,7 +10,7 @@ from diffarc.codecs import container
 from diffarc.codecs.container import BitstreamError
 from diffarc.codecs.registry import create_codec
 
-from ..conftest import photo_like, save_tiny_ldm
+from ..conftest import decode_in_new_process, photo_like, save_tiny_ldm
 
 
 @pytest.fixture(scope="module")
@@ -59,15 +57,7 @@ def test_rate_follows_the_documented_formula(tiny_model):
 def test_a_stream_decodes_identically_in_another_process(tiny_model, tmp_path):
     codec = create_codec("ddcm", {"model": tiny_model, "steps": 5, "codebook": 16, "tile": 2})
     stream = codec.encode([IMAGES[0]])[0]
-    (tmp_path / "stream.bin").write_bytes(stream)
-    script = (
-        "import sys, numpy as np\n"
-        "from diffarc.codecs.registry import create_codec\n"
-        f"codec = create_codec('ddcm', {{'model': {tiny_model!r}}})\n"
-        f"np.save({str(tmp_path / 'out.npy')!r}, codec.decode([open({str(tmp_path / 'stream.bin')!r}, 'rb').read()])[0])\n"
-    )
-    subprocess.run([sys.executable, "-c", script], check=True)
-    assert np.array_equal(np.load(tmp_path / "out.npy"), codec.decode([stream])[0])
+    assert np.array_equal(decode_in_new_process(stream, tmp_path), codec.decode([stream])[0])
 
 
 def test_stream_for_other_weights_is_refused(tiny_model, tmp_path):

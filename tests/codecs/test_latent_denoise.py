@@ -1,8 +1,6 @@
 """latent-denoise on tiny diffusers models saved by the test, with predictors saved beside them."""
 
 import struct
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -16,7 +14,7 @@ from diffarc.codecs.latents import decode_latents, tensor_to_images
 from diffarc.codecs.models import ModelLoadError
 from diffarc.codecs.registry import create_codec
 
-from ..conftest import LPIPS_WEIGHTS, photo_like, save_tiny_ldm
+from ..conftest import decode_in_new_process, LPIPS_WEIGHTS, photo_like, save_tiny_ldm
 
 IMAGES = [photo_like(40, 56, 1), photo_like(17, 9, 2), photo_like(1, 100, 3), photo_like(64, 48, 4)]
 
@@ -85,15 +83,7 @@ def test_denoising_runs_the_promised_number_of_unet_calls(tiny_model):
 def test_a_stream_decodes_identically_in_another_process(tiny_model, tmp_path):
     codec = create_codec("latent-denoise", {"model": tiny_model, "step": 0.5})
     stream = codec.encode([IMAGES[3]])[0]
-    (tmp_path / "stream.bin").write_bytes(stream)
-    script = (
-        "import numpy as np\n"
-        "from diffarc.codecs.registry import create_codec\n"
-        f"codec = create_codec('latent-denoise', {{'model': {tiny_model!r}}})\n"
-        f"np.save({str(tmp_path / 'out.npy')!r}, codec.decode([open({str(tmp_path / 'stream.bin')!r}, 'rb').read()])[0])\n"
-    )
-    subprocess.run([sys.executable, "-c", script], check=True)
-    assert np.array_equal(np.load(tmp_path / "out.npy"), codec.decode([stream])[0])
+    assert np.array_equal(decode_in_new_process(stream, tmp_path), codec.decode([stream])[0])
 
 
 def test_streams_need_the_same_model_and_predictors(tiny_model, tmp_path):
