@@ -290,6 +290,36 @@ def dequantize(q: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, step: 
     return q * (scale[..., None, None] * step) + shift[..., None, None]
 
 
+class LatentDenoiseObjective(torch.nn.Module):
+    """What `diffarc train latent-denoise` minimises: quantize (as uniform noise), predict t, denoise in one
+    step — all differentiable for the predictors.
+
+    The frozen UNet is a submodule so that gradients reach the predictors through it; its own weights
+    take none (load_model froze them) and the optimizer only holds the predictors' parameters.
+    """
+
+    def __init__(self, predictors, model):
+        super().__init__()
+        self.predictors, self.unet = predictors, model.unet
+        scheduler = model.make_scheduler()
+        self.register_buffer("alpha_bar", scheduler.alphas_cumprod.float().clone())
+        self.prediction_type = scheduler.config.prediction_type
+
+    def forward(self, z: torch.Tensor, step: torch.Tensor, uniform: torch.Tensor | None):
+        """(bits, squared error after denoising, squared error at t = 0, t), per image; uniform=None rounds."""
+        shift, scale = self.predictors.transform(z, step)
+        y = (z - shift[..., None, None]) / scale[..., None, None]
+        box = step.view(-1, 1, 1, 1)
+        y_q = y + box * (uniform - 0.5) if uniform is not None else torch.round(y / box) * box
+        bits = self.predictors.density.bits(y_q, step).flatten(1).mean(1)
+        z_hat = y_q * scale[..., None, None] + shift[..., None, None]
+        t = self.predictors.timestep(z_hat, step, scale)
+        alpha_bar = alpha_bar_at(self.alpha_bar, t).view(-1, 1, 1, 1)
+        x0_hat, _ = predict(self.unet, alpha_bar.sqrt() * z_hat, t, alpha_bar, self.prediction_type)
+        error = ((x0_hat - z) ** 2).flatten(1).mean(1)
+        return bits, error, ((z_hat - z) ** 2).flatten(1).mean(1), t
+
+
 def lambda_for_step(step: torch.Tensor) -> torch.Tensor:
     """Rate–distortion weight that makes Δ the rate knob: the slope of a uniform quantizer of step Δ.
 

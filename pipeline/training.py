@@ -443,37 +443,6 @@ class _DiffusionTask:
                 "scaling_factor": self.scaling_factor}  # fmt: skip
 
 
-class _LatentDenoisePass(torch.nn.Module):
-    """Quantize (as uniform noise), predict t, denoise in one step, all differentiable for the predictors.
-
-    The frozen UNet is a submodule so that gradients reach the predictors through it; its own weights
-    take none (load_model froze them) and the optimizer only holds the predictors' parameters.
-    """
-
-    def __init__(self, predictors, model):
-        super().__init__()
-        self.predictors, self.unet = predictors, model.unet
-        self.register_buffer("alpha_bar", model.make_scheduler().alphas_cumprod.float().clone())
-        self.prediction_type = model.scheduler_config["prediction_type"]
-
-    def forward(self, z: torch.Tensor, step: torch.Tensor, uniform: torch.Tensor | None):
-        """(bits, squared error after denoising, squared error at t = 0, t), per image; uniform=None rounds."""
-        from ..codecs.latent_denoise import alpha_bar_at
-        from ..codecs.samplers import predict
-
-        shift, scale = self.predictors.transform(z, step)
-        y = (z - shift[..., None, None]) / scale[..., None, None]
-        box = step.view(-1, 1, 1, 1)
-        y_q = y + box * (uniform - 0.5) if uniform is not None else torch.round(y / box) * box
-        bits = self.predictors.density.bits(y_q, step).flatten(1).mean(1)
-        z_hat = y_q * scale[..., None, None] + shift[..., None, None]
-        t = self.predictors.timestep(z_hat, step, scale)
-        alpha_bar = alpha_bar_at(self.alpha_bar, t).view(-1, 1, 1, 1)
-        x0_hat, _ = predict(self.unet, alpha_bar.sqrt() * z_hat, t, alpha_bar, self.prediction_type)
-        error = ((x0_hat - z) ** 2).flatten(1).mean(1)
-        return bits, error, ((z_hat - z) ** 2).flatten(1).mean(1), t
-
-
 class _LatentDenoiseTask:
     """Trains γ-net, t-net and entropy density on a frozen model's latents: min bits + λ(Δ)·MSE after denoising."""
 
@@ -506,7 +475,9 @@ class _LatentDenoiseTask:
         return LatentDenoisePredictors(latent_channels=self.model.unet.config.in_channels, **PREDICTOR_CONFIGS[self.settings.config])
 
     def wrap(self, model):
-        return _LatentDenoisePass(model, self.model).to(self.device)
+        from ..codecs.latent_denoise import LatentDenoiseObjective
+
+        return LatentDenoiseObjective(model, self.model).to(self.device)
 
     def loss(self, trained, rng) -> tuple[torch.Tensor, dict]:
         from ..codecs.latent_denoise import lambda_for_step
@@ -516,12 +487,14 @@ class _LatentDenoiseTask:
         step = torch.from_numpy(np.exp(rng.uniform(low, high, len(z)))).float().to(self.device)
         uniform = torch.from_numpy(rng.random(z.shape, dtype=np.float32)).to(self.device)
         bits, error, _, t = trained(z, step, uniform)
-        loss = (bits + lambda_for_step(step) * error).mean()
+        loss = (bits + lambda_for_step(step) * error).mean()  # λ(Δ) makes Δ the rate knob (see its docstring)
         return loss, {"bits": float(bits.mean()), "mse": float(error.mean()), "t": float(t.mean())}
 
     def validate(self, model) -> dict:
         """Per validation Δ: bits per latent value, and what one denoising step buys over t = 0 (dB)."""
-        passes, out = _LatentDenoisePass(model, self.model).to(self.device), {}
+        from ..codecs.latent_denoise import LatentDenoiseObjective
+
+        passes, out = LatentDenoiseObjective(model, self.model).to(self.device), {}
         for value in self.VALIDATION_STEPS:
             step = torch.full((len(self.validation),), value, device=self.device)
             bits, error, plain, t = passes(self.validation, step, None)
