@@ -1,6 +1,6 @@
 """A grid of unconditional samples from a model's diffusion UNet, decoded by its autoencoder, as one PNG.
 
-    python benchmarks/diffusion_samples.py --out docs/models/ldm-small-samples.jpg
+    python benchmarks/diffusion_samples.py --out docs/models/ldm-small-samples.png
 """
 
 from __future__ import annotations
