@@ -47,13 +47,12 @@ from .base import Codec, Param
 from .bitpack import BitReader, BitWriter, combination_bits, rank_combination, unrank_combination
 from .container import BitstreamError, Header
 from .latents import VAE_DOWNSAMPLING, decode_latents, encode_latents, images_to_tensor, latent_size, tensor_to_images
-from .models import load_model
+from .models import PRECISIONS, load_model
 from .noise import gaussian
 from .samplers import ddim_mean, ddpm_sigma, linspace_schedule, predict
 
 DEFAULT_MODEL = "builtin:ldm-small"
 INITIAL_NOISE_STEP = 0xFFFFFFFF  # x_T is entry 0 of a codebook no sampling step uses
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 class DdcmCodec(Codec):
@@ -68,7 +67,7 @@ class DdcmCodec(Codec):
         Param("selection", str, "argmax", "how noise is picked", choices=("argmax", "mp", "turbo")),
         Param("tile", int, 8, "latent tile side sharing one codebook; 0: whole latent (paper)", minimum=0, maximum=256),
         Param("seed", int, 0, "seed of x_T and of the codebooks", minimum=0, maximum=0xFFFFFFFF),
-        Param("precision", str, "fp32", "UNet and VAE arithmetic", choices=tuple(DTYPES)),
+        Param("precision", str, "fp32", "UNet and VAE arithmetic", choices=tuple(PRECISIONS)),
     )
     presets = {
         # Named by approximate bpp on Kodak (768×512: 96 tiles of 8 latent px = 64×64 image px):
@@ -84,7 +83,7 @@ class DdcmCodec(Codec):
             raise ValueError(f"ddcm codebook size must be a power of two, got {self.config['codebook']}")
         if self.config["selection"] == "turbo" and self.config["atoms"] > self.config["codebook"]:
             raise ValueError("ddcm turbo needs atoms <= codebook")
-        self.model = load_model(self.config["model"], device, DTYPES[self.config["precision"]])
+        self.model = load_model(self.config["model"], device, PRECISIONS[self.config["precision"]])
         if self.model.unet is None:
             raise ValueError(f"model {self.config['model']} has no diffusion UNet; ddcm needs one")
 
@@ -133,7 +132,7 @@ class DdcmCodec(Codec):
     @torch.inference_mode()
     def encode_group(self, images: list[np.ndarray], latent: tuple[int, int, int]) -> tuple[list[bytes], torch.Tensor]:
         """Payloads of same-latent-size images, and the final latents the decoder will reproduce."""
-        config, dtype = self.config, DTYPES[self.config["precision"]]
+        config, dtype = self.config, PRECISIONS[self.config["precision"]]
         size = (latent[1] * VAE_DOWNSAMPLING, latent[2] * VAE_DOWNSAMPLING)
         target = encode_latents(self.model, images_to_tensor(images, size, self.device, dtype)).float()
         writers = [BitWriter() for _ in images]
@@ -226,7 +225,7 @@ class DdcmCodec(Codec):
     @torch.inference_mode()
     def _decode_one(self, payload: bytes, header: Header) -> np.ndarray:
         config = self.resolve_params(header.params)
-        pixels = decode_latents(self.model, self.decode_latent(payload, header).to(DTYPES[config["precision"]]))
+        pixels = decode_latents(self.model, self.decode_latent(payload, header).to(PRECISIONS[config["precision"]]))
         return tensor_to_images(pixels, [(header.height, header.width)])[0]
 
     @torch.inference_mode()
@@ -279,7 +278,7 @@ class DdcmCodec(Codec):
         Arithmetic between UNet calls is float32 whatever the model's precision, so CPU and GPU agree
         up to the UNet's own rounding.
         """
-        dtype = DTYPES[config["precision"]]
+        dtype = PRECISIONS[config["precision"]]
         schedule = linspace_schedule(self.model.make_scheduler(), config["steps"])
         x = gaussian(config["seed"], INITIAL_NOISE_STEP, [0], latent, self.device).expand(batch, *latent)
         x0_hat = x

@@ -55,14 +55,14 @@ from .container import BitstreamError, Header
 from .entropy import (
     EntropyCodingError, LogisticMixtureDensity, decode_symbols, encode_symbols, symbol_range, symbol_tables,
 )  # fmt: skip
-from .latents import decode_latents, encode_latents, images_to_tensor, latent_size, tensor_to_images
-from .models import ModelLoadError, check_safetensors, fingerprint, load_model, resolve_folder
+from .latents import VAE_DOWNSAMPLING, decode_latents, encode_latents, images_to_tensor, latent_size, tensor_to_images
+from .models import PRECISIONS, ModelLoadError, check_safetensors, fingerprint, load_model, resolve_folder
 from .samplers import ddim_mean, linspace_schedule, predict
 
 DEFAULT_MODEL = "builtin:ldm-small"
 PREDICTORS_FOLDER = "latent_denoise"  # where a model folder keeps its trained predictors
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 SEARCH_FACTORS = (0.0, 0.5, 1.0, 1.5, 2.0)  # timestep=search tries these multiples of the predicted t
+SIDE_HEADER = struct.Struct("<Hhh")  # t, lowest symbol, highest symbol; then C fp16 shifts and C fp16 scales
 MAX_SCALE_LOG = 4.0  # γ's scale stays within e^±4 of the channel's std: fp16-safe, and no runaway
 
 
@@ -120,17 +120,17 @@ def denoise(model, z_hat: torch.Tensor, t: int, steps: int, dtype: torch.dtype) 
     """Treat ẑ as the clean part of x_t at timestep t and run min(steps, t) DDIM (η = 0) steps to 0."""
     if t == 0:
         return z_hat
-    calls = min(steps, t)
-    schedule = linspace_schedule(model.make_scheduler(), calls + 1, first=t)
+    schedule = linspace_schedule(model.make_scheduler(), min(steps, t) + 1, first=t)
+    # The schedule ends at timestep 0: the UNet runs at every step before it, and the x̂0 of the last one
+    # is the output.
+    calls = len(schedule.timesteps) - 1
     x = schedule.alpha_bar[0] ** 0.5 * z_hat
-    # The schedule ends at timestep 0; the last visited step's x̂0 is the output, so it is not run.
-    for i in range(len(schedule.timesteps) - 1):
+    for i in range(calls):
         x0_hat, eps = predict(model.unet, x.to(dtype), schedule.timesteps[i], schedule.alpha_bar[i], schedule.prediction_type)
         x0_hat, eps = x0_hat.float(), eps.float()
-        if i == len(schedule.timesteps) - 2:
-            return x0_hat
-        x = ddim_mean(x0_hat, eps, schedule.alpha_bar_next[i], 0.0)
-    return z_hat  # not reached: t ≥ 1 gives at least one step
+        if i < calls - 1:
+            x = ddim_mean(x0_hat, eps, schedule.alpha_bar_next[i], 0.0)
+    return x0_hat
 
 
 @functools.lru_cache(maxsize=8)
@@ -145,6 +145,10 @@ def load_predictors(folder: str, device: str) -> tuple[LatentDenoisePredictors, 
     predictors = LatentDenoisePredictors.from_pretrained(str(path), use_safetensors=True, low_cpu_mem_usage=False)
     predictors.to(device).eval().requires_grad_(False)
     return predictors, fingerprint({"predictors": predictors})
+
+
+def side_info_bytes(channels: int) -> int:
+    return SIDE_HEADER.size + 4 * channels
 
 
 def predictors_folder(model_reference: str, predictors: str) -> str:
@@ -172,7 +176,7 @@ class LatentDenoiseCodec(Codec):
         Param("timestep", str, "predict", "t: predicted from the quantized latent, searched by LPIPS at the encoder, or off (t = 0)",
               choices=("predict", "search", "off")),
         Param("steps", int, 4, "most denoising UNet calls (fewer when t is smaller)", minimum=1, maximum=100),
-        Param("precision", str, "fp32", "UNet and VAE arithmetic", choices=tuple(DTYPES)),
+        Param("precision", str, "fp32", "UNet and VAE arithmetic", choices=tuple(PRECISIONS)),
     )  # fmt: skip
     # Named by the mean bpp they give on Kodak with builtin:ldm-small (measured: 0.049, ≈0.1, 0.207, ≈0.4).
     presets = {
@@ -184,7 +188,7 @@ class LatentDenoiseCodec(Codec):
 
     def __init__(self, device: str = "cpu", **params):
         super().__init__(device, **params)
-        self.model = load_model(self.config["model"], device, DTYPES[self.config["precision"]])
+        self.model = load_model(self.config["model"], device, PRECISIONS[self.config["precision"]])
         if self.model.unet is None:
             raise ValueError(f"model {self.config['model']} has no diffusion UNet; latent-denoise needs one")
         folder = predictors_folder(self.config["model"], self.config["predictors"])
@@ -212,9 +216,9 @@ class LatentDenoiseCodec(Codec):
 
     @torch.inference_mode()
     def encode_one(self, image: np.ndarray) -> bytes:
-        config, dtype = self.config, DTYPES[self.config["precision"]]
+        config, dtype = self.config, PRECISIONS[self.config["precision"]]
         _, h, w = self.latent_shape(*image.shape[:2])
-        x = images_to_tensor([image], (h * 8, w * 8), self.device, dtype)
+        x = images_to_tensor([image], (h * VAE_DOWNSAMPLING, w * VAE_DOWNSAMPLING), self.device, dtype)
         z = encode_latents(self.model, x).float()
         step = torch.tensor([config["step"]], device=self.device)
         shift, scale = self.predictors.transform(z, step)
@@ -230,7 +234,7 @@ class LatentDenoiseCodec(Codec):
             if config["timestep"] == "search":
                 t = self._search_timestep(image, z_hat, t)
         tables = symbol_tables(self.predictors.density, config["step"], lo, hi)
-        side = struct.pack("<Hhh", t, lo, hi) + shift[0].half().cpu().numpy().astype("<f2").tobytes() \
+        side = SIDE_HEADER.pack(t, lo, hi) + shift[0].half().cpu().numpy().astype("<f2").tobytes() \
             + scale[0].half().cpu().numpy().astype("<f2").tobytes()  # fmt: skip
         coded = encode_symbols(symbols, tables, lo)
         return side + coded
@@ -252,10 +256,9 @@ class LatentDenoiseCodec(Codec):
 
     def stream_stats(self, stream: bytes) -> dict[str, float]:
         header, payload = self.read(stream)
-        t = struct.unpack_from("<H", payload)[0]
-        side_bytes = struct.calcsize("<Hhh") + 4 * self.predictors.config.latent_channels
+        t = SIDE_HEADER.unpack_from(payload)[0]
         steps = min(self.resolve_params(header.params)["steps"], t)
-        return {"t": t, "denoising_steps": steps, "side_info_bits": 8 * side_bytes}
+        return {"t": t, "denoising_steps": steps, "side_info_bits": 8 * side_info_bytes(self.predictors.config.latent_channels)}
 
     # ------------------------------------------------------------------ decode
 
@@ -266,14 +269,13 @@ class LatentDenoiseCodec(Codec):
     def _decode_one(self, payload: bytes, header: Header) -> np.ndarray:
         config = self.resolve_params(header.params)
         c, h, w = self.latent_shape(header.height, header.width)
-        side_bytes = struct.calcsize("<Hhh") + 4 * c
+        side_bytes = side_info_bytes(c)
         if len(payload) < side_bytes:
             raise BitstreamError(f"latent-denoise payload is {len(payload)} bytes, shorter than its {side_bytes}-byte side info")
-        t, lo, hi = struct.unpack_from("<Hhh", payload)
+        t, lo, hi = SIDE_HEADER.unpack_from(payload)
         if lo > hi or t > self.predictors.config.max_timestep:
             raise BitstreamError(f"latent-denoise side info is inconsistent (t {t}, symbols {lo} … {hi})")
-        offset = struct.calcsize("<Hhh")
-        halves = np.frombuffer(payload, dtype="<f2", count=2 * c, offset=offset).astype(np.float32)
+        halves = np.frombuffer(payload, dtype="<f2", count=2 * c, offset=SIDE_HEADER.size).astype(np.float32)
         shift, scale = (torch.from_numpy(v.copy())[None].to(self.device) for v in (halves[:c], halves[c:]))
         if not torch.isfinite(shift).all() or not (scale > 0).all():
             raise BitstreamError("latent-denoise side info holds a non-finite shift or a non-positive scale")
@@ -286,7 +288,7 @@ class LatentDenoiseCodec(Codec):
         return self._pixels(dequantize(q, shift, scale, config["step"]), t, config, (header.height, header.width))
 
     def _pixels(self, z_hat: torch.Tensor, t: int, config: dict, size: tuple[int, int]) -> np.ndarray:
-        dtype = DTYPES[config["precision"]]
+        dtype = PRECISIONS[config["precision"]]
         latent = denoise(self.model, z_hat, t, config["steps"], dtype)
         return tensor_to_images(decode_latents(self.model, latent.to(dtype)), [size])[0]
 
@@ -324,7 +326,7 @@ class LatentDenoiseObjective(torch.nn.Module):
         box = step.view(-1, 1, 1, 1)
         y_q = y + box * (uniform - 0.5) if uniform is not None else torch.round(y / box) * box
         bits = self.predictors.density.bits(y_q, step).flatten(1).mean(1)
-        z_hat = y_q * scale[..., None, None] + shift[..., None, None]
+        z_hat = dequantize(y_q, shift, scale, 1.0)  # y_q is already in units of y, not of Δ
         t = self.predictors.timestep(z_hat, step, scale)
         alpha_bar = alpha_bar_at(self.alpha_bar, t).view(-1, 1, 1, 1)
         x0_hat, _ = predict(self.unet, alpha_bar.sqrt() * z_hat, t, alpha_bar, self.prediction_type)

@@ -50,6 +50,8 @@ PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 VAE_CLASSES = ("AutoencoderKL", "AutoencoderTiny")
 UNET_CLASSES = ("UNet2DModel", "UNet2DConditionModel")
 COMPONENTS = ("vae", "unet")
+# The arithmetic a codec's `precision` parameter names; weights are cast to it at load.
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 class ModelLoadError(ValueError):

@@ -45,6 +45,7 @@ from .sources import fetch, list_sources
 VALIDATION_PERCENT = 5
 KL_WEIGHT = 1e-6
 NOISE_LEVELS = (50, 250, 500, 750, 950)  # timesteps at which the diffusion validation loss is reported
+DENOISE_VALIDATION_STEPS = (1.0, 2.0, 4.0)  # quantization steps Δ at which latent-denoise is validated
 WARMDOWN_FRACTION = 0.25  # the learning rate falls linearly to 10 % over the last quarter of --steps
 
 
@@ -350,9 +351,10 @@ def format_progress(settings: TrainSettings, m: dict) -> str:
     if "val_eps_mse" in m:
         shown.append(f"val ε-MSE {m['val_eps_mse']:.4f}")
     if "val_gain_db" in m:
-        shown.append(f"bits {m['bits']:.3f}, val bits/value at Δ 1|2|4 "
-                     + "|".join(f"{m[f'val_bits_d{v}']:.3f}" for v in (1, 2, 4))
-                     + f", denoising gain {m['val_gain_db']:.2f} dB, t " + "|".join(f"{m[f'val_t_d{v}']:.0f}" for v in (1, 2, 4)))
+        steps = DENOISE_VALIDATION_STEPS
+        shown.append(f"bits {m['bits']:.3f}, val bits/value at Δ " + "|".join(f"{v:g}" for v in steps) + " "
+                     + "|".join(f"{m[f'val_bits_d{v:g}']:.3f}" for v in steps)
+                     + f", denoising gain {m['val_gain_db']:.2f} dB, t " + "|".join(f"{m[f'val_t_d{v:g}']:.0f}" for v in steps))
     shown.append(f"{m['images_per_s']:.1f} img/s")
     return f"[{settings.what}] " + ", ".join(shown)
 
@@ -447,7 +449,6 @@ class _LatentDenoiseTask:
     """Trains γ-net, t-net and entropy density on a frozen model's latents: min bits + λ(Δ)·MSE after denoising."""
 
     STEP_RANGE = (0.5, 8.0)  # Δ drawn log-uniformly: from about 1 bpp down to a few hundredths on Kodak
-    VALIDATION_STEPS = (1.0, 2.0, 4.0)
 
     def __init__(self, settings: TrainSettings, train, validation, device):
         from ..codecs.latent_denoise import LatentDenoisePredictors
@@ -495,13 +496,13 @@ class _LatentDenoiseTask:
         from ..codecs.latent_denoise import LatentDenoiseObjective
 
         passes, out = LatentDenoiseObjective(model, self.model).to(self.device), {}
-        for value in self.VALIDATION_STEPS:
+        for value in DENOISE_VALIDATION_STEPS:
             step = torch.full((len(self.validation),), value, device=self.device)
             bits, error, plain, t = passes(self.validation, step, None)
             out[f"val_bits_d{value:g}"] = float(bits.mean())
             out[f"val_gain_db_d{value:g}"] = float(10 * torch.log10(plain.mean() / error.mean()))
             out[f"val_t_d{value:g}"] = float(t.mean())
-        out["val_gain_db"] = float(np.mean([out[f"val_gain_db_d{v:g}"] for v in self.VALIDATION_STEPS]))
+        out["val_gain_db"] = float(np.mean([out[f"val_gain_db_d{v:g}"] for v in DENOISE_VALIDATION_STEPS]))
         return out
 
 
