@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from diffarc.codecs.latents import VAE_DOWNSAMPLING, decode_latents, encode_latents, images_to_tensor, padded_size, tensor_to_images
-from diffarc.codecs.models import load_model
+from diffarc.codecs.parts.latents import VAE_DOWNSAMPLING, decode_latents, encode_latents, images_to_tensor, padded_size, tensor_to_images
+from diffarc.codecs.parts.models import load_model
 from diffarc.pipeline.images import load_rgb
-from diffarc.codecs.metrics import LPIPS, psnr
+from diffarc.codecs.parts.metrics import LPIPS, psnr
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 

@@ -9,7 +9,7 @@ import argparse
 
 import torch
 
-from diffarc.codecs.models import load_model
+from diffarc.codecs.parts.models import load_model
 from diffarc.pipeline.training import sample_grid
 
 

@@ -18,7 +18,8 @@ from typing import Any, ClassVar, Mapping, Sequence
 import numpy as np
 
 from . import container
-from .container import BitstreamError, Header
+from .container import Header
+from .errors import BitstreamError
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,8 @@ import numpy as np
 from PIL import Image
 
 from .base import Codec, Param
-from .container import BitstreamError, Header
+from .container import Header
+from .errors import BitstreamError
 
 _QUALITY_PRESETS = {"low": {"quality": 30}, "medium": {"quality": 60}, "high": {"quality": 85}}
 

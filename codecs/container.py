@@ -28,12 +28,10 @@ import struct
 import zlib
 from dataclasses import dataclass, field
 
+from .errors import BitstreamError
+
 MAGIC = b"DFAR"
 FORMAT_VERSION = 1
-
-
-class BitstreamError(ValueError):
-    """A stream that cannot be decoded: damaged, truncated, foreign, too new, or for other weights."""
 
 
 @dataclass(frozen=True)

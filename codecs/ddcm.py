@@ -44,12 +44,13 @@ import numpy as np
 import torch
 
 from .base import Codec, Param
-from .bitpack import BitReader, BitWriter, combination_bits, rank_combination, unrank_combination
-from .container import BitstreamError, Header
-from .latents import VAE_DOWNSAMPLING, decode_latents, encode_latents, images_to_tensor, latent_size, tensor_to_images
-from .models import PRECISIONS, load_model
-from .noise import gaussian
-from .samplers import ddim_mean, ddpm_sigma, linspace_schedule, predict
+from .parts.bitpack import BitReader, BitWriter, combination_bits, rank_combination, unrank_combination
+from .container import Header
+from .errors import BitstreamError
+from .parts.latents import VAE_DOWNSAMPLING, decode_latents, encode_latents, images_to_tensor, latent_size, tensor_to_images
+from .parts.models import PRECISIONS, load_model
+from .parts.noise import gaussian
+from .parts.samplers import ddim_mean, ddpm_sigma, linspace_schedule, predict
 
 DEFAULT_MODEL = "builtin:ldm-small"
 INITIAL_NOISE_STEP = 0xFFFFFFFF  # x_T is entry 0 of a codebook no sampling step uses

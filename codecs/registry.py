@@ -11,21 +11,18 @@ from typing import Any, Mapping
 
 from .base import Codec
 from .container import Header, unpack
+from .errors import UnknownCodecError
 
 _CODECS = {
     "jpeg": "diffarc.codecs.classical:JpegCodec",
     "webp": "diffarc.codecs.classical:WebpCodec",
     "avif": "diffarc.codecs.classical:AvifCodec",
     "ddcm": "diffarc.codecs.ddcm:DdcmCodec",
-    "latent-denoise": "diffarc.codecs.latent_denoise:LatentDenoiseCodec",
+    "latent-denoise": "diffarc.codecs.latent_denoise.codec:LatentDenoiseCodec",
 }
 
 # The codec `encode` uses when none is named: the best one that runs anywhere without weights.
 DEFAULT_CODEC = "avif"
-
-
-class UnknownCodecError(ValueError):
-    pass
 
 
 def codec_names() -> list[str]:

@@ -6,8 +6,9 @@ import json
 
 import click
 
-from ..pipeline.bench import SPEC_HELP, BenchOptions, SpecError, parse_codec_spec, run_bench, summary
-from ..pipeline.report import format_table
+from ..pipeline.bench.report import format_table
+from ..pipeline.bench.run import BenchOptions, run_bench, summary
+from ..pipeline.bench.specs import SPEC_HELP, SpecError, parse_codec_spec
 
 
 def _batch_sizes(ctx, param, value: str) -> list[int]:

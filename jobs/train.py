@@ -1,8 +1,6 @@
-"""`diffarc train` (the built-in models, on Ray Train) and `diffarc models` (list the built-ins)."""
+"""`diffarc train`: train a built-in model (or a codec's trained parts) on Ray Train."""
 
 from __future__ import annotations
-
-import json
 
 import click
 
@@ -60,22 +58,3 @@ def train(what, data, out, work_dir, config_name, steps, batch_size, crop, lr, w
         raise click.ClickException(str(exc)) from None
     shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float))
     click.echo(f"wrote {out} (step {metrics.get('step')}; {shown})")
-
-
-@click.command("models")
-@click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
-def models(as_json):
-    """List the built-in models: name, parameters, size on disk, fingerprint."""
-    from ..codecs.models import builtin_models
-
-    rows = builtin_models()
-    if as_json:
-        click.echo(json.dumps({"models": rows}))
-        return
-    if not rows:
-        click.echo("no built-in models shipped")
-    for row in rows:
-        click.echo(
-            f"{row['name']:<20} {row['parameters'] / 1e6:6.2f} M params  {row['bytes'] / 1e6:6.2f} MB  "
-            f"{'+'.join(row['components']):<9} {row['fingerprint']}"
-        )

@@ -23,6 +23,7 @@ from importlib.metadata import version
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ..codecs.errors import ArchiveError
 from .storage import Location
 
 ARCHIVE_FORMAT_VERSION = 1
@@ -44,10 +45,6 @@ SHARD_SCHEMA = pa.schema(
     ]
 )
 FAILURE_SCHEMA = pa.schema([("key", pa.string()), ("stage", pa.string()), ("reason", pa.string())])
-
-
-class ArchiveError(RuntimeError):
-    """The archive itself is missing, foreign, damaged or incompatible with the job asked for."""
 
 
 def tool_version() -> str:

@@ -19,9 +19,10 @@ import ray
 from PIL import Image
 
 from ..codecs.base import Codec
-from ..codecs.container import BitstreamError
+from ..codecs.errors import BitstreamError
 from ..codecs.registry import create_codec
-from .archive import ArchiveError, CodecSpec, Failure, Manifest, ShardEntry, read_shard, require_manifest
+from ..codecs.errors import ArchiveError
+from .archive import CodecSpec, Failure, Manifest, ShardEntry, read_shard, require_manifest
 from .cluster import connect, pool_shape, run_on_pool, start_pool, torch_device
 from .storage import Location
 

@@ -20,15 +20,13 @@ import io
 import numpy as np
 from PIL import Image, ImageOps
 
+from ..codecs.errors import ImageLoadError
+
 DEFAULT_MAX_PIXELS = 100_000_000
 
 # Pillow's own bomb guard has a fixed limit; the configured `max_pixels` below replaces it, so that a
 # user can raise the limit for legitimately huge scans.
 Image.MAX_IMAGE_PIXELS = None
-
-
-class ImageLoadError(ValueError):
-    pass
 
 
 def load_rgb(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:

@@ -39,7 +39,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .images import ImageLoadError, load_rgb
+from ..codecs.errors import ImageLoadError
+from .images import load_rgb
 from .sources import fetch, list_sources
 
 VALIDATION_PERCENT = 5
@@ -368,7 +369,7 @@ class _AutoencoderTask:
         self.validation = center_crops(validation, settings.crop).to(device)
         self.lpips = None
         if settings.lpips_weight > 0:
-            from ..codecs.metrics import lpips_network
+            from ..codecs.parts.metrics import lpips_network
 
             if not settings.lpips_weights:
                 raise ValueError("the LPIPS loss needs --lpips-weights (or $DIFFARC_LPIPS_WEIGHTS), or --lpips-weight 0")
@@ -401,7 +402,7 @@ class _DiffusionTask:
     def __init__(self, settings: TrainSettings, train, validation, device):
         from diffusers import UNet2DModel
 
-        from ..codecs.models import load_model
+        from ..codecs.parts.models import load_model
 
         if not settings.autoencoder:
             raise ValueError("training the diffusion model needs --autoencoder (a model reference)")
@@ -451,9 +452,9 @@ class _LatentDenoiseTask:
     STEP_RANGE = (0.5, 8.0)  # Δ drawn log-uniformly: from about 1 bpp down to a few hundredths on Kodak
 
     def __init__(self, settings: TrainSettings, train, validation, device):
-        from ..codecs.latent_denoise import LatentDenoisePredictors
-        from ..codecs.latents import encode_latents
-        from ..codecs.models import load_model
+        from ..codecs.latent_denoise.nets import LatentDenoisePredictors
+        from ..codecs.parts.latents import encode_latents
+        from ..codecs.parts.models import load_model
 
         if not settings.model:
             raise ValueError("training the latent-denoise predictors needs --model (the frozen latent diffusion model)")
@@ -471,17 +472,17 @@ class _LatentDenoiseTask:
         )  # fmt: skip
 
     def new_model(self):
-        from ..codecs.latent_denoise import LatentDenoisePredictors
+        from ..codecs.latent_denoise.nets import LatentDenoisePredictors
 
         return LatentDenoisePredictors(latent_channels=self.model.unet.config.in_channels, **PREDICTOR_CONFIGS[self.settings.config])
 
     def wrap(self, model):
-        from ..codecs.latent_denoise import LatentDenoiseObjective
+        from ..codecs.latent_denoise.nets import LatentDenoiseObjective
 
         return LatentDenoiseObjective(model, self.model).to(self.device)
 
     def loss(self, trained, rng) -> tuple[torch.Tensor, dict]:
-        from ..codecs.latent_denoise import lambda_for_step
+        from ..codecs.latent_denoise.nets import lambda_for_step
 
         z = latent_crops(self.train, self.settings.batch_size, self.latent_crop, rng)
         low, high = np.log(self.STEP_RANGE)
@@ -493,7 +494,7 @@ class _LatentDenoiseTask:
 
     def validate(self, model) -> dict:
         """Per validation Δ: bits per latent value, and what one denoising step buys over t = 0 (dB)."""
-        from ..codecs.latent_denoise import LatentDenoiseObjective
+        from ..codecs.latent_denoise.nets import LatentDenoiseObjective
 
         passes, out = LatentDenoiseObjective(model, self.model).to(self.device), {}
         for value in DENOISE_VALIDATION_STEPS:
@@ -582,11 +583,11 @@ def export_model(settings: TrainSettings, trained: Path, metrics: dict) -> None:
     if settings.what == "autoencoder":
         AutoencoderKL.from_pretrained(str(trained)).to(dtype).save_pretrained(str(staging / "vae"))
     elif settings.what == "latent-denoise":  # the folder is the predictors' own: MODEL/latent_denoise/ by default
-        from ..codecs.latent_denoise import LatentDenoisePredictors
+        from ..codecs.latent_denoise.nets import LatentDenoisePredictors
 
         LatentDenoisePredictors.from_pretrained(str(trained)).to(dtype).save_pretrained(str(staging))
     else:
-        from ..codecs.models import load_model
+        from ..codecs.parts.models import load_model
 
         vae = copy.deepcopy(load_model(settings.autoencoder).vae)
         vae.register_to_config(scaling_factor=metrics["scaling_factor"])
@@ -605,7 +606,7 @@ def sample_grid(model, path: str | os.PathLike, rows: int = 4, side: int = 256, 
     """Unconditional DDIM samples of a LatentDiffusionModel, as one PNG grid (rows × rows)."""
     from PIL import Image
 
-    from ..codecs.latents import decode_latents, tensor_to_images
+    from ..codecs.parts.latents import decode_latents, tensor_to_images
 
     scheduler = model.make_scheduler()
     scheduler.set_timesteps(steps)

@@ -23,12 +23,12 @@ from typing import Callable
 import pyarrow.parquet as pq
 import ray
 
-from ..codecs.container import BitstreamError
+from ..codecs.errors import BitstreamError
 from .archive import SHARD_SCHEMA, Failure, Manifest, ShardEntry, require_manifest
 from .cluster import connect, pool_shape, run_on_pool, start_pool, torch_device
 from .decode import codec_for_archive, decode_streams
 from .images import DEFAULT_MAX_PIXELS, load_rgb
-from ..codecs.metrics import LPIPS, LPIPS_MIN_SIDE, ms_ssim, psnr
+from ..codecs.parts.metrics import LPIPS, LPIPS_MIN_SIDE, ms_ssim, psnr
 from .storage import Location
 
 

@@ -3,7 +3,7 @@ import pytest
 
 from diffarc.codecs.container import unpack
 from diffarc.codecs.registry import UnknownCodecError, codec_names, create_codec
-from diffarc.codecs.metrics import psnr
+from diffarc.codecs.parts.metrics import psnr
 
 from ..conftest import photo_like
 

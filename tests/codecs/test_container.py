@@ -3,7 +3,8 @@ import struct
 import pytest
 
 from diffarc.codecs import container
-from diffarc.codecs.container import BitstreamError, Header
+from diffarc.codecs.container import Header
+from diffarc.codecs.errors import BitstreamError
 from diffarc.codecs.registry import create_codec
 
 HEADER = Header("jpeg", {"quality": 50}, b"\x01" * 32, width=640, height=480)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from diffarc.codecs import container
-from diffarc.codecs.container import BitstreamError
+from diffarc.codecs.errors import BitstreamError
 from diffarc.codecs.registry import create_codec
 
 from ..conftest import decode_in_new_process, photo_like, save_tiny_ldm

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffarc.codecs.entropy import (
+from diffarc.codecs.parts.entropy import (
     EntropyCodingError, LogisticMixtureDensity, decode_symbols, encode_symbols, ideal_bits, symbol_range, symbol_tables,
 )  # fmt: skip
 

@@ -7,11 +7,12 @@ import pytest
 import torch
 
 from diffarc.codecs import container
-from diffarc.codecs.container import BitstreamError
-from diffarc.codecs.entropy import decode_symbols, symbol_tables
-from diffarc.codecs.latent_denoise import LatentDenoisePredictors, PREDICTORS_FOLDER, denoise
-from diffarc.codecs.latents import decode_latents, tensor_to_images
-from diffarc.codecs.models import ModelLoadError
+from diffarc.codecs.errors import BitstreamError
+from diffarc.codecs.parts.entropy import decode_symbols, symbol_tables
+from diffarc.codecs.latent_denoise.codec import PREDICTORS_FOLDER, denoise
+from diffarc.codecs.latent_denoise.nets import LatentDenoisePredictors
+from diffarc.codecs.parts.latents import decode_latents, tensor_to_images
+from diffarc.codecs.errors import ModelError
 from diffarc.codecs.registry import create_codec
 
 from ..conftest import decode_in_new_process, LPIPS_WEIGHTS, photo_like, save_tiny_ldm
@@ -91,7 +92,7 @@ def test_streams_need_the_same_model_and_predictors(tiny_model, tmp_path):
     other = str(save_predictors(tmp_path / "other-predictors", seed=1))
     with pytest.raises(BitstreamError, match="fingerprint"):
         create_codec("latent-denoise", {"model": tiny_model, "predictors": other}).decode([stream])
-    with pytest.raises(ModelLoadError, match="train them with `diffarc train latent-denoise"):
+    with pytest.raises(ModelError, match="train them with `diffarc train latent-denoise"):
         create_codec("latent-denoise", {"model": str(save_tiny_ldm(tmp_path / "bare"))})
 
 
@@ -115,7 +116,7 @@ def test_runs_on_a_stable_diffusion_2_1_architecture(tmp_path):
 
 @pytest.mark.skipif(not LPIPS_WEIGHTS.is_file(), reason=f"LPIPS weights not found at {LPIPS_WEIGHTS} (../shared is absent)")
 def test_search_keeps_the_candidate_with_the_best_lpips(tiny_model, monkeypatch):
-    from diffarc.codecs.metrics import LPIPS
+    from diffarc.codecs.parts.metrics import LPIPS
 
     monkeypatch.setenv("DIFFARC_LPIPS_WEIGHTS", str(LPIPS_WEIGHTS))
     image = photo_like(40, 56, 5)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from diffarc.codecs.metrics import LPIPS, LPIPS_WEIGHTS_ENV, find_lpips_weights, ms_ssim, psnr
+from diffarc.codecs.parts.metrics import LPIPS, LPIPS_WEIGHTS_ENV, find_lpips_weights, ms_ssim, psnr
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared"
 LPIPS_FILE = SHARED / "weights" / "lpips-squeeze" / "lpips_squeeze_v0.1.safetensors"

@@ -10,10 +10,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from diffarc.codecs import models
+from diffarc.codecs.parts import models
 from diffarc.codecs.base import Codec
-from diffarc.codecs.container import BitstreamError
-from diffarc.codecs.models import ModelLoadError, builtin_models, fingerprint_tensors, load_model, schedule_signature
+from diffarc.codecs.errors import BitstreamError
+from diffarc.codecs.errors import ModelError
+from diffarc.codecs.parts.models import builtin_models, fingerprint_tensors, load_model, schedule_signature
 
 from ..conftest import save_tiny_ldm
 
@@ -97,7 +98,7 @@ def test_a_pickle_only_component_is_refused_naming_the_file(tmp_path):
     weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
     torch.save(load_file(weights), folder / "unet" / "diffusion_pytorch_model.bin")
     weights.unlink()
-    with pytest.raises(ModelLoadError, match=r"diffusion_pytorch_model\.bin is a pickle checkpoint.*safetensors"):
+    with pytest.raises(ModelError, match=r"diffusion_pytorch_model\.bin is a pickle checkpoint.*safetensors"):
         load_model(str(folder))
 
 
@@ -135,12 +136,12 @@ def test_a_model_loads_from_an_fsspec_url(tmp_path, scheme):
 
 
 def test_unknown_references_and_unreachable_hub_ids_fail_clearly(tmp_path, monkeypatch):
-    with pytest.raises(ModelLoadError, match="no built-in model 'nope'"):
+    with pytest.raises(ModelError, match="no built-in model 'nope'"):
         load_model("builtin:nope")
-    with pytest.raises(ModelLoadError, match="not a built-in"):
+    with pytest.raises(ModelError, match="not a built-in"):
         load_model(str(tmp_path / "missing" / "deeper" / "x"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(ModelLoadError, match="could not load hub model 'someone/not-a-model'.*hub must be reachable"):
+    with pytest.raises(ModelError, match="could not load hub model 'someone/not-a-model'.*hub must be reachable"):
         load_model("someone/not-a-model")
 
 
@@ -197,7 +198,7 @@ def test_the_models_command_lists_builtins_as_json(tmp_path, monkeypatch):
 
     from click.testing import CliRunner
 
-    from diffarc.jobs.train import models as models_command
+    from diffarc.jobs.models import models as models_command
 
     tiny_sd21(tmp_path / "builtin" / "toy")
     monkeypatch.setattr(models, "BUILTIN_DIR", tmp_path / "builtin")

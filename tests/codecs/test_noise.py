@@ -1,6 +1,6 @@
 import torch
 
-from diffarc.codecs.noise import gaussian
+from diffarc.codecs.parts.noise import gaussian
 
 SHAPE = (4, 24, 40)
 

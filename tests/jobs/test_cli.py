@@ -7,7 +7,8 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from diffarc.jobs.cli import EXIT_BELOW_THRESHOLD, EXIT_ITEMS_FAILED, main
+from diffarc.jobs.cli import main
+from diffarc.jobs.options import EXIT_BELOW_THRESHOLD, EXIT_ITEMS_FAILED
 from diffarc.pipeline.archive import ArchiveWriter, CodecSpec, EncodedItem, write_shard
 from diffarc.pipeline.storage import Location
 

@@ -9,18 +9,11 @@ import pytest
 from PIL import Image
 
 from diffarc.codecs.registry import create_codec
-from diffarc.pipeline.bdrate import bd_rate, interpolation_for
-from diffarc.pipeline.bench import (
-    BenchOptions,
-    SpecError,
-    centre_crop_box,
-    measure_point,
-    parse_codec_spec,
-    resolve_reference,
-    run_bench,
-)
-from diffarc.codecs.metrics import LPIPS, ms_ssim, psnr
-from diffarc.pipeline.throughput import PeakMemory, measure_throughput
+from diffarc.pipeline.bench.bdrate import bd_rate, interpolation_for
+from diffarc.pipeline.bench.run import BenchOptions, centre_crop_box, measure_point, run_bench
+from diffarc.pipeline.bench.specs import SpecError, parse_codec_spec, resolve_reference
+from diffarc.codecs.parts.metrics import LPIPS, ms_ssim, psnr
+from diffarc.pipeline.bench.throughput import PeakMemory, measure_throughput
 
 from ..conftest import LPIPS_WEIGHTS, photo_like
 

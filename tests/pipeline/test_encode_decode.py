@@ -15,7 +15,7 @@ from diffarc.codecs.registry import create_codec
 from diffarc.pipeline.archive import MANIFEST, read_failures, read_shard, require_manifest
 from diffarc.pipeline.decode import run_decode
 from diffarc.pipeline.encode import EncodeOptions, run_encode
-from diffarc.codecs.metrics import psnr
+from diffarc.codecs.parts.metrics import psnr
 from diffarc.pipeline.storage import Location
 from diffarc.pipeline.verify import Thresholds, run_verify
 

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from diffarc.pipeline.images import ImageLoadError, load_rgb
+from diffarc.codecs.errors import ImageLoadError
+from diffarc.pipeline.images import load_rgb
 
 
 def test_every_awkward_input_loads_as_rgb_or_fails_with_a_reason(bad_inputs):

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from diffarc.codecs import models
-from diffarc.codecs.models import load_model
+from diffarc.codecs.parts import models
+from diffarc.codecs.parts.models import load_model
 from diffarc.pipeline.training import TrainSettings, find_resume_checkpoint, is_validation_key, run_training
 
 from ..conftest import photo_like, save_tiny_ldm
@@ -66,7 +66,7 @@ def test_tiny_autoencoder_then_diffusion_write_loadable_diffusers_folders(ray_cl
 
 def test_latent_denoise_predictors_train_for_a_stable_diffusion_architecture_and_serve_the_codec(ray_cluster, images, tmp_path):
     """The path of a user with real SD 2.1 weights: train the predictors for the frozen model, then encode."""
-    from diffarc.codecs.latent_denoise import PREDICTORS_FOLDER
+    from diffarc.codecs.latent_denoise.codec import PREDICTORS_FOLDER
     from diffarc.codecs.registry import create_codec
 
     sd = save_tiny_ldm(tmp_path / "sd", conditional=True)

@@ -12,7 +12,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from ..codecs.registry import create_codec
+from ...codecs.registry import create_codec
 
 THROUGHPUT_REPEATS = 3
 

@@ -22,7 +22,7 @@ from matplotlib import ticker  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from .storage import Location  # noqa: E402
+from ..storage import Location  # noqa: E402
 
 # (results key, axis label, file name); LPIPS is a distance: lower is better.
 RATE_PLOTS = (

@@ -42,7 +42,9 @@ from typing import Any, Iterable, Mapping
 
 import torch
 
-BUILTIN_DIR = Path(__file__).resolve().parent / "builtin"
+from ..errors import ModelError
+
+BUILTIN_DIR = Path(__file__).resolve().parent.parent / "builtin"
 MODEL_CACHE_ENV = "DIFFARC_MODEL_CACHE"
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 
@@ -52,10 +54,6 @@ UNET_CLASSES = ("UNet2DModel", "UNet2DConditionModel")
 COMPONENTS = ("vae", "unet")
 # The arithmetic a codec's `precision` parameter names; weights are cast to it at load.
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-class ModelLoadError(ValueError):
-    """A reference that cannot be resolved or loaded; the message says which and why."""
 
 
 @dataclass
@@ -88,7 +86,7 @@ class LatentDiffusionModel:
     def make_scheduler(self):
         """A fresh scheduler object (schedulers are stateful: one per sampling loop)."""
         if self.scheduler_config is None:
-            raise ModelLoadError(f"model {self.reference} has no scheduler/ config")
+            raise ModelError(f"model {self.reference} has no scheduler/ config")
         return _scheduler_class(self.scheduler_config).from_config(self.scheduler_config)
 
 
@@ -139,7 +137,7 @@ def resolve_folder(reference: str) -> Path | None:
         name = reference.split(":", 1)[1]
         folder = BUILTIN_DIR / name
         if not name or not (folder / "vae").is_dir():
-            raise ModelLoadError(
+            raise ModelError(
                 f"no built-in model {name!r}; built-ins: {', '.join(builtin_names()) or '(none shipped)'}"
             )
         return folder
@@ -152,7 +150,7 @@ def resolve_folder(reference: str) -> Path | None:
         return _existing_folder(path, reference)
     if re.fullmatch(r"[\w.-]+/[\w.-]+", reference):
         return None  # a hub id
-    raise ModelLoadError(
+    raise ModelError(
         f"model {reference!r} is not a built-in (builtin:<name>), an existing folder, an fsspec URL, or a "
         "hub id (owner/name)"
     )
@@ -160,7 +158,7 @@ def resolve_folder(reference: str) -> Path | None:
 
 def _existing_folder(path: Path, reference: str) -> Path:
     if not path.is_dir():
-        raise ModelLoadError(f"model {reference!r} is not a folder")
+        raise ModelError(f"model {reference!r} is not a folder")
     return path
 
 
@@ -178,7 +176,7 @@ def _cached_copy(url: str) -> Path:
     fs, root = fsspec.core.url_to_fs(url)
     root = root.rstrip("/")
     if not fs.isdir(root):
-        raise ModelLoadError(f"model URL {url} is not a folder")
+        raise ModelError(f"model URL {url} is not a folder")
     staging = target.with_name(f"{target.name}.tmp-{uuid.uuid4().hex}")
     try:
         for remote in fs.find(root):
@@ -204,7 +202,7 @@ def _diffusers_class(name: str, allowed: tuple[str, ...], where: Path):
     import diffusers
 
     if name not in allowed:
-        raise ModelLoadError(f"{where}/config.json names class {name!r}; diffarc loads only {', '.join(allowed)}")
+        raise ModelError(f"{where}/config.json names class {name!r}; diffarc loads only {', '.join(allowed)}")
     return getattr(diffusers, name)
 
 
@@ -213,7 +211,7 @@ def _scheduler_class(config: dict):
 
     name = config.get("_class_name", "")
     if not name.endswith("Scheduler") or not hasattr(diffusers, name):
-        raise ModelLoadError(f"scheduler config names unknown class {name!r}")
+        raise ModelError(f"scheduler config names unknown class {name!r}")
     return getattr(diffusers, name)
 
 
@@ -224,19 +222,19 @@ def check_safetensors(component_dir: Path) -> None:
         return
     pickles = sorted(p.name for p in files if p.name.endswith(PICKLE_SUFFIXES))
     if pickles:
-        raise ModelLoadError(
+        raise ModelError(
             f"{component_dir / pickles[0]} is a pickle checkpoint; diffarc does not load pickle files (they can "
             "run code when opened). Convert it to safetensors (e.g. load it where you trust it and call "
             "save_pretrained(..., safe_serialization=True))."
         )
-    raise ModelLoadError(f"{component_dir} holds no weights (*.safetensors)")
+    raise ModelError(f"{component_dir} holds no weights (*.safetensors)")
 
 
 def _load_component(folder: Path, component: str, allowed: tuple[str, ...], dtype: torch.dtype):
     directory = folder / component
     config_file = directory / "config.json"
     if not config_file.is_file():
-        raise ModelLoadError(f"{directory} has no config.json")
+        raise ModelError(f"{directory} has no config.json")
     check_safetensors(directory)
     cls = _diffusers_class(json.loads(config_file.read_text()).get("_class_name", ""), allowed, directory)
     # low_cpu_mem_usage=False: the default path wants `accelerate`, and only warns without it.
@@ -245,7 +243,7 @@ def _load_component(folder: Path, component: str, allowed: tuple[str, ...], dtyp
 
 def _load_from_folder(reference: str, folder: Path, dtype: torch.dtype):
     if not (folder / "vae").is_dir():
-        raise ModelLoadError(f"model folder {folder} (from {reference!r}) has no vae/ subfolder")
+        raise ModelError(f"model folder {folder} (from {reference!r}) has no vae/ subfolder")
     vae = _load_component(folder, "vae", VAE_CLASSES, dtype)
     unet = _load_component(folder, "unet", UNET_CLASSES, dtype) if (folder / "unet").is_dir() else None
     scheduler_file = folder / "scheduler" / "scheduler_config.json"
@@ -262,7 +260,7 @@ def _load_from_hub(reference: str, dtype: torch.dtype):
         unet = diffusers.UNet2DConditionModel.from_pretrained(reference, subfolder="unet", **options)
         scheduler = dict(diffusers.DDIMScheduler.load_config(reference, subfolder="scheduler"))
     except Exception as exc:  # the hub client raises many kinds: offline, 404, gated, no safetensors
-        raise ModelLoadError(
+        raise ModelError(
             f"could not load hub model {reference!r} ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). "
             "The hub must be reachable and the repository must hold safetensors weights; otherwise copy a "
             "mirror to a local folder or bucket and pass its path or URL."

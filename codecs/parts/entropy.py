@@ -18,11 +18,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..errors import EntropyCodingError
+
 MAX_SYMBOL = 1 << 15  # symbols are stored as int16 bounds; a wider range means a step far too small
-
-
-class EntropyCodingError(ValueError):
-    """Symbols that cannot be coded (out of range) or words that do not decode."""
 
 
 class LogisticMixtureDensity(torch.nn.Module):

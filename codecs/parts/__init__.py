@@ -1,0 +1,1 @@
+"""What codecs share, once: latent codecs, entropy coding, bit packing, noise, latents, samplers, denoisers, model loading, metrics, crops."""

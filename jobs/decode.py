@@ -1,0 +1,49 @@
+"""`diffarc decode`."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from .options import (
+    EXIT_ITEMS_FAILED, Progress, actors_option, address_option, emit, json_option, parse_storage_options,
+    run_job, storage_option,
+)
+
+
+@click.command("decode")
+@click.argument("archive")
+@click.argument("dst")
+@click.option("--prefix", default="", help="Only keys starting with this.")
+@click.option("--keys", "keys_file", type=click.File("r"), help="Only the keys listed in this file, one per line.")
+@click.option("--format", "image_format", default="png", show_default=True,
+              type=click.Choice(["png", "jpeg", "webp", "tiff", "bmp"]))
+@click.option("--overwrite", is_flag=True, help="Decode again even where the output file exists.")
+@click.option("--batch-size", type=click.IntRange(1), default=8, show_default=True)
+@actors_option
+@address_option
+@storage_option
+@json_option
+def decode(archive, dst, prefix, keys_file, image_format, overwrite, batch_size, actors, address, storage_options,
+           as_json):
+    """Decode ARCHIVE (all, or a subset) to image files under DST, keys as relative paths."""
+    from ..pipeline.decode import run_decode
+
+    keys = [line.strip() for line in keys_file if line.strip()] if keys_file else None
+    progress = Progress("decode")
+    summary = run_job(
+        run_decode, archive, dst, keys=keys, prefix=prefix, image_format=image_format, overwrite=overwrite,
+        actors=actors, batch_size=batch_size, storage_options=parse_storage_options(storage_options),
+        address=address, on_progress=progress,
+    )
+    progress.close()
+    document = {**summary.__dict__, "failures": [f.__dict__ for f in summary.failures],
+                "images_per_second": summary.images_per_second}
+    emit(as_json, document, [
+        f"decoded {summary.decoded} images ({summary.skipped_existing} already there, "
+        f"{len(summary.failures)} failed) in {summary.seconds:.1f} s",
+        *[f"  failed {f.key}: [{f.stage}] {f.reason}" for f in summary.failures],
+    ])
+    if summary.failures:
+        sys.exit(EXIT_ITEMS_FAILED)

@@ -1,0 +1,35 @@
+"""`diffarc info`."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from .options import emit, json_option, parse_storage_options, run_job, storage_option
+
+
+@click.command("info")
+@click.argument("archive")
+@click.option("--price-per-gb-month", type=float, default=0.023, show_default=True,
+              help="Storage price in $/GB-month (default: S3 Standard).")
+@storage_option
+@json_option
+def info(archive, price_per_gb_month, storage_options, as_json):
+    """Counts, sizes, compression ratio, bpp, codec, failures and storage cost saved."""
+    from ..pipeline.info import archive_info
+
+    facts = run_job(archive_info, archive, price_per_gb_month, parse_storage_options(storage_options))
+    bpp = facts["bpp"]
+    emit(as_json, facts, [
+        f"archive   {facts['archive']} ({'complete' if facts['complete'] else 'INCOMPLETE: encode still running or killed'})",
+        f"codec     {facts['codec']} {json.dumps(facts['params'], sort_keys=True)}",
+        f"model     {facts['model_fingerprint'] or '(none)'}",
+        f"items     {facts['items']} in {facts['shards']} shards; {facts['failed']} failed {facts['failures_by_stage'] or ''}",
+        f"bytes     {facts['source_bytes']:,} source → {facts['archive_bytes']:,} archive"
+        + (f"  (ratio {facts['ratio']:.2f}×)" if facts["ratio"] else ""),
+        f"bpp       mean {bpp['mean']:.3f}, median {bpp['median']:.3f}, p5 {bpp['p5']:.3f}, p95 {bpp['p95']:.3f}"
+        if bpp else "bpp       (no items)",
+        f"cost      ${facts['cost_source_per_month']:.4g}/month as source → ${facts['cost_archive_per_month']:.4g}"
+        f"/month archived: saves ${facts['saved_per_month']:.4g}/month at ${price_per_gb_month}/GB-month",
+    ])

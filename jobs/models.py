@@ -1,0 +1,26 @@
+"""`diffarc models`: list the built-in models."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+
+@click.command("models")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
+def models(as_json):
+    """List the built-in models: name, parameters, size on disk, fingerprint."""
+    from ..codecs.parts.models import builtin_models
+
+    rows = builtin_models()
+    if as_json:
+        click.echo(json.dumps({"models": rows}))
+        return
+    if not rows:
+        click.echo("no built-in models shipped")
+    for row in rows:
+        click.echo(
+            f"{row['name']:<20} {row['parameters'] / 1e6:6.2f} M params  {row['bytes'] / 1e6:6.2f} MB  "
+            f"{'+'.join(row['components']):<9} {row['fingerprint']}"
+        )

@@ -1,0 +1,72 @@
+"""`diffarc verify`."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from .options import (
+    EXIT_BELOW_THRESHOLD, EXIT_ITEMS_FAILED, Progress, actors_option, address_option, emit, json_option,
+    parse_storage_options, run_job, storage_option,
+)
+
+
+@click.command("verify")
+@click.argument("archive")
+@click.option("--against", help="Source folder URL to compare decoded images with.")
+@click.option("--sample", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True,
+              help="Fraction of items to decode and compare (chosen by key hash: the same every run).")
+@click.option("--lpips-weights", envvar="DIFFARC_LPIPS_WEIGHTS",
+              help="LPIPS-squeeze safetensors file or folder (or DIFFARC_LPIPS_WEIGHTS); LPIPS skipped if absent.")
+@click.option("--min-psnr", type=float, help="Fail when any compared item is below this PSNR (dB).")
+@click.option("--min-ms-ssim", type=float, help="Fail when any compared item is below this MS-SSIM.")
+@click.option("--max-lpips", type=float, help="Fail when any compared item is above this LPIPS.")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write per-item results (JSON) here.")
+@actors_option
+@address_option
+@storage_option
+@json_option
+def verify(archive, against, sample, lpips_weights, min_psnr, min_ms_ssim, max_lpips, report_path, actors, address,
+           storage_options, as_json):
+    """Check ARCHIVE's integrity and, with --against, its quality against the originals."""
+    from ..codecs.parts.metrics import find_lpips_weights
+    from ..pipeline.verify import Thresholds, run_verify
+
+    weights = None
+    if against:
+        weights = run_job(find_lpips_weights, lpips_weights)
+        if weights is None:
+            click.echo("notice: no LPIPS weights (--lpips-weights / DIFFARC_LPIPS_WEIGHTS); LPIPS skipped", err=True)
+    progress = Progress("verify shards")
+    report = run_job(
+        run_verify, archive, against=against, fraction=sample,
+        thresholds=Thresholds(min_psnr, min_ms_ssim, max_lpips), lpips_weights=str(weights) if weights else None,
+        actors=actors, storage_options=parse_storage_options(storage_options), address=address, on_progress=progress,
+    )
+    progress.close()
+    summary = report.summary()
+    if report_path:
+        with open(report_path, "w") as handle:
+            json.dump({"summary": summary, "items": report.quality}, handle, indent=1)
+
+    def line(name, metric):
+        s = summary[metric]
+        return f"  {name}: mean {s['mean']:.4f}, min {s['min']:.4f}, max {s['max']:.4f} over {s['n']}" if s else None
+
+    lines = [
+        f"{'INTACT' if report.intact else 'NOT INTACT'}: {report.items} items in {report.shards} shards, "
+        f"{len(report.problems)} archive problems, {len(report.failures)} items that do not parse or decode",
+        *[f"  problem: {p}" for p in report.problems],
+        *[f"  failed {f.key}: [{f.stage}] {f.reason}" for f in report.failures],
+    ]
+    if against:
+        lines.append(f"compared {len(report.quality)} items with {against}:")
+        lines += [x for x in (line("PSNR dB", "psnr"), line("MS-SSIM", "ms_ssim"), line("LPIPS", "lpips")) if x]
+        lines += [f"  below threshold {b['key']}: {'; '.join(b['violations'])}" for b in report.below_threshold]
+    emit(as_json, summary, lines)
+    if not report.intact:
+        sys.exit(EXIT_ITEMS_FAILED)
+    if report.below_threshold:
+        sys.exit(EXIT_BELOW_THRESHOLD)
