@@ -19,7 +19,7 @@ import numpy as np
 
 from . import container
 from .container import Header
-from .errors import BitstreamError
+from .errors import BitstreamError, ParameterError
 
 
 @dataclass(frozen=True)
@@ -39,13 +39,13 @@ class Param:
         try:
             parsed = self.kind(value)
         except (TypeError, ValueError):
-            raise ValueError(f"parameter {self.name!r} needs a {self.kind.__name__}, got {value!r}") from None
+            raise ParameterError(f"parameter {self.name!r} needs a {self.kind.__name__}, got {value!r}") from None
         if self.choices is not None and parsed not in self.choices:
-            raise ValueError(f"parameter {self.name!r} must be one of {list(self.choices)}, got {parsed!r}")
+            raise ParameterError(f"parameter {self.name!r} must be one of {list(self.choices)}, got {parsed!r}")
         if self.minimum is not None and parsed < self.minimum:
-            raise ValueError(f"parameter {self.name!r} must be >= {self.minimum}, got {parsed!r}")
+            raise ParameterError(f"parameter {self.name!r} must be >= {self.minimum}, got {parsed!r}")
         if self.maximum is not None and parsed > self.maximum:
-            raise ValueError(f"parameter {self.name!r} must be <= {self.maximum}, got {parsed!r}")
+            raise ParameterError(f"parameter {self.name!r} must be <= {self.maximum}, got {parsed!r}")
         return parsed
 
 
@@ -65,11 +65,11 @@ class Codec(ABC):
         known = {p.name: p for p in cls.params}
         unknown = sorted(set(params) - set(known))
         if unknown:
-            raise ValueError(f"codec {cls.name!r} has no parameter {unknown[0]!r}; it takes {sorted(known)}")
+            raise ParameterError(f"codec {cls.name!r} has no parameter {unknown[0]!r}; it takes {sorted(known)}")
         values = {p.name: p.default for p in cls.params}
         if preset is not None:
             if preset not in cls.presets:
-                raise ValueError(f"codec {cls.name!r} has no preset {preset!r}; presets: {sorted(cls.presets)}")
+                raise ParameterError(f"codec {cls.name!r} has no preset {preset!r}; presets: {sorted(cls.presets)}")
             values.update(cls.presets[preset])
         values.update(params)
         return {name: known[name].parse(value) for name, value in values.items()}

@@ -46,7 +46,7 @@ import torch
 from .base import Codec, Param
 from .parts.bitpack import BitReader, BitWriter, combination_bits, rank_combination, unrank_combination
 from .container import Header
-from .errors import BitstreamError
+from .errors import BitstreamError, ModelError, ParameterError
 from .parts.latents import VAE_DOWNSAMPLING, decode_latents, encode_latents, images_to_tensor, latent_size, tensor_to_images
 from .parts.models import PRECISIONS, load_model
 from .parts.noise import gaussian
@@ -81,12 +81,12 @@ class DdcmCodec(Codec):
     def __init__(self, device: str = "cpu", **params):
         super().__init__(device, **params)
         if self.config["codebook"] & (self.config["codebook"] - 1):
-            raise ValueError(f"ddcm codebook size must be a power of two, got {self.config['codebook']}")
+            raise ParameterError(f"ddcm codebook size must be a power of two, got {self.config['codebook']}")
         if self.config["selection"] == "turbo" and self.config["atoms"] > self.config["codebook"]:
-            raise ValueError("ddcm turbo needs atoms <= codebook")
+            raise ParameterError("ddcm turbo needs atoms <= codebook")
         self.model = load_model(self.config["model"], device, PRECISIONS[self.config["precision"]])
         if self.model.unet is None:
-            raise ValueError(f"model {self.config['model']} has no diffusion UNet; ddcm needs one")
+            raise ModelError(f"model {self.config['model']} has no diffusion UNet; ddcm needs one")
 
     @property
     def fingerprint(self) -> bytes:

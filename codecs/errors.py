@@ -42,3 +42,7 @@ class ImageLoadError(DiffarcError, ValueError):
 
 class SourceError(DiffarcError, FileNotFoundError):
     """A source folder, bucket or list file that cannot be listed."""
+
+
+class StorageError(DiffarcError, OSError):
+    """A location that cannot be reached, listed, read or written: no bucket, no credentials, no permission."""

@@ -6,9 +6,8 @@ import json
 
 import click
 
-from ..pipeline.bench.report import format_table
-from ..pipeline.bench.run import BenchOptions, run_bench, summary
 from ..pipeline.bench.specs import SPEC_HELP, SpecError, parse_codec_spec
+from .options import storage_option
 
 
 def _batch_sizes(ctx, param, value: str) -> list[int]:
@@ -19,18 +18,6 @@ def _batch_sizes(ctx, param, value: str) -> list[int]:
     if not sizes or min(sizes) < 1:
         raise click.BadParameter(f"batch sizes must be integers >= 1, got {value!r}")
     return sizes
-
-
-def _storage_options(ctx, param, value: str | None) -> dict:
-    if not value:
-        return {}
-    try:
-        options = json.loads(value)
-    except json.JSONDecodeError as exc:
-        raise click.BadParameter(f"not valid JSON: {exc}") from None
-    if not isinstance(options, dict):
-        raise click.BadParameter("must be a JSON object, e.g. '{\"anon\": true}'")
-    return options
 
 
 def _check_spec(spec: str) -> None:
@@ -73,18 +60,18 @@ def _check_reference(ctx, param, value: str) -> str:
               help="also time encode/decode at several batch sizes (and an SD-2.1-sized UNet on a GPU)")
 @click.option("--batch-sizes", default="1,4,8", show_default=True, callback=_batch_sizes, help="for --throughput")
 @click.option("--json", "as_json", is_flag=True, help="print the summary as one JSON object instead of a table")
-@click.option("--storage-options", default=None, callback=_storage_options, help="fsspec options for DATASET, as JSON")
+@storage_option
 def bench(
     dataset, specs, reference, out, lpips_weights, limit, gallery, throughput, batch_sizes, as_json, storage_options
 ):
+    from ..pipeline.bench.report import format_table
+    from ..pipeline.bench.run import BenchOptions, run_bench, summary
+
     options = BenchOptions(
         dataset=dataset, specs=specs, reference=reference, out=out, lpips_weights=lpips_weights, limit=limit,
-        gallery=gallery, throughput=throughput, batch_sizes=batch_sizes, storage_options=storage_options,
+        gallery=gallery, throughput=throughput, batch_sizes=batch_sizes, storage_options=storage_options or {},
     )  # fmt: skip
-    try:
-        results = run_bench(options, log=lambda message: click.echo(message, err=True))
-    except FileNotFoundError as exc:
-        raise click.ClickException(str(exc)) from None
+    results = run_bench(options, log=lambda message: click.echo(message, err=True))
     if as_json:
         click.echo(json.dumps(summary(results), allow_nan=False))
     else:

@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from .options import parse_storage_options, run_job, storage_option
+from .options import storage_option
 
 
 @click.command("cat")
@@ -20,7 +20,7 @@ def cat(archive, key, output, image_format, storage_options):
     """Decode the single image KEY from ARCHIVE, reading only the row group that holds it."""
     from ..pipeline.decode import cat_item
 
-    data = run_job(cat_item, archive, key, image_format, parse_storage_options(storage_options))
+    data = cat_item(archive, key, image_format, storage_options)
     if output:
         with open(output, "wb") as handle:
             handle.write(data)

@@ -2,7 +2,8 @@
 
 Exit codes (all commands):
   0  everything succeeded
-  1  the job could not run (no such source or archive, incompatible archive, unexpected error)
+  1  the job could not run (no such source or archive, incompatible archive, bad parameter value, unexpected
+     error); an expected failure is one sentence on stderr, `diffarc --debug …` shows its traceback
   2  bad usage (unknown option, malformed value)
   3  the job completed, but some items failed (they are listed in the summary / failure table)
   4  verify only: the archive is intact but some items are below a quality threshold
@@ -19,13 +20,15 @@ from .decode import decode
 from .encode import encode
 from .info import info
 from .models import models
+from .options import ErrorPolicyGroup
 from .train import train
 from .verify import verify
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=ErrorPolicyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="diffarc")
-def main() -> None:
+@click.option("--debug", is_flag=True, help="Show the traceback of an expected failure too, not only its sentence.")
+def main(debug: bool) -> None:
     """Recompress image archives with diffusion codecs on Ray, and get them back."""
 
 

@@ -7,8 +7,7 @@ import sys
 import click
 
 from .options import (
-    EXIT_ITEMS_FAILED, Progress, actors_option, address_option, emit, json_option, parse_storage_options,
-    run_job, storage_option,
+    EXIT_ITEMS_FAILED, Progress, actors_option, address_option, emit, json_option, storage_option,
 )
 
 
@@ -32,9 +31,9 @@ def decode(archive, dst, prefix, keys_file, image_format, overwrite, batch_size,
 
     keys = [line.strip() for line in keys_file if line.strip()] if keys_file else None
     progress = Progress("decode")
-    summary = run_job(
-        run_decode, archive, dst, keys=keys, prefix=prefix, image_format=image_format, overwrite=overwrite,
-        actors=actors, batch_size=batch_size, storage_options=parse_storage_options(storage_options),
+    summary = run_decode(
+        archive, dst, keys=keys, prefix=prefix, image_format=image_format, overwrite=overwrite,
+        actors=actors, batch_size=batch_size, storage_options=storage_options,
         address=address, on_progress=progress,
     )
     progress.close()

@@ -9,8 +9,7 @@ import click
 from ..codecs.registry import DEFAULT_CODEC
 from ..pipeline.images import DEFAULT_MAX_PIXELS
 from .options import (
-    EXIT_ITEMS_FAILED, Progress, actors_option, address_option, emit, json_option, parse_params,
-    parse_storage_options, run_job, storage_option,
+    EXIT_ITEMS_FAILED, Progress, actors_option, address_option, emit, json_option, parse_params, storage_option,
 )
 
 
@@ -19,7 +18,8 @@ from .options import (
 @click.argument("archive")
 @click.option("--codec", default=DEFAULT_CODEC, show_default=True, help="Codec name (see `diffarc codecs`).")
 @click.option("--preset", help="One of the codec's presets.")
-@click.option("--param", "params", multiple=True, metavar="K=V", help="Codec parameter; repeatable.")
+@click.option("--param", "params", multiple=True, metavar="K=V", callback=parse_params,
+              help="Codec parameter; repeatable.")
 @click.option("--shard-size", type=click.IntRange(1), default=512, show_default=True,
               help="Most images per shard (a small job is split evenly across actors).")
 @click.option("--batch-size", type=click.IntRange(1), default=8, show_default=True, help="Images per codec call.")
@@ -38,11 +38,11 @@ def encode(src, archive, codec, preset, params, shard_size, batch_size, max_pixe
     from ..pipeline.encode import EncodeOptions, run_encode
 
     options = EncodeOptions(
-        codec=codec, params=parse_params(params), preset=preset, shard_size=shard_size, batch_size=batch_size,
+        codec=codec, params=params, preset=preset, shard_size=shard_size, batch_size=batch_size,
         actors=actors, max_pixels=max_pixels, retry_failed=retry_failed,
     )
     progress = Progress("encode")
-    summary = run_job(run_encode, src, archive, options, parse_storage_options(storage_options), address, progress)
+    summary = run_encode(src, archive, options, storage_options, address, progress)
     progress.close()
     totals = summary.totals
     document = {**summary.__dict__, "images_per_second": summary.images_per_second}

@@ -6,7 +6,7 @@ import json
 
 import click
 
-from .options import emit, json_option, parse_storage_options, run_job, storage_option
+from .options import emit, json_option, storage_option
 
 
 @click.command("info")
@@ -19,7 +19,7 @@ def info(archive, price_per_gb_month, storage_options, as_json):
     """Counts, sizes, compression ratio, bpp, codec, failures and storage cost saved."""
     from ..pipeline.info import archive_info
 
-    facts = run_job(archive_info, archive, price_per_gb_month, parse_storage_options(storage_options))
+    facts = archive_info(archive, price_per_gb_month, storage_options)
     bpp = facts["bpp"]
     emit(as_json, facts, [
         f"archive   {facts['archive']} ({'complete' if facts['complete'] else 'INCOMPLETE: encode still running or killed'})",

@@ -1,8 +1,13 @@
-"""What every command shares: option declarations, value parsers, progress, output, and the error policy."""
+"""What every command shares: option declarations, value parsers, progress, output, and the error policy.
+
+Command modules import nothing heavy at the top; the pipeline (torch, Ray, pyarrow) is imported inside
+each command, so that `--help` and usage errors answer at once.
+"""
 
 from __future__ import annotations
 
 import json
+import re
 import sys
 from typing import Any
 
@@ -12,25 +17,26 @@ EXIT_ITEMS_FAILED = 3
 EXIT_BELOW_THRESHOLD = 4
 
 
-def parse_params(values: tuple[str, ...]) -> dict[str, str]:
+def parse_params(ctx, param, values: tuple[str, ...]) -> dict[str, str]:
+    """`--param K=V …` as a dict; a value without `=` is a usage error (exit 2)."""
     params = {}
     for value in values:
         name, sep, setting = value.partition("=")
         if not sep or not name:
-            raise click.BadParameter(f"expected k=v, got {value!r}", param_hint="--param")
+            raise click.BadParameter(f"expected K=V, got {value!r}")
         params[name.strip()] = setting.strip()
     return params
 
 
-def parse_storage_options(value: str | None) -> dict[str, Any] | None:
+def parse_storage_options(ctx, param, value: str | None) -> dict[str, Any] | None:
     if not value:
         return None
     try:
         options = json.loads(value)
     except json.JSONDecodeError as exc:
-        raise click.BadParameter(f"not valid JSON: {exc}", param_hint="--storage-options") from None
+        raise click.BadParameter(f"not valid JSON: {exc}") from None
     if not isinstance(options, dict):
-        raise click.BadParameter("must be a JSON object", param_hint="--storage-options")
+        raise click.BadParameter("must be a JSON object, e.g. '{\"anon\": true}'")
     return options
 
 
@@ -59,19 +65,47 @@ def emit(as_json: bool, document: dict, lines: list[str]) -> None:
             click.echo(line)
 
 
-def run_job(function, *args, **kwargs):
-    """Run a pipeline call, turning the errors a user can act on into one clear line (exit code 1)."""
-    from ..codecs.errors import ArchiveError
+class ErrorPolicyGroup(click.Group):
+    """A click group that runs each of its commands under diffarc's one error policy.
 
-    try:
-        return function(*args, **kwargs)
-    except (ArchiveError, FileNotFoundError, ValueError, KeyError, PermissionError) as exc:
-        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        raise click.ClickException(f"{type(exc).__name__}: {message}") from None
+    An expected failure (a DiffarcError, or a storage failure: missing bucket, no credentials, no
+    permission), raised here or in a Ray actor, prints one sentence on stderr and exits 1; usage errors
+    are click's and exit 2; anything else is a bug and shows its traceback (exit 1). With the group's
+    `--debug`, expected failures show their traceback too.
+    """
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise  # usage errors and --help: click's, and answered without importing the pipeline
+        except Exception as exc:
+            sentence = None if ctx.params.get("debug") else expected_failure(exc)
+            if sentence is None:
+                raise
+            raise click.ClickException(sentence) from None
+
+
+def expected_failure(exc: BaseException) -> str | None:
+    """The sentence that explains an expected failure, or None when `exc` is a bug (or click's own)."""
+    from ..codecs.errors import DiffarcError
+    from ..pipeline.preflight import describe_storage_failure
+
+    # Ray wraps what an actor raised: a method's exception as `.cause` (the wrapper's text is a
+    # traceback), a constructor's only as text, ending in the original "module.Class: message".
+    while type(exc).__module__.startswith("ray.") and isinstance(getattr(exc, "cause", None), BaseException):
+        exc = exc.cause
+    if isinstance(exc, DiffarcError):
+        return str(exc)
+    if type(exc).__module__.startswith("ray.") and getattr(exc, "actor_init_failed", False):
+        found = re.search(r"diffarc\.codecs\.errors\.\w+: (.+)", getattr(exc, "error_msg", ""), re.DOTALL)
+        return found.group(1).strip() if found else None
+    return describe_storage_failure(exc)
 
 
 storage_option = click.option(
-    "--storage-options", help="JSON object passed to fsspec (e.g. S3 endpoint/credentials); AWS_* env vars also work."
+    "--storage-options", callback=parse_storage_options,
+    help="JSON object passed to fsspec (e.g. S3 endpoint/credentials); AWS_* env vars also work.",
 )
 address_option = click.option("--address", envvar="RAY_ADDRESS", help="Ray cluster to join; default: a local one.")
 actors_option = click.option("--actors", type=int, help="Codec actors; default one per GPU, else one per CPU.")

@@ -36,8 +36,6 @@ def train(what, data, out, work_dir, config_name, steps, batch_size, crop, lr, w
     """Train a built-in model. WHAT is `autoencoder`; `diffusion` (on an --autoencoder's latents); or
     `latent-denoise`, the predictors and entropy model of that codec for a frozen --model (written to
     MODEL/latent_denoise/ they are found without naming them)."""
-    from ..pipeline.training import TrainSettings, run_training
-
     if crop % 8:
         raise click.BadParameter("must be a multiple of 8", param_hint="--crop")
     if what == "diffusion" and not autoencoder:
@@ -46,15 +44,14 @@ def train(what, data, out, work_dir, config_name, steps, batch_size, crop, lr, w
         raise click.BadParameter("training latent-denoise needs the frozen model's reference", param_hint="--model")
     if what == "autoencoder" and lpips_weight > 0 and not lpips_weights:
         raise click.BadParameter("give the LPIPS-squeeze weights, or --lpips-weight 0", param_hint="--lpips-weights")
+    from ..pipeline.training import TrainSettings, run_training
+
     settings = TrainSettings(
         what=what, data=data, out=out, work_dir=work_dir, steps=steps, batch_size=batch_size, crop=crop, lr=lr,
         workers=workers, gpu=gpu, checkpoint_minutes=checkpoint_minutes, report_seconds=report_seconds,
         config=config_name, autoencoder=autoencoder, model=model, lpips_weights=lpips_weights, lpips_weight=lpips_weight,
         save_dtype=save_dtype, seed=seed, max_images=max_images,
     )  # fmt: skip
-    try:
-        metrics = run_training(settings, address)
-    except (FileNotFoundError, ValueError) as exc:
-        raise click.ClickException(str(exc)) from None
+    metrics = run_training(settings, address)
     shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float))
     click.echo(f"wrote {out} (step {metrics.get('step')}; {shown})")

@@ -9,7 +9,7 @@ import click
 
 from .options import (
     EXIT_BELOW_THRESHOLD, EXIT_ITEMS_FAILED, Progress, actors_option, address_option, emit, json_option,
-    parse_storage_options, run_job, storage_option,
+    storage_option,
 )
 
 
@@ -19,7 +19,8 @@ from .options import (
 @click.option("--sample", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True,
               help="Fraction of items to decode and compare (chosen by key hash: the same every run).")
 @click.option("--lpips-weights", envvar="DIFFARC_LPIPS_WEIGHTS",
-              help="LPIPS-squeeze safetensors file or folder (or DIFFARC_LPIPS_WEIGHTS); LPIPS skipped if absent.")
+              help="LPIPS-squeeze safetensors file or folder (or DIFFARC_LPIPS_WEIGHTS); LPIPS skipped if absent, "
+                   "unless --max-lpips asks for it.")
 @click.option("--min-psnr", type=float, help="Fail when any compared item is below this PSNR (dB).")
 @click.option("--min-ms-ssim", type=float, help="Fail when any compared item is below this MS-SSIM.")
 @click.option("--max-lpips", type=float, help="Fail when any compared item is above this LPIPS.")
@@ -31,19 +32,28 @@ from .options import (
 def verify(archive, against, sample, lpips_weights, min_psnr, min_ms_ssim, max_lpips, report_path, actors, address,
            storage_options, as_json):
     """Check ARCHIVE's integrity and, with --against, its quality against the originals."""
+    # Thresholds judge what --against measures; without it (or without LPIPS weights) they would pass silently.
+    given = [name for name, value in (("--min-psnr", min_psnr), ("--min-ms-ssim", min_ms_ssim),
+                                      ("--max-lpips", max_lpips)) if value is not None]  # fmt: skip
+    if given and not against:
+        raise click.UsageError(f"{given[0]} compares decoded images with the originals: give them with --against SRC")
+    if max_lpips is not None and not lpips_weights:
+        raise click.UsageError(
+            "--max-lpips needs the LPIPS-squeeze weights: pass --lpips-weights FILE or set DIFFARC_LPIPS_WEIGHTS"
+        )
     from ..codecs.parts.metrics import find_lpips_weights
     from ..pipeline.verify import Thresholds, run_verify
 
     weights = None
     if against:
-        weights = run_job(find_lpips_weights, lpips_weights)
+        weights = find_lpips_weights(lpips_weights)
         if weights is None:
             click.echo("notice: no LPIPS weights (--lpips-weights / DIFFARC_LPIPS_WEIGHTS); LPIPS skipped", err=True)
     progress = Progress("verify shards")
-    report = run_job(
-        run_verify, archive, against=against, fraction=sample,
+    report = run_verify(
+        archive, against=against, fraction=sample,
         thresholds=Thresholds(min_psnr, min_ms_ssim, max_lpips), lpips_weights=str(weights) if weights else None,
-        actors=actors, storage_options=parse_storage_options(storage_options), address=address, on_progress=progress,
+        actors=actors, storage_options=storage_options, address=address, on_progress=progress,
     )
     progress.close()
     summary = report.summary()

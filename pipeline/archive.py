@@ -47,6 +47,23 @@ SHARD_SCHEMA = pa.schema(
 FAILURE_SCHEMA = pa.schema([("key", pa.string()), ("stage", pa.string()), ("reason", pa.string())])
 
 
+def codec_mismatch(url: str, existing: CodecSpec, requested: CodecSpec) -> ArchiveError:
+    """The refusal to mix two codecs in one archive, in words that name only what differs."""
+    differ = sorted(k for k in existing.params.keys() | requested.params.keys()
+                    if existing.params.get(k) != requested.params.get(k)) if existing.name == requested.name else []
+
+    def describe(spec: CodecSpec) -> str:
+        words = [spec.name] + [f"{k}={spec.params[k]}" for k in differ if k in spec.params]
+        if existing.name == requested.name and not differ:  # the same settings: the weights differ
+            words.append(f"model weights {spec.fingerprint[:16] or '(none)'}")
+        return " ".join(words)
+
+    return ArchiveError(
+        f"{url} was encoded with {describe(existing)}; this job asks for {describe(requested)}: "
+        "resume with the same codec and parameters, or write a new archive"
+    )
+
+
 def tool_version() -> str:
     return version("diffarc")
 
@@ -276,10 +293,7 @@ class ArchiveWriter:
         self.archive = archive
         existing = load_manifest(archive)
         if existing is not None and existing.codec != codec:
-            raise ArchiveError(
-                f"{archive.url} was encoded with {existing.codec}; this job asks for {codec}. "
-                "Resume with the same codec and parameters, or write a new archive."
-            )
+            raise codec_mismatch(archive.url, existing.codec, codec)
         self.manifest = existing or Manifest(codec=codec, source=source)
         self.failures = read_failures(archive, self.manifest)
         self.done: set[str] = set()

@@ -21,9 +21,10 @@ from PIL import Image
 from ..codecs.base import Codec
 from ..codecs.errors import BitstreamError
 from ..codecs.registry import create_codec
-from ..codecs.errors import ArchiveError
+from ..codecs.errors import ArchiveError, ParameterError
 from .archive import CodecSpec, Failure, Manifest, ShardEntry, read_shard, require_manifest
 from .cluster import connect, pool_shape, run_on_pool, start_pool, torch_device
+from .preflight import check_decode
 from .storage import Location
 
 OUTPUT_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP", "tiff": "TIFF", "bmp": "BMP"}
@@ -175,10 +176,10 @@ def run_decode(
 ) -> DecodeSummary:
     started = time.perf_counter()
     if image_format not in OUTPUT_FORMATS:
-        raise ValueError(f"unknown output format {image_format!r}; choose from {sorted(OUTPUT_FORMATS)}")
+        raise ParameterError(f"unknown output format {image_format!r}; choose from {sorted(OUTPUT_FORMATS)}")
     archive = Location(archive_url, storage_options)
     dst = Location(dst_url, storage_options)
-    manifest = require_manifest(archive)
+    manifest = check_decode(archive, dst)  # fails before Ray starts
     tasks = select_shards(manifest, keys, prefix)
     summary = DecodeSummary(0, 0)
     if tasks:
@@ -224,4 +225,4 @@ def cat_item(archive_url: str, key: str, image_format: str = "png", storage_opti
         if rows:
             codec = codec_for_archive(manifest.codec)
             return encode_image(codec.decode([rows[0]["bitstream"]])[0], image_format)
-    raise KeyError(f"key {key!r} is not in the archive")
+    raise ArchiveError(f"key {key!r} is not in the archive {archive_url}")

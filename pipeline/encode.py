@@ -20,11 +20,12 @@ from typing import Any, Callable, Iterator
 import ray
 
 from ..codecs.base import Codec
-from ..codecs.registry import codec_class, create_codec
+from ..codecs.registry import create_codec
 from .archive import ArchiveWriter, CodecSpec, EncodedItem, Failure, ShardEntry, write_shard
 from .cluster import connect, describe_worker, pool_shape, run_on_pool, start_pool, torch_device
 from .images import DEFAULT_MAX_PIXELS, load_rgb
-from .sources import SourceItem, fetch, list_sources, sha256_hex
+from .preflight import check_encode
+from .sources import SourceItem, fetch, sha256_hex
 from .storage import Location
 
 
@@ -170,8 +171,7 @@ def run_encode(
 ) -> EncodeSummary:
     """Encode every image under `src` not yet in the archive; returns when all are committed."""
     started = time.perf_counter()
-    params = codec_class(options.codec).resolve_params(options.params, options.preset)  # fail fast, load nothing
-    listing = list_sources(src, storage_options)
+    params, listing = check_encode(src, archive_url, options, storage_options)  # fails before Ray starts
     connect(address)
     actors = start_pool(
         EncodeWorker, pool_shape(options.actors), options.codec, params, storage_options, options.max_pixels,

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import fsspec
 
+from ..codecs.errors import SourceError
 from .storage import Location
 
 IMAGE_EXTENSIONS = frozenset(
@@ -43,7 +44,7 @@ def list_sources(src: str, storage_options: dict | None = None) -> Listing:
         return _list_file(location)
     names = location.list_files()
     if not names and not location.fs.exists(location.root):
-        raise FileNotFoundError(f"source {src} does not exist")
+        raise SourceError(f"source {src} does not exist")
     base = src.rstrip("/")
     items = [SourceItem(name, f"{base}/{name}") for name in names if is_image_name(name)]
     return Listing(items, len(names) - len(items))

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..codecs.errors import ImageLoadError
+from ..codecs.errors import ImageLoadError, ModelError, ParameterError, SourceError
 from .images import load_rgb
 from .sources import fetch, list_sources
 
@@ -143,7 +143,7 @@ def load_training_images(settings: TrainSettings) -> tuple[list[np.ndarray], lis
     if not validation and len(train) > 1:
         validation.append(train.pop())
     if not train:
-        raise ValueError(f"no training images under {settings.data}")
+        raise SourceError(f"no training images under {settings.data}")
     return train, validation
 
 
@@ -372,7 +372,7 @@ class _AutoencoderTask:
             from ..codecs.parts.metrics import lpips_network
 
             if not settings.lpips_weights:
-                raise ValueError("the LPIPS loss needs --lpips-weights (or $DIFFARC_LPIPS_WEIGHTS), or --lpips-weight 0")
+                raise ParameterError("the LPIPS loss needs --lpips-weights (or $DIFFARC_LPIPS_WEIGHTS), or --lpips-weight 0")
             self.lpips = lpips_network(settings.lpips_weights, device)
 
     def new_model(self):
@@ -405,7 +405,7 @@ class _DiffusionTask:
         from ..codecs.parts.models import load_model
 
         if not settings.autoencoder:
-            raise ValueError("training the diffusion model needs --autoencoder (a model reference)")
+            raise ParameterError("training the diffusion model needs --autoencoder (a model reference)")
         self.settings, self.device = settings, device
         self.model_class = UNet2DModel
         self.vae = load_model(settings.autoencoder).vae.to(device)
@@ -457,12 +457,12 @@ class _LatentDenoiseTask:
         from ..codecs.parts.models import load_model
 
         if not settings.model:
-            raise ValueError("training the latent-denoise predictors needs --model (the frozen latent diffusion model)")
+            raise ParameterError("training the latent-denoise predictors needs --model (the frozen latent diffusion model)")
         self.settings, self.device = settings, device
         self.model_class = LatentDenoisePredictors
         self.model = load_model(settings.model, str(device))
         if self.model.unet is None:
-            raise ValueError(f"model {settings.model} has no diffusion UNet")
+            raise ModelError(f"model {settings.model} has no diffusion UNet")
         self.latent_crop = settings.crop // 8
         encode = lambda x: encode_latents(self.model, x)  # noqa: E731 — in the diffusion model's space
         self.train = training_latents(encode, train, settings.crop, device, mirrored=True)

@@ -24,10 +24,11 @@ import pyarrow.parquet as pq
 import ray
 
 from ..codecs.errors import BitstreamError
-from .archive import SHARD_SCHEMA, Failure, Manifest, ShardEntry, require_manifest
+from .archive import SHARD_SCHEMA, Failure, Manifest, ShardEntry
 from .cluster import connect, pool_shape, run_on_pool, start_pool, torch_device
 from .decode import codec_for_archive, decode_streams
 from .images import DEFAULT_MAX_PIXELS, load_rgb
+from .preflight import check_verify
 from ..codecs.parts.metrics import LPIPS, LPIPS_MIN_SIDE, ms_ssim, psnr
 from .storage import Location
 
@@ -185,7 +186,7 @@ def run_verify(
 ) -> VerifyReport:
     started = time.perf_counter()
     archive = Location(archive_url, storage_options)
-    manifest = require_manifest(archive)
+    manifest = check_verify(archive, against, storage_options)  # fails before Ray starts
     report = VerifyReport(shards=len(manifest.shards), lpips_used=bool(lpips_weights and against))
     if not manifest.complete:
         report.problems.append("manifest is not marked complete: the encode job has not finished")

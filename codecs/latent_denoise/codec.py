@@ -137,7 +137,7 @@ class LatentDenoiseCodec(Codec):
         super().__init__(device, **params)
         self.model = load_model(self.config["model"], device, PRECISIONS[self.config["precision"]])
         if self.model.unet is None:
-            raise ValueError(f"model {self.config['model']} has no diffusion UNet; latent-denoise needs one")
+            raise ModelError(f"model {self.config['model']} has no diffusion UNet; latent-denoise needs one")
         folder = predictors_folder(self.config["model"], self.config["predictors"])
         self.predictors, predictors_fingerprint = load_predictors(folder, str(device))
         channels = self.model.unet.config.in_channels

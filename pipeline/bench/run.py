@@ -43,7 +43,7 @@ from ...codecs.base import Codec
 from ...codecs.registry import create_codec
 from ..archive import tool_version
 from .bdrate import bd_rate, interpolation_for
-from ...codecs.errors import ImageLoadError
+from ...codecs.errors import ImageLoadError, SourceError
 from ..images import DEFAULT_MAX_PIXELS, load_rgb
 from ...codecs.parts.metrics import LPIPS, LPIPS_MIN_SIDE, find_lpips_weights, ms_ssim, psnr
 from .report import write_outputs
@@ -146,7 +146,7 @@ def load_images(options: BenchOptions, log: Callable[[str], None]) -> tuple[list
             skipped.append({"key": item.key, "reason": str(exc)})
             log(f"skipped {item.key}: {exc}")
     if not images:
-        raise FileNotFoundError(f"no loadable images under {options.dataset}")
+        raise SourceError(f"no loadable images under {options.dataset}")
     log(f"{len(images)} images from {options.dataset}")
     return keys, images, skipped
 

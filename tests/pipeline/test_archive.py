@@ -70,7 +70,7 @@ def test_finish_removes_shards_no_manifest_lists(tmp_path):
 def test_resume_with_other_codec_settings_is_refused(tmp_path):
     archive = Location(str(tmp_path))
     ArchiveWriter(archive, SPEC, source="src").finish()
-    with pytest.raises(ArchiveError, match="Resume with the same codec"):
+    with pytest.raises(ArchiveError, match="was encoded with jpeg quality=75; this job asks for jpeg quality=50: resume with the same codec"):
         ArchiveWriter(archive, CodecSpec("jpeg", {"quality": 50}, ""), source="src")
 
 
