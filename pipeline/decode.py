@@ -24,7 +24,7 @@ from ..codecs.registry import create_codec
 from ..codecs.errors import ArchiveError, ParameterError
 from .archive import CodecSpec, Failure, Manifest, ShardEntry, read_shard, require_manifest
 from .cluster import connect, pool_shape, run_on_pool, start_pool, torch_device
-from .preflight import check_decode
+from .preflight import check_decode, check_reachable
 from .storage import Location
 
 OUTPUT_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP", "tiff": "TIFF", "bmp": "BMP"}
@@ -219,6 +219,7 @@ def cat_item(archive_url: str, key: str, image_format: str = "png", storage_opti
     """One image, decoded here: the manifest's key ranges and the shard's row-group statistics mean
     only the row group holding the key is read."""
     archive = Location(archive_url, storage_options)
+    check_reachable(archive, "read the archive")
     manifest = require_manifest(archive)
     for task in select_shards(manifest, [key], ""):
         rows = read_shard(archive, task.entry, columns=["key", "bitstream"], keys=[key]).to_pylist()

@@ -7,6 +7,7 @@ from collections import Counter
 import numpy as np
 
 from .archive import read_failures, read_shard, require_manifest
+from .preflight import check_reachable
 from .storage import Location
 
 GB = 1e9  # storage is priced per decimal gigabyte
@@ -18,6 +19,7 @@ def archive_info(archive_url: str, price_per_gb_month: float = 0.023, storage_op
     The default price is S3 Standard's first tier in us-east-1 (USD per GB-month).
     """
     archive = Location(archive_url, storage_options)
+    check_reachable(archive, "read the archive")  # exists() alone would call a missing bucket no archive
     manifest = require_manifest(archive)
     totals = manifest.totals
     bpp = []

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import json
 import uuid
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
+from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
 from ..codecs.errors import ArchiveError, DiffarcError, ParameterError, StorageError
@@ -44,9 +45,10 @@ def check_encode(
     """
     params = codec_class(options.codec).resolve_params(options.params, options.preset)
     check_model_reference(params)
+    check_reachable(Location(src, storage_options), "read the source")
     archive = Location(archive_url, storage_options)
-    check_reachable(archive, "write to the archive")
-    with storage_errors("write to the archive", archive.url):
+    check_writable(archive, "the archive")
+    with storage_errors("read the archive", archive.url):
         existing = load_manifest(archive)
     if existing is not None:
         # The manifest went through JSON; compare like with like. The fingerprint needs the model loaded,
@@ -54,8 +56,6 @@ def check_encode(
         requested = CodecSpec(options.codec, json.loads(json.dumps(params)), existing.codec.fingerprint)
         if requested != existing.codec:
             raise codec_mismatch(archive.url, existing.codec, requested)
-    check_writable(archive, "the archive")
-    check_reachable(Location(src, storage_options), "read the source")
     with storage_errors("list the source", src):
         listing = list_sources(src, storage_options)
     return params, listing
@@ -120,13 +120,26 @@ def check_reachable(location: Location, action: str) -> None:
 
 
 def check_writable(location: Location, what: str) -> None:
-    """Write a small probe object under `location` and delete it: the job's own writes will work too."""
+    """Write a small probe object under `location` and delete it: the job's own writes will work too.
+
+    Folders the probe had to create on a local disk are removed again, so that a job which fails later
+    in pre-flight leaves nothing behind; the job creates them when it writes.
+    """
     action = f"write to {what}"
     check_reachable(location, action)
+    created = []
+    if location.is_local:
+        folder = Path(location.root)
+        while not folder.exists():
+            created.append(folder)
+            folder = folder.parent
     probe = f"{PROBE_PREFIX}{uuid.uuid4().hex}"
     with storage_errors(action, location.url):
         location.write_atomic(probe, b"")
         location.delete(probe)
+    for folder in created:  # deepest first; one that is no longer empty is someone else's now
+        with suppress(OSError):
+            folder.rmdir()
 
 
 @contextmanager
