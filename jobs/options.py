@@ -92,14 +92,21 @@ def expected_failure(exc: BaseException) -> str | None:
     from ..pipeline.preflight import describe_storage_failure
 
     # Ray wraps what an actor raised: a method's exception as `.cause` (the wrapper's text is a
-    # traceback), a constructor's only as text, ending in the original "module.Class: message".
-    while type(exc).__module__.startswith("ray.") and isinstance(getattr(exc, "cause", None), BaseException):
-        exc = exc.cause
+    # traceback), Ray Train a worker's in `.worker_failures`, an actor constructor's only as text that
+    # ends in the original "module.Class: message".
+    while type(exc).__module__.startswith("ray."):
+        inner = getattr(exc, "cause", None)
+        failures = getattr(exc, "worker_failures", None)
+        if not isinstance(inner, BaseException) and isinstance(failures, dict) and failures:
+            inner = next(iter(failures.values()))
+        if not isinstance(inner, BaseException):
+            break
+        exc = inner
     if isinstance(exc, DiffarcError):
         return str(exc)
     if type(exc).__module__.startswith("ray.") and getattr(exc, "actor_init_failed", False):
-        found = re.search(r"diffarc\.codecs\.errors\.\w+: (.+)", getattr(exc, "error_msg", ""), re.DOTALL)
-        return found.group(1).strip() if found else None
+        found = re.findall(r"diffarc\.codecs\.errors\.\w+: ([^\n]+)", getattr(exc, "error_msg", ""))
+        return found[-1].strip() if found else None
     return describe_storage_failure(exc)
 
 

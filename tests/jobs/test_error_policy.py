@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from diffarc.codecs.errors import ArchiveError
 from diffarc.codecs.registry import create_codec
 from diffarc.jobs.cli import main
-from diffarc.jobs.options import ErrorPolicyGroup
+from diffarc.jobs.options import ErrorPolicyGroup, expected_failure
 from diffarc.pipeline.archive import ArchiveWriter, CodecSpec, EncodedItem, write_shard
 from diffarc.pipeline.storage import Location
 
@@ -115,6 +115,16 @@ def test_a_bug_keeps_its_traceback():
 
     result = CliRunner().invoke(group, ["buggy"])
     assert result.exit_code == 1 and isinstance(result.exception, KeyError)
+
+
+def test_failures_ray_wraps_are_unwrapped_to_their_sentence():
+    from ray.train import WorkerGroupError
+
+    from diffarc.codecs.errors import SourceError
+
+    wrapped = WorkerGroupError("rank 0: Traceback …", {0: SourceError("source /data does not exist")})
+    assert expected_failure(wrapped) == "source /data does not exist"
+    assert expected_failure(WorkerGroupError("rank 0: Traceback …", {0: ZeroDivisionError()})) is None
 
 
 def test_verify_thresholds_without_what_they_judge_are_usage_errors(image_folder, tmp_path):
