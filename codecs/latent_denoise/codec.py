@@ -54,7 +54,8 @@ from ..parts.entropy import EntropyCodingError, decode_symbols, encode_symbols, 
 from ..parts.latents import VAE_DOWNSAMPLING, decode_latents, encode_latents, images_to_tensor, latent_size, tensor_to_images
 from ..errors import ModelError
 from ..parts.models import PRECISIONS, check_safetensors, fingerprint, load_model, resolve_folder
-from ..parts.samplers import ddim_mean, linspace_schedule, predict
+from ..parts.denoisers import DiffusionDenoiser
+from ..parts.samplers import ddim, linspace_schedule
 from .nets import LatentDenoisePredictors, dequantize
 
 DEFAULT_MODEL = "builtin:ldm-small"
@@ -67,17 +68,10 @@ def denoise(model, z_hat: torch.Tensor, t: int, steps: int, dtype: torch.dtype) 
     """Treat ẑ as the clean part of x_t at timestep t and run min(steps, t) DDIM (η = 0) steps to 0."""
     if t == 0:
         return z_hat
-    schedule = linspace_schedule(model.make_scheduler(), min(steps, t) + 1, first=t)
-    # The schedule ends at timestep 0: the UNet runs at every step before it, and the x̂0 of the last one
-    # is the output.
-    calls = len(schedule.timesteps) - 1
-    x = schedule.alpha_bar[0] ** 0.5 * z_hat
-    for i in range(calls):
-        x0_hat, eps = predict(model.unet, x.to(dtype), schedule.timesteps[i], schedule.alpha_bar[i], schedule.prediction_type)
-        x0_hat, eps = x0_hat.float(), eps.float()
-        if i < calls - 1:
-            x = ddim_mean(x0_hat, eps, schedule.alpha_bar_next[i], 0.0)
-    return x0_hat
+    denoiser = DiffusionDenoiser.from_model(model, dtype)
+    # The schedule ends at timestep 0: the UNet runs at every step before it (see samplers.ddim).
+    schedule = linspace_schedule(denoiser.alphas_cumprod, min(steps, t) + 1, first=t)
+    return ddim(denoiser, schedule.alpha_bar[0] ** 0.5 * z_hat, schedule)
 
 
 @functools.lru_cache(maxsize=8)
