@@ -9,6 +9,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 
 from ..parts.entropy import LogisticMixtureDensity
+from ..parts.latent_codecs import dequantize
 from ..parts.denoisers import DiffusionDenoiser
 
 MAX_SCALE_LOG = 4.0  # γ's scale stays within e^±4 of the channel's std: fp16-safe, and no runaway
@@ -56,10 +57,6 @@ def channel_stats(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return flat.mean(-1), torch.log(flat.std(-1).clamp_min(1e-3))
 
 
-def dequantize(q: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, step: float) -> torch.Tensor:
-    return q * (scale[..., None, None] * step) + shift[..., None, None]
-
-
 class LatentDenoiseObjective(torch.nn.Module):
     """What `diffarc train latent-denoise` minimises: quantize (as uniform noise), predict t, denoise in one
     step — all differentiable for the predictors.
@@ -80,7 +77,7 @@ class LatentDenoiseObjective(torch.nn.Module):
         box = step.view(-1, 1, 1, 1)
         y_q = y + box * (uniform - 0.5) if uniform is not None else torch.round(y / box) * box
         bits = self.predictors.density.bits(y_q, step).flatten(1).mean(1)
-        z_hat = dequantize(y_q, shift, scale, 1.0)  # y_q is already in units of y, not of Δ
+        z_hat = dequantize(y_q, shift[..., None, None], scale[..., None, None], 1.0)  # y_q is in units of y, not of Δ
         t = self.predictors.timestep(z_hat, step, scale)
         alpha_bar = self.denoiser.alpha_bar(t).view(-1, 1, 1, 1)
         x0_hat, _ = self.denoiser.predict(alpha_bar.sqrt() * z_hat, t, alpha_bar)
