@@ -15,7 +15,8 @@ from PIL import Image
 
 from diffarc.codecs.parts import models
 from diffarc.codecs.parts.models import load_model
-from diffarc.pipeline.training import TrainSettings, find_resume_checkpoint, is_validation_key, run_training
+from diffarc.codecs.task import TrainSettings
+from diffarc.pipeline.training import find_resume_checkpoint, is_validation_key, run_training
 
 from ..conftest import photo_like, save_tiny_ldm
 
