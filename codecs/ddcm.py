@@ -254,7 +254,11 @@ class DdcmCodec(Codec):
         for _ in range(down * across):
             if config["selection"] == "turbo":
                 atoms = config["atoms"]
-                entries = unrank_combination(reader.read(combination_bits(config["codebook"], atoms)), config["codebook"], atoms)
+                rank = reader.read(combination_bits(config["codebook"], atoms))
+                try:
+                    entries = unrank_combination(rank, config["codebook"], atoms)
+                except ValueError as exc:  # the field is wider than C(K, M) needs: a damaged stream
+                    raise BitstreamError(f"ddcm payload: {exc}") from None
                 sign_bits = reader.read(atoms)
                 signs = torch.tensor([-1.0 if sign_bits >> i & 1 else 1.0 for i in range(atoms)], device=self.device)
                 z = gaussian(config["seed"], step, entries, shape, self.device).flatten(1)
