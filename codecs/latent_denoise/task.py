@@ -79,7 +79,8 @@ class PredictorsTask(TrainingTask):
         uniform = torch.from_numpy(rng.random(z.shape, dtype=np.float32)).to(self.device)
         bits, error, _, t = wrapped(z, step, uniform)
         loss = (bits + lambda_for_step(step) * error).mean()  # λ(Δ) makes Δ the rate knob (see its docstring)
-        return loss, {"bits": float(bits.mean()), "mse": float(error.mean()), "t": float(t.mean())}
+        shown = {"bits": bits.mean(), "mse": error.mean(), "t": t.mean()}
+        return loss, {name: float(value.detach()) for name, value in shown.items()}
 
     def validate(self, model) -> dict:
         """Per validation Δ: bits per latent value, and what one denoising step buys over t = 0 (dB)."""
