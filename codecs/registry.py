@@ -40,9 +40,7 @@ def codec_names() -> list[str]:
 
 
 def codec_class(name: str) -> type[Codec]:
-    if name not in _CODECS:
-        raise UnknownCodecError(f"unknown codec {name!r}; available: {', '.join(codec_names())}")
-    return _import(_CODECS[name])
+    return _load(_CODECS, name, "codec", UnknownCodecError)
 
 
 def training_task_names() -> list[str]:
@@ -50,13 +48,13 @@ def training_task_names() -> list[str]:
 
 
 def training_task(name: str) -> type[TrainingTask]:
-    if name not in _TRAINING_TASKS:
-        raise ParameterError(f"unknown training task {name!r}; available: {', '.join(training_task_names())}")
-    return _import(_TRAINING_TASKS[name])
+    return _load(_TRAINING_TASKS, name, "training task", ParameterError)
 
 
-def _import(location: str):
-    module, attribute = location.split(":")
+def _load(table: dict[str, str], name: str, kind: str, error: type[Exception]):
+    if name not in table:
+        raise error(f"unknown {kind} {name!r}; available: {', '.join(sorted(table))}")
+    module, attribute = table[name].split(":")
     return getattr(importlib.import_module(module), attribute)
 
 

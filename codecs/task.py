@@ -78,6 +78,8 @@ class TrainingTask(ABC):
     model_class: ClassVar[type]  # a diffusers ModelMixin: checkpoints are its save_pretrained folders
     # Format strings over the metrics (loss parts and validation), shown in order on each progress line.
     progress: ClassVar[tuple[str, ...]] = ()
+    # Settings the task cannot run without (a frozen model it builds on), each with the reason shown when missing.
+    required: ClassVar[dict[str, str]] = {}
     crop_multiple: ClassVar[int] = 8  # the latent autoencoders downsample 8×
     export_folder: ClassVar[str] = ""  # where the default `export` writes the weights, inside the output
 
@@ -86,6 +88,9 @@ class TrainingTask(ABC):
         """Raise SettingsError for settings this task cannot run with, before any work starts."""
         if settings.crop % cls.crop_multiple:
             raise SettingsError("crop", f"the training crop {settings.crop} must be a multiple of {cls.crop_multiple}")
+        for setting, reason in cls.required.items():
+            if not getattr(settings, setting):
+                raise SettingsError(setting, reason)
 
     def __init__(self, settings: TrainSettings, train: list[np.ndarray], validation: list[np.ndarray], device):
         self.settings, self.device = settings, device

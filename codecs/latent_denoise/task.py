@@ -45,12 +45,7 @@ class PredictorsTask(TrainingTask):
         "denoising gain {val_gain_db:.2f} dB",
         _per_step("t", "val_t", ".0f"),
     )
-
-    @classmethod
-    def check(cls, settings: TrainSettings) -> None:
-        super().check(settings)
-        if not settings.model:
-            raise SettingsError("model", "training latent-denoise needs the frozen model's reference")
+    required = {"model": "training latent-denoise needs the frozen model's reference"}
 
     def __init__(self, settings: TrainSettings, train, validation, device):
         super().__init__(settings, train, validation, device)

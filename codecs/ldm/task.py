@@ -87,12 +87,7 @@ class DiffusionTask(TrainingTask):
     name = "diffusion"
     model_class = UNet2DModel
     progress = ("val ε-MSE {val_eps_mse:.4f}",)
-
-    @classmethod
-    def check(cls, settings: TrainSettings) -> None:
-        super().check(settings)
-        if not settings.autoencoder:
-            raise SettingsError("autoencoder", "training the diffusion model needs the autoencoder's reference")
+    required = {"autoencoder": "training the diffusion model needs the autoencoder's reference"}
 
     def __init__(self, settings: TrainSettings, train, validation, device):
         super().__init__(settings, train, validation, device)
