@@ -9,8 +9,8 @@ import argparse
 
 import torch
 
+from diffarc.codecs.ldm.nets import sample_grid
 from diffarc.codecs.parts.models import load_model
-from diffarc.pipeline.training import sample_grid
 
 
 def main() -> None:

@@ -50,7 +50,8 @@ from .errors import BitstreamError, ModelError, ParameterError
 from .parts.latents import VAE_DOWNSAMPLING, decode_latents, encode_latents, images_to_tensor, latent_size, tensor_to_images
 from .parts.models import PRECISIONS, load_model
 from .parts.noise import gaussian
-from .parts.samplers import ddim_mean, ddpm_sigma, linspace_schedule, predict
+from .parts.denoisers import DiffusionDenoiser
+from .parts.samplers import codebook_ddpm, linspace_schedule
 
 DEFAULT_MODEL = "builtin:ldm-small"
 INITIAL_NOISE_STEP = 0xFFFFFFFF  # x_T is entry 0 of a codebook no sampling step uses
@@ -137,8 +138,9 @@ class DdcmCodec(Codec):
         size = (latent[1] * VAE_DOWNSAMPLING, latent[2] * VAE_DOWNSAMPLING)
         target = encode_latents(self.model, images_to_tensor(images, size, self.device, dtype)).float()
         writers = [BitWriter() for _ in images]
+        # The encoder's residual r = x0 − x̂0 picks the noise; the decoder replays the picks without it.
         final = self._sample(
-            len(images), latent, config, choose=lambda step, r: self._choose(step, r, latent, writers), target=target
+            len(images), latent, config, lambda step, x0_hat: self._choose(step, target - x0_hat, latent, writers)
         )
         return [w.getvalue() for w in writers], final
 
@@ -238,7 +240,7 @@ class DdcmCodec(Codec):
         if len(payload) != -(-bits // 8):
             raise BitstreamError(f"ddcm payload is {len(payload)} bytes; its parameters need {-(-bits // 8)}")
         reader = BitReader(payload, bits)
-        return self._sample(1, latent, config, choose=lambda step, _: self._replay(step, reader, latent, config))
+        return self._sample(1, latent, config, lambda step, _: self._replay(step, reader, latent, config))
 
     def _replay(self, step: int, reader: BitReader, latent, config: dict) -> torch.Tensor:
         down, across, tile = self.tile_grid(latent, config["tile"])
@@ -252,7 +254,11 @@ class DdcmCodec(Codec):
         for _ in range(down * across):
             if config["selection"] == "turbo":
                 atoms = config["atoms"]
-                entries = unrank_combination(reader.read(combination_bits(config["codebook"], atoms)), config["codebook"], atoms)
+                rank = reader.read(combination_bits(config["codebook"], atoms))
+                try:
+                    entries = unrank_combination(rank, config["codebook"], atoms)
+                except ValueError as exc:  # the field is wider than C(K, M) needs: a damaged stream
+                    raise BitstreamError(f"ddcm payload: {exc}") from None
                 sign_bits = reader.read(atoms)
                 signs = torch.tensor([-1.0 if sign_bits >> i & 1 else 1.0 for i in range(atoms)], device=self.device)
                 z = gaussian(config["seed"], step, entries, shape, self.device).flatten(1)
@@ -272,28 +278,12 @@ class DdcmCodec(Codec):
 
     # ------------------------------------------------------------------ the shared sampling loop
 
-    def _sample(self, batch: int, latent, config: dict, choose, target: torch.Tensor | None = None) -> torch.Tensor:
-        """Run the reverse process; `choose(step, residual)` supplies each step's noise (B, C, H, W).
-
-        The encoder passes the target latent (residual = x0 − x̂0); the decoder passes none and replays.
-        Arithmetic between UNet calls is float32 whatever the model's precision, so CPU and GPU agree
-        up to the UNet's own rounding.
-        """
-        dtype = PRECISIONS[config["precision"]]
-        schedule = linspace_schedule(self.model.make_scheduler(), config["steps"])
+    def _sample(self, batch: int, latent, config: dict, pick_noise) -> torch.Tensor:
+        """The reverse process from the seeded x_T, `pick_noise(step, x0_hat)` supplying each step's noise."""
+        denoiser = DiffusionDenoiser.from_model(self.model, PRECISIONS[config["precision"]])
+        schedule = linspace_schedule(denoiser.alphas_cumprod, config["steps"])
         x = gaussian(config["seed"], INITIAL_NOISE_STEP, [0], latent, self.device).expand(batch, *latent)
-        x0_hat = x
-        for step, (t, alpha_bar, alpha_bar_next) in enumerate(
-            zip(schedule.timesteps, schedule.alpha_bar, schedule.alpha_bar_next)
-        ):
-            x0_hat, eps = predict(self.model.unet, x.to(dtype), t, alpha_bar, schedule.prediction_type)
-            x0_hat, eps = x0_hat.float(), eps.float()
-            if step == len(schedule.timesteps) - 1:
-                break
-            sigma = ddpm_sigma(alpha_bar, alpha_bar_next)
-            residual = (target - x0_hat) if target is not None else None
-            x = ddim_mean(x0_hat, eps, alpha_bar_next, sigma) + sigma * choose(step, residual)
-        return x0_hat
+        return codebook_ddpm(denoiser, x, schedule, pick_noise)
 
 
 def codebook(config: dict, step: int, latent: tuple[int, int, int], device) -> torch.Tensor:

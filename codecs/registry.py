@@ -1,17 +1,21 @@
-"""Codec names → codec classes. A new codec is one file in this package and one line here.
+"""Codec names → codec classes, and training-task names → training tasks (`diffarc train WHAT`).
 
-Classes are imported on first use so that listing codecs, or using a classical one, does not load
-torch and diffusers.
+A new codec is one file (or one folder) in this package and one line here; a model it trains is a
+`task.TrainingTask` in that folder's task.py and one more line. Classes are imported on first use so
+that listing codecs or tasks, or using a classical codec, does not load torch and diffusers.
 """
 
 from __future__ import annotations
 
 import importlib
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 from .base import Codec
 from .container import Header, unpack
-from .errors import UnknownCodecError
+from .errors import ParameterError, UnknownCodecError
+
+if TYPE_CHECKING:
+    from .task import TrainingTask
 
 _CODECS = {
     "jpeg": "diffarc.codecs.classical:JpegCodec",
@@ -19,6 +23,12 @@ _CODECS = {
     "avif": "diffarc.codecs.classical:AvifCodec",
     "ddcm": "diffarc.codecs.ddcm:DdcmCodec",
     "latent-denoise": "diffarc.codecs.latent_denoise.codec:LatentDenoiseCodec",
+}
+
+_TRAINING_TASKS = {
+    "autoencoder": "diffarc.codecs.ldm.task:AutoencoderTask",
+    "diffusion": "diffarc.codecs.ldm.task:DiffusionTask",
+    "latent-denoise": "diffarc.codecs.latent_denoise.task:PredictorsTask",
 }
 
 # The codec `encode` uses when none is named: the best one that runs anywhere without weights.
@@ -30,9 +40,21 @@ def codec_names() -> list[str]:
 
 
 def codec_class(name: str) -> type[Codec]:
-    if name not in _CODECS:
-        raise UnknownCodecError(f"unknown codec {name!r}; available: {', '.join(codec_names())}")
-    module, attribute = _CODECS[name].split(":")
+    return _load(_CODECS, name, "codec", UnknownCodecError)
+
+
+def training_task_names() -> list[str]:
+    return sorted(_TRAINING_TASKS)
+
+
+def training_task(name: str) -> type[TrainingTask]:
+    return _load(_TRAINING_TASKS, name, "training task", ParameterError)
+
+
+def _load(table: dict[str, str], name: str, kind: str, error: type[Exception]):
+    if name not in table:
+        raise error(f"unknown {kind} {name!r}; available: {', '.join(sorted(table))}")
+    module, attribute = table[name].split(":")
     return getattr(importlib.import_module(module), attribute)
 
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import click
 
+from ..codecs.registry import training_task_names
+
 
 @click.command("train", context_settings={"show_default": True})
-@click.argument("what", type=click.Choice(["autoencoder", "diffusion", "latent-denoise"]))
+@click.argument("what", type=click.Choice(training_task_names()))
 @click.option("--data", required=True, help="Folder of training images: local path or any fsspec URL. Never Kodak.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Where to write the diffusers model folder.")
 @click.option("--work-dir", required=True, type=click.Path(file_okay=False),
@@ -33,18 +35,13 @@ import click
 @click.option("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray).")
 def train(what, data, out, work_dir, config_name, steps, batch_size, crop, lr, workers, gpu, checkpoint_minutes,
           report_seconds, autoencoder, model, lpips_weights, lpips_weight, save_dtype, max_images, seed, address):  # fmt: skip
-    """Train a built-in model. WHAT is `autoencoder`; `diffusion` (on an --autoencoder's latents); or
-    `latent-denoise`, the predictors and entropy model of that codec for a frozen --model (written to
-    MODEL/latent_denoise/ they are found without naming them)."""
-    if crop % 8:
-        raise click.BadParameter("must be a multiple of 8", param_hint="--crop")
-    if what == "diffusion" and not autoencoder:
-        raise click.BadParameter("training the diffusion model needs the autoencoder's reference", param_hint="--autoencoder")
-    if what == "latent-denoise" and not model:
-        raise click.BadParameter("training latent-denoise needs the frozen model's reference", param_hint="--model")
-    if what == "autoencoder" and lpips_weight > 0 and not lpips_weights:
-        raise click.BadParameter("give the LPIPS-squeeze weights, or --lpips-weight 0", param_hint="--lpips-weights")
-    from ..pipeline.training import TrainSettings, run_training
+    """Train a model. WHAT names a training task of the codec registry: `autoencoder` and `diffusion`
+    (on an --autoencoder's latents) build the built-in latent diffusion model; `latent-denoise` trains
+    that codec's predictors and entropy model for a frozen --model (written to MODEL/latent_denoise/
+    they are found without naming them)."""
+    from ..codecs.registry import training_task
+    from ..codecs.task import SettingsError, TrainSettings
+    from ..pipeline.training import run_training
 
     settings = TrainSettings(
         what=what, data=data, out=out, work_dir=work_dir, steps=steps, batch_size=batch_size, crop=crop, lr=lr,
@@ -52,6 +49,10 @@ def train(what, data, out, work_dir, config_name, steps, batch_size, crop, lr, w
         config=config_name, autoencoder=autoencoder, model=model, lpips_weights=lpips_weights, lpips_weight=lpips_weight,
         save_dtype=save_dtype, seed=seed, max_images=max_images,
     )  # fmt: skip
+    try:  # before Ray starts: a missing option is a usage error, named as the option
+        training_task(what).check(settings)
+    except SettingsError as exc:
+        raise click.BadParameter(str(exc), param_hint="--" + exc.setting.replace("_", "-")) from None
     metrics = run_training(settings, address)
     shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float))
     click.echo(f"wrote {out} (step {metrics.get('step')}; {shown})")

@@ -5,7 +5,7 @@ noise of the diffusion forward process at a timestep t and removes it with a few
 frozen model. Only small predictors and the entropy model are trained; the backbone is untouched.
 
     image ─VAE─► z ─γ-net(per-channel stats of z, Δ)─► shift b_c, scale s_c     (fp16, side info)
-      y = (z − b) / s ─round(y / Δ)─► q ─range coder, learned density p_c(y)─► payload
+      FactorizedLatentCodec(density p_c, Δ): q = round((z − b) / (s·Δ)) ─range coder─► symbol range, words
       ẑ = q·Δ·s + b ─t-net(stats of ẑ, Δ·s)─► t                                  (u16, side info)
     decoder: q ─► ẑ ─► x_t = √ᾱ_t · ẑ ─► DDIM (η = 0), n = min(steps, t) UNet calls, t → 0 ─► x̂0 ─VAE─► image
 
@@ -28,13 +28,14 @@ Choices made here:
   latent MSE. Search then mostly picks t = 0 there.
 - γ and t come from pooled per-channel statistics, so they cost the same at any image size; the
   predicted γ is rounded to fp16 before the encoder uses it, so both sides quantize with one transform.
-- The entropy model is a learned density of y per channel (`entropy.py`), one for all step sizes Δ.
+- The entropy model is a learned density of y = (z − b) / s per channel (`parts/entropy.py`), one for all
+  step sizes Δ, used through `parts/latent_codecs.FactorizedLatentCodec`.
 - Steps: n = min(`steps`, t) DDIM steps evenly spaced from t to 0 — a handful of UNet calls, far under
   10 % of the 1000-step process.
 - Any image size: edge-padded to what the VAE and UNet need, cropped after decoding.
 
-Rate: bits = 8 · (side info: 2 + 4 + 4·C bytes) + the range coder's 32-bit words; bpp counts the whole
-stream, container header included.
+Payload: t (u16), the symbol range (2 × i16), C fp16 shifts, C fp16 scales, the range coder's 32-bit
+words. Rate: bits = 8 · (2 + 4 + 4·C) + 32 · words; bpp counts the whole stream, container header included.
 """
 
 from __future__ import annotations
@@ -49,35 +50,28 @@ import torch
 
 from ..base import Codec, Param
 from ..container import Header
-from ..errors import BitstreamError
-from ..parts.entropy import EntropyCodingError, decode_symbols, encode_symbols, symbol_range, symbol_tables
+from ..errors import BitstreamError, EntropyCodingError, ModelError
+from ..parts.denoisers import DiffusionDenoiser
+from ..parts.latent_codecs import FactorizedLatentCodec
 from ..parts.latents import VAE_DOWNSAMPLING, decode_latents, encode_latents, images_to_tensor, latent_size, tensor_to_images
-from ..errors import ModelError
 from ..parts.models import PRECISIONS, check_safetensors, fingerprint, load_model, resolve_folder
-from ..parts.samplers import ddim_mean, linspace_schedule, predict
-from .nets import LatentDenoisePredictors, dequantize
+from ..parts.samplers import ddim, linspace_schedule
+from .nets import LatentDenoisePredictors
 
 DEFAULT_MODEL = "builtin:ldm-small"
 PREDICTORS_FOLDER = "latent_denoise"  # where a model folder keeps its trained predictors
 SEARCH_FACTORS = (0.0, 0.5, 1.0, 1.5, 2.0)  # timestep=search tries these multiples of the predicted t
-SIDE_HEADER = struct.Struct("<Hhh")  # t, lowest symbol, highest symbol; then C fp16 shifts and C fp16 scales
+TIMESTEP = struct.Struct("<H")  # the payload: t, the latent codec's symbol range, C fp16 shifts, C fp16 scales, words
 
 
 def denoise(model, z_hat: torch.Tensor, t: int, steps: int, dtype: torch.dtype) -> torch.Tensor:
     """Treat ẑ as the clean part of x_t at timestep t and run min(steps, t) DDIM (η = 0) steps to 0."""
     if t == 0:
         return z_hat
-    schedule = linspace_schedule(model.make_scheduler(), min(steps, t) + 1, first=t)
-    # The schedule ends at timestep 0: the UNet runs at every step before it, and the x̂0 of the last one
-    # is the output.
-    calls = len(schedule.timesteps) - 1
-    x = schedule.alpha_bar[0] ** 0.5 * z_hat
-    for i in range(calls):
-        x0_hat, eps = predict(model.unet, x.to(dtype), schedule.timesteps[i], schedule.alpha_bar[i], schedule.prediction_type)
-        x0_hat, eps = x0_hat.float(), eps.float()
-        if i < calls - 1:
-            x = ddim_mean(x0_hat, eps, schedule.alpha_bar_next[i], 0.0)
-    return x0_hat
+    denoiser = DiffusionDenoiser.from_model(model, dtype)
+    # The schedule ends at timestep 0: the UNet runs at every step before it (see samplers.ddim).
+    schedule = linspace_schedule(denoiser.alphas_cumprod, min(steps, t) + 1, first=t)
+    return ddim(denoiser, schedule.alpha_bar[0] ** 0.5 * z_hat, schedule)
 
 
 @functools.lru_cache(maxsize=8)
@@ -95,7 +89,7 @@ def load_predictors(folder: str, device: str) -> tuple[LatentDenoisePredictors, 
 
 
 def side_info_bytes(channels: int) -> int:
-    return SIDE_HEADER.size + 4 * channels
+    return TIMESTEP.size + FactorizedLatentCodec.RANGE.size + 4 * channels
 
 
 def predictors_folder(model_reference: str, predictors: str) -> str:
@@ -170,21 +164,20 @@ class LatentDenoiseCodec(Codec):
         step = torch.tensor([config["step"]], device=self.device)
         shift, scale = self.predictors.transform(z, step)
         shift, scale = shift.half().float(), scale.half().float().clamp_min(1e-4)  # what the decoder will read
-        q = torch.round((z - shift[..., None, None]) / (scale[..., None, None] * config["step"]))
-        symbols = q[0].flatten(1).to(torch.int64).cpu().numpy()
-        lo, hi = symbol_range(symbols)
-        z_hat = dequantize(q, shift, scale, config["step"])
+        coded = FactorizedLatentCodec(self.predictors.density, config["step"]).compress(
+            z, shift[..., None, None], scale[..., None, None]
+        )
+        z_hat = coded["y_hat"]
         if config["timestep"] == "off":
             t = 0
         else:
             t = int(round(float(self.predictors.timestep(z_hat, step, scale)[0])))
             if config["timestep"] == "search":
                 t = self._search_timestep(image, z_hat, t)
-        tables = symbol_tables(self.predictors.density, config["step"], lo, hi)
-        side = SIDE_HEADER.pack(t, lo, hi) + shift[0].half().cpu().numpy().astype("<f2").tobytes() \
+        (symbol_range,), (words,) = coded["strings"]
+        side = TIMESTEP.pack(t) + symbol_range + shift[0].half().cpu().numpy().astype("<f2").tobytes() \
             + scale[0].half().cpu().numpy().astype("<f2").tobytes()  # fmt: skip
-        coded = encode_symbols(symbols, tables, lo)
-        return side + coded
+        return side + words
 
     def _search_timestep(self, image: np.ndarray, z_hat: torch.Tensor, predicted: int) -> int:
         """The candidate t whose decoded image is closest to the original in LPIPS."""
@@ -203,7 +196,7 @@ class LatentDenoiseCodec(Codec):
 
     def stream_stats(self, stream: bytes) -> dict[str, float]:
         header, payload = self.read(stream)
-        t = SIDE_HEADER.unpack_from(payload)[0]
+        (t,) = TIMESTEP.unpack_from(payload)
         steps = min(self.resolve_params(header.params)["steps"], t)
         return {"t": t, "denoising_steps": steps, "side_info_bits": 8 * side_info_bytes(self.predictors.config.latent_channels)}
 
@@ -219,20 +212,22 @@ class LatentDenoiseCodec(Codec):
         side_bytes = side_info_bytes(c)
         if len(payload) < side_bytes:
             raise BitstreamError(f"latent-denoise payload is {len(payload)} bytes, shorter than its {side_bytes}-byte side info")
-        t, lo, hi = SIDE_HEADER.unpack_from(payload)
-        if lo > hi or t > self.predictors.config.max_timestep:
-            raise BitstreamError(f"latent-denoise side info is inconsistent (t {t}, symbols {lo} … {hi})")
-        halves = np.frombuffer(payload, dtype="<f2", count=2 * c, offset=SIDE_HEADER.size).astype(np.float32)
+        (t,) = TIMESTEP.unpack_from(payload)
+        if t > self.predictors.config.max_timestep:
+            raise BitstreamError(f"latent-denoise side info holds t {t}, beyond the predictors' {self.predictors.config.max_timestep}")
+        range_end = TIMESTEP.size + FactorizedLatentCodec.RANGE.size
+        halves = np.frombuffer(payload, dtype="<f2", count=2 * c, offset=range_end).astype(np.float32)
         shift, scale = (torch.from_numpy(v.copy())[None].to(self.device) for v in (halves[:c], halves[c:]))
         if not torch.isfinite(shift).all() or not (scale > 0).all():
             raise BitstreamError("latent-denoise side info holds a non-finite shift or a non-positive scale")
-        tables = symbol_tables(self.predictors.density, config["step"], lo, hi)
+        strings = [[payload[TIMESTEP.size : range_end]], [payload[side_bytes:]]]
         try:
-            symbols = decode_symbols(payload[side_bytes:], tables, lo, h * w)
+            z_hat = FactorizedLatentCodec(self.predictors.density, config["step"]).decompress(
+                strings, (h, w), shift[..., None, None], scale[..., None, None]
+            )["y_hat"]
         except EntropyCodingError as exc:
-            raise BitstreamError(str(exc)) from None
-        q = torch.from_numpy(symbols.reshape(1, c, h, w)).float().to(self.device)
-        return self._pixels(dequantize(q, shift, scale, config["step"]), t, config, (header.height, header.width))
+            raise BitstreamError(f"latent-denoise payload: {exc}") from None
+        return self._pixels(z_hat, t, config, (header.height, header.width))
 
     def _pixels(self, z_hat: torch.Tensor, t: int, config: dict, size: tuple[int, int]) -> np.ndarray:
         dtype = PRECISIONS[config["precision"]]

@@ -9,7 +9,8 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 
 from ..parts.entropy import LogisticMixtureDensity
-from ..parts.samplers import predict
+from ..parts.latent_codecs import dequantize
+from ..parts.denoisers import DiffusionDenoiser
 
 MAX_SCALE_LOG = 4.0  # γ's scale stays within e^±4 of the channel's std: fp16-safe, and no runaway
 
@@ -56,32 +57,18 @@ def channel_stats(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return flat.mean(-1), torch.log(flat.std(-1).clamp_min(1e-3))
 
 
-def alpha_bar_at(table: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """ᾱ at continuous timesteps, linear between the integer entries (differentiable in t)."""
-    t = t.clamp(0, len(table) - 1)
-    low = t.floor().long().clamp(max=len(table) - 2)
-    frac = t - low
-    return table[low] * (1 - frac) + table[low + 1] * frac
-
-
-def dequantize(q: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, step: float) -> torch.Tensor:
-    return q * (scale[..., None, None] * step) + shift[..., None, None]
-
-
 class LatentDenoiseObjective(torch.nn.Module):
     """What `diffarc train latent-denoise` minimises: quantize (as uniform noise), predict t, denoise in one
     step — all differentiable for the predictors.
 
-    The frozen UNet is a submodule so that gradients reach the predictors through it; its own weights
-    take none (load_model froze them) and the optimizer only holds the predictors' parameters.
+    Gradients reach the predictors through the frozen UNet; its own weights take none (load_model froze
+    them), and the optimizer only holds the predictors' parameters.
     """
 
     def __init__(self, predictors, model):
         super().__init__()
-        self.predictors, self.unet = predictors, model.unet
-        scheduler = model.make_scheduler()
-        self.register_buffer("alpha_bar", scheduler.alphas_cumprod.float().clone())
-        self.prediction_type = scheduler.config.prediction_type
+        self.predictors = predictors
+        self.denoiser = DiffusionDenoiser.from_model(model)
 
     def forward(self, z: torch.Tensor, step: torch.Tensor, uniform: torch.Tensor | None):
         """(bits, squared error after denoising, squared error at t = 0, t), per image; uniform=None rounds."""
@@ -90,10 +77,10 @@ class LatentDenoiseObjective(torch.nn.Module):
         box = step.view(-1, 1, 1, 1)
         y_q = y + box * (uniform - 0.5) if uniform is not None else torch.round(y / box) * box
         bits = self.predictors.density.bits(y_q, step).flatten(1).mean(1)
-        z_hat = dequantize(y_q, shift, scale, 1.0)  # y_q is already in units of y, not of Δ
+        z_hat = dequantize(y_q, shift[..., None, None], scale[..., None, None], 1.0)  # y_q is in units of y, not of Δ
         t = self.predictors.timestep(z_hat, step, scale)
-        alpha_bar = alpha_bar_at(self.alpha_bar, t).view(-1, 1, 1, 1)
-        x0_hat, _ = predict(self.unet, alpha_bar.sqrt() * z_hat, t, alpha_bar, self.prediction_type)
+        alpha_bar = self.denoiser.alpha_bar(t).view(-1, 1, 1, 1)
+        x0_hat, _ = self.denoiser.predict(alpha_bar.sqrt() * z_hat, t, alpha_bar)
         error = ((x0_hat - z) ** 2).flatten(1).mean(1)
         return bits, error, ((z_hat - z) ** 2).flatten(1).mean(1), t
 

@@ -42,6 +42,10 @@ def rank_combination(chosen: list[int]) -> int:
 
 
 def unrank_combination(rank: int, n: int, k: int) -> list[int]:
+    """The set of k integers in [0, n) with this rank; a rank ≥ C(n, k) (a damaged stream) is a ValueError."""
+    if not 0 <= rank < comb(n, k):
+        # Checked first: the search below is bounded by n, so such a rank would come out as a repeated entry.
+        raise ValueError(f"combination rank {rank} out of range for C({n}, {k})")
     chosen = []
     for i in range(k, 0, -1):
         low, high = i - 1, n - 1  # the largest c with comb(c, i) <= rank, by bisection
@@ -53,6 +57,4 @@ def unrank_combination(rank: int, n: int, k: int) -> list[int]:
                 high = middle - 1
         chosen.append(low)
         rank -= comb(low, i)
-    if rank != 0 or (chosen and chosen[0] >= n):
-        raise ValueError("combination rank out of range")
     return sorted(chosen)

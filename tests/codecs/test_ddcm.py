@@ -78,3 +78,11 @@ def test_bad_parameters_are_refused(tiny_model):
         create_codec("ddcm", {"model": tiny_model, "codebook": 100})
     with pytest.raises(ValueError, match="atoms <= codebook"):
         create_codec("ddcm", {"model": tiny_model, "codebook": 4, "selection": "turbo", "atoms": 8})
+
+
+def test_a_turbo_combination_rank_beyond_c_k_m_is_a_bitstream_error(tiny_model):
+    """C(32, 4) = 35960 needs a 16-bit field; a damaged field can hold up to 65535."""
+    codec = create_codec("ddcm", {"model": tiny_model, "steps": 3, "codebook": 32, "tile": 2, "selection": "turbo", "atoms": 4})
+    header, payload = container.unpack(codec.encode([IMAGES[0]])[0])
+    with pytest.raises(BitstreamError, match="out of range"):
+        codec.decode([container.pack(header, b"\xff" * len(payload))])

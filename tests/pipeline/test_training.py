@@ -15,7 +15,8 @@ from PIL import Image
 
 from diffarc.codecs.parts import models
 from diffarc.codecs.parts.models import load_model
-from diffarc.pipeline.training import TrainSettings, find_resume_checkpoint, is_validation_key, run_training
+from diffarc.codecs.task import TrainSettings
+from diffarc.pipeline.training import find_resume_checkpoint, is_validation_key, run_training
 
 from ..conftest import photo_like, save_tiny_ldm
 
@@ -140,3 +141,17 @@ def test_train_refuses_incomplete_settings_before_starting_ray(tmp_path, monkeyp
     monkeypatch.delenv("DIFFARC_LPIPS_WEIGHTS", raising=False)
     result = CliRunner().invoke(train, args + ["--data", str(tmp_path), "--out", str(tmp_path / "o"), "--work-dir", str(tmp_path / "w")])
     assert result.exit_code == 2 and complaint in result.output
+
+
+def test_a_progress_line_shows_the_fields_its_task_names():
+    from diffarc.codecs.registry import training_task
+    from diffarc.pipeline.training import format_progress
+
+    metrics = {"step": 7, "loss": 0.25, "images_per_s": 3.0, "bits": 0.5, "val_gain_db": 1.234,
+               **{f"val_bits_d{d}": d / 10 for d in (1, 2, 4)}, **{f"val_t_d{d}": 100.0 * d for d in (1, 2, 4)}}  # fmt: skip
+    settings = TrainSettings(what="latent-denoise", data="d", out="o", work_dir="w", steps=10)
+    assert format_progress(settings, training_task("latent-denoise"), metrics) == (
+        "[latent-denoise] step 7/10, loss 0.2500, bits 0.500, val bits/value at Δ 1|2|4 0.100|0.200|0.400, "
+        "denoising gain 1.23 dB, t 100|200|400, 3.0 img/s"
+    )
+    assert "val PSNR 21.50 dB" in format_progress(settings, training_task("autoencoder"), {**metrics, "val_psnr": 21.5})

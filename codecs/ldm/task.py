@@ -1,0 +1,134 @@
+"""Training the built-in latent diffusion model: the autoencoder, then a diffusion UNet on its latents.
+
+    autoencoder:  random crop + flip ──► AutoencoderKL ──► L1 + λ·LPIPS-squeeze (+ tiny KL)
+    diffusion:    image (and its mirror) ──frozen VAE──► latents × scaling ──► random latent crop
+                  ──► UNet2DModel, ε-prediction, the DDIM/DDPM noise schedule of Stable Diffusion
+    output:       autoencoder: vae/;   diffusion: vae/ (with the learnt scaling) + unet/ + scheduler/
+
+Choices:
+- Latents are the posterior's mode, not a sample: codecs encode with the mode, so the decoder is trained
+  on exactly what it will see. A KL weight of 1e-6 only keeps the latents from drifting in scale.
+- The latent scaling factor is 1 / std of the training latents (SD's recipe), stored in vae/config.json.
+- The diffusion model's latents are computed once, before the loop: the autoencoder is frozen.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, UNet2DModel
+
+from ..parts.crops import center_crops, latent_crops, random_crops, training_latents
+from ..parts.models import load_model
+from ..task import SettingsError, TrainingTask, TrainSettings
+from .nets import AutoencoderPass, new_autoencoder, new_scheduler, new_unet
+
+KL_WEIGHT = 1e-6
+NOISE_LEVELS = (50, 250, 500, 750, 950)  # timesteps at which the diffusion validation loss is reported
+
+
+def psnr_batch(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Mean PSNR (dB) of images in [-1, 1], after rounding to 8 bits as a viewer would see them."""
+    to8 = lambda t: ((t.clamp(-1, 1) + 1) * 127.5).round()  # noqa: E731
+    mse = ((to8(x) - to8(y)) ** 2).mean(dim=(1, 2, 3)).clamp_min(1e-10)
+    return float((10 * torch.log10(255.0**2 / mse)).mean())
+
+
+class AutoencoderTask(TrainingTask):
+    name = "autoencoder"
+    model_class = AutoencoderKL
+    progress = ("val PSNR {val_psnr:.2f} dB",)
+    export_folder = "vae"
+
+    @classmethod
+    def check(cls, settings: TrainSettings) -> None:
+        super().check(settings)
+        if settings.lpips_weight > 0 and not settings.lpips_weights:
+            raise SettingsError("lpips_weights", "the LPIPS loss needs the LPIPS-squeeze weights, or an LPIPS weight of 0")
+
+    def __init__(self, settings: TrainSettings, train, validation, device):
+        super().__init__(settings, train, validation, device)
+        self.train = train
+        self.validation = center_crops(validation, settings.crop).to(device)
+        self.lpips = None
+        if settings.lpips_weight > 0:
+            from ..parts.metrics import lpips_network
+
+            self.lpips = lpips_network(settings.lpips_weights, device)
+
+    def new_model(self):
+        return new_autoencoder(self.settings.config)
+
+    def wrap(self, model):
+        return AutoencoderPass(model)
+
+    def loss(self, wrapped, rng) -> tuple[torch.Tensor, dict]:
+        x = random_crops(self.train, self.settings.batch_size, self.settings.crop, rng).to(self.device)
+        reconstruction, kl = wrapped(x)
+        l1 = F.l1_loss(reconstruction, x)
+        loss = l1 + KL_WEIGHT * kl
+        parts = {"l1": float(l1.detach())}
+        if self.lpips is not None:
+            perceptual = self.lpips(reconstruction, x).mean()
+            loss = loss + self.settings.lpips_weight * perceptual
+            parts["lpips"] = float(perceptual.detach())
+        return loss, parts
+
+    def validate(self, model) -> dict:
+        reconstruction = model.decode(model.encode(self.validation).latent_dist.mode()).sample
+        return {"val_psnr": psnr_batch(self.validation, reconstruction)}
+
+
+class DiffusionTask(TrainingTask):
+    name = "diffusion"
+    model_class = UNet2DModel
+    progress = ("val ε-MSE {val_eps_mse:.4f}",)
+    required = {"autoencoder": "training the diffusion model needs the autoencoder's reference"}
+
+    def __init__(self, settings: TrainSettings, train, validation, device):
+        super().__init__(settings, train, validation, device)
+        self.vae = load_model(settings.autoencoder).vae.to(device)
+        self.latent_crop = settings.crop // 8
+        encode = lambda x: self.vae.encode(x).latent_dist.mode()  # noqa: E731 — raw: the scaling is learnt here
+        self.train = training_latents(encode, train, settings.crop, device, mirrored=True)
+        self.scaling_factor = 1.0 / float(torch.cat([z.flatten() for z in self.train]).std())
+        self.validation = training_latents(encode, validation, settings.crop, device, mirrored=False)
+        self.scheduler = new_scheduler()
+
+    def new_model(self):
+        return new_unet(self.settings.config, self.vae.config.latent_channels)
+
+    def _crops(self, latents, count, rng) -> torch.Tensor:
+        return latent_crops(latents, count, self.latent_crop, rng) * self.scaling_factor
+
+    def loss(self, wrapped, rng) -> tuple[torch.Tensor, dict]:
+        z0 = self._crops(self.train, self.settings.batch_size, rng)
+        noise = torch.from_numpy(rng.standard_normal(z0.shape, dtype=np.float32)).to(self.device)
+        t = torch.from_numpy(rng.integers(0, 1000, size=len(z0))).to(self.device)
+        noisy = self.scheduler.add_noise(z0, noise, t)
+        return F.mse_loss(wrapped(noisy, t).sample, noise), {}
+
+    def validate(self, model) -> dict:
+        rng = np.random.default_rng(12345)  # the same noise at every report: figures comparable over time
+        z0 = self._crops(self.validation, 16, rng)
+        noise = torch.from_numpy(rng.standard_normal(z0.shape, dtype=np.float32)).to(self.device)
+        by_level = {}
+        for level in NOISE_LEVELS:
+            t = torch.full((len(z0),), level, device=self.device)
+            noisy = self.scheduler.add_noise(z0, noise, t)
+            by_level[f"val_eps_mse_t{level}"] = float(F.mse_loss(model(noisy, t).sample, noise))
+        return {"val_eps_mse": float(np.mean(list(by_level.values()))), **by_level,
+                "scaling_factor": self.scaling_factor}  # fmt: skip
+
+    @classmethod
+    def export(cls, settings: TrainSettings, trained: Path, metrics: dict, folder: Path) -> None:
+        """vae/ (the frozen autoencoder with the learnt scaling), unet/, scheduler/: a model folder codecs load."""
+        vae = copy.deepcopy(load_model(settings.autoencoder).vae)
+        vae.register_to_config(scaling_factor=metrics["scaling_factor"])
+        vae.to(settings.weights_dtype).save_pretrained(str(folder / "vae"))
+        UNet2DModel.from_pretrained(str(trained)).to(settings.weights_dtype).save_pretrained(str(folder / "unet"))
+        new_scheduler().save_pretrained(str(folder / "scheduler"))

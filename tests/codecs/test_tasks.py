@@ -1,0 +1,94 @@
+"""Training tasks found through the registry, each run for one step in process (the Ray loop: tests/pipeline/test_training.py)."""
+
+import numpy as np
+import pytest
+import torch
+
+from diffarc.codecs.errors import ParameterError
+from diffarc.codecs.parts import models
+from diffarc.codecs.parts.models import load_model
+from diffarc.codecs.registry import training_task, training_task_names
+from diffarc.codecs.task import SettingsError, TrainingTask, TrainSettings
+
+from ..conftest import photo_like, save_tiny_ldm
+
+TRAIN = [photo_like(40, 56, seed) for seed in range(3)]
+VALIDATION = [photo_like(48, 48, 9)]
+
+
+@pytest.fixture(scope="module")
+def ldm(tmp_path_factory):
+    return str(save_tiny_ldm(tmp_path_factory.mktemp("ldm")))
+
+
+def settings(what, **changes):
+    values = dict(what=what, data="unused", out="unused", work_dir="unused", batch_size=2, crop=32, config="tiny", lpips_weight=0)
+    return TrainSettings(**{**values, **changes})
+
+
+def test_the_registry_names_each_task_by_its_own_name():
+    assert training_task_names() == ["autoencoder", "diffusion", "latent-denoise"]
+    for name in training_task_names():
+        task = training_task(name)
+        assert issubclass(task, TrainingTask) and task.name == name
+    with pytest.raises(ParameterError, match="unknown training task 'vae'; available: autoencoder"):
+        training_task("vae")
+
+
+@pytest.mark.parametrize(
+    "what, changes, setting",
+    [
+        ("autoencoder", {"crop": 36}, "crop"),
+        ("autoencoder", {"lpips_weight": 0.5}, "lpips_weights"),
+        ("diffusion", {}, "autoencoder"),
+        ("latent-denoise", {"crop": 20, "model": "m"}, "crop"),
+        ("latent-denoise", {}, "model"),
+    ],
+)
+def test_check_names_the_setting_a_task_cannot_run_without(what, changes, setting):
+    with pytest.raises(SettingsError) as refused:
+        training_task(what).check(settings(what, **changes))
+    assert refused.value.setting == setting
+
+
+def run_one_step(task_class, task_settings, tmp_path):
+    """new_model → wrap → loss → backward → validate → progress fields → export, as the loop does."""
+    task = task_class(task_settings, TRAIN, VALIDATION, torch.device("cpu"))
+    task_class.check(task_settings)
+    torch.manual_seed(0)
+    model = task.new_model()
+    loss, parts = task.loss(task.wrap(model), np.random.default_rng(0))
+    loss.backward()
+    assert torch.isfinite(loss) and any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+    model.eval()
+    with torch.no_grad():
+        metrics = {**parts, **task.validate(model)}
+    shown = [field.format(**metrics) for field in task_class.progress]  # every field the task shows exists
+    assert shown and all(isinstance(v, float) for v in metrics.values())
+    model.save_pretrained(str(tmp_path / "trained"))
+    task_class.export(task_settings, tmp_path / "trained", metrics, tmp_path / "out")
+    return metrics
+
+
+def test_the_autoencoder_task_trains_and_exports_a_vae_folder(tmp_path):
+    metrics = run_one_step(training_task("autoencoder"), settings("autoencoder"), tmp_path)
+    assert metrics["val_psnr"] > 0 and "l1" in metrics
+    assert (tmp_path / "out" / "vae" / "config.json").is_file()
+
+
+def test_the_diffusion_task_trains_on_frozen_latents_and_exports_a_model_folder(ldm, tmp_path):
+    task_settings = settings("diffusion", autoencoder=ldm, save_dtype="float16")
+    metrics = run_one_step(training_task("diffusion"), task_settings, tmp_path)
+    assert {"val_eps_mse", "val_eps_mse_t50", "val_eps_mse_t950"} <= set(metrics)
+    models._load_cached.cache_clear()
+    exported = load_model(str(tmp_path / "out"))
+    assert exported.scaling_factor == pytest.approx(metrics["scaling_factor"], rel=1e-6)
+    assert exported.unet is not None and exported.scheduler_config["prediction_type"] == "epsilon"
+
+
+def test_the_latent_denoise_task_trains_predictors_for_a_frozen_model(ldm, tmp_path):
+    metrics = run_one_step(training_task("latent-denoise"), settings("latent-denoise", model=ldm), tmp_path)
+    assert all(metrics[f"val_bits_d{d}"] > 0 for d in (1, 2, 4)) and "val_gain_db" in metrics
+    assert (tmp_path / "out" / "config.json").is_file()  # the predictors' own folder
+    frozen = load_model(ldm)
+    assert all(p.grad is None for p in frozen.unet.parameters())  # the backbone took no gradient
