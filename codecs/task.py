@@ -23,12 +23,13 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
-
-import numpy as np
-import torch
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from .errors import ParameterError
+
+if TYPE_CHECKING:  # torch is imported where a task runs, not where `diffarc train` checks its options
+    import numpy as np
+    import torch
 
 
 @dataclass
@@ -60,6 +61,8 @@ class TrainSettings:
     @property
     def weights_dtype(self) -> torch.dtype:
         """The dtype the exported weights are written in."""
+        import torch
+
         return {"float32": torch.float32, "float16": torch.float16}[self.save_dtype]
 
 

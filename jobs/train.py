@@ -7,6 +7,14 @@ import click
 from ..codecs.registry import training_task_names
 
 
+def _check_crop(ctx, param, value: int) -> int:
+    from ..codecs.task import TrainingTask  # light: no torch, so a usage error answers at once
+
+    if value % TrainingTask.crop_multiple:
+        raise click.BadParameter(f"the training crop {value} must be a multiple of {TrainingTask.crop_multiple}")
+    return value
+
+
 @click.command("train", context_settings={"show_default": True})
 @click.argument("what", type=click.Choice(training_task_names()))
 @click.option("--data", required=True, help="Folder of training images: local path or any fsspec URL. Never Kodak.")
@@ -17,7 +25,8 @@ from ..codecs.registry import training_task_names
               help="Model size: tiny for tests, small for a CPU, base for GPUs.")
 @click.option("--steps", type=click.IntRange(min=1), default=2000, help="Total optimizer steps (a resumed run counts on).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, help="Images per step per worker.")
-@click.option("--crop", type=click.IntRange(min=16), default=256, help="Training crop side in pixels (multiple of 8).")
+@click.option("--crop", type=click.IntRange(min=16), default=256, callback=_check_crop,
+              help="Training crop side in pixels (multiple of 8).")
 @click.option("--lr", type=float, default=2e-4, help="AdamW learning rate; it falls linearly to 10 %% over the last quarter of --steps.")
 @click.option("--workers", type=click.IntRange(min=1), default=1, help="Ray Train workers (data-parallel).")
 @click.option("--gpu", is_flag=True, help="One GPU per worker.")
