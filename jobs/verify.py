@@ -9,7 +9,7 @@ import click
 
 from .options import (
     EXIT_BELOW_THRESHOLD, EXIT_ITEMS_FAILED, Progress, actors_option, address_option, emit, json_option,
-    parse_storage_options, run_job, storage_option,
+    model_option, parse_storage_options, run_job, storage_option,
 )
 
 
@@ -24,12 +24,13 @@ from .options import (
 @click.option("--min-ms-ssim", type=float, help="Fail when any compared item is below this MS-SSIM.")
 @click.option("--max-lpips", type=float, help="Fail when any compared item is above this LPIPS.")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write per-item results (JSON) here.")
+@model_option
 @actors_option
 @address_option
 @storage_option
 @json_option
-def verify(archive, against, sample, lpips_weights, min_psnr, min_ms_ssim, max_lpips, report_path, actors, address,
-           storage_options, as_json):
+def verify(archive, against, sample, lpips_weights, min_psnr, min_ms_ssim, max_lpips, report_path, model, actors,
+           address, storage_options, as_json):
     """Check ARCHIVE's integrity and, with --against, its quality against the originals."""
     from ..codecs.parts.metrics import find_lpips_weights
     from ..pipeline.verify import Thresholds, run_verify
@@ -44,6 +45,7 @@ def verify(archive, against, sample, lpips_weights, min_psnr, min_ms_ssim, max_l
         run_verify, archive, against=against, fraction=sample,
         thresholds=Thresholds(min_psnr, min_ms_ssim, max_lpips), lpips_weights=str(weights) if weights else None,
         actors=actors, storage_options=parse_storage_options(storage_options), address=address, on_progress=progress,
+        model=model,
     )
     progress.close()
     summary = report.summary()

@@ -1,9 +1,11 @@
 """The verify job: is the archive whole, and — against the originals — how good is it?
 
 Integrity, on every shard (in Ray actors): the shard's size and SHA-256 match the manifest, its row
-count and schema are right, every bitstream parses (container CRC), was written by the archive's codec
-with the archive's weights, and states the width and height its row does. Across shards (driver):
-no key twice, no key both encoded and failed, and the failure table matches its checksum.
+count and schema are right, every bitstream expands with the manifest's spec table and parses
+(container CRC, which covers the spec), was written by the archive's codec with the archive's weights,
+and states the width and height its row does. Across shards (driver): no key twice, no key both
+encoded and failed, the failure table matches its checksum, and embedded weights (models/) match their
+listed checksums and, recomputed, the fingerprint they are stored under.
 
 Quality, with `against`: a deterministic sample of items (chosen by a hash of the key, so the same
 fraction picks the same items every run) is decoded and compared with its source image, loaded by the
@@ -24,7 +26,7 @@ import pyarrow.parquet as pq
 import ray
 
 from ..codecs.errors import BitstreamError
-from .archive import SHARD_SCHEMA, Failure, Manifest, ShardEntry, require_manifest
+from .archive import SHARD_SCHEMA, Failure, Manifest, ShardEntry, check_embedded_weights, require_manifest
 from .cluster import connect, pool_shape, run_on_pool, start_pool, torch_device
 from .decode import codec_for_archive, decode_streams
 from .images import DEFAULT_MAX_PIXELS, load_rgb
@@ -103,10 +105,13 @@ class VerifyReport:
 class VerifyWorker:
     """A Ray actor: the archive's codec (and LPIPS network) loaded once, checking whole shards."""
 
-    def __init__(self, manifest: Manifest, lpips_weights: str | None, storage_options: dict | None, max_pixels: int):
+    def __init__(
+        self, archive: Location, manifest: Manifest, lpips_weights: str | None, storage_options: dict | None,
+        max_pixels: int, model: str | None = None,
+    ):  # fmt: skip
         self.device = torch_device()
         self.manifest = manifest
-        self.codec = codec_for_archive(manifest.codec, self.device)
+        self.codec = codec_for_archive(archive, manifest, self.device, model)
         self.lpips = LPIPS(lpips_weights, self.device) if lpips_weights else None
         self.storage_options = storage_options
         self.max_pixels = max_pixels
@@ -131,7 +136,8 @@ class VerifyWorker:
         report.keys = [r["key"] for r in rows]
         for row in rows:
             try:
-                header, _ = self.codec.read(row["bitstream"])
+                row["stream"] = self.manifest.expand(row["bitstream"])
+                header, _ = self.codec.read(row["stream"])
                 if (header.width, header.height) != (row["width"], row["height"]):
                     raise BitstreamError(
                         f"stream is {header.width}×{header.height}, row says {row['width']}×{row['height']}"
@@ -148,7 +154,7 @@ class VerifyWorker:
         source = Location(against, self.storage_options)
         quality = []
         rows_by_key = {r["key"]: r for r in sample}
-        for key, decoded in decode_streams(self.codec, list(rows_by_key), [r["bitstream"] for r in sample], failures):
+        for key, decoded in decode_streams(self.codec, list(rows_by_key), [r["stream"] for r in sample], failures):
             row = rows_by_key[key]
             try:
                 original = load_rgb(source.read(key), self.max_pixels)
@@ -182,6 +188,7 @@ def run_verify(
     address: str | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     on_progress: Callable[[int, int, int], None] | None = None,
+    model: str | None = None,
 ) -> VerifyReport:
     started = time.perf_counter()
     archive = Location(archive_url, storage_options)
@@ -189,10 +196,13 @@ def run_verify(
     report = VerifyReport(shards=len(manifest.shards), lpips_used=bool(lpips_weights and against))
     if not manifest.complete:
         report.problems.append("manifest is not marked complete: the encode job has not finished")
+    report.problems += check_embedded_weights(archive, manifest)
     seen: dict[str, str] = {}
     if manifest.shards:
         connect(address)
-        pool = start_pool(VerifyWorker, pool_shape(actors), manifest, lpips_weights, storage_options, max_pixels)
+        pool = start_pool(
+            VerifyWorker, pool_shape(actors), archive, manifest, lpips_weights, storage_options, max_pixels, model
+        )
         try:
             for done, shard in enumerate(
                 run_on_pool(

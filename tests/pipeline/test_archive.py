@@ -15,12 +15,19 @@ from diffarc.pipeline.archive import (
     write_shard,
 )
 from diffarc.pipeline.storage import Location
+from diffarc.codecs import container
 
 SPEC = CodecSpec("jpeg", {"quality": 75}, "")
 
 
 def items(keys, size=100):
-    return [EncodedItem(k, bytes([i % 256]) * size, 8, 4, 1000, "0" * 64) for i, k in enumerate(keys)]
+    """Items whose streams are full containers of SPEC, each `size` bytes long once compacted."""
+    header = container.Header(SPEC.name, SPEC.params, b"", width=8, height=4)
+    payload_bytes = size - container.COMPACT_OVERHEAD
+    return [
+        EncodedItem(k, container.pack(header, bytes([i % 256]) * payload_bytes), 8, 4, 1000, "0" * 64)
+        for i, k in enumerate(keys)
+    ]
 
 
 def test_shard_is_plain_parquet_with_sorted_keys_and_bounded_row_groups(tmp_path):
