@@ -160,10 +160,11 @@ def compact(stream: bytes, spec_id: int, spec: Spec) -> bytes:
 
 
 def expand(stream: bytes, specs: Mapping[int, Spec]) -> bytes:
-    """The full stream a compact one stands for, checked; a full stream is returned as it is."""
+    """The full stream a compact one stands for, checked; a full stream is checked and returned as it is."""
     stream = bytes(stream)
     version = _version(stream)
     if not version & COMPACT:
+        unpack(stream)
         return stream
     if len(stream) < COMPACT_OVERHEAD:
         raise BitstreamError(f"compact bitstream is truncated ({len(stream)} bytes; needs at least {COMPACT_OVERHEAD})")

@@ -344,47 +344,51 @@ def embed_weights(archive: Location, codec) -> EmbeddedModel:
     return EmbeddedModel(fingerprint, sorted(files, key=lambda f: f["path"]))
 
 
-def local_weights_folder(archive: Location, model: EmbeddedModel, into: Path | None = None) -> str:
-    """A local folder holding an embedded model: the archive's own on local disk; otherwise a copy, in
-    `into` or else the model cache's folder for its fingerprint (fetched once)."""
-    if archive.is_local and into is None:
+def local_weights_folder(archive: Location, model: EmbeddedModel) -> str:
+    """A local folder holding an embedded model: the archive's own on local disk; for a remote archive,
+    the model cache's folder for its fingerprint, fetched once."""
+    if archive.is_local:
         return archive.path(model.folder)
     from ..codecs.parts.models import cached_weights_folder, copy_folder
 
-    target = into if into is not None else cached_weights_folder(model.fingerprint)
-    return str(copy_folder(archive.fs, archive.path(model.folder), [f["path"] for f in model.files], target))
+    files = [f["path"] for f in model.files]
+    return str(copy_folder(archive.fs, archive.path(model.folder), files, cached_weights_folder(model.fingerprint)))
 
 
 def check_embedded_weights(archive: Location, manifest: Manifest) -> list[str]:
     """Problems with the archive's embedded weights: files missing or changed since they were listed, and
-    weights whose fingerprint, recomputed from the files, is not the one their folder is named by."""
+    weights whose fingerprint, recomputed from the files, is not the one their folder is named by.
+
+    The files are read once: hashed, and written to a scratch folder that the fingerprint is recomputed
+    from — a path no model cache has seen, so the figure comes from these bytes, not from a earlier load.
+    """
     from ..codecs.registry import codec_class, create_codec
 
     problems = []
     for model in manifest.models:
-        damaged = False
-        for file in model.files:
-            path = f"{model.folder}/{file['path']}"
-            try:
-                data = archive.read(path)
-            except FileNotFoundError:
-                problems.append(f"{path}: listed in the manifest but missing")
-                damaged = True
-                continue
-            if len(data) != file["bytes"] or hashlib.sha256(data).hexdigest() != file["sha256"]:
-                problems.append(f"{path}: size or SHA-256 differs from the manifest (damaged or replaced)")
-                damaged = True
         spec = next((s for s in manifest.specs if s.fingerprint == model.fingerprint), None)
         if spec is None:
             problems.append(f"{model.folder}: no codec spec of this archive uses these weights")
             continue
-        if damaged:
-            continue
         with tempfile.TemporaryDirectory() as scratch:
-            # A fresh copy for a remote archive; the folder itself on local disk.
-            folder = local_weights_folder(archive, model, None if archive.is_local else Path(scratch) / "weights")
+            damaged = False
+            for file in model.files:
+                path = f"{model.folder}/{file['path']}"
+                try:
+                    data = archive.read(path)
+                except FileNotFoundError:
+                    problems.append(f"{path}: listed in the manifest but missing")
+                    damaged = True
+                    continue
+                if len(data) != file["bytes"] or hashlib.sha256(data).hexdigest() != file["sha256"]:
+                    problems.append(f"{path}: size or SHA-256 differs from the manifest (damaged or replaced)")
+                    damaged = True
+                (Path(scratch) / file["path"]).parent.mkdir(parents=True, exist_ok=True)
+                (Path(scratch) / file["path"]).write_bytes(data)
+            if damaged:
+                continue
             try:
-                codec = create_codec(spec.name, {**spec.params, **codec_class(spec.name).locations_in(folder)})
+                codec = create_codec(spec.name, {**spec.params, **codec_class(spec.name).locations_in(scratch)})
                 found = codec.fingerprint.hex()
             except Exception as exc:  # weights that no longer load are as broken as weights that differ
                 problems.append(f"{model.folder}: weights do not load ({type(exc).__name__}: {exc})")
