@@ -142,18 +142,24 @@ class Codec(ABC):
     def read(self, stream: bytes) -> tuple[Header, bytes]:
         """Unpack a stream and refuse it unless this codec, with these weights, can decode it."""
         header, payload = container.unpack(stream)
-        if header.codec != self.name:
-            raise BitstreamError(f"stream was written by codec {header.codec!r}, not {self.name!r}")
-        if header.fingerprint != self.fingerprint:
+        self.check_header(header, self.fingerprint)
+        return header, payload
+
+    @classmethod
+    def check_header(cls, header: Header, fingerprint: bytes) -> None:
+        """Refuse a stream's header unless this codec, holding weights with `fingerprint`, can decode it.
+        A class method: checking an archive's streams needs no weights loaded."""
+        if header.codec != cls.name:
+            raise BitstreamError(f"stream was written by codec {header.codec!r}, not {cls.name!r}")
+        if header.fingerprint != fingerprint:
             raise BitstreamError(
-                f"stream needs model weights with fingerprint {header.fingerprint.hex() or '(none)'}, "
-                f"but the loaded model is {self.fingerprint.hex() or '(none)'}"
+                f"stream needs model weights with fingerprint {header.fingerprint.hex() or '(none)'}; "
+                f"these weights are {fingerprint.hex() or '(none)'}"
             )
         try:
-            self.resolve_params(header.params)
+            cls.resolve_params(header.params)
         except ValueError as exc:
             raise BitstreamError(f"stream carries parameters this codec cannot use: {exc}") from None
-        return header, payload
 
     @abstractmethod
     def encode_payloads(self, images: list[np.ndarray]) -> list[bytes]:
