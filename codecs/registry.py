@@ -77,25 +77,25 @@ def open_codec(
         return codec
     from .parts.models import cached_weights_folder
 
-    candidates: list[tuple[str, dict]] = []
-    tried: list[str] = []
+    candidates: list[tuple[str, dict | None]] = []  # (where, location params); None: nothing there
     if model:
         candidates.append((f"--model {model}", cls.locations_in(model)))
     if embedded:
         candidates.append((f"the archive's {embedded}", cls.locations_in(embedded)))
     cached = cached_weights_folder(fingerprint.hex())
-    if cached.is_dir():
-        candidates.append((f"the model cache {cached}", cls.locations_in(str(cached))))
-    else:
-        tried.append(f"the model cache {cached} (absent)")
+    candidates.append((f"the model cache {cached}", cls.locations_in(str(cached)) if cached.is_dir() else None))
     hint = {**recorded, **(hint or {})}
     if hint:
         candidates.append((f"the recorded location {_show(hint)}", hint))
     else:
         defaults = {p.name: p.default for p in cls.params if p.location}
         candidates.append((f"the default {_show(defaults)}", defaults))
+    tried: list[str] = []
     seen: list[dict] = []
     for origin, locations in candidates:
+        if locations is None:
+            tried.append(f"{origin} (absent)")
+            continue
         if locations in seen:
             continue
         seen.append(locations)
