@@ -39,6 +39,7 @@ def archive_info(archive_url: str, price_per_gb_month: float = 0.023, storage_op
         "params": manifest.codec.params,
         "model_fingerprint": manifest.codec.fingerprint or None,
         "model_embedded": manifest.embedded_model(manifest.codec.fingerprint) is not None,
+        "model_hint": manifest.codec.hint or None,  # where the weights were when encoding
         "items": totals["items"],
         "failed": len(failures),
         "failures_by_stage": dict(Counter(f.stage for f in failures.values())),
