@@ -33,6 +33,8 @@ class Param:
     minimum: float | None = None
     maximum: float | None = None
     choices: tuple | None = None
+    # Where weights are found, not what a stream means: kept out of streams and specs (module docstring).
+    location: bool = False
 
     def parse(self, value: Any) -> Any:
         """Turn a user's value (often a command-line string) into a checked value of this parameter."""
@@ -74,6 +76,37 @@ class Codec(ABC):
         values.update(params)
         return {name: known[name].parse(value) for name, value in values.items()}
 
+    @classmethod
+    def split_params(cls, params: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(what a stream records, where the weights are): `params` split by the Param `location` flag."""
+        locations = {p.name for p in cls.params if p.location}
+        return (
+            {k: v for k, v in params.items() if k not in locations},
+            {k: v for k, v in params.items() if k in locations},
+        )
+
+    @classmethod
+    def locations_in(cls, folder: str) -> dict[str, Any]:
+        """Location params that load the weights from one folder laid out as `weights_folders` describes:
+        the first location param names the folder, the others take their defaults (which look inside it)."""
+        names = [p for p in cls.params if p.location]
+        return {p.name: (folder if i == 0 else p.default) for i, p in enumerate(names)}
+
+    @property
+    def stream_params(self) -> dict[str, Any]:
+        """The parameters every stream records: all the decoder needs, but not where the weights are."""
+        return self.split_params(self.config)[0]
+
+    @property
+    def locations(self) -> dict[str, Any]:
+        return self.split_params(self.config)[1]
+
+    def weights_folders(self) -> dict[str, Any]:
+        """The local folders this codec's weights came from, by the sub-folder of one weights folder each
+        belongs in ("" for its root): what `encode --embed-model` copies. None for a folder that is not
+        local (a hub id). Codecs without weights have none."""
+        return {}
+
     @property
     def fingerprint(self) -> bytes:
         """Content hash of the model weights this codec decodes with; empty for codecs without weights."""
@@ -89,7 +122,7 @@ class Codec(ABC):
         payloads = self.encode_payloads(list(images))
         return [
             container.pack(
-                Header(self.name, self.config, self.fingerprint, width=image.shape[1], height=image.shape[0]),
+                Header(self.name, self.stream_params, self.fingerprint, width=image.shape[1], height=image.shape[0]),
                 payload,
             )
             for image, payload in zip(images, payloads, strict=True)
@@ -109,18 +142,24 @@ class Codec(ABC):
     def read(self, stream: bytes) -> tuple[Header, bytes]:
         """Unpack a stream and refuse it unless this codec, with these weights, can decode it."""
         header, payload = container.unpack(stream)
-        if header.codec != self.name:
-            raise BitstreamError(f"stream was written by codec {header.codec!r}, not {self.name!r}")
-        if header.fingerprint != self.fingerprint:
+        self.check_header(header, self.fingerprint)
+        return header, payload
+
+    @classmethod
+    def check_header(cls, header: Header, fingerprint: bytes) -> None:
+        """Refuse a stream's header unless this codec, holding weights with `fingerprint`, can decode it.
+        A class method: checking an archive's streams needs no weights loaded."""
+        if header.codec != cls.name:
+            raise BitstreamError(f"stream was written by codec {header.codec!r}, not {cls.name!r}")
+        if header.fingerprint != fingerprint:
             raise BitstreamError(
-                f"stream needs model weights with fingerprint {header.fingerprint.hex() or '(none)'}, "
-                f"but the loaded model is {self.fingerprint.hex() or '(none)'}"
+                f"stream needs model weights with fingerprint {header.fingerprint.hex() or '(none)'}; "
+                f"these weights are {fingerprint.hex() or '(none)'}"
             )
         try:
-            self.resolve_params(header.params)
+            cls.resolve_params(header.params)
         except ValueError as exc:
             raise BitstreamError(f"stream carries parameters this codec cannot use: {exc}") from None
-        return header, payload
 
     @abstractmethod
     def encode_payloads(self, images: list[np.ndarray]) -> list[bytes]:

@@ -61,7 +61,8 @@ class DdcmCodec(Codec):
     name = "ddcm"
     description = "Denoising Diffusion Codebook Models: codebook-selected noise in reverse diffusion (ICML 2025)."
     params = (
-        Param("model", str, DEFAULT_MODEL, "diffusers latent diffusion model: builtin:NAME, folder, URL or hub id"),
+        Param("model", str, DEFAULT_MODEL, "diffusers latent diffusion model: builtin:NAME, folder, URL or hub id",
+              location=True),
         Param("steps", int, 20, "reverse-diffusion steps T (T − 1 carry indices)", minimum=2, maximum=1000),
         Param("codebook", int, 256, "codebook size K, a power of two", minimum=2, maximum=1 << 16),
         Param("atoms", int, 1, "noise vectors per step and tile, M (mp, turbo)", minimum=1, maximum=512),
@@ -92,6 +93,9 @@ class DdcmCodec(Codec):
     @property
     def fingerprint(self) -> bytes:
         return self.model.fingerprint
+
+    def weights_folders(self) -> dict:
+        return {"": self.model.folder}
 
     # ------------------------------------------------------------------ geometry and rate
 

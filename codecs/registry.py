@@ -65,9 +65,78 @@ def create_codec(
     return cls(device=device, **cls.resolve_params(params or {}, preset))
 
 
-def codec_for_header(header: Header, device: str = "cpu") -> Codec:
-    """The codec that decodes a stream with this header."""
-    return create_codec(header.codec, header.params, device=device)
+def codec_for_header(header: Header, device: str = "cpu", model: str | None = None) -> Codec:
+    """The codec that decodes a stream with this header, its weights found as `open_codec` says."""
+    return open_codec(header.codec, header.params, header.fingerprint, model=model, device=device)
+
+
+def open_codec(
+    name: str,
+    params: Mapping[str, Any],
+    fingerprint: bytes,
+    model: str | None = None,
+    embedded: str | None = None,
+    hint: Mapping[str, Any] | None = None,
+    device: str = "cpu",
+) -> Codec:
+    """A decoder for streams of this codec, parameters and weights' fingerprint.
+
+    The weights are looked for, in order, in: `model` (the user's --model override), `embedded` (an
+    archive's own models/<fingerprint>/ folder), the local cache folder for the fingerprint, and `hint`
+    (location params recorded when encoding; location params in `params` — streams written before they
+    were kept out — count as a hint too; with no hint, the codec's defaults). A folder candidate is one
+    laid out as `Codec.weights_folders` describes. The first candidate whose weights have the fingerprint
+    wins; when none has, ModelError lists every candidate and what was found there.
+    """
+    from .errors import ModelError
+
+    cls = codec_class(name)
+    stream_params, recorded = cls.split_params(params)
+    if not any(p.location for p in cls.params):  # no weights: nothing to look for
+        codec = create_codec(name, stream_params, device=device)
+        if codec.fingerprint != fingerprint:
+            raise ModelError(f"{name} streams carry no weights, but this one names fingerprint {fingerprint.hex()}")
+        return codec
+    from .parts.models import cached_weights_folder
+
+    candidates: list[tuple[str, dict | None]] = []  # (where, location params); None: nothing there
+    if model:
+        candidates.append((f"--model {model}", cls.locations_in(model)))
+    if embedded:
+        candidates.append((f"the archive's {embedded}", cls.locations_in(embedded)))
+    cached = cached_weights_folder(fingerprint.hex())
+    candidates.append((f"the model cache {cached}", cls.locations_in(str(cached)) if cached.is_dir() else None))
+    hint = {**recorded, **(hint or {})}
+    if hint:
+        candidates.append((f"the recorded location {_show(hint)}", hint))
+    else:
+        defaults = {p.name: p.default for p in cls.params if p.location}
+        candidates.append((f"the default {_show(defaults)}", defaults))
+    tried: list[str] = []
+    seen: list[dict] = []
+    for origin, locations in candidates:
+        if locations is None:
+            tried.append(f"{origin} (absent)")
+            continue
+        if locations in seen:
+            continue
+        seen.append(locations)
+        try:
+            codec = create_codec(name, {**stream_params, **locations}, device=device)
+        except Exception as exc:  # a missing folder, a foreign layout, damaged weights: say so, try the next
+            tried.append(f"{origin} ({type(exc).__name__}: {exc})")
+            continue
+        if codec.fingerprint == fingerprint:
+            return codec
+        tried.append(f"{origin} (weights {codec.fingerprint.hex()[:12]}…)")
+    raise ModelError(
+        f"no model weights with fingerprint {fingerprint.hex()} found for {name}; tried {'; '.join(tried)}. "
+        "Pass --model FOLDER with those weights."
+    )
+
+
+def _show(locations: Mapping[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in locations.items() if v) or "(none)"
 
 
 def read_header(stream: bytes) -> Header:

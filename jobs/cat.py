@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from .options import storage_option
+from .options import model_option, storage_option
 
 
 @click.command("cat")
@@ -15,12 +15,15 @@ from .options import storage_option
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write here instead of stdout.")
 @click.option("--format", "image_format", default="png", show_default=True,
               type=click.Choice(["png", "jpeg", "webp", "tiff", "bmp"]))
+@click.option("--stream", is_flag=True,
+              help="Write KEY's standalone bitstream (codec, parameters, fingerprint; no archive needed) instead.")
+@model_option
 @storage_option
-def cat(archive, key, output, image_format, storage_options):
+def cat(archive, key, output, image_format, stream, model, storage_options):
     """Decode the single image KEY from ARCHIVE, reading only the row group that holds it."""
     from ..pipeline.decode import cat_item
 
-    data = cat_item(archive, key, image_format, storage_options)
+    data = cat_item(archive, key, image_format, storage_options, model=model, stream=stream)
     if output:
         with open(output, "wb") as handle:
             handle.write(data)

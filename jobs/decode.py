@@ -7,7 +7,7 @@ import sys
 import click
 
 from .options import (
-    EXIT_ITEMS_FAILED, Progress, actors_option, address_option, emit, json_option, storage_option,
+    EXIT_ITEMS_FAILED, Progress, actors_option, address_option, emit, json_option, model_option, storage_option,
 )
 
 
@@ -20,12 +20,13 @@ from .options import (
               type=click.Choice(["png", "jpeg", "webp", "tiff", "bmp"]))
 @click.option("--overwrite", is_flag=True, help="Decode again even where the output file exists.")
 @click.option("--batch-size", type=click.IntRange(1), default=8, show_default=True)
+@model_option
 @actors_option
 @address_option
 @storage_option
 @json_option
-def decode(archive, dst, prefix, keys_file, image_format, overwrite, batch_size, actors, address, storage_options,
-           as_json):
+def decode(archive, dst, prefix, keys_file, image_format, overwrite, batch_size, model, actors, address,
+           storage_options, as_json):
     """Decode ARCHIVE (all, or a subset) to image files under DST, keys as relative paths."""
     from ..pipeline.decode import run_decode
 
@@ -34,7 +35,7 @@ def decode(archive, dst, prefix, keys_file, image_format, overwrite, batch_size,
     summary = run_decode(
         archive, dst, keys=keys, prefix=prefix, image_format=image_format, overwrite=overwrite,
         actors=actors, batch_size=batch_size, storage_options=storage_options,
-        address=address, on_progress=progress,
+        address=address, on_progress=progress, model=model,
     )
     progress.close()
     document = {**summary.__dict__, "failures": [f.__dict__ for f in summary.failures],

@@ -25,12 +25,14 @@ from .options import (
 @click.option("--batch-size", type=click.IntRange(1), default=8, show_default=True, help="Images per codec call.")
 @click.option("--max-pixels", type=click.IntRange(1), default=DEFAULT_MAX_PIXELS, show_default=True)
 @click.option("--retry-failed", is_flag=True, help="Re-run only the items in the failure table.")
+@click.option("--embed-model", is_flag=True,
+              help="Store the codec's weights in ARCHIVE/models/<fingerprint>/, so it decodes without them.")
 @actors_option
 @address_option
 @storage_option
 @json_option
-def encode(src, archive, codec, preset, params, shard_size, batch_size, max_pixels, retry_failed, actors, address,
-           storage_options, as_json):
+def encode(src, archive, codec, preset, params, shard_size, batch_size, max_pixels, retry_failed, embed_model, actors,
+           address, storage_options, as_json):
     """Encode the images under SRC (folder URL or list file of URLs) into ARCHIVE.
 
     Running it again resumes: items already committed are skipped.
@@ -39,7 +41,7 @@ def encode(src, archive, codec, preset, params, shard_size, batch_size, max_pixe
 
     options = EncodeOptions(
         codec=codec, params=params, preset=preset, shard_size=shard_size, batch_size=batch_size,
-        actors=actors, max_pixels=max_pixels, retry_failed=retry_failed,
+        actors=actors, max_pixels=max_pixels, retry_failed=retry_failed, embed_model=embed_model,
     )
     progress = Progress("encode")
     summary = run_encode(src, archive, options, storage_options, address, progress)

@@ -24,7 +24,7 @@ def info(archive, price_per_gb_month, storage_options, as_json):
     emit(as_json, facts, [
         f"archive   {facts['archive']} ({'complete' if facts['complete'] else 'INCOMPLETE: encode still running or killed'})",
         f"codec     {facts['codec']} {json.dumps(facts['params'], sort_keys=True)}",
-        f"model     {facts['model_fingerprint'] or '(none)'}",
+        f"model     {facts['model_fingerprint'] or '(none)'}" + (" (embedded in the archive)" if facts["model_embedded"] else ""),
         f"items     {facts['items']} in {facts['shards']} shards; {facts['failed']} failed {facts['failures_by_stage'] or ''}",
         f"bytes     {facts['source_bytes']:,} source → {facts['archive_bytes']:,} archive"
         + (f"  (ratio {facts['ratio']:.2f}×)" if facts["ratio"] else ""),

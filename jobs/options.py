@@ -116,4 +116,8 @@ storage_option = click.option(
 )
 address_option = click.option("--address", envvar="RAY_ADDRESS", help="Ray cluster to join; default: a local one.")
 actors_option = click.option("--actors", type=int, help="Codec actors; default one per GPU, else one per CPU.")
+model_option = click.option(
+    "--model", help="Weights to decode with (folder, builtin:NAME, URL), tried first; accepted only if their "
+    "fingerprint is the archive's. Default: the archive's models/, the local model cache, the recorded location.",
+)
 json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")

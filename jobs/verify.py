@@ -9,7 +9,7 @@ import click
 
 from .options import (
     EXIT_BELOW_THRESHOLD, EXIT_ITEMS_FAILED, Progress, actors_option, address_option, emit, json_option,
-    storage_option,
+    model_option, storage_option,
 )
 
 
@@ -25,12 +25,13 @@ from .options import (
 @click.option("--min-ms-ssim", type=float, help="Fail when any compared item is below this MS-SSIM.")
 @click.option("--max-lpips", type=float, help="Fail when any compared item is above this LPIPS.")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write per-item results (JSON) here.")
+@model_option
 @actors_option
 @address_option
 @storage_option
 @json_option
-def verify(archive, against, sample, lpips_weights, min_psnr, min_ms_ssim, max_lpips, report_path, actors, address,
-           storage_options, as_json):
+def verify(archive, against, sample, lpips_weights, min_psnr, min_ms_ssim, max_lpips, report_path, model, actors,
+           address, storage_options, as_json):
     """Check ARCHIVE's integrity and, with --against, its quality against the originals."""
     # Thresholds judge what --against measures; without it (or without LPIPS weights) they would pass silently.
     given = [name for name, value in (("--min-psnr", min_psnr), ("--min-ms-ssim", min_ms_ssim),
@@ -53,7 +54,7 @@ def verify(archive, against, sample, lpips_weights, min_psnr, min_ms_ssim, max_l
     report = run_verify(
         archive, against=against, fraction=sample,
         thresholds=Thresholds(min_psnr, min_ms_ssim, max_lpips), lpips_weights=str(weights) if weights else None,
-        actors=actors, storage_options=storage_options, address=address, on_progress=progress,
+        actors=actors, storage_options=storage_options, address=address, on_progress=progress, model=model,
     )
     progress.close()
     summary = report.summary()

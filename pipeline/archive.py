@@ -4,9 +4,15 @@
       manifest.json                 the only thing a reader trusts; rewritten atomically at each commit
       shards/part-<uuid>.parquet    one row per image, keys sorted; listed in the manifest once committed
       failures/failures-<n>.parquet every item that could not be encoded, with stage and reason
+      models/<fingerprint>/         the weights the streams need, when encoded with --embed-model
 
-A shard is written whole under a fresh name before the manifest names it, so a crash leaves either the
-previous manifest (and an orphan file nobody trusts, removed when the job finishes) or the new one.
+A shard (or a model folder) is written whole before the manifest names it, so a crash leaves either the
+previous manifest (and orphan files nobody trusts, removed when the job finishes) or the new one.
+
+Shards hold streams in the container's compact framing: the codec, parameters and fingerprint they
+share are listed once, in the manifest's spec table, and `Manifest.expand` turns a stream read from a
+shard back into the full, standalone stream the codec wrote. Archives written before the table
+(format version 1) hold full streams, which `expand` returns as they are.
 docs/FORMAT.md documents all of this for readers outside diffarc.
 """
 
@@ -15,21 +21,27 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import tempfile
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from importlib.metadata import version
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..codecs.errors import ArchiveError
+from ..codecs import container
+from ..codecs.errors import ArchiveError, ModelError
 from .storage import Location
 
-ARCHIVE_FORMAT_VERSION = 1
+# 2: streams in compact framing, the spec table, models/. Version 1 archives (full streams, one "codec"
+# whose params still held weight locations) are read, and resumed, as they are.
+ARCHIVE_FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 SHARD_DIR = "shards"
 FAILURE_DIR = "failures"
+MODEL_DIR = "models"
 DEFAULT_ROW_GROUP_BYTES = 8 << 20
 
 SHARD_SCHEMA = pa.schema(
@@ -70,11 +82,50 @@ def tool_version() -> str:
 
 @dataclass(frozen=True)
 class CodecSpec:
-    """What a whole archive was encoded with; resuming must ask for exactly the same."""
+    """What an archive's streams were encoded with; resuming must ask for exactly the same.
+
+    `params` are the stream params (no weight locations) and `fingerprint` names the weights. `id` is
+    what compact streams refer to; `hint` is where the weights were found when encoding — a location,
+    not identity, so neither takes part in comparing specs.
+    """
 
     name: str
     params: dict
     fingerprint: str = ""  # hex
+    id: int = field(default=1, compare=False)
+    hint: dict = field(default_factory=dict, compare=False)
+
+    @property
+    def stream_spec(self) -> container.Spec:
+        return container.Spec(self.name, self.params, bytes.fromhex(self.fingerprint))
+
+
+def legacy_spec(document: dict) -> CodecSpec:
+    """The spec of a format-1 manifest's "codec", whose params still held the weights' locations."""
+    from ..codecs.errors import UnknownCodecError
+    from ..codecs.registry import codec_class
+
+    try:
+        params, hint = codec_class(document["name"]).split_params(document["params"])
+    except UnknownCodecError:
+        params, hint = document["params"], {}
+    return CodecSpec(document["name"], params, document.get("fingerprint", ""), id=1, hint=hint)
+
+
+@dataclass
+class EmbeddedModel:
+    """Weights stored in the archive, under models/<fingerprint>/: every file with its size and SHA-256."""
+
+    fingerprint: str  # hex
+    files: list[dict]  # {"path" (relative to the folder), "bytes", "sha256"}
+
+    @property
+    def folder(self) -> str:
+        return f"{MODEL_DIR}/{self.fingerprint}"
+
+    @property
+    def bytes(self) -> int:
+        return sum(f["bytes"] for f in self.files)
 
 
 @dataclass(frozen=True)
@@ -109,14 +160,27 @@ class ShardEntry:
 
 @dataclass
 class Manifest:
-    codec: CodecSpec
+    specs: list[CodecSpec]  # the spec table; the last is what new shards are written with
     source: str
     shards: list[ShardEntry] = field(default_factory=list)
     failures: dict | None = None  # {"path", "rows", "bytes", "sha256"} of the current failure table
+    models: list[EmbeddedModel] = field(default_factory=list)
     complete: bool = False
     created: float = field(default_factory=time.time)
     updated: float = field(default_factory=time.time)
     commits: int = 0
+
+    @property
+    def codec(self) -> CodecSpec:
+        """The spec this archive is encoded with (one per archive: resuming with another is refused)."""
+        return self.specs[-1]
+
+    def expand(self, stream: bytes) -> bytes:
+        """The full, standalone stream for a stream read from one of this archive's shards."""
+        return container.expand(stream, {spec.id: spec.stream_spec for spec in self.specs})
+
+    def embedded_model(self, fingerprint: str) -> EmbeddedModel | None:
+        return next((m for m in self.models if m.fingerprint == fingerprint), None)
 
     @property
     def totals(self) -> dict:
@@ -127,6 +191,7 @@ class Manifest:
             "source_bytes": sum(s.source_bytes for s in self.shards),
             "bitstream_bytes": sum(s.bitstream_bytes for s in self.shards),
             "archive_bytes": sum(s.bytes for s in self.shards),
+            "model_bytes": sum(m.bytes for m in self.models),
             "pixels": sum(s.pixels for s in self.shards),
         }
 
@@ -135,7 +200,7 @@ class Manifest:
             "format": "diffarc-archive",
             "format_version": ARCHIVE_FORMAT_VERSION,
             "tool_version": tool_version(),
-            "codec": asdict(self.codec),
+            "specs": [asdict(s) for s in self.specs],
             "source": self.source,
             "complete": self.complete,
             "created": self.created,
@@ -144,6 +209,7 @@ class Manifest:
             "totals": self.totals,
             "shards": [asdict(s) for s in self.shards],
             "failures": self.failures,
+            "models": [asdict(m) for m in self.models],
         }
         return json.dumps(document, indent=1).encode("utf-8")
 
@@ -161,11 +227,17 @@ class Manifest:
                 f"({ARCHIVE_FORMAT_VERSION}); upgrade diffarc"
             )
         try:
+            if document["format_version"] == 1:
+                specs, models = [legacy_spec(document["codec"])], []
+            else:
+                specs = [CodecSpec(**s) for s in document["specs"]]
+                models = [EmbeddedModel(**m) for m in document["models"]]
             return cls(
-                codec=CodecSpec(**document["codec"]),
+                specs=specs,
                 source=document["source"],
                 shards=[ShardEntry(**s) for s in document["shards"]],
                 failures=document["failures"],
+                models=models,
                 complete=document["complete"],
                 created=document["created"],
                 updated=document["updated"],
@@ -205,13 +277,18 @@ def shard_metadata(codec: CodecSpec) -> dict[bytes, bytes]:
 def write_shard(
     archive: Location, items: list[EncodedItem], codec: CodecSpec, row_group_bytes: int = DEFAULT_ROW_GROUP_BYTES
 ) -> ShardEntry:
-    """Write one shard under a fresh name and describe it for the manifest (which the caller commits)."""
+    """Write one shard under a fresh name and describe it for the manifest (which the caller commits).
+
+    Streams are stored in compact framing, referring to `codec` by its id in the spec table.
+    """
     items = sorted(items, key=lambda item: item.key)  # sorted keys make row-group statistics a key index
+    spec = codec.stream_spec
+    streams = [container.compact(i.bitstream, codec.id, spec) for i in items]
     table = pa.table(
         {
             "key": [i.key for i in items],
-            "bitstream": [i.bitstream for i in items],
-            "bitstream_bytes": [len(i.bitstream) for i in items],
+            "bitstream": streams,
+            "bitstream_bytes": [len(s) for s in streams],
             "width": [i.width for i in items],
             "height": [i.height for i in items],
             "source_bytes": [i.source_bytes for i in items],
@@ -224,7 +301,7 @@ def write_shard(
     # Bitstreams are already compressed: recompressing them costs CPU and saves nothing.
     compression = {name: ("NONE" if name == "bitstream" else "ZSTD") for name in SHARD_SCHEMA.names}
     with pq.ParquetWriter(buffer, table.schema, compression=compression, use_dictionary=["codec"]) as writer:
-        for start, stop in _row_groups([len(i.bitstream) for i in items], row_group_bytes):
+        for start, stop in _row_groups([len(s) for s in streams], row_group_bytes):
             writer.write_table(table.slice(start, stop - start), row_group_size=stop - start)
     data = buffer.getvalue()
     path = f"{SHARD_DIR}/part-{uuid.uuid4().hex}.parquet"
@@ -237,7 +314,7 @@ def write_shard(
         first_key=items[0].key,
         last_key=items[-1].key,
         source_bytes=sum(i.source_bytes for i in items),
-        bitstream_bytes=sum(len(i.bitstream) for i in items),
+        bitstream_bytes=sum(len(s) for s in streams),
         pixels=sum(i.width * i.height for i in items),
     )
 
@@ -260,6 +337,82 @@ def read_shard(
     filters = [("key", "in", keys)] if keys is not None else None
     with archive.fs.open(archive.path(entry.path), "rb") as handle:
         return pq.read_table(handle, columns=columns, filters=filters)
+
+
+def embed_weights(archive: Location, codec) -> EmbeddedModel:
+    """Copy the weights `codec` loaded into models/<fingerprint>/, each file whole (only what the loaders
+    read: `models.weights_files`). The caller commits the manifest that names the folder only after this
+    returns, so no manifest ever names a partial folder."""
+    from ..codecs.parts.models import weights_files
+
+    fingerprint = codec.fingerprint.hex()
+    files = []
+    for subfolder, source in codec.weights_folders().items():
+        if source is None:
+            raise ModelError(
+                f"{codec.name} weights {codec.locations} are not in a local folder (a hub id?); "
+                "download them to a folder to embed them"
+            )
+        for relative in weights_files(Path(source)):
+            path = f"{subfolder}/{relative}" if subfolder else relative
+            data = (Path(source) / relative).read_bytes()
+            archive.write_atomic(f"{MODEL_DIR}/{fingerprint}/{path}", data)
+            files.append({"path": path, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()})
+    return EmbeddedModel(fingerprint, sorted(files, key=lambda f: f["path"]))
+
+
+def local_weights_folder(archive: Location, model: EmbeddedModel) -> str:
+    """A local folder holding an embedded model: the archive's own on local disk; for a remote archive,
+    the model cache's folder for its fingerprint, fetched once."""
+    if archive.is_local:
+        return archive.path(model.folder)
+    from ..codecs.parts.models import cached_weights_folder, copy_folder
+
+    files = [f["path"] for f in model.files]
+    return str(copy_folder(archive.fs, archive.path(model.folder), files, cached_weights_folder(model.fingerprint)))
+
+
+def check_embedded_weights(archive: Location, manifest: Manifest) -> list[str]:
+    """Problems with the archive's embedded weights: files missing or changed since they were listed, and
+    weights whose fingerprint, recomputed from the files, is not the one their folder is named by.
+
+    The files are read once: hashed, and written to a scratch folder that the fingerprint is recomputed
+    from — a path no model cache has seen, so the figure comes from these bytes, not from a earlier load.
+    """
+    from ..codecs.registry import codec_class, create_codec
+
+    problems = []
+    for model in manifest.models:
+        spec = next((s for s in manifest.specs if s.fingerprint == model.fingerprint), None)
+        if spec is None:
+            problems.append(f"{model.folder}: no codec spec of this archive uses these weights")
+            continue
+        with tempfile.TemporaryDirectory() as scratch:
+            damaged = False
+            for file in model.files:
+                path = f"{model.folder}/{file['path']}"
+                try:
+                    data = archive.read(path)
+                except FileNotFoundError:
+                    problems.append(f"{path}: listed in the manifest but missing")
+                    damaged = True
+                    continue
+                if len(data) != file["bytes"] or hashlib.sha256(data).hexdigest() != file["sha256"]:
+                    problems.append(f"{path}: size or SHA-256 differs from the manifest (damaged or replaced)")
+                    damaged = True
+                (Path(scratch) / file["path"]).parent.mkdir(parents=True, exist_ok=True)
+                (Path(scratch) / file["path"]).write_bytes(data)
+            if damaged:
+                continue
+            try:
+                codec = create_codec(spec.name, {**spec.params, **codec_class(spec.name).locations_in(scratch)})
+                found = codec.fingerprint.hex()
+            except Exception as exc:  # weights that no longer load are as broken as weights that differ
+                problems.append(f"{model.folder}: weights do not load ({type(exc).__name__}: {exc})")
+                continue
+        if found != model.fingerprint:
+            problems.append(f"{model.folder}: the weights' fingerprint is {found}, not the one the folder is named by")
+    return problems
 
 
 def write_failures(archive: Location, failures: dict[str, Failure], sequence: int) -> dict | None:
@@ -287,6 +440,8 @@ class ArchiveWriter:
 
     Opening an existing archive resumes it: the keys it already holds are `done`, its failures are
     known, and a request for a different codec, parameters or weights is refused rather than mixed in.
+    The same weights found under another path are the same weights: the job goes on, and the spec's
+    hint records where they are now.
     """
 
     def __init__(self, archive: Location, codec: CodecSpec, source: str):
@@ -294,7 +449,9 @@ class ArchiveWriter:
         existing = load_manifest(archive)
         if existing is not None and existing.codec != codec:
             raise codec_mismatch(archive.url, existing.codec, codec)
-        self.manifest = existing or Manifest(codec=codec, source=source)
+        if existing is not None:
+            existing.specs[-1] = replace(existing.codec, hint=codec.hint)
+        self.manifest = existing or Manifest(specs=[replace(codec, id=1)], source=source)
         self.failures = read_failures(archive, self.manifest)
         self.done: set[str] = set()
         for entry in self.manifest.shards:
@@ -314,6 +471,11 @@ class ArchiveWriter:
             self.failures[failure.key] = failure
         self._commit()
 
+    def add_model(self, model: EmbeddedModel) -> None:
+        """List embedded weights whose files are all written (see `embed_weights`)."""
+        self.manifest.models = [m for m in self.manifest.models if m.fingerprint != model.fingerprint] + [model]
+        self._commit()
+
     def finish(self) -> Manifest:
         self.manifest.complete = True
         self._commit()
@@ -328,7 +490,7 @@ class ArchiveWriter:
             self.archive.delete(previous["path"])
 
     def _remove_orphans(self) -> None:
-        """Shards or failure tables from a killed run that no manifest lists: nobody trusts them."""
+        """Shards, failure tables or model files from a killed run that no manifest lists: nobody trusts them."""
         listed = {s.path for s in self.manifest.shards}
         if self.manifest.failures:
             listed.add(self.manifest.failures["path"])
@@ -336,3 +498,7 @@ class ArchiveWriter:
             for path in self.archive.list_files(directory):
                 if path not in listed and path.endswith(".parquet"):
                     self.archive.delete(path)
+        model_files = {f"{m.folder}/{f['path']}" for m in self.manifest.models for f in m.files}
+        for path in self.archive.list_files(MODEL_DIR):
+            if path not in model_files:
+                self.archive.delete(path)

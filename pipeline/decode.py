@@ -2,6 +2,8 @@
 
 Each actor holds one codec and decodes whole shards, reading only the rows asked for. A stream that is
 damaged or was written for other weights is reported and skipped; the others are still decoded.
+The codec's weights are found by fingerprint (`codec_for_archive`): --model, then the archive's own
+models/ folder, the local cache, and the location recorded when encoding.
 Outputs are written atomically, and an output that already exists is skipped, so a killed decode is
 resumed by running it again.
 """
@@ -20,9 +22,9 @@ from PIL import Image
 
 from ..codecs.base import Codec
 from ..codecs.errors import BitstreamError
-from ..codecs.registry import create_codec
+from ..codecs.registry import open_codec
 from ..codecs.errors import ArchiveError, ParameterError
-from .archive import CodecSpec, Failure, Manifest, ShardEntry, read_shard, require_manifest
+from .archive import Failure, Manifest, ShardEntry, local_weights_folder, read_shard, require_manifest
 from .cluster import connect, pool_shape, run_on_pool, start_pool, torch_device
 from .preflight import check_decode, check_reachable
 from .storage import Location
@@ -74,14 +76,20 @@ def decode_streams(codec: Codec, keys: list[str], streams: list[bytes], failures
     return [pair for key, stream in readable for pair in decode_streams(codec, [key], [stream], failures)]
 
 
-def codec_for_archive(spec: CodecSpec, device: str = "cpu") -> Codec:
-    codec = create_codec(spec.name, spec.params, device=device)
-    if codec.fingerprint.hex() != spec.fingerprint:
-        raise ArchiveError(
-            f"archive needs model weights with fingerprint {spec.fingerprint or '(none)'}; "
-            f"the loaded model is {codec.fingerprint.hex() or '(none)'}"
-        )
-    return codec
+def codec_for_archive(archive: Location, manifest: Manifest, device: str = "cpu", model: str | None = None) -> Codec:
+    """The archive's codec, with weights that have its fingerprint: from `model` (--model), the archive's
+    models/<fingerprint>/, the local model cache, or the recorded location, in that order."""
+    spec = manifest.codec
+    embedded = manifest.embedded_model(spec.fingerprint)
+    return open_codec(
+        spec.name,
+        spec.params,
+        bytes.fromhex(spec.fingerprint),
+        model=model,
+        embedded=local_weights_folder(archive, embedded) if embedded else None,
+        hint=spec.hint,
+        device=device,
+    )
 
 
 @dataclass
@@ -113,8 +121,9 @@ class DecodeSummary:
 class DecodeWorker:
     """A Ray actor: one codec, decoding shards of an archive to files under DST."""
 
-    def __init__(self, spec: CodecSpec):
-        self.codec = codec_for_archive(spec, torch_device())
+    def __init__(self, archive: Location, manifest: Manifest, model: str | None):
+        self.manifest = manifest
+        self.codec = codec_for_archive(archive, manifest, torch_device(), model)
 
     def decode_shard(
         self, archive: Location, task: DecodeTask, dst: Location, image_format: str, overwrite: bool, batch_size: int
@@ -134,7 +143,10 @@ class DecodeWorker:
             if not overwrite and dst.exists(name):
                 skipped += 1
                 continue
-            todo.append((row["key"], name, row["bitstream"]))
+            try:
+                todo.append((row["key"], name, self.manifest.expand(row["bitstream"])))
+            except BitstreamError as exc:
+                failures.append(Failure(row["key"], "parse", str(exc)))
         decoded = 0
         for start in range(0, len(todo), batch_size):
             batch = todo[start : start + batch_size]
@@ -173,6 +185,7 @@ def run_decode(
     storage_options: dict | None = None,
     address: str | None = None,
     on_progress: Callable[[int, int, int], None] | None = None,
+    model: str | None = None,
 ) -> DecodeSummary:
     started = time.perf_counter()
     if image_format not in OUTPUT_FORMATS:
@@ -184,7 +197,7 @@ def run_decode(
     summary = DecodeSummary(0, 0)
     if tasks:
         connect(address)
-        pool = start_pool(DecodeWorker, pool_shape(actors), manifest.codec)
+        pool = start_pool(DecodeWorker, pool_shape(actors), archive, manifest, model)
         try:
             for result in run_on_pool(
                 pool,
@@ -215,15 +228,26 @@ def _keys_in(archive: Location, tasks: list[DecodeTask]) -> set[str]:
     return found
 
 
-def cat_item(archive_url: str, key: str, image_format: str = "png", storage_options: dict | None = None) -> bytes:
-    """One image, decoded here: the manifest's key ranges and the shard's row-group statistics mean
-    only the row group holding the key is read."""
+def cat_item(
+    archive_url: str,
+    key: str,
+    image_format: str = "png",
+    storage_options: dict | None = None,
+    model: str | None = None,
+    stream: bool = False,
+) -> bytes:
+    """One image, decoded here — or, with `stream`, its standalone stream (full framing: codec,
+    parameters, fingerprint), decodable without the archive. The manifest's key ranges and the shard's
+    row-group statistics mean only the row group holding the key is read."""
     archive = Location(archive_url, storage_options)
     check_reachable(archive, "read the archive")
     manifest = require_manifest(archive)
     for task in select_shards(manifest, [key], ""):
         rows = read_shard(archive, task.entry, columns=["key", "bitstream"], keys=[key]).to_pylist()
         if rows:
-            codec = codec_for_archive(manifest.codec)
-            return encode_image(codec.decode([rows[0]["bitstream"]])[0], image_format)
+            full = manifest.expand(rows[0]["bitstream"])
+            if stream:
+                return full
+            codec = codec_for_archive(archive, manifest, model=model)
+            return encode_image(codec.decode([full])[0], image_format)
     raise ArchiveError(f"key {key!r} is not in the archive {archive_url}")

@@ -8,6 +8,9 @@
 Fetching and image decoding run on threads inside the actor while the codec works on the previous
 batch, and the next shard is already queued on the actor, so the codec (and its GPU) does not wait.
 Memory is bounded per actor by the shard size, not by the collection.
+
+With `embed_model`, one actor first copies the codec's weights into the archive's models/ folder, and
+the driver commits a manifest naming them before any shard: the archive then decodes anywhere.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import ray
 
 from ..codecs.base import Codec
 from ..codecs.registry import create_codec
-from .archive import ArchiveWriter, CodecSpec, EncodedItem, Failure, ShardEntry, write_shard
+from .archive import ArchiveWriter, CodecSpec, EmbeddedModel, EncodedItem, Failure, ShardEntry, embed_weights, write_shard
 from .cluster import connect, describe_worker, pool_shape, run_on_pool, start_pool, torch_device
 from .images import DEFAULT_MAX_PIXELS, load_rgb
 from .preflight import check_encode
@@ -40,6 +43,7 @@ class EncodeOptions:
     max_pixels: int = DEFAULT_MAX_PIXELS
     retry_failed: bool = False
     fetch_threads: int = 8
+    embed_model: bool = False  # copy the weights into ARCHIVE/models/<fingerprint>/
 
 
 @dataclass
@@ -89,7 +93,15 @@ class EncodeWorker:
         self.fetcher = ThreadPoolExecutor(fetch_threads)
 
     def codec_spec(self) -> CodecSpec:
-        return CodecSpec(self.codec.name, self.codec.config, self.codec.fingerprint.hex())
+        hint = self.codec.locations
+        if hint:  # an absolute path is still a good hint when decoding from another working directory
+            from ..codecs.parts.models import canonical_reference
+
+            hint = {k: canonical_reference(v) for k, v in hint.items()}
+        return CodecSpec(self.codec.name, self.codec.stream_params, self.codec.fingerprint.hex(), hint=hint)
+
+    def embed_weights(self, archive: Location) -> EmbeddedModel:
+        return embed_weights(archive, self.codec)
 
     def encode_shard(self, archive: Location, items: list[SourceItem], batch_size: int) -> ShardResult:
         started = time.perf_counter()
@@ -181,7 +193,10 @@ def run_encode(
     encoded = failed = source_bytes = bitstream_bytes = 0
     workers: dict[int, dict] = {}
     try:
-        writer = ArchiveWriter(archive, ray.get(actors[0].codec_spec.remote()), source=src)
+        spec = ray.get(actors[0].codec_spec.remote())
+        writer = ArchiveWriter(archive, spec, source=src)
+        if options.embed_model and spec.fingerprint and not writer.manifest.embedded_model(spec.fingerprint):
+            writer.add_model(ray.get(actors[0].embed_weights.remote(archive)))
         if options.retry_failed:
             todo = [item for item in listing.items if item.key in writer.failures]
         else:

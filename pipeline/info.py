@@ -30,7 +30,8 @@ def archive_info(archive_url: str, price_per_gb_month: float = 0.023, storage_op
         bpp.append(8 * sizes / pixels)
     bpp = np.concatenate(bpp) if bpp else np.zeros(0)
     failures = read_failures(archive, manifest)
-    stored = totals["archive_bytes"] + (manifest.failures or {}).get("bytes", 0)
+    # Embedded weights (encode --embed-model) are stored too: they count against the saving.
+    stored = totals["archive_bytes"] + (manifest.failures or {}).get("bytes", 0) + totals["model_bytes"]
     source_cost = totals["source_bytes"] / GB * price_per_gb_month
     archive_cost = stored / GB * price_per_gb_month
     return {
@@ -39,6 +40,8 @@ def archive_info(archive_url: str, price_per_gb_month: float = 0.023, storage_op
         "codec": manifest.codec.name,
         "params": manifest.codec.params,
         "model_fingerprint": manifest.codec.fingerprint or None,
+        "model_embedded": manifest.embedded_model(manifest.codec.fingerprint) is not None,
+        "model_hint": manifest.codec.hint or None,  # where the weights were when encoding
         "items": totals["items"],
         "failed": len(failures),
         "failures_by_stage": dict(Counter(f.stage for f in failures.values())),

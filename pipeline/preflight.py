@@ -53,7 +53,9 @@ def check_encode(
     if existing is not None:
         # The manifest went through JSON; compare like with like. The fingerprint needs the model loaded,
         # so it is compared later, when the actors have it.
-        requested = CodecSpec(options.codec, json.loads(json.dumps(params)), existing.codec.fingerprint)
+        # Weight locations are not identity: only the stream params are compared.
+        stream_params = codec_class(options.codec).split_params(params)[0]
+        requested = CodecSpec(options.codec, json.loads(json.dumps(stream_params)), existing.codec.fingerprint)
         if requested != existing.codec:
             raise codec_mismatch(archive.url, existing.codec, requested)
     with storage_errors("list the source", src):

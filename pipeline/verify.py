@@ -1,9 +1,13 @@
 """The verify job: is the archive whole, and — against the originals — how good is it?
 
 Integrity, on every shard (in Ray actors): the shard's size and SHA-256 match the manifest, its row
-count and schema are right, every bitstream parses (container CRC), was written by the archive's codec
-with the archive's weights, and states the width and height its row does. Across shards (driver):
-no key twice, no key both encoded and failed, and the failure table matches its checksum.
+count and schema are right, every bitstream expands with the manifest's spec table and parses
+(container CRC, which covers the spec), was written by the archive's codec with the archive's weights,
+and states the width and height its row does. Across shards (driver): no key twice, no key both
+encoded and failed, the failure table matches its checksum, and embedded weights (models/) match their
+listed checksums and, recomputed, the fingerprint they are stored under. None of this needs the weights
+loaded: a stream is checked against the archive's spec, so an archive whose only copy of its weights
+is damaged is still verified, and reported NOT INTACT.
 
 Quality, with `against`: a deterministic sample of items (chosen by a hash of the key, so the same
 fraction picks the same items every run) is decoded and compared with its source image, loaded by the
@@ -23,8 +27,10 @@ from typing import Callable
 import pyarrow.parquet as pq
 import ray
 
-from ..codecs.errors import BitstreamError
-from .archive import SHARD_SCHEMA, Failure, Manifest, ShardEntry
+from ..codecs import container
+from ..codecs.errors import BitstreamError, DiffarcError
+from ..codecs.registry import codec_class
+from .archive import SHARD_SCHEMA, Failure, Manifest, ShardEntry, check_embedded_weights
 from .cluster import connect, pool_shape, run_on_pool, start_pool, torch_device
 from .decode import codec_for_archive, decode_streams
 from .images import DEFAULT_MAX_PIXELS, load_rgb
@@ -102,12 +108,18 @@ class VerifyReport:
 
 
 class VerifyWorker:
-    """A Ray actor: the archive's codec (and LPIPS network) loaded once, checking whole shards."""
+    """A Ray actor checking whole shards; the archive's codec (and LPIPS network) is loaded once, and only
+    when decoded images are compared with the originals."""
 
-    def __init__(self, manifest: Manifest, lpips_weights: str | None, storage_options: dict | None, max_pixels: int):
+    def __init__(
+        self, archive: Location, manifest: Manifest, lpips_weights: str | None, storage_options: dict | None,
+        max_pixels: int, model: str | None = None,
+    ):  # fmt: skip
         self.device = torch_device()
         self.manifest = manifest
-        self.codec = codec_for_archive(manifest.codec, self.device)
+        self.codec_class = codec_class(manifest.codec.name)
+        self.archive, self.model = archive, model  # where to look for the weights, if they are needed
+        self.codec = None
         self.lpips = LPIPS(lpips_weights, self.device) if lpips_weights else None
         self.storage_options = storage_options
         self.max_pixels = max_pixels
@@ -132,7 +144,9 @@ class VerifyWorker:
         report.keys = [r["key"] for r in rows]
         for row in rows:
             try:
-                header, _ = self.codec.read(row["bitstream"])
+                row["stream"] = self.manifest.expand(row["bitstream"])
+                header, _ = container.unpack(row["stream"])
+                self.codec_class.check_header(header, bytes.fromhex(self.manifest.codec.fingerprint))
                 if (header.width, header.height) != (row["width"], row["height"]):
                     raise BitstreamError(
                         f"stream is {header.width}×{header.height}, row says {row['width']}×{row['height']}"
@@ -140,6 +154,12 @@ class VerifyWorker:
             except BitstreamError as exc:
                 report.failures.append(Failure(row["key"], "parse", str(exc)))
         if against:
+            try:
+                if self.codec is None:
+                    self.codec = codec_for_archive(self.archive, self.manifest, self.device, self.model)
+            except DiffarcError as exc:  # no weights with the archive's fingerprint: nothing to compare
+                report.problems.append(f"decoded images not compared: {exc}")
+                return report
             report.quality = self._compare(rows, against, fraction, report.failures)
         return report
 
@@ -149,7 +169,7 @@ class VerifyWorker:
         source = Location(against, self.storage_options)
         quality = []
         rows_by_key = {r["key"]: r for r in sample}
-        for key, decoded in decode_streams(self.codec, list(rows_by_key), [r["bitstream"] for r in sample], failures):
+        for key, decoded in decode_streams(self.codec, list(rows_by_key), [r["stream"] for r in sample], failures):
             row = rows_by_key[key]
             try:
                 original = load_rgb(source.read(key), self.max_pixels)
@@ -183,6 +203,7 @@ def run_verify(
     address: str | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     on_progress: Callable[[int, int, int], None] | None = None,
+    model: str | None = None,
 ) -> VerifyReport:
     started = time.perf_counter()
     archive = Location(archive_url, storage_options)
@@ -190,10 +211,13 @@ def run_verify(
     report = VerifyReport(shards=len(manifest.shards), lpips_used=bool(lpips_weights and against))
     if not manifest.complete:
         report.problems.append("manifest is not marked complete: the encode job has not finished")
+    report.problems += check_embedded_weights(archive, manifest)
     seen: dict[str, str] = {}
     if manifest.shards:
         connect(address)
-        pool = start_pool(VerifyWorker, pool_shape(actors), manifest, lpips_weights, storage_options, max_pixels)
+        pool = start_pool(
+            VerifyWorker, pool_shape(actors), archive, manifest, lpips_weights, storage_options, max_pixels, model
+        )
         try:
             for done, shard in enumerate(
                 run_on_pool(
@@ -215,6 +239,7 @@ def run_verify(
             for actor in pool:
                 ray.kill(actor)
     report.problems += _check_failure_table(archive, manifest, seen)
+    report.problems = list(dict.fromkeys(report.problems))  # a problem every shard meets is said once
     for row in report.quality:
         violations = thresholds.violations(row)
         if violations:

@@ -71,14 +71,16 @@ def save_tiny_ldm(folder: Path, seed: int = 0, conditional: bool = False, dtype=
     return folder
 
 
-def decode_in_new_process(stream: bytes, folder: Path) -> np.ndarray:
-    """Decode a stream in a fresh Python process that knows nothing but the stream (codec and params from its header)."""
+def decode_in_new_process(stream: bytes, folder: Path, model: str | None = None) -> np.ndarray:
+    """Decode a stream in a fresh Python process that knows nothing but the stream (codec and params from
+    its header) and, for weights other than the built-in default, the folder holding them."""
     (folder / "stream.bin").write_bytes(stream)
     script = (
         "import numpy as np\n"
         "from diffarc.codecs.registry import codec_for_header, read_header\n"
         f"data = open({str(folder / 'stream.bin')!r}, 'rb').read()\n"
-        f"np.save({str(folder / 'decoded.npy')!r}, codec_for_header(read_header(data)).decode([data])[0])\n"
+        f"codec = codec_for_header(read_header(data), model={model!r})\n"
+        f"np.save({str(folder / 'decoded.npy')!r}, codec.decode([data])[0])\n"
     )
     subprocess.run([sys.executable, "-c", script], check=True)
     return np.load(folder / "decoded.npy")

@@ -111,8 +111,10 @@ class LatentDenoiseCodec(Codec):
     name = "latent-denoise"
     description = "Quantized latent, denoised by the frozen diffusion model from a predicted timestep (ECCV 2024)."
     params = (
-        Param("model", str, DEFAULT_MODEL, "diffusers latent diffusion model: builtin:NAME, folder, URL or hub id"),
-        Param("predictors", str, "", "trained γ/t/entropy predictors (folder or URL); default: the model's latent_denoise/"),
+        Param("model", str, DEFAULT_MODEL, "diffusers latent diffusion model: builtin:NAME, folder, URL or hub id",
+              location=True),
+        Param("predictors", str, "", "trained γ/t/entropy predictors (folder or URL); default: the model's latent_denoise/",
+              location=True),
         Param("step", float, 1.0, "quantization step Δ of the transformed latent: the rate knob", minimum=0.01, maximum=64),
         Param("timestep", str, "predict", "t: predicted from the quantized latent, searched by LPIPS at the encoder, or off (t = 0)",
               choices=("predict", "search", "off")),
@@ -133,6 +135,7 @@ class LatentDenoiseCodec(Codec):
         if self.model.unet is None:
             raise ModelError(f"model {self.config['model']} has no diffusion UNet; latent-denoise needs one")
         folder = predictors_folder(self.config["model"], self.config["predictors"])
+        self.predictors_dir = Path(folder)
         self.predictors, predictors_fingerprint = load_predictors(folder, str(device))
         channels = self.model.unet.config.in_channels
         if self.predictors.config.latent_channels != channels:
@@ -146,6 +149,9 @@ class LatentDenoiseCodec(Codec):
     def fingerprint(self) -> bytes:
         """The model's and the predictors' weights together: the entropy tables depend on both."""
         return self._fingerprint
+
+    def weights_folders(self) -> dict:
+        return {"": self.model.folder, PREDICTORS_FOLDER: self.predictors_dir}
 
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
         return latent_size(self.model, height, width)

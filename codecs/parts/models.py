@@ -24,6 +24,12 @@ sampler uses — the prediction type and the ᾱ_t table (float64) derived from 
 a model with other betas or another prediction type is another model to a bitstream. It does not depend
 on file names, on sharding, on the scheduler's class or its sampling-only options, or on the dtype the
 weights were stored in or cast to at load (fp16 values are exact in float32).
+
+Streams and archives name weights by fingerprint only; a reference is where they were found. To decode,
+candidate folders are tried in order (`registry.open_codec`) and the first whose weights have the needed
+fingerprint is used. One of them is the local cache keyed by fingerprint,
+`$DIFFARC_MODEL_CACHE/<fingerprint hex>/`, where copies of weights fetched from remote archives land;
+like every candidate, what it holds is checked, never trusted.
 """
 
 from __future__ import annotations
@@ -166,8 +172,58 @@ def model_cache_dir() -> Path:
     return Path(os.environ.get(MODEL_CACHE_ENV) or Path.home() / ".cache" / "diffarc" / "models")
 
 
+def cached_weights_folder(fingerprint_hex: str) -> Path:
+    """Where the local cache keeps weights with this fingerprint; it may not exist."""
+    return model_cache_dir() / fingerprint_hex
+
+
+def canonical_reference(reference: str) -> str:
+    """An existing local folder as its absolute path, so that it names the same folder from anywhere."""
+    if reference and not reference.startswith("builtin:") and "://" not in reference:
+        path = Path(reference).expanduser()
+        if path.exists():
+            return str(path.resolve())
+    return reference
+
+
+def weights_files(folder: Path) -> list[str]:
+    """The files of a weights folder that the loaders read (relative, sorted): `*.json` and safetensors
+    without a variant suffix, at its top and in vae/, unet/, scheduler/. Text encoders, pickles and fp16
+    variants (`*.fp16.safetensors`) are not read, so `encode --embed-model` leaves them behind."""
+    found = []
+    for directory in (folder, *(folder / c for c in (*COMPONENTS, "scheduler"))):
+        if directory.is_dir():
+            for path in directory.iterdir():
+                variant = path.name.endswith(".safetensors") and "." in path.name[: -len(".safetensors")]
+                if path.is_file() and path.suffix in (".json", ".safetensors") and not variant:
+                    found.append(path.relative_to(folder).as_posix())
+    return sorted(found)
+
+
+def copy_folder(fs, root: str, files: Iterable[str], target: Path) -> Path:
+    """Copy `files` (relative to `root` on filesystem `fs`) into the local folder `target`, whole or not
+    at all: they are staged beside it and renamed into place, so a crash leaves no partial folder."""
+    if target.is_dir():
+        return target
+    staging = target.with_name(f"{target.name}.tmp-{uuid.uuid4().hex}")
+    try:
+        for relative in files:
+            local = staging / relative
+            local.parent.mkdir(parents=True, exist_ok=True)
+            fs.get_file(f"{root.rstrip('/')}/{relative}", str(local))
+        staging.mkdir(parents=True, exist_ok=True)
+        try:
+            staging.rename(target)
+        except OSError:  # another process finished the same copy first
+            if not target.is_dir():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
 def _cached_copy(url: str) -> Path:
-    """Copy a remote model folder once; a finished copy is renamed into place, so a crash leaves none."""
+    """Copy a remote model folder once, into the cache under a hash of its URL."""
     import fsspec
 
     target = model_cache_dir() / hashlib.sha256(url.encode("utf-8")).hexdigest()[:24]
@@ -177,22 +233,7 @@ def _cached_copy(url: str) -> Path:
     root = root.rstrip("/")
     if not fs.isdir(root):
         raise ModelError(f"model URL {url} is not a folder")
-    staging = target.with_name(f"{target.name}.tmp-{uuid.uuid4().hex}")
-    try:
-        for remote in fs.find(root):
-            relative = remote[len(root):].lstrip("/")
-            local = staging / relative
-            local.parent.mkdir(parents=True, exist_ok=True)
-            fs.get_file(remote, str(local))
-        (staging / "SOURCE_URL").write_text(url + "\n")
-        try:
-            staging.rename(target)
-        except OSError:  # another process finished the same copy first
-            if not target.is_dir():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
+    return copy_folder(fs, root, [remote[len(root):].lstrip("/") for remote in fs.find(root)], target)
 
 
 # ---------------------------------------------------------------- loading
@@ -288,10 +329,7 @@ def load_model(reference: str, device: str = "cpu", dtype: torch.dtype = torch.f
 
     The modules are in eval mode with gradients off: codecs share them and must not change them.
     """
-    key = reference
-    if not reference.startswith("builtin:") and "://" not in reference and Path(reference).expanduser().exists():
-        key = str(Path(reference).expanduser().resolve())
-    return _load_cached(key, str(device), dtype)
+    return _load_cached(canonical_reference(reference), str(device), dtype)
 
 
 # ---------------------------------------------------------------- built-ins

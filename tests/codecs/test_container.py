@@ -75,3 +75,70 @@ def test_codec_refuses_stream_of_another_codec():
     stream = create_codec("webp").encode([np.zeros((8, 8, 3), "uint8")])[0]
     with pytest.raises(BitstreamError, match="written by codec 'webp'"):
         create_codec("jpeg").decode([stream])
+
+
+# ---------------------------------------------------------------- compact framing (streams inside archives)
+
+SPEC = HEADER.spec
+
+
+def test_compact_round_trip_gives_back_the_exact_full_stream():
+    full = container.pack(HEADER, b"payload bytes")
+    compact = container.compact(full, 7, SPEC)
+    assert container.expand(compact, {7: SPEC}) == full
+    assert container.expand(full, {}) == full  # full streams (old archives) pass through as they are
+
+
+def test_compact_framing_costs_at_most_24_bytes():
+    for payload in (b"", b"x" * 1000):
+        compact = container.compact(container.pack(HEADER, payload), 0xFFFF, SPEC)
+        assert len(compact) - len(payload) == container.COMPACT_OVERHEAD <= 24
+    ddcm = Header("ddcm", {"steps": 12, "codebook": 256, "tile": 8, "atoms": 1, "coef_bits": 2, "selection": "argmax",
+                           "seed": 0, "precision": "fp32"}, b"\x02" * 32, 768, 512)
+    assert len(container.pack(ddcm, b"")) - container.COMPACT_OVERHEAD >= 150  # what each archive stream saves
+
+
+@pytest.mark.parametrize(
+    "other",
+    [
+        container.Spec("jpeg", {"quality": 51}, SPEC.fingerprint),  # other parameters
+        container.Spec("jpeg", SPEC.params, b"\x02" * 32),  # other weights
+        container.Spec("webp", SPEC.params, SPEC.fingerprint),  # another codec
+    ],
+)
+def test_a_compact_stream_read_with_another_spec_table_is_refused(other):
+    compact = container.compact(container.pack(HEADER, b"payload"), 1, SPEC)
+    with pytest.raises(BitstreamError, match="CRC mismatch"):
+        container.expand(compact, {1: other})
+
+
+def test_a_compact_stream_naming_an_unlisted_spec_is_refused():
+    compact = container.compact(container.pack(HEADER, b"payload"), 3, SPEC)
+    with pytest.raises(BitstreamError, match="spec 3, which this archive's spec table does not list"):
+        container.expand(compact, {1: SPEC})
+
+
+def test_every_bit_flip_and_truncation_of_a_compact_stream_is_caught():
+    compact = container.compact(container.pack(HEADER, bytes(range(40))), 1, SPEC)
+    # Ids one bit away from 1 name other specs: the CRC, which covers the spec, still catches the flip.
+    table = {1: SPEC, 0: container.Spec("jpeg", {"quality": 49}), 257: container.Spec("avif", {})}
+    for position in range(len(compact)):
+        for bit in (0, 7):
+            damaged = bytearray(compact)
+            damaged[position] ^= 1 << bit
+            with pytest.raises(BitstreamError):
+                container.expand(bytes(damaged), table)
+    for length in range(len(compact)):
+        with pytest.raises(BitstreamError):
+            container.expand(compact[:length], {1: SPEC})
+
+
+def test_compacting_checks_the_stream_is_of_the_spec():
+    with pytest.raises(BitstreamError, match="spec 1 is webp"):
+        container.compact(container.pack(HEADER, b"x"), 1, container.Spec("webp", {}, b""))
+
+
+def test_a_compact_stream_alone_says_it_needs_its_archive():
+    compact = container.compact(container.pack(HEADER, b"x"), 1, SPEC)
+    with pytest.raises(BitstreamError, match="compact archive stream.*--stream"):
+        container.unpack(compact)

@@ -57,7 +57,7 @@ def test_rate_follows_the_documented_formula(tiny_model):
 def test_a_stream_decodes_identically_in_another_process(tiny_model, tmp_path):
     codec = create_codec("ddcm", {"model": tiny_model, "steps": 5, "codebook": 16, "tile": 2})
     stream = codec.encode([IMAGES[0]])[0]
-    assert np.array_equal(decode_in_new_process(stream, tmp_path), codec.decode([stream])[0])
+    assert np.array_equal(decode_in_new_process(stream, tmp_path, tiny_model), codec.decode([stream])[0])
 
 
 def test_stream_for_other_weights_is_refused(tiny_model, tmp_path):

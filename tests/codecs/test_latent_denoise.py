@@ -84,7 +84,7 @@ def test_denoising_runs_the_promised_number_of_unet_calls(tiny_model):
 def test_a_stream_decodes_identically_in_another_process(tiny_model, tmp_path):
     codec = create_codec("latent-denoise", {"model": tiny_model, "step": 0.5})
     stream = codec.encode([IMAGES[3]])[0]
-    assert np.array_equal(decode_in_new_process(stream, tmp_path), codec.decode([stream])[0])
+    assert np.array_equal(decode_in_new_process(stream, tmp_path, tiny_model), codec.decode([stream])[0])
 
 
 def test_streams_need_the_same_model_and_predictors(tiny_model, tmp_path):

@@ -1,3 +1,4 @@
+import hashlib
 import json
 
 import pyarrow.parquet as pq
@@ -15,12 +16,20 @@ from diffarc.pipeline.archive import (
     write_shard,
 )
 from diffarc.pipeline.storage import Location
+from diffarc.codecs import container
+from diffarc.codecs.errors import BitstreamError
 
 SPEC = CodecSpec("jpeg", {"quality": 75}, "")
 
 
 def items(keys, size=100):
-    return [EncodedItem(k, bytes([i % 256]) * size, 8, 4, 1000, "0" * 64) for i, k in enumerate(keys)]
+    """Items whose streams are full containers of SPEC, each `size` bytes long once compacted."""
+    header = container.Header(SPEC.name, SPEC.params, b"", width=8, height=4)
+    payload_bytes = size - container.COMPACT_OVERHEAD
+    return [
+        EncodedItem(k, container.pack(header, bytes([i % 256]) * payload_bytes), 8, 4, 1000, "0" * 64)
+        for i, k in enumerate(keys)
+    ]
 
 
 def test_shard_is_plain_parquet_with_sorted_keys_and_bounded_row_groups(tmp_path):
@@ -85,3 +94,111 @@ def test_newer_or_foreign_manifests_are_refused(tmp_path):
     (tmp_path / MANIFEST).write_text("{}")
     with pytest.raises(ArchiveError, match="not a diffarc archive"):
         load_manifest(archive)
+
+
+# ---------------------------------------------------------------- spec table, compact streams, old archives
+
+
+def test_shards_hold_compact_streams_that_the_manifest_expands(tmp_path):
+    archive = Location(str(tmp_path))
+    writer = ArchiveWriter(archive, SPEC, source="src")
+    written = items(["a", "b"], size=300)
+    entry = write_shard(archive, written, writer.manifest.codec)
+    writer.commit(entry, ["a", "b"], [])
+    manifest = load_manifest(archive)
+    document = json.loads((tmp_path / MANIFEST).read_text())
+    assert document["format_version"] == 2
+    assert document["specs"] == [{"name": "jpeg", "params": {"quality": 75}, "fingerprint": "", "id": 1, "hint": {}}]
+    rows = read_shard(archive, entry).to_pylist()
+    assert [len(r["bitstream"]) for r in rows] == [r["bitstream_bytes"] for r in rows] == [300, 300]
+    assert entry.bitstream_bytes == 600
+    assert [manifest.expand(r["bitstream"]) for r in rows] == [i.bitstream for i in written]
+
+
+def test_a_stream_of_another_spec_is_never_written(tmp_path):
+    other = CodecSpec("jpeg", {"quality": 10}, "")
+    with pytest.raises(BitstreamError, match="spec 1 is jpeg"):
+        write_shard(Location(str(tmp_path)), items(["a"]), other)
+
+
+def write_format_1_manifest(folder, codec: dict, shards=()):
+    """A manifest as diffarc wrote it before the spec table: one "codec", its params holding the model."""
+    document = {
+        "format": "diffarc-archive", "format_version": 1, "tool_version": "0.1.0", "codec": codec,
+        "source": "src", "complete": True, "created": 1.0, "updated": 2.0, "commits": 1, "totals": {},
+        "shards": list(shards), "failures": None,
+    }  # fmt: skip
+    (folder / MANIFEST).write_text(json.dumps(document))
+
+
+def test_a_format_1_manifest_reads_with_its_model_as_a_hint(tmp_path):
+    write_format_1_manifest(tmp_path, {"name": "ddcm", "params": {"model": "/old/place", "steps": 12}, "fingerprint": "ab"})
+    manifest = load_manifest(Location(str(tmp_path)))
+    assert manifest.codec == CodecSpec("ddcm", {"steps": 12}, "ab")
+    assert manifest.codec.hint == {"model": "/old/place"} and manifest.models == []
+
+
+def test_resuming_accepts_the_same_weights_found_elsewhere_and_refuses_others(tmp_path):
+    archive = Location(str(tmp_path))
+    ArchiveWriter(archive, CodecSpec("ddcm", {"steps": 12}, "ab", hint={"model": "/a"}), source="src").finish()
+    moved = ArchiveWriter(archive, CodecSpec("ddcm", {"steps": 12}, "ab", hint={"model": "/b"}), source="src")
+    moved.finish()
+    assert load_manifest(archive).codec.hint == {"model": "/b"}  # where the weights are now
+    with pytest.raises(ArchiveError, match="weights cdcd.*Resume with the same codec, parameters and weights"):
+        ArchiveWriter(archive, CodecSpec("ddcm", {"steps": 12}, "cd" * 32, hint={"model": "/b"}), source="src")
+
+
+# ---------------------------------------------------------------- embedded weights (models/)
+
+
+def test_embedded_weights_are_whole_before_the_manifest_names_them_and_checked_by_verify(tmp_path):
+    from diffarc.codecs.latent_denoise.codec import PREDICTORS_FOLDER
+    from diffarc.codecs.registry import create_codec
+    from diffarc.pipeline.archive import check_embedded_weights, embed_weights
+
+    from ..codecs.test_latent_denoise import save_predictors
+    from ..conftest import save_tiny_ldm
+
+    model = save_tiny_ldm(tmp_path / "model")
+    (model / "text_encoder").mkdir()  # what a Stable Diffusion folder holds beside what the codec reads
+    (model / "text_encoder" / "model.safetensors").write_bytes(b"not needed")
+    (model / "unet" / "diffusion_pytorch_model.fp16.safetensors").write_bytes(b"a variant nobody loads")
+    predictors = save_predictors(tmp_path / "predictors")
+    codec = create_codec("latent-denoise", {"model": str(model), "predictors": str(predictors)})
+    fingerprint = codec.fingerprint.hex()
+    archive = Location(str(tmp_path / "arc"))
+    spec = CodecSpec(codec.name, codec.stream_params, fingerprint, hint=codec.locations)
+    writer = ArchiveWriter(archive, spec, source="src")
+    (tmp_path / "arc" / "models" / ("ee" * 32)).mkdir(parents=True)  # a killed run's partial copy
+    (tmp_path / "arc" / "models" / ("ee" * 32) / "half.safetensors").write_bytes(b"...")
+
+    embedded = embed_weights(archive, codec)
+    assert load_manifest(archive) is None  # files first; a manifest names them only once committed
+    writer.add_model(embedded)
+    listed = [f["path"] for f in load_manifest(archive).models[0].files]
+    assert listed == [
+        f"{PREDICTORS_FOLDER}/config.json", f"{PREDICTORS_FOLDER}/diffusion_pytorch_model.safetensors",
+        "scheduler/scheduler_config.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
+        "vae/config.json", "vae/diffusion_pytorch_model.safetensors",
+    ]  # fmt: skip
+    writer.finish()
+    assert sorted(archive.list_files("models")) == [f"models/{fingerprint}/{p}" for p in listed]
+    manifest = load_manifest(archive)
+    assert manifest.totals["model_bytes"] == sum(f["bytes"] for f in manifest.models[0].files) > 0
+    assert check_embedded_weights(archive, manifest) == []
+
+    # Files whose checksums are right but whose weights are not the fingerprint's (a forged listing).
+    other = save_predictors(tmp_path / "other-predictors", seed=1)
+    weights = tmp_path / "arc" / "models" / fingerprint / PREDICTORS_FOLDER / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes((other / "diffusion_pytorch_model.safetensors").read_bytes())
+    forged = manifest.models[0].files[1]
+    forged["bytes"], forged["sha256"] = weights.stat().st_size, hashlib.sha256(weights.read_bytes()).hexdigest()
+    assert check_embedded_weights(archive, manifest) == [
+        f"models/{fingerprint}: the weights' fingerprint is "
+        f"{create_codec('latent-denoise', {'model': str(model), 'predictors': str(other)}).fingerprint.hex()}, "
+        "not the one the folder is named by"
+    ]
+    weights.unlink()
+    assert check_embedded_weights(archive, manifest) == [
+        f"models/{fingerprint}/{PREDICTORS_FOLDER}/diffusion_pytorch_model.safetensors: listed in the manifest but missing"
+    ]

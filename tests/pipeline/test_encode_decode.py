@@ -2,6 +2,7 @@
 
 import dataclasses
 import hashlib
+import io
 import json
 
 import numpy as np
@@ -11,15 +12,16 @@ import pytest
 from PIL import Image
 
 from diffarc.codecs import container
-from diffarc.codecs.registry import create_codec
-from diffarc.pipeline.archive import MANIFEST, read_failures, read_shard, require_manifest
-from diffarc.pipeline.decode import run_decode
+from diffarc.codecs.registry import codec_for_header, create_codec
+from diffarc.pipeline.archive import MANIFEST, SHARD_SCHEMA, read_failures, read_shard, require_manifest
+from diffarc.pipeline.decode import cat_item, output_name, run_decode
 from diffarc.pipeline.encode import EncodeOptions, run_encode
+from diffarc.pipeline.images import load_rgb
 from diffarc.codecs.parts.metrics import psnr
 from diffarc.pipeline.storage import Location
 from diffarc.pipeline.verify import Thresholds, run_verify
 
-from ..conftest import photo_like
+from ..conftest import photo_like, save_tiny_ldm
 
 pytestmark = pytest.mark.slow
 
@@ -82,12 +84,15 @@ def rewrite_shard(archive_path, mutate):
 def test_damaged_streams_fail_clearly_and_the_rest_decode(ray_cluster, image_folder, tmp_path):
     run_encode(str(image_folder), str(tmp_path / "arc"), EncodeOptions("jpeg", shard_size=6))
 
+    manifest = require_manifest(Location(str(tmp_path / "arc")))
+
     def damage(rows):
         flipped = bytearray(rows[0]["bitstream"])
         flipped[len(flipped) // 2] ^= 0x10
         rows[0]["bitstream"] = bytes(flipped)
-        rows[1]["bitstream"] = rows[1]["bitstream"][:-7]
-        header, payload = container.unpack(rows[2]["bitstream"])
+        rows[1]["bitstream"] = rows[1]["bitstream"][:12]
+        # A full (standalone) stream among compact ones is read as it is: this one names other weights.
+        header, payload = container.unpack(manifest.expand(rows[2]["bitstream"]))
         rows[2]["bitstream"] = container.pack(dataclasses.replace(header, fingerprint=b"\x01" * 32), payload)
 
     keys = rewrite_shard(tmp_path / "arc", damage)
@@ -169,3 +174,80 @@ def test_a_small_job_is_split_across_all_actors(ray_cluster, image_folder, tmp_p
     manifest = require_manifest(Location(str(tmp_path / "arc")))
     assert [s.rows for s in manifest.shards] == [3, 3]
     assert len(summary.workers) == 2
+
+
+def read_png(path_or_bytes) -> np.ndarray:
+    source = io.BytesIO(path_or_bytes) if isinstance(path_or_bytes, bytes) else path_or_bytes
+    with Image.open(source) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def test_decode_verify_and_cat_give_what_the_standalone_stream_decodes_to(ray_cluster, image_folder, tmp_path):
+    model = str(save_tiny_ldm(tmp_path / "model"))
+    params = {"model": model, "steps": 3, "codebook": 4, "tile": 2}
+    arc = str(tmp_path / "arc")
+    run_encode(str(image_folder), arc, EncodeOptions("ddcm", params, shard_size=3))
+    assert run_decode(arc, str(tmp_path / "out")).decoded == 6
+    assert run_verify(arc, against=str(image_folder)).intact
+    archive = Location(arc)
+    manifest = require_manifest(archive)
+    for entry in manifest.shards:
+        for row in read_shard(archive, entry).to_pylist():
+            standalone = cat_item(arc, row["key"], stream=True)  # `diffarc cat --stream`
+            header, payload = container.unpack(standalone)
+            assert "model" not in header.params and header.fingerprint.hex() == manifest.codec.fingerprint
+            # Inside the archive the codec, parameters and fingerprint are the spec table's, not the stream's.
+            assert len(row["bitstream"]) == len(payload) + container.COMPACT_OVERHEAD < len(standalone) - 100
+            expected = codec_for_header(header, model=model).decode([standalone])[0]
+            assert np.array_equal(read_png(tmp_path / "out" / output_name(row["key"], "png")), expected)
+            assert np.array_equal(read_png(cat_item(arc, row["key"])), expected)
+
+
+def write_format_1_archive(folder, codec, image_folder, keys) -> list[bytes]:
+    """An archive as diffarc wrote it before the spec table: full streams whose parameters name the model,
+    in one shard, and a format-1 manifest. Returns the streams, in key order."""
+    rows = []
+    for key in sorted(keys):
+        data = (image_folder / key).read_bytes()
+        header, payload = container.unpack(codec.encode([load_rgb(data)])[0])
+        old = container.Header(codec.name, codec.config, header.fingerprint, header.width, header.height)
+        rows.append({"key": key, "bitstream": container.pack(old, payload), "width": header.width,
+                     "height": header.height, "source_bytes": len(data),
+                     "source_sha256": hashlib.sha256(data).hexdigest(), "codec": codec.name})  # fmt: skip
+    for row in rows:
+        row["bitstream_bytes"] = len(row["bitstream"])
+    shard = "shards/part-0123.parquet"
+    (folder / "shards").mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(rows, schema=SHARD_SCHEMA), folder / shard)
+    data = (folder / shard).read_bytes()
+    entry = {"path": shard, "rows": len(rows), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
+             "first_key": rows[0]["key"], "last_key": rows[-1]["key"],
+             "source_bytes": sum(r["source_bytes"] for r in rows),
+             "bitstream_bytes": sum(r["bitstream_bytes"] for r in rows),
+             "pixels": sum(r["width"] * r["height"] for r in rows)}  # fmt: skip
+    manifest = {"format": "diffarc-archive", "format_version": 1, "tool_version": "0.1.0",
+                "codec": {"name": codec.name, "params": codec.config, "fingerprint": codec.fingerprint.hex()},
+                "source": str(image_folder), "complete": True, "created": 1.0, "updated": 2.0, "commits": 1,
+                "totals": {}, "shards": [entry], "failures": None}  # fmt: skip
+    (folder / MANIFEST).write_text(json.dumps(manifest))
+    return [r["bitstream"] for r in rows]
+
+
+def test_an_archive_of_the_first_format_still_decodes_verifies_and_resumes(ray_cluster, image_folder, tmp_path):
+    model = str(save_tiny_ldm(tmp_path / "model"))
+    params = {"model": model, "steps": 3, "codebook": 4, "tile": 2}
+    codec = create_codec("ddcm", params)
+    arc = tmp_path / "arc"
+    old_keys = ["a.png", "b.jpg", "c.png"]
+    streams = write_format_1_archive(arc, codec, image_folder, old_keys)
+    assert run_decode(str(arc), str(tmp_path / "out")).decoded == 3
+    for key, stream in zip(old_keys, streams):
+        assert np.array_equal(read_png(tmp_path / "out" / output_name(key, "png")), codec.decode([stream])[0])
+    assert cat_item(str(arc), "b.jpg", stream=True) == streams[1]  # an old full stream leaves as it is
+
+    resumed = run_encode(str(image_folder), str(arc), EncodeOptions("ddcm", params))
+    assert (resumed.already_done, resumed.encoded) == (3, 3)
+    document = json.loads((arc / MANIFEST).read_text())
+    assert document["format_version"] == 2 and document["specs"][0]["hint"] == {"model": model}
+    assert run_decode(str(arc), str(tmp_path / "all")).decoded == 6
+    assert run_verify(str(arc)).intact  # old full streams and new compact ones side by side

@@ -9,22 +9,27 @@ import s3fs
 from click.testing import CliRunner
 from PIL import Image
 
+from diffarc.codecs.parts.models import MODEL_CACHE_ENV, cached_weights_folder
 from diffarc.codecs.registry import create_codec
 from diffarc.jobs.cli import main
 from diffarc.pipeline.decode import run_decode
 from diffarc.pipeline.encode import EncodeOptions, run_encode
 from diffarc.pipeline.verify import run_verify
 
+from ..conftest import save_tiny_ldm
+
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def s3_ray(s3_server):
-    """Ray started with the AWS variables set, so its workers find the server the way users' would."""
+def s3_ray(s3_server, tmp_path_factory):
+    """Ray started with the AWS variables set, so its workers find the server the way users' would, and
+    with a model cache of its own."""
     import ray
 
-    saved = {k: os.environ.get(k) for k in s3_server["env"]}
-    os.environ.update(s3_server["env"])
+    env = {**s3_server["env"], MODEL_CACHE_ENV: str(tmp_path_factory.mktemp("model-cache"))}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield s3_server
     ray.shutdown()
@@ -71,3 +76,23 @@ def test_cli_finds_the_server_from_aws_environment_variables(s3_ray, image_folde
     assert json.loads(encoded.stdout)["encoded"] == 6
     info = runner.invoke(main, ["info", "s3://envarchive/a", "--json"])
     assert info.exit_code == 0 and json.loads(info.stdout)["items"] == 6
+
+
+def test_weights_embedded_in_an_s3_archive_are_fetched_into_the_model_cache_by_fingerprint(s3_ray, image_folder, tmp_path):
+    import shutil
+
+    fs = upload(s3_ray, image_folder, "tinyphotos", "tinyarchive")
+    options = s3_ray["storage_options"]
+    model = save_tiny_ldm(tmp_path / "model")
+    params = {"model": str(model), "steps": 3, "codebook": 4, "tile": 2}
+    run_encode("s3://tinyphotos/images", "s3://tinyarchive/a", EncodeOptions("ddcm", params, actors=1, embed_model=True),
+               storage_options=options)
+    fingerprint = json.loads(fs.cat("tinyarchive/a/manifest.json"))["specs"][0]["fingerprint"]
+    assert fs.exists(f"tinyarchive/a/models/{fingerprint}/unet/diffusion_pytorch_model.safetensors")
+    shutil.rmtree(model)
+    assert not cached_weights_folder(fingerprint).exists()
+    result = run_decode("s3://tinyarchive/a", str(tmp_path / "out"), actors=1, storage_options=options)
+    assert result.decoded == 6 and not result.failures
+    assert (cached_weights_folder(fingerprint) / "unet" / "config.json").is_file()
+    report = run_verify("s3://tinyarchive/a", storage_options=options)
+    assert report.intact, report.problems
