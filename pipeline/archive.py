@@ -72,7 +72,7 @@ def codec_mismatch(url: str, existing: CodecSpec, requested: CodecSpec) -> Archi
 
     return ArchiveError(
         f"{url} was encoded with {describe(existing)}; this job asks for {describe(requested)}: "
-        "resume with the same codec and parameters, or write a new archive"
+        "resume with the same codec, parameters and weights, or write a new archive"
     )
 
 

@@ -130,4 +130,4 @@ def test_resuming_accepts_the_same_weights_elsewhere_and_refuses_other_weights(r
     other = save_tiny_ldm(tmp_path / "other", seed=1)
     (image_folder / "newer.png").write_bytes((image_folder / "new.png").read_bytes())
     refused = run("encode", image_folder, arc, *DDCM, "--param", f"model={other}")
-    assert refused.exit_code == 1 and "Resume with the same codec, parameters and weights" in refused.output
+    assert refused.exit_code == 1 and "resume with the same codec, parameters and weights" in refused.output

@@ -144,7 +144,7 @@ def test_resuming_accepts_the_same_weights_found_elsewhere_and_refuses_others(tm
     moved = ArchiveWriter(archive, CodecSpec("ddcm", {"steps": 12}, "ab", hint={"model": "/b"}), source="src")
     moved.finish()
     assert load_manifest(archive).codec.hint == {"model": "/b"}  # where the weights are now
-    with pytest.raises(ArchiveError, match="weights cdcd.*Resume with the same codec, parameters and weights"):
+    with pytest.raises(ArchiveError, match="weights cdcd.*resume with the same codec, parameters and weights"):
         ArchiveWriter(archive, CodecSpec("ddcm", {"steps": 12}, "cd" * 32, hint={"model": "/b"}), source="src")
 
 
