@@ -21,12 +21,14 @@ from .options import (
               type=click.Choice(["png", "jpeg", "webp", "tiff", "bmp"]))
 @click.option("--overwrite", is_flag=True, help="Decode again even where the output file exists.")
 @click.option("--batch-size", type=click.IntRange(1), default=8, show_default=True)
+@click.option("--max-pixels", type=click.IntRange(1),
+              help="Refuse streams declaring more pixels than this; default: the archive's encode limit.")
 @actors_option
 @address_option
 @storage_option
 @json_option
-def decode(archive, dst, prefix, keys_file, image_format, overwrite, batch_size, actors, address, storage_options,
-           as_json):
+def decode(archive, dst, prefix, keys_file, image_format, overwrite, batch_size, max_pixels, actors, address,
+           storage_options, as_json):
     """Decode ARCHIVE (all, or a subset) to image files under DST, keys as relative paths."""
     from ..pipeline.decode import run_decode
 
@@ -35,7 +37,7 @@ def decode(archive, dst, prefix, keys_file, image_format, overwrite, batch_size,
     summary = run_job(
         run_decode, archive, dst, keys=keys, prefix=prefix, image_format=image_format, overwrite=overwrite,
         actors=actors, batch_size=batch_size, storage_options=parse_storage_options(storage_options),
-        address=address, on_progress=progress,
+        address=address, on_progress=progress, max_pixels=max_pixels,
     )
     progress.close()
     document = {**summary.__dict__, "failures": [f.__dict__ for f in summary.failures],

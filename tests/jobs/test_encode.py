@@ -1,0 +1,38 @@
+"""`diffarc encode` as a user runs it, on a real local Ray: an image the codec cannot encode."""
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from diffarc.jobs.cli import main
+from diffarc.jobs.options import EXIT_ITEMS_FAILED
+from diffarc.pipeline.archive import read_failures, read_shard, require_manifest
+from diffarc.pipeline.storage import Location
+
+from ..conftest import photo_like
+
+pytestmark = pytest.mark.slow
+
+
+def test_an_image_the_codec_refuses_fails_alone_even_in_a_batch_of_one(ray_cluster, image_folder, tmp_path):
+    # WebP cannot encode an image wider than 16383 px; the PNG itself loads fine.
+    Image.fromarray(np.tile(photo_like(1, 100, seed=3), (1, 200, 1))).save(image_folder / "wide.png")
+    arc = tmp_path / "arc"
+    result = CliRunner().invoke(
+        main, ["encode", str(image_folder), str(arc), "--codec", "webp", "--batch-size", "1", "--shard-size", "2",
+               "--json"],
+    )  # fmt: skip
+    assert result.exit_code == EXIT_ITEMS_FAILED, result.output
+    summary = json.loads(result.stdout)
+    assert (summary["encoded"], summary["failed"]) == (6, 1)
+    archive = Location(str(arc))
+    manifest = require_manifest(archive)
+    failures = read_failures(archive, manifest)
+    assert list(failures) == ["wide.png"]
+    assert failures["wide.png"].stage == "encode" and "16383" in failures["wide.png"].reason
+    keys = [k for e in manifest.shards for k in read_shard(archive, e, columns=["key"]).column("key").to_pylist()]
+    assert sorted(keys) == ["a.png", "b.jpg", "c.png", "d.png", "sub/e.jpg", "sub/f.png"]  # each exactly once
+    assert manifest.complete
