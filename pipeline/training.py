@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from ..codecs.errors import ImageLoadError
-from .images import load_rgb
+from .images import DEFAULT_MAX_PIXELS, load_rgb
 from .sources import fetch, list_sources
 
 VALIDATION_PERCENT = 5
@@ -118,6 +118,7 @@ class TrainSettings:
     storage_options: dict = field(default_factory=dict)
     seed: int = 0
     max_images: int | None = None  # use only the first N images (smoke tests)
+    max_pixels: int = DEFAULT_MAX_PIXELS  # larger training images are skipped, as encode would skip them
 
 
 # ---------------------------------------------------------------- data
@@ -135,7 +136,7 @@ def load_training_images(settings: TrainSettings) -> tuple[list[np.ndarray], lis
     train, validation = [], []
     for item in items:
         try:
-            image = load_rgb(fetch(item, settings.storage_options or None))
+            image = load_rgb(fetch(item, settings.storage_options or None), settings.max_pixels)
         except ImageLoadError as exc:
             print(f"skipping {item.key}: {exc}", flush=True)
             continue

@@ -36,3 +36,16 @@ def test_an_image_the_codec_refuses_fails_alone_even_in_a_batch_of_one(ray_clust
     keys = [k for e in manifest.shards for k in read_shard(archive, e, columns=["key"]).column("key").to_pylist()]
     assert sorted(keys) == ["a.png", "b.jpg", "c.png", "d.png", "sub/e.jpg", "sub/f.png"]  # each exactly once
     assert manifest.complete
+
+
+def test_max_pixels_reaches_the_manifest_and_decode_and_verify_take_their_own(ray_cluster, image_folder, tmp_path):
+    arc = tmp_path / "arc"
+    encoded = CliRunner().invoke(main, ["encode", str(image_folder), str(arc), "--codec", "jpeg", "--max-pixels", "3000"])
+    assert encoded.exit_code == EXIT_ITEMS_FAILED, encoded.output  # a.png and d.png are larger
+    assert json.loads((arc / "manifest.json").read_text())["max_pixels"] == 3000
+    assert CliRunner().invoke(main, ["decode", str(arc), str(tmp_path / "out")]).exit_code == 0
+    strict = CliRunner().invoke(main, ["decode", str(arc), str(tmp_path / "strict"), "--max-pixels", "1000", "--json"])
+    assert strict.exit_code == EXIT_ITEMS_FAILED
+    assert sorted(f["key"] for f in json.loads(strict.stdout)["failures"]) == ["b.jpg", "sub/e.jpg"]
+    assert CliRunner().invoke(main, ["verify", str(arc), "--max-pixels", "1000"]).exit_code == EXIT_ITEMS_FAILED
+    assert CliRunner().invoke(main, ["verify", str(arc)]).exit_code == 0

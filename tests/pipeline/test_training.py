@@ -140,3 +140,13 @@ def test_train_refuses_incomplete_settings_before_starting_ray(tmp_path, monkeyp
     monkeypatch.delenv("DIFFARC_LPIPS_WEIGHTS", raising=False)
     result = CliRunner().invoke(train, args + ["--data", str(tmp_path), "--out", str(tmp_path / "o"), "--work-dir", str(tmp_path / "w")])
     assert result.exit_code == 2 and complaint in result.output
+
+
+def test_training_images_over_max_pixels_are_skipped(tmp_path):
+    from diffarc.pipeline.training import load_training_images
+
+    for index, size in enumerate([(20, 20), (24, 20), (80, 80)]):
+        Image.fromarray(photo_like(*size, seed=index)).save(tmp_path / f"{index}.png")
+    settings = TrainSettings(what="autoencoder", data=str(tmp_path), out="o", work_dir="w", max_pixels=1000)
+    train, validation = load_training_images(settings)
+    assert sorted(image.shape for image in train + validation) == [(20, 20, 3), (24, 20, 3)]
