@@ -54,4 +54,5 @@ def test_bench_skips_images_over_max_pixels(tmp_path):
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     assert summary["images"] == 1
-    assert [s["key"] for s in summary["skipped"]] == ["large.png"] and "over the limit of 5000" in summary["skipped"][0]["reason"]
+    assert [s["key"] for s in summary["skipped"]] == ["large.png"]
+    assert "over the limit of 5000" in summary["skipped"][0]["reason"]

@@ -40,7 +40,9 @@ def test_an_image_the_codec_refuses_fails_alone_even_in_a_batch_of_one(ray_clust
 
 def test_max_pixels_reaches_the_manifest_and_decode_and_verify_take_their_own(ray_cluster, image_folder, tmp_path):
     arc = tmp_path / "arc"
-    encoded = CliRunner().invoke(main, ["encode", str(image_folder), str(arc), "--codec", "jpeg", "--max-pixels", "3000"])
+    encoded = CliRunner().invoke(
+        main, ["encode", str(image_folder), str(arc), "--codec", "jpeg", "--max-pixels", "3000"]
+    )
     assert encoded.exit_code == EXIT_ITEMS_FAILED, encoded.output  # a.png and d.png are larger
     assert json.loads((arc / "manifest.json").read_text())["max_pixels"] == 3000
     assert CliRunner().invoke(main, ["decode", str(arc), str(tmp_path / "out")]).exit_code == 0
