@@ -14,6 +14,13 @@ from PIL import Image
 from .base import Codec, Param
 from .container import Header
 from .errors import BitstreamError
+from .parts.imagefile import TooManyPixels, open_image
+
+# The most pixels a payload may declare. Streams come from archives that may be hostile: without a
+# bound, one stream claiming 60000×60000 makes the decoder allocate 10 GB. One gigapixel (3 GB of RGB)
+# is above any image diffarc encodes by default; the pipeline applies the archive's own, smaller
+# limit (--max-pixels) before it calls decode.
+MAX_PAYLOAD_PIXELS = 1 << 30
 
 _QUALITY_PRESETS = {"low": {"quality": 30}, "medium": {"quality": 60}, "high": {"quality": 85}}
 
@@ -30,14 +37,26 @@ class PillowCodec(Codec):
         return buffer.getvalue()
 
     def decode_payloads(self, payloads: list[bytes], headers: list[Header]) -> list[np.ndarray]:
-        images = []
-        for payload in payloads:
+        return [self._decode(payload, header) for payload, header in zip(payloads, headers, strict=True)]
+
+    def _decode(self, payload: bytes, header: Header) -> np.ndarray:
+        """One payload, refused before any pixel is decoded unless it declares the header's size."""
+        try:
+            image = open_image(payload, MAX_PAYLOAD_PIXELS, formats=[self.pillow_format])
+        except (TooManyPixels, Image.DecompressionBombError) as exc:
+            raise BitstreamError(f"{self.name} payload refused: {exc}") from None
+        except (OSError, SyntaxError, ValueError) as exc:
+            raise BitstreamError(f"{self.name} payload does not decode: {exc}") from None
+        with image:
+            if image.size != (header.width, header.height):
+                raise BitstreamError(
+                    f"{self.name} payload is {image.width}×{image.height}, the stream header says "
+                    f"{header.width}×{header.height}"
+                )
             try:
-                with Image.open(io.BytesIO(payload), formats=[self.pillow_format]) as image:
-                    images.append(np.asarray(image.convert("RGB")))
-            except (OSError, SyntaxError, ValueError) as exc:
+                return np.asarray(image.convert("RGB"))
+            except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
                 raise BitstreamError(f"{self.name} payload does not decode: {exc}") from None
-        return images
 
 
 class JpegCodec(PillowCodec):

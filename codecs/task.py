@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from .errors import ParameterError
+from .parts.imagefile import DEFAULT_MAX_PIXELS
 
 if TYPE_CHECKING:  # torch is imported where a task runs, not where `diffarc train` checks its options
     import numpy as np
@@ -57,6 +58,7 @@ class TrainSettings:
     storage_options: dict = field(default_factory=dict)
     seed: int = 0
     max_images: int | None = None  # use only the first N images (smoke tests)
+    max_pixels: int = DEFAULT_MAX_PIXELS  # larger training images are skipped, as encode would skip them
 
     @property
     def weights_dtype(self) -> torch.dtype:

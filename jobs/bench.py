@@ -7,6 +7,7 @@ import json
 import click
 
 from ..pipeline.bench.specs import SPEC_HELP, SpecError, parse_codec_spec
+from ..pipeline.images import DEFAULT_MAX_PIXELS
 from .options import storage_option
 
 
@@ -61,15 +62,20 @@ def _check_reference(ctx, param, value: str) -> str:
 @click.option("--batch-sizes", default="1,4,8", show_default=True, callback=_batch_sizes, help="for --throughput")
 @click.option("--json", "as_json", is_flag=True, help="print the summary as one JSON object instead of a table")
 @storage_option
+@click.option("--max-pixels", type=click.IntRange(1), default=DEFAULT_MAX_PIXELS, show_default=True,
+              help="skip images with more pixels than this (checked before decoding)")
 def bench(
-    dataset, specs, reference, out, lpips_weights, limit, gallery, throughput, batch_sizes, as_json, storage_options
+    dataset, specs, reference, out, lpips_weights, limit, gallery, throughput, batch_sizes, as_json, storage_options,
+    max_pixels,
 ):
+    # Imported here, not at the top: they load torch and matplotlib, which every other command can do without.
     from ..pipeline.bench.report import format_table
     from ..pipeline.bench.run import BenchOptions, run_bench, summary
 
     options = BenchOptions(
         dataset=dataset, specs=specs, reference=reference, out=out, lpips_weights=lpips_weights, limit=limit,
         gallery=gallery, throughput=throughput, batch_sizes=batch_sizes, storage_options=storage_options or {},
+        max_pixels=max_pixels,
     )  # fmt: skip
     results = run_bench(options, log=lambda message: click.echo(message, err=True))
     if as_json:

@@ -21,11 +21,13 @@ from .options import (
 @click.option("--overwrite", is_flag=True, help="Decode again even where the output file exists.")
 @click.option("--batch-size", type=click.IntRange(1), default=8, show_default=True)
 @model_option
+@click.option("--max-pixels", type=click.IntRange(1),
+              help="Refuse streams declaring more pixels than this; default: the archive's encode limit.")
 @actors_option
 @address_option
 @storage_option
 @json_option
-def decode(archive, dst, prefix, keys_file, image_format, overwrite, batch_size, model, actors, address,
+def decode(archive, dst, prefix, keys_file, image_format, overwrite, batch_size, model, max_pixels, actors, address,
            storage_options, as_json):
     """Decode ARCHIVE (all, or a subset) to image files under DST, keys as relative paths."""
     from ..pipeline.decode import run_decode
@@ -35,7 +37,7 @@ def decode(archive, dst, prefix, keys_file, image_format, overwrite, batch_size,
     summary = run_decode(
         archive, dst, keys=keys, prefix=prefix, image_format=image_format, overwrite=overwrite,
         actors=actors, batch_size=batch_size, storage_options=storage_options,
-        address=address, on_progress=progress, model=model,
+        address=address, on_progress=progress, model=model, max_pixels=max_pixels,
     )
     progress.close()
     document = {**summary.__dict__, "failures": [f.__dict__ for f in summary.failures],

@@ -15,7 +15,7 @@ from .options import (
 
 @click.command("verify")
 @click.argument("archive")
-@click.option("--against", help="Source folder URL to compare decoded images with.")
+@click.option("--against", help="Source to compare decoded images with: the folder URL or list file given to encode.")
 @click.option("--sample", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True,
               help="Fraction of items to decode and compare (chosen by key hash: the same every run).")
 @click.option("--lpips-weights", envvar="DIFFARC_LPIPS_WEIGHTS",
@@ -26,12 +26,14 @@ from .options import (
 @click.option("--max-lpips", type=float, help="Fail when any compared item is above this LPIPS.")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write per-item results (JSON) here.")
 @model_option
+@click.option("--max-pixels", type=click.IntRange(1),
+              help="Most pixels a stream may declare or an original may have; default: the archive's encode limit.")
 @actors_option
 @address_option
 @storage_option
 @json_option
-def verify(archive, against, sample, lpips_weights, min_psnr, min_ms_ssim, max_lpips, report_path, model, actors,
-           address, storage_options, as_json):
+def verify(archive, against, sample, lpips_weights, min_psnr, min_ms_ssim, max_lpips, report_path, model, max_pixels,
+           actors, address, storage_options, as_json):
     """Check ARCHIVE's integrity and, with --against, its quality against the originals."""
     # Thresholds judge what --against measures; without it (or without LPIPS weights) they would pass silently.
     given = [name for name, value in (("--min-psnr", min_psnr), ("--min-ms-ssim", min_ms_ssim),
@@ -55,6 +57,7 @@ def verify(archive, against, sample, lpips_weights, min_psnr, min_ms_ssim, max_l
         archive, against=against, fraction=sample,
         thresholds=Thresholds(min_psnr, min_ms_ssim, max_lpips), lpips_weights=str(weights) if weights else None,
         actors=actors, storage_options=storage_options, address=address, on_progress=progress, model=model,
+        max_pixels=max_pixels,
     )
     progress.close()
     summary = report.summary()

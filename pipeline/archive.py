@@ -18,6 +18,7 @@ docs/FORMAT.md documents all of this for readers outside diffarc.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import io
 import json
@@ -29,6 +30,7 @@ from importlib.metadata import version
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ..codecs import container
@@ -169,6 +171,9 @@ class Manifest:
     created: float = field(default_factory=time.time)
     updated: float = field(default_factory=time.time)
     commits: int = 0
+    # The largest --max-pixels any encode run of this archive used: no item is larger, so decode and
+    # verify refuse streams that claim more. None in archives written before it was recorded.
+    max_pixels: int | None = None
 
     @property
     def codec(self) -> CodecSpec:
@@ -206,6 +211,7 @@ class Manifest:
             "created": self.created,
             "updated": self.updated,
             "commits": self.commits,
+            "max_pixels": self.max_pixels,
             "totals": self.totals,
             "shards": [asdict(s) for s in self.shards],
             "failures": self.failures,
@@ -242,6 +248,7 @@ class Manifest:
                 created=document["created"],
                 updated=document["updated"],
                 commits=document["commits"],
+                max_pixels=document.get("max_pixels"),
             )
         except (KeyError, TypeError) as exc:
             raise ArchiveError(f"manifest is missing or has a malformed field: {exc}") from None
@@ -334,9 +341,50 @@ def read_shard(
     archive: Location, entry: ShardEntry, columns: list[str] | None = None, keys: list[str] | None = None
 ) -> pa.Table:
     """Rows of one shard; with `keys`, only the row groups whose key range can hold them are read."""
-    filters = [("key", "in", keys)] if keys is not None else None
     with archive.fs.open(archive.path(entry.path), "rb") as handle:
-        return pq.read_table(handle, columns=columns, filters=filters)
+        return read_parquet(handle, columns, keys)
+
+
+def read_parquet(source, columns: list[str] | None = None, keys: list[str] | None = None) -> pa.Table:
+    """A Parquet file (a file object or pyarrow buffer) read on the calling thread, nothing left behind.
+
+    pyarrow's default readers hand reads and column decoding to its I/O and CPU thread pools. A pool
+    thread can finish after the call has returned while still holding a buffer owned by a Python object
+    (the fsspec file, the bytes); releasing it needs the interpreter, and if the process is exiting by
+    then, the thread dies inside a C++ destructor and the process aborts ("terminate called without an
+    active exception", exit 134) after the command has printed its result. So: no pre-buffering, no
+    threads. With `keys`, row groups are chosen from the key column's min/max statistics (shards are
+    sorted by key, so a key lies in one row group) and the rows are then filtered to exactly those keys.
+    """
+    parquet = pq.ParquetFile(source, pre_buffer=False)
+    groups = list(range(parquet.num_row_groups))
+    wanted = columns
+    if keys is not None:
+        groups = _row_groups_holding(parquet.metadata, sorted(keys))
+        wanted = None if columns is None else list(dict.fromkeys([*columns, "key"]))
+    if groups:
+        table = parquet.read_row_groups(groups, columns=wanted, use_threads=False)
+    else:
+        table = parquet.schema_arrow.empty_table().select(wanted or parquet.schema_arrow.names)
+    if keys is not None:
+        table = table.filter(pc.is_in(table.column("key"), value_set=pa.array(keys, pa.string())))
+        table = table.select(columns or table.column_names)
+    return table
+
+
+def _row_groups_holding(metadata: pq.FileMetaData, keys: list[str]) -> list[int]:
+    """Row groups whose key statistics admit one of the sorted `keys` (all groups lacking statistics)."""
+    column = metadata.schema.names.index("key")
+    groups = []
+    for index in range(metadata.num_row_groups):
+        stats = metadata.row_group(index).column(column).statistics
+        if stats is None or not stats.has_min_max:
+            groups.append(index)
+            continue
+        first = bisect.bisect_left(keys, stats.min)
+        if first < len(keys) and keys[first] <= stats.max:
+            groups.append(index)
+    return groups
 
 
 def embed_weights(archive: Location, codec) -> EmbeddedModel:
@@ -431,7 +479,7 @@ def write_failures(archive: Location, failures: dict[str, Failure], sequence: in
 def read_failures(archive: Location, manifest: Manifest) -> dict[str, Failure]:
     if not manifest.failures:
         return {}
-    table = pq.read_table(io.BytesIO(archive.read(manifest.failures["path"])))
+    table = read_parquet(pa.BufferReader(archive.read(manifest.failures["path"])))
     return {row["key"]: Failure(**row) for row in table.to_pylist()}
 
 
@@ -444,7 +492,7 @@ class ArchiveWriter:
     hint records where they are now.
     """
 
-    def __init__(self, archive: Location, codec: CodecSpec, source: str):
+    def __init__(self, archive: Location, codec: CodecSpec, source: str, max_pixels: int | None = None):
         self.archive = archive
         existing = load_manifest(archive)
         if existing is not None and existing.codec != codec:
@@ -452,6 +500,8 @@ class ArchiveWriter:
         if existing is not None:
             existing.specs[-1] = replace(existing.codec, hint=codec.hint)
         self.manifest = existing or Manifest(specs=[replace(codec, id=1)], source=source)
+        if max_pixels is not None:
+            self.manifest.max_pixels = max(max_pixels, self.manifest.max_pixels or 0)
         self.failures = read_failures(archive, self.manifest)
         self.done: set[str] = set()
         for entry in self.manifest.shards:

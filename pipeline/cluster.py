@@ -1,5 +1,9 @@
 """Ray: joining or starting a cluster, pools of codec-holding actors, and feeding them work.
 
+    with actor_pool(Worker, *args, actors=n, address=a) as pool:      connect, start the actors
+        for result in run_on_pool(pool, tasks, submit): ...         two tasks queued per actor
+                                                                     leaving the block kills them
+
 One actor holds one codec (its model loaded once). On a cluster with GPUs each actor asks for
 `num_gpus=1`, so Ray pins it to a GPU of its own (it sets CUDA_VISIBLE_DEVICES per actor, and the
 actor uses "cuda", its only visible device); otherwise actors run on CPUs.
@@ -10,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
 
@@ -44,14 +49,27 @@ def pool_shape(actors: int | None = None) -> PoolShape:
     return PoolShape(actors or cpus, 0, 1)
 
 
-def start_pool(actor_class: type, shape: PoolShape, *args: Any) -> list:
+@contextmanager
+def actor_pool(actor_class: type, *args: Any, actors: int | None = None, address: str | None = None) -> Iterator[list]:
+    """Actors of `actor_class(*args)`, shaped by `pool_shape(actors)`, alive for the `with` block.
+
+    The actors are killed however the block is left (results consumed, an error, an interrupt), so a
+    failed job does not leave actors holding GPUs and models in a cluster it joined.
+    """
+    connect(address)
+    shape = pool_shape(actors)
     remote = ray.remote(actor_class).options(
         num_gpus=shape.gpus_per_actor,
         num_cpus=shape.cpus_per_actor,
         max_restarts=2,
         max_task_retries=2,  # a task on an actor that died (OOM, preempted node) is run again
     )
-    return [remote.remote(*args) for _ in range(shape.actors)]
+    pool = [remote.remote(*args) for _ in range(shape.actors)]
+    try:
+        yield pool
+    finally:
+        for actor in pool:
+            ray.kill(actor)
 
 
 def torch_device() -> str:

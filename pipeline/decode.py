@@ -17,15 +17,17 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
-import ray
 from PIL import Image
 
 from ..codecs.base import Codec
+from ..codecs.container import Header
 from ..codecs.errors import BitstreamError
 from ..codecs.registry import open_codec
 from ..codecs.errors import ArchiveError, ParameterError
 from .archive import Failure, Manifest, ShardEntry, local_weights_folder, read_shard, require_manifest
-from .cluster import connect, pool_shape, run_on_pool, start_pool, torch_device
+from .batches import failure_reason, map_batch
+from .cluster import actor_pool, run_on_pool, torch_device
+from .images import DEFAULT_MAX_PIXELS
 from .preflight import check_decode, check_reachable
 from .storage import Location
 
@@ -54,26 +56,47 @@ def encode_image(pixels: np.ndarray, image_format: str) -> bytes:
     return buffer.getvalue()
 
 
-def decode_streams(codec: Codec, keys: list[str], streams: list[bytes], failures: list[Failure]):
-    """(key, pixels) for each stream that decodes; the rest become failures naming the problem."""
+def decode_streams(codec: Codec, keys: list[str], streams: list[bytes], failures: list[Failure], max_pixels: int):
+    """(key, pixels) for each stream that decodes; the rest become failures naming the problem.
+
+    A stream is refused before any decoding when it does not parse or claims more than `max_pixels`
+    pixels (an archive from elsewhere may be hostile); the others are decoded as one batch, which
+    `map_batch` splits to find a stream the codec fails on.
+    """
     readable = []
     for key, stream in zip(keys, streams):
         try:
-            codec.read(stream)
+            read_within(codec, stream, max_pixels)
             readable.append((key, stream))
         except BitstreamError as exc:
             failures.append(Failure(key, "parse", str(exc)))
-    if not readable:
-        return []
-    try:
-        images = codec.decode([s for _, s in readable])
-        return [(key, image) for (key, _), image in zip(readable, images)]
-    except Exception as exc:
-        if len(readable) == 1:
-            failures.append(Failure(readable[0][0], "decode", f"{type(exc).__name__}: {exc}"))
-            return []
-    # One bad stream must not sink its batch: decode one by one to find it.
-    return [pair for key, stream in readable for pair in decode_streams(codec, [key], [stream], failures)]
+    decoded = map_batch(
+        readable,
+        lambda batch: codec.decode([stream for _, stream in batch]),
+        lambda pair, reason: failures.append(Failure(pair[0], "decode", reason)),
+    )
+    return [(key, pixels) for (key, _), pixels in decoded]
+
+
+def read_within(codec: Codec, stream: bytes, max_pixels: int) -> Header:
+    """The stream's header, if `codec` can decode it and it declares at most `max_pixels` pixels."""
+    header, _ = codec.read(stream)
+    check_pixels(header, max_pixels)
+    return header
+
+
+def check_pixels(header: Header, max_pixels: int) -> None:
+    """Refuse a stream that declares more than `max_pixels` pixels, before any work is done for it."""
+    if header.width * header.height > max_pixels:
+        raise BitstreamError(
+            f"stream declares {header.width}×{header.height} = {header.width * header.height} pixels, "
+            f"over the limit of {max_pixels}"
+        )
+
+
+def pixel_limit(manifest: Manifest, max_pixels: int | None) -> int:
+    """The most pixels a stream of this archive may declare: the caller's, else the encoder's limit."""
+    return max_pixels or manifest.max_pixels or DEFAULT_MAX_PIXELS
 
 
 def codec_for_archive(archive: Location, manifest: Manifest, device: str = "cpu", model: str | None = None) -> Codec:
@@ -121,9 +144,10 @@ class DecodeSummary:
 class DecodeWorker:
     """A Ray actor: one codec, decoding shards of an archive to files under DST."""
 
-    def __init__(self, archive: Location, manifest: Manifest, model: str | None):
+    def __init__(self, archive: Location, manifest: Manifest, model: str | None, max_pixels: int):
         self.manifest = manifest
         self.codec = codec_for_archive(archive, manifest, torch_device(), model)
+        self.max_pixels = max_pixels
 
     def decode_shard(
         self, archive: Location, task: DecodeTask, dst: Location, image_format: str, overwrite: bool, batch_size: int
@@ -151,12 +175,13 @@ class DecodeWorker:
         for start in range(0, len(todo), batch_size):
             batch = todo[start : start + batch_size]
             names = {key: name for key, name, _ in batch}
-            for key, pixels in decode_streams(self.codec, [k for k, _, _ in batch], [s for _, _, s in batch], failures):
+            keys, streams = [k for k, _, _ in batch], [s for _, _, s in batch]
+            for key, pixels in decode_streams(self.codec, keys, streams, failures, self.max_pixels):
                 try:
                     dst.write_atomic(names[key], encode_image(pixels, image_format))
                     decoded += 1
                 except Exception as exc:
-                    failures.append(Failure(key, "write", f"{type(exc).__name__}: {exc}"))
+                    failures.append(Failure(key, "write", failure_reason(exc)))
         return DecodeResult(decoded, skipped, failures)
 
 
@@ -186,7 +211,9 @@ def run_decode(
     address: str | None = None,
     on_progress: Callable[[int, int, int], None] | None = None,
     model: str | None = None,
+    max_pixels: int | None = None,
 ) -> DecodeSummary:
+    """Decode the selected keys to files under `dst_url`; `max_pixels` defaults to the archive's own limit."""
     started = time.perf_counter()
     if image_format not in OUTPUT_FORMATS:
         raise ParameterError(f"unknown output format {image_format!r}; choose from {sorted(OUTPUT_FORMATS)}")
@@ -196,9 +223,8 @@ def run_decode(
     tasks = select_shards(manifest, keys, prefix)
     summary = DecodeSummary(0, 0)
     if tasks:
-        connect(address)
-        pool = start_pool(DecodeWorker, pool_shape(actors), archive, manifest, model)
-        try:
+        limit = pixel_limit(manifest, max_pixels)
+        with actor_pool(DecodeWorker, archive, manifest, model, limit, actors=actors, address=address) as pool:
             for result in run_on_pool(
                 pool,
                 tasks,
@@ -209,9 +235,6 @@ def run_decode(
                 summary.failures += result.failures
                 if on_progress:
                     on_progress(summary.decoded + summary.skipped_existing, None, len(summary.failures))
-        finally:
-            for actor in pool:
-                ray.kill(actor)
     if keys is not None:
         found = summary.decoded + summary.skipped_existing + len(summary.failures)
         if found < len(keys):
@@ -249,5 +272,6 @@ def cat_item(
             if stream:
                 return full
             codec = codec_for_archive(archive, manifest, model=model)
+            read_within(codec, full, pixel_limit(manifest, None))  # a hostile header costs nothing
             return encode_image(codec.decode([full])[0], image_format)
     raise ArchiveError(f"key {key!r} is not in the archive {archive_url}")

@@ -25,7 +25,8 @@ import ray
 from ..codecs.base import Codec
 from ..codecs.registry import create_codec
 from .archive import ArchiveWriter, CodecSpec, EmbeddedModel, EncodedItem, Failure, ShardEntry, embed_weights, write_shard
-from .cluster import connect, describe_worker, pool_shape, run_on_pool, start_pool, torch_device
+from .batches import failure_reason, map_batch
+from .cluster import actor_pool, describe_worker, run_on_pool, torch_device
 from .images import DEFAULT_MAX_PIXELS, load_rgb
 from .preflight import check_encode
 from .sources import SourceItem, fetch, sha256_hex
@@ -141,7 +142,7 @@ class EncodeWorker:
         try:
             data = fetch(item, self.storage_options)
         except Exception as exc:  # any storage error: record it, keep the job going
-            return Failure(item.key, "fetch", f"{type(exc).__name__}: {exc}")
+            return Failure(item.key, "fetch", failure_reason(exc))
         try:
             pixels = load_rgb(data, self.max_pixels)
         except Exception as exc:
@@ -149,23 +150,12 @@ class EncodeWorker:
         return LoadedImage(item, pixels, len(data), sha256_hex(data))
 
     def _encode_batch(self, batch: list[LoadedImage], failures: list[Failure]) -> list[EncodedItem]:
-        if not batch:
-            return []
-        try:
-            streams = self.codec.encode([b.pixels for b in batch])
-        except Exception:
-            if len(batch) == 1:
-                raise
-            # One bad image must not sink its batch: encode one by one to find it.
-            return [e for b in batch for e in self._encode_one(b, failures)]
-        return [self._encoded(b, s) for b, s in zip(batch, streams)]
-
-    def _encode_one(self, loaded: LoadedImage, failures: list[Failure]) -> list[EncodedItem]:
-        try:
-            return [self._encoded(loaded, self.codec.encode([loaded.pixels])[0])]
-        except Exception as exc:
-            failures.append(Failure(loaded.item.key, "encode", f"{type(exc).__name__}: {exc}"))
-            return []
+        encoded = map_batch(
+            batch,
+            lambda images: self.codec.encode([b.pixels for b in images]),
+            lambda loaded, reason: failures.append(Failure(loaded.item.key, "encode", reason)),
+        )
+        return [self._encoded(loaded, stream) for loaded, stream in encoded]
 
     @staticmethod
     def _encoded(loaded: LoadedImage, stream: bytes) -> EncodedItem:
@@ -184,17 +174,13 @@ def run_encode(
     """Encode every image under `src` not yet in the archive; returns when all are committed."""
     started = time.perf_counter()
     params, listing = check_encode(src, archive_url, options, storage_options)  # fails before Ray starts
-    connect(address)
-    actors = start_pool(
-        EncodeWorker, pool_shape(options.actors), options.codec, params, storage_options, options.max_pixels,
-        options.fetch_threads,
-    )
     archive = Location(archive_url, storage_options)
     encoded = failed = source_bytes = bitstream_bytes = 0
     workers: dict[int, dict] = {}
-    try:
+    worker_args = (options.codec, params, storage_options, options.max_pixels, options.fetch_threads)
+    with actor_pool(EncodeWorker, *worker_args, actors=options.actors, address=address) as actors:
         spec = ray.get(actors[0].codec_spec.remote())
-        writer = ArchiveWriter(archive, spec, source=src)
+        writer = ArchiveWriter(archive, spec, source=src, max_pixels=options.max_pixels)
         if options.embed_model and spec.fingerprint and not writer.manifest.embedded_model(spec.fingerprint):
             writer.add_model(ray.get(actors[0].embed_weights.remote(archive)))
         if options.retry_failed:
@@ -217,9 +203,6 @@ def run_encode(
             if on_progress:
                 on_progress(encoded + failed, len(todo), failed)
         manifest = writer.finish()
-    finally:
-        for actor in actors:
-            ray.kill(actor)
     return EncodeSummary(
         archive=archive_url,
         listed=len(listing.items),

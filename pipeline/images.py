@@ -2,7 +2,9 @@
 
 Choices (also in README's guarantees):
 - Pixels per image are bounded (`max_pixels`, default 100 MP) and checked from the header, before any
-  pixel is decoded, so a decompression bomb costs nothing.
+  pixel is decoded, so a decompression bomb costs nothing. The bound is this call's own, not Pillow's
+  process-wide one, which stays as Pillow set it (see codecs/parts/imagefile.py for how a limit above
+  Pillow's is honoured without touching it, and the formats for which it cannot be).
 - EXIF orientation is applied, so the archive stores the picture as people see it.
 - Animated images (GIF, APNG, WebP): the first frame.
 - Alpha (RGBA, LA, palette with transparency) is composited over white: diffusion codecs model RGB
@@ -15,38 +17,32 @@ Anything else that fails is an ImageLoadError whose message is the reason record
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
 from PIL import Image, ImageOps
 
 from ..codecs.errors import ImageLoadError
+from ..codecs.parts.imagefile import DEFAULT_MAX_PIXELS, TooManyPixels, open_image
 
-DEFAULT_MAX_PIXELS = 100_000_000
-
-# Pillow's own bomb guard has a fixed limit; the configured `max_pixels` below replaces it, so that a
-# user can raise the limit for legitimately huge scans.
-Image.MAX_IMAGE_PIXELS = None
 
 
 def load_rgb(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     if not data:
         raise ImageLoadError("empty file (0 bytes)")
     try:
-        image = Image.open(io.BytesIO(data))
+        image = open_image(data, max_pixels)
+    except TooManyPixels as exc:
+        raise ImageLoadError(f"{exc} (possible decompression bomb)") from None
+    except Image.DecompressionBombError as exc:
+        raise ImageLoadError(f"over Pillow's own limit for this format: {exc}") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageLoadError(f"not a readable image: {exc}") from None
     with image:
-        width, height = image.size
-        if width * height > max_pixels:
-            raise ImageLoadError(
-                f"image is {width}×{height} = {width * height} pixels, over the limit of {max_pixels} "
-                "(possible decompression bomb)"
-            )
         try:
             image.seek(0)
             image.load()
             return _to_rgb(ImageOps.exif_transpose(image))
+        except Image.DecompressionBombError as exc:
+            raise ImageLoadError(f"over Pillow's own limit for {image.format} images: {exc}") from None
         except (OSError, SyntaxError, ValueError, EOFError) as exc:
             raise ImageLoadError(f"image data is damaged or truncated: {exc}") from None
 

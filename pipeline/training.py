@@ -64,7 +64,7 @@ def load_training_images(settings: TrainSettings) -> tuple[list[np.ndarray], lis
     train, validation = [], []
     for item in items:
         try:
-            image = load_rgb(fetch(item, settings.storage_options or None))
+            image = load_rgb(fetch(item, settings.storage_options or None), settings.max_pixels)
         except ImageLoadError as exc:
             print(f"skipping {item.key}: {exc}", flush=True)
             continue

@@ -10,32 +10,37 @@ loaded: a stream is checked against the archive's spec, so an archive whose only
 is damaged is still verified, and reported NOT INTACT.
 
 Quality, with `against`: a deterministic sample of items (chosen by a hash of the key, so the same
-fraction picks the same items every run) is decoded and compared with its source image, loaded by the
-same loader the encoder used: PSNR, MS-SSIM and, when weights are found, LPIPS-squeeze. Thresholds
-apply to every sampled item: one item below a threshold fails the job.
+fraction picks the same items every run) is decoded and compared with its source image, found the way
+encode found it (`sources.list_sources`: a folder URL or a list file of URLs) and loaded by the same
+loader: PSNR, MS-SSIM and, when weights are found, LPIPS-squeeze. Thresholds apply to every sampled
+item: one item below a threshold fails the job.
+
+`max_pixels` (default: the limit the archive was encoded with) bounds both what a stream may declare
+and the originals that are loaded.
 """
 
 from __future__ import annotations
 
+import bisect
 import hashlib
-import io
 import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-import pyarrow.parquet as pq
-import ray
+import pyarrow as pa
 
 from ..codecs import container
 from ..codecs.errors import BitstreamError, DiffarcError
 from ..codecs.registry import codec_class
-from .archive import SHARD_SCHEMA, Failure, Manifest, ShardEntry, check_embedded_weights
-from .cluster import connect, pool_shape, run_on_pool, start_pool, torch_device
-from .decode import codec_for_archive, decode_streams
-from .images import DEFAULT_MAX_PIXELS, load_rgb
-from .preflight import check_verify
 from ..codecs.parts.metrics import LPIPS, LPIPS_MIN_SIDE, ms_ssim, psnr
+from .archive import SHARD_SCHEMA, Failure, Manifest, ShardEntry, check_embedded_weights, read_parquet
+from .batches import failure_reason
+from .cluster import actor_pool, run_on_pool, torch_device
+from .decode import check_pixels, codec_for_archive, decode_streams, pixel_limit
+from .images import load_rgb
+from .preflight import check_verify
+from .sources import SourceItem, fetch, list_sources
 from .storage import Location
 
 
@@ -124,7 +129,11 @@ class VerifyWorker:
         self.storage_options = storage_options
         self.max_pixels = max_pixels
 
-    def verify_shard(self, archive: Location, entry: ShardEntry, against: str | None, fraction: float) -> ShardReport:
+    def verify_shard(
+        self, archive: Location, entry: ShardEntry, originals: dict[str, SourceItem] | None, fraction: float,
+        against: str | None,
+    ) -> ShardReport:
+        """Check one shard; with `originals` (source items of its sampled keys), measure those items too."""
         report = ShardReport(entry.path, [], [], [], [])
         try:
             data = archive.read(entry.path)
@@ -134,7 +143,7 @@ class VerifyWorker:
         if len(data) != entry.bytes or hashlib.sha256(data).hexdigest() != entry.sha256:
             report.problems.append(f"{entry.path}: size or SHA-256 differs from the manifest (damaged or replaced)")
             return report
-        table = pq.read_table(io.BytesIO(data))
+        table = read_parquet(pa.BufferReader(data))
         if not SHARD_SCHEMA.equals(table.schema.remove_metadata()):
             report.problems.append(f"{entry.path}: schema differs from the archive format")
             return report
@@ -147,34 +156,41 @@ class VerifyWorker:
                 row["stream"] = self.manifest.expand(row["bitstream"])
                 header, _ = container.unpack(row["stream"])
                 self.codec_class.check_header(header, bytes.fromhex(self.manifest.codec.fingerprint))
+                check_pixels(header, self.max_pixels)
                 if (header.width, header.height) != (row["width"], row["height"]):
                     raise BitstreamError(
                         f"stream is {header.width}×{header.height}, row says {row['width']}×{row['height']}"
                     )
             except BitstreamError as exc:
                 report.failures.append(Failure(row["key"], "parse", str(exc)))
-        if against:
+        if originals is not None:
             try:
                 if self.codec is None:
                     self.codec = codec_for_archive(self.archive, self.manifest, self.device, self.model)
             except DiffarcError as exc:  # no weights with the archive's fingerprint: nothing to compare
                 report.problems.append(f"decoded images not compared: {exc}")
                 return report
-            report.quality = self._compare(rows, against, fraction, report.failures)
+            report.quality = self._compare(rows, originals, fraction, against, report.failures)
         return report
 
-    def _compare(self, rows: list[dict], against: str, fraction: float, failures: list[Failure]) -> list[dict]:
+    def _compare(
+        self, rows: list[dict], originals: dict[str, SourceItem], fraction: float, against: str,
+        failures: list[Failure],
+    ) -> list[dict]:
         bad = {f.key for f in failures}
         sample = [r for r in rows if r["key"] not in bad and in_sample(r["key"], fraction)]
-        source = Location(against, self.storage_options)
+        for row in sample:
+            if row["key"] not in originals:
+                failures.append(Failure(row["key"], "verify", f"source unreadable: {against} has no {row['key']!r}"))
+        rows_by_key = {r["key"]: r for r in sample if r["key"] in originals}
         quality = []
-        rows_by_key = {r["key"]: r for r in sample}
-        for key, decoded in decode_streams(self.codec, list(rows_by_key), [r["stream"] for r in sample], failures):
+        streams = [r["stream"] for r in rows_by_key.values()]
+        for key, decoded in decode_streams(self.codec, list(rows_by_key), streams, failures, self.max_pixels):
             row = rows_by_key[key]
             try:
-                original = load_rgb(source.read(key), self.max_pixels)
+                original = load_rgb(fetch(originals[key], self.storage_options), self.max_pixels)
             except Exception as exc:
-                failures.append(Failure(key, "verify", f"source unreadable: {type(exc).__name__}: {exc}"))
+                failures.append(Failure(key, "verify", f"source unreadable: {failure_reason(exc)}"))
                 continue
             if original.shape != decoded.shape:
                 failures.append(Failure(key, "verify", f"source is {original.shape}, decoded is {decoded.shape}"))
@@ -201,7 +217,7 @@ def run_verify(
     actors: int | None = None,
     storage_options: dict | None = None,
     address: str | None = None,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_pixels: int | None = None,
     on_progress: Callable[[int, int, int], None] | None = None,
     model: str | None = None,
 ) -> VerifyReport:
@@ -214,17 +230,17 @@ def run_verify(
     report.problems += check_embedded_weights(archive, manifest)
     seen: dict[str, str] = {}
     if manifest.shards:
-        connect(address)
-        pool = start_pool(
-            VerifyWorker, pool_shape(actors), archive, manifest, lpips_weights, storage_options, max_pixels, model
-        )
-        try:
-            for done, shard in enumerate(
-                run_on_pool(
-                    pool, manifest.shards, lambda actor, entry: actor.verify_shard.remote(archive, entry, against, fraction)
+        sampled = _sampled_originals(against, fraction, storage_options) if against else None
+        worker_args = (archive, manifest, lpips_weights, storage_options, pixel_limit(manifest, max_pixels), model)
+        with actor_pool(VerifyWorker, *worker_args, actors=actors, address=address) as pool:
+            shards = run_on_pool(
+                pool,
+                manifest.shards,
+                lambda actor, entry: actor.verify_shard.remote(
+                    archive, entry, None if sampled is None else sampled.within(entry), fraction, against
                 ),
-                start=1,
-            ):
+            )
+            for done, shard in enumerate(shards, start=1):
                 report.problems += shard.problems
                 report.failures += shard.failures
                 report.quality += shard.quality
@@ -235,9 +251,6 @@ def run_verify(
                     seen[key] = shard.path
                 if on_progress:
                     on_progress(done, len(manifest.shards), len(report.failures))
-        finally:
-            for actor in pool:
-                ray.kill(actor)
     report.problems += _check_failure_table(archive, manifest, seen)
     report.problems = list(dict.fromkeys(report.problems))  # a problem every shard meets is said once
     for row in report.quality:
@@ -246,6 +259,24 @@ def run_verify(
             report.below_threshold.append({"key": row["key"], "violations": violations})
     report.seconds = time.perf_counter() - started
     return report
+
+
+class _SampledOriginals:
+    """The source items of the sampled keys, sorted, so that each shard gets those in its key range."""
+
+    def __init__(self, items: list[SourceItem]):
+        self.items = sorted(items, key=lambda item: item.key)
+        self.keys = [item.key for item in self.items]
+
+    def within(self, entry: ShardEntry) -> dict[str, SourceItem]:
+        start = bisect.bisect_left(self.keys, entry.first_key)
+        stop = bisect.bisect_right(self.keys, entry.last_key)
+        return {item.key: item for item in self.items[start:stop]}
+
+
+def _sampled_originals(against: str, fraction: float, storage_options: dict | None) -> _SampledOriginals:
+    listing = list_sources(against, storage_options)
+    return _SampledOriginals([item for item in listing.items if in_sample(item.key, fraction)])
 
 
 def _check_failure_table(archive: Location, manifest: Manifest, encoded: dict[str, str]) -> list[str]:
@@ -258,7 +289,7 @@ def _check_failure_table(archive: Location, manifest: Manifest, encoded: dict[st
         return [f"{path}: failure table listed in the manifest but missing"]
     if hashlib.sha256(data).hexdigest() != manifest.failures["sha256"]:
         return [f"{path}: failure table's SHA-256 differs from the manifest"]
-    keys = pq.read_table(io.BytesIO(data), columns=["key"]).column("key").to_pylist()
+    keys = read_parquet(pa.BufferReader(data), columns=["key"]).column("key").to_pylist()
     problems = [f"key {k!r} is both encoded ({encoded[k]}) and in the failure table" for k in keys if k in encoded]
     if len(keys) != manifest.failures["rows"]:
         problems.append(f"{path}: {len(keys)} rows, manifest says {manifest.failures['rows']}")

@@ -1,7 +1,13 @@
+import dataclasses
+import struct
+
 import numpy as np
 import pytest
+from PIL import Image
 
-from diffarc.codecs.container import unpack
+from diffarc.codecs import classical
+from diffarc.codecs.container import pack, unpack
+from diffarc.codecs.errors import BitstreamError
 from diffarc.codecs.registry import UnknownCodecError, codec_names, create_codec
 from diffarc.codecs.parts.metrics import psnr
 
@@ -54,3 +60,41 @@ def test_codecs_refuse_non_rgb_arrays():
 
 def test_registry_lists_the_baselines():
     assert {"jpeg", "webp", "avif"} <= set(codec_names())
+
+
+def with_jpeg_size(stream: bytes, width: int, height: int, header_size: tuple[int, int] | None = None) -> bytes:
+    """A jpeg stream whose payload's frame header (SOF0) declares another size, repacked with a valid CRC."""
+    header, payload = unpack(stream)
+    sof = payload.index(b"\xff\xc0")
+    payload = payload[: sof + 5] + struct.pack(">HH", height, width) + payload[sof + 9 :]
+    width_, height_ = header_size or (header.width, header.height)
+    return pack(dataclasses.replace(header, width=width_, height=height_), payload)
+
+
+def test_a_payload_whose_size_differs_from_its_header_is_refused_before_decoding():
+    codec = create_codec("jpeg")
+    stream = codec.encode([photo_like(24, 32, seed=2)])[0]
+    with pytest.raises(BitstreamError, match="payload is 64×48, the stream header says 32×24"):
+        codec.decode([with_jpeg_size(stream, 64, 48)])
+
+
+def test_a_payload_declaring_too_many_pixels_is_refused_even_without_pillows_guard(monkeypatch):
+    # Another library in the process may switch Pillow's guard off; the codec's own bound still holds,
+    # also when the stream header agrees with the payload (a hostile archive can write both).
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)
+    codec = create_codec("jpeg")
+    stream = codec.encode([photo_like(24, 32, seed=2)])[0]
+    huge = with_jpeg_size(stream, 40000, 30000, header_size=(40000, 30000))
+    assert 40000 * 30000 > classical.MAX_PAYLOAD_PIXELS
+    with pytest.raises(BitstreamError, match="40000×30000 = 1200000000 pixels, over the limit"):
+        codec.decode([huge])
+
+
+def test_a_payload_pillow_refuses_to_parse_is_a_bitstream_error(monkeypatch):
+    # WebP's header parser applies Pillow's limit itself (codecs/parts/imagefile.py); 2500 pixels
+    # stands in for an image over twice Pillow's limit.
+    codec = create_codec("webp")
+    stream = codec.encode([photo_like(50, 50, seed=2)])[0]
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    with pytest.raises(BitstreamError, match="webp payload refused: Image size .2500 pixels. exceeds limit"):
+        codec.decode([stream])

@@ -40,3 +40,19 @@ def test_bench_rejects_a_bad_spec_before_running(tmp_path):
 def test_bench_rejects_bad_batch_sizes(tmp_path):
     result = CliRunner().invoke(bench, [str(tmp_path), "--codec", "jpeg", "--batch-sizes", "1,x"])
     assert result.exit_code == 2 and "comma-separated integers" in result.output
+
+
+def test_bench_skips_images_over_max_pixels(tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    Image.fromarray(photo_like(48, 64, 0)).save(folder / "small.png")
+    Image.fromarray(photo_like(96, 128, 1)).save(folder / "large.png")
+    result = CliRunner().invoke(
+        bench, [str(folder), "--codec", "jpeg:quality=50", "--reference", "jpeg:quality=50", "--out",
+                str(tmp_path / "out"), "--gallery", "0", "--max-pixels", "5000", "--json"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["images"] == 1
+    assert [s["key"] for s in summary["skipped"]] == ["large.png"]
+    assert "over the limit of 5000" in summary["skipped"][0]["reason"]

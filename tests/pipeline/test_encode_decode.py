@@ -251,3 +251,53 @@ def test_an_archive_of_the_first_format_still_decodes_verifies_and_resumes(ray_c
     assert document["format_version"] == 2 and document["specs"][0]["hint"] == {"model": model}
     assert run_decode(str(arc), str(tmp_path / "all")).decoded == 6
     assert run_verify(str(arc)).intact  # old full streams and new compact ones side by side
+
+
+def test_the_encode_limit_is_recorded_and_decode_and_verify_apply_it(ray_cluster, image_folder, tmp_path):
+    arc = tmp_path / "arc"
+    first = run_encode(str(image_folder), str(arc), EncodeOptions("jpeg", max_pixels=3000))
+    assert first.failed == 2  # a.png (3072 px) and d.png (4096 px) are over the limit
+    archive = Location(str(arc))
+    assert require_manifest(archive).max_pixels == 3000
+    assert run_decode(str(arc), str(tmp_path / "all")).decoded == 4
+
+    # A stricter limit refuses the larger streams (b.jpg 2560 px, sub/e.jpg 2880 px) before decoding.
+    strict = run_decode(str(arc), str(tmp_path / "strict"), max_pixels=1000)
+    assert strict.decoded == 2
+    assert {(f.key, f.stage) for f in strict.failures} == {("b.jpg", "parse"), ("sub/e.jpg", "parse")}
+    assert all("over the limit of 1000" in f.reason for f in strict.failures)
+    # ... and so does an archive that says its encoder used that limit, for decode and verify alike.
+    manifest = require_manifest(archive)
+    manifest.max_pixels = 1000
+    archive.write_atomic(MANIFEST, manifest.to_json())
+    assert {f.key for f in run_decode(str(arc), str(tmp_path / "by-manifest")).failures} == {"b.jpg", "sub/e.jpg"}
+    assert {f.key for f in run_verify(str(arc)).failures} == {"b.jpg", "sub/e.jpg"}
+    assert run_verify(str(arc), max_pixels=3000).intact
+
+    # Archives written before the limit was recorded still load, with the default limit.
+    document = json.loads((arc / MANIFEST).read_text())
+    del document["max_pixels"]
+    (arc / MANIFEST).write_text(json.dumps(document))
+    assert require_manifest(archive).max_pixels is None
+    assert run_decode(str(arc), str(tmp_path / "old")).decoded == 4
+    # Resuming with a larger limit records the larger one, which admits every item now in the archive.
+    resumed = run_encode(str(image_folder), str(arc), EncodeOptions("jpeg", max_pixels=5000, retry_failed=True))
+    assert resumed.encoded == 2 and require_manifest(archive).max_pixels == 5000
+
+
+def test_verify_finds_originals_through_a_list_file(ray_cluster, image_folder, tmp_path):
+    listing = tmp_path / "list.txt"
+    urls = [f"file://{image_folder / 'a.png'}", str(image_folder / "sub" / "e.jpg"), str(image_folder / "c.png")]
+    listing.write_text("# originals\n" + "\n".join(urls) + "\n")
+    run_encode(str(listing), str(tmp_path / "arc"), EncodeOptions("jpeg", {"quality": 60}))
+    report = run_verify(str(tmp_path / "arc"), against=str(listing))
+    assert report.intact and len(report.quality) == 3
+    codec = create_codec("jpeg", {"quality": 60})
+    for row in report.quality:  # each item was compared with its own original
+        original = np.asarray(Image.open("/" + row["key"]).convert("RGB"))
+        assert row["psnr"] == pytest.approx(psnr(original, codec.decode(codec.encode([original]))[0]), abs=1e-9)
+    listing.write_text("\n".join(urls[:2]) + "\n")  # an original the source no longer lists
+    partial = run_verify(str(tmp_path / "arc"), against=str(listing))
+    assert len(partial.quality) == 2
+    assert [(f.key, f.stage) for f in partial.failures] == [(str(image_folder / "c.png").lstrip("/"), "verify")]
+    assert "has no" in partial.failures[0].reason

@@ -155,3 +155,13 @@ def test_a_progress_line_shows_the_fields_its_task_names():
         "denoising gain 1.23 dB, t 100|200|400, 3.0 img/s"
     )
     assert "val PSNR 21.50 dB" in format_progress(settings, training_task("autoencoder"), {**metrics, "val_psnr": 21.5})
+
+
+def test_training_images_over_max_pixels_are_skipped(tmp_path):
+    from diffarc.pipeline.training import load_training_images
+
+    for index, size in enumerate([(20, 20), (24, 20), (80, 80)]):
+        Image.fromarray(photo_like(*size, seed=index)).save(tmp_path / f"{index}.png")
+    settings = TrainSettings(what="autoencoder", data=str(tmp_path), out="o", work_dir="w", max_pixels=1000)
+    train, validation = load_training_images(settings)
+    assert sorted(image.shape for image in train + validation) == [(20, 20, 3), (24, 20, 3)]
