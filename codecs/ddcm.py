@@ -48,12 +48,11 @@ from .parts.bitpack import BitReader, BitWriter, combination_bits, rank_combinat
 from .container import Header
 from .errors import BitstreamError, ModelError, ParameterError
 from .parts.latents import VAE_DOWNSAMPLING, decode_latents, encode_latents, images_to_tensor, latent_size, tensor_to_images
-from .parts.models import PRECISIONS, load_model
+from .parts.models import DEFAULT_MODEL, MODEL_PARAM_HELP, PRECISIONS, load_model
 from .parts.noise import gaussian
 from .parts.denoisers import DiffusionDenoiser
 from .parts.samplers import codebook_ddpm, linspace_schedule
 
-DEFAULT_MODEL = "builtin:ldm-small"
 INITIAL_NOISE_STEP = 0xFFFFFFFF  # x_T is entry 0 of a codebook no sampling step uses
 
 
@@ -61,8 +60,7 @@ class DdcmCodec(Codec):
     name = "ddcm"
     description = "Denoising Diffusion Codebook Models: codebook-selected noise in reverse diffusion (ICML 2025)."
     params = (
-        Param("model", str, DEFAULT_MODEL, "diffusers latent diffusion model: builtin:NAME, folder, URL or hub id",
-              location=True),
+        Param("model", str, DEFAULT_MODEL, MODEL_PARAM_HELP, location=True),
         Param("steps", int, 20, "reverse-diffusion steps T (T − 1 carry indices)", minimum=2, maximum=1000),
         Param("codebook", int, 256, "codebook size K, a power of two", minimum=2, maximum=1 << 16),
         Param("atoms", int, 1, "noise vectors per step and tile, M (mp, turbo)", minimum=1, maximum=512),

@@ -7,7 +7,7 @@ import sys
 import click
 
 from .options import (
-    EXIT_ITEMS_FAILED, Progress, actors_option, address_option, emit, json_option, model_option, storage_option,
+    EXIT_ITEMS_FAILED, Progress, decoding_options, emit,
 )
 
 
@@ -20,13 +20,7 @@ from .options import (
               type=click.Choice(["png", "jpeg", "webp", "tiff", "bmp"]))
 @click.option("--overwrite", is_flag=True, help="Decode again even where the output file exists.")
 @click.option("--batch-size", type=click.IntRange(1), default=8, show_default=True)
-@model_option
-@click.option("--max-pixels", type=click.IntRange(1),
-              help="Refuse streams declaring more pixels than this; default: the archive's encode limit.")
-@actors_option
-@address_option
-@storage_option
-@json_option
+@decoding_options
 def decode(archive, dst, prefix, keys_file, image_format, overwrite, batch_size, model, max_pixels, actors, address,
            storage_options, as_json):
     """Decode ARCHIVE (all, or a subset) to image files under DST, keys as relative paths."""

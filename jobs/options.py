@@ -120,4 +120,16 @@ model_option = click.option(
     "--model", help="Weights to decode with (folder, builtin:NAME, URL), tried first; accepted only if their "
     "fingerprint is the archive's. Default: the archive's models/, the local model cache, the recorded location.",
 )
+max_pixels_option = click.option(
+    "--max-pixels", type=click.IntRange(1),
+    help="Refuse streams declaring more pixels than this (and, for verify, originals larger than it); "
+    "default: the archive's encode limit.",
+)
 json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+
+
+def decoding_options(command):
+    """The options every command that decodes an archive's streams takes (decode, verify)."""
+    for option in reversed((model_option, max_pixels_option, actors_option, address_option, storage_option, json_option)):
+        command = option(command)
+    return command

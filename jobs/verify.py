@@ -7,10 +7,7 @@ import sys
 
 import click
 
-from .options import (
-    EXIT_BELOW_THRESHOLD, EXIT_ITEMS_FAILED, Progress, actors_option, address_option, emit, json_option,
-    model_option, storage_option,
-)
+from .options import EXIT_BELOW_THRESHOLD, EXIT_ITEMS_FAILED, Progress, decoding_options, emit
 
 
 @click.command("verify")
@@ -25,13 +22,7 @@ from .options import (
 @click.option("--min-ms-ssim", type=float, help="Fail when any compared item is below this MS-SSIM.")
 @click.option("--max-lpips", type=float, help="Fail when any compared item is above this LPIPS.")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write per-item results (JSON) here.")
-@model_option
-@click.option("--max-pixels", type=click.IntRange(1),
-              help="Most pixels a stream may declare or an original may have; default: the archive's encode limit.")
-@actors_option
-@address_option
-@storage_option
-@json_option
+@decoding_options
 def verify(archive, against, sample, lpips_weights, min_psnr, min_ms_ssim, max_lpips, report_path, model, max_pixels,
            actors, address, storage_options, as_json):
     """Check ARCHIVE's integrity and, with --against, its quality against the originals."""

@@ -54,11 +54,12 @@ from ..errors import BitstreamError, EntropyCodingError, ModelError
 from ..parts.denoisers import DiffusionDenoiser
 from ..parts.latent_codecs import FactorizedLatentCodec
 from ..parts.latents import VAE_DOWNSAMPLING, decode_latents, encode_latents, images_to_tensor, latent_size, tensor_to_images
-from ..parts.models import PRECISIONS, check_safetensors, fingerprint, load_model, resolve_folder
+from ..parts.models import (
+    DEFAULT_MODEL, MODEL_PARAM_HELP, PRECISIONS, check_safetensors, fingerprint, load_model, resolve_folder,
+)
 from ..parts.samplers import ddim, linspace_schedule
 from .nets import LatentDenoisePredictors
 
-DEFAULT_MODEL = "builtin:ldm-small"
 PREDICTORS_FOLDER = "latent_denoise"  # where a model folder keeps its trained predictors
 SEARCH_FACTORS = (0.0, 0.5, 1.0, 1.5, 2.0)  # timestep=search tries these multiples of the predicted t
 TIMESTEP = struct.Struct("<H")  # the payload: t, the latent codec's symbol range, C fp16 shifts, C fp16 scales, words
@@ -111,8 +112,7 @@ class LatentDenoiseCodec(Codec):
     name = "latent-denoise"
     description = "Quantized latent, denoised by the frozen diffusion model from a predicted timestep (ECCV 2024)."
     params = (
-        Param("model", str, DEFAULT_MODEL, "diffusers latent diffusion model: builtin:NAME, folder, URL or hub id",
-              location=True),
+        Param("model", str, DEFAULT_MODEL, MODEL_PARAM_HELP, location=True),
         Param("predictors", str, "", "trained γ/t/entropy predictors (folder or URL); default: the model's latent_denoise/",
               location=True),
         Param("step", float, 1.0, "quantization step Δ of the transformed latent: the rate knob", minimum=0.01, maximum=64),

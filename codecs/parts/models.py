@@ -58,6 +58,10 @@ PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 VAE_CLASSES = ("AutoencoderKL", "AutoencoderTiny")
 UNET_CLASSES = ("UNet2DModel", "UNet2DConditionModel")
 COMPONENTS = ("vae", "unet")
+# The `model` parameter of every codec that decodes with a latent diffusion model: a location, not identity.
+DEFAULT_MODEL = "builtin:ldm-small"
+MODEL_PARAM_HELP = "diffusers latent diffusion model: builtin:NAME, folder, URL or hub id"
+
 # The arithmetic a codec's `precision` parameter names; weights are cast to it at load.
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
