@@ -1,6 +1,7 @@
 """The one error policy of `diffarc`: a sentence and exit 1 for what a user can fix, exit 2 for bad usage
 (answered without importing torch, Ray or pyarrow), a traceback for bugs and under `--debug`."""
 
+import json
 import re
 import subprocess
 import sys
@@ -139,8 +140,12 @@ def test_verify_thresholds_without_what_they_judge_are_usage_errors(image_folder
 
 @pytest.mark.slow
 def test_an_expected_failure_inside_a_ray_actor_is_one_sentence(ray_cluster, tmp_path):
-    # The archive claims weights that the jpeg codec does not have: the decode actors refuse it as they start.
-    write_archive(tmp_path / "arc", "jpeg", {}, fingerprint="ab" * 32)
+    # The manifest claims weights that the jpeg codec does not have: the decode actors refuse it as they start.
+    write_archive(tmp_path / "arc", "jpeg", {})
+    manifest = tmp_path / "arc" / "manifest.json"
+    document = json.loads(manifest.read_text())
+    document["specs"][0]["fingerprint"] = "ab" * 32
+    manifest.write_text(json.dumps(document))
     result = run("decode", tmp_path / "arc", tmp_path / "out")
-    assert_one_sentence(result, "archive needs model weights with fingerprint abab")
+    assert_one_sentence(result, "jpeg streams carry no weights, but this one names fingerprint abab")
     assert not list((tmp_path / "out").rglob("*.png"))
