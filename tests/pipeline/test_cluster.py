@@ -25,11 +25,16 @@ class Echo:
         return 2 * number
 
 
-def is_dead(actor) -> bool:
-    try:
-        ray.get(actor.pid.remote(), timeout=60)
-    except ray.exceptions.RayActorError:
-        return True
+def is_dead(actor, within: float = 60.0) -> bool:
+    """Whether the actor stops answering within `within` seconds: ray.kill is asynchronous, so a call
+    made right after it may still be served by the dying actor."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        try:
+            ray.get(actor.pid.remote(), timeout=within)
+        except ray.exceptions.RayActorError:
+            return True
+        time.sleep(0.2)
     return False
 
 
