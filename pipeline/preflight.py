@@ -51,9 +51,8 @@ def check_encode(
     with storage_errors("read the archive", archive.url):
         existing = load_manifest(archive)
     if existing is not None:
-        # The manifest went through JSON; compare like with like. The fingerprint needs the model loaded,
-        # so it is compared later, when the actors have it.
-        # Weight locations are not identity: only the stream params are compared.
+        # Only the stream params are identity (weight locations are not), and the manifest's went through
+        # JSON: compare like with like. The fingerprint needs the model loaded, so the actors compare it.
         stream_params = codec_class(options.codec).split_params(params)[0]
         requested = CodecSpec(options.codec, json.loads(json.dumps(stream_params)), existing.codec.fingerprint)
         if requested != existing.codec:
