@@ -2,6 +2,10 @@
 
 They also prove the pipeline end to end without any model weights. Each payload is the plain file the
 format defines (a .jpg, .webp or .avif), so `diffarc cat` output minus the container opens anywhere.
+
+AVIF's `scale` codes the picture at 1/scale resolution (a Lanczos downscale) and decodes it back to full
+size with Pillow's bicubic upsampling: the "downscaled AVIF" reference for rates below AVIF's floor,
+and the base layer of the hfd codec. The header keeps the full size; the payload is the small picture.
 """
 
 from __future__ import annotations
@@ -25,22 +29,37 @@ MAX_PAYLOAD_PIXELS = 1 << 30
 _QUALITY_PRESETS = {"low": {"quality": 30}, "medium": {"quality": 60}, "high": {"quality": 85}}
 
 
+def coded_size(width: int, height: int, scale: int) -> tuple[int, int]:
+    """The (width, height) a picture is coded at for `scale`: rounded up, at least one pixel each way."""
+    return max(1, -(-width // scale)), max(1, -(-height // scale))
+
+
 class PillowCodec(Codec):
     pillow_format: str
 
     def encode_payloads(self, images: list[np.ndarray]) -> list[bytes]:
-        return [self._save(Image.fromarray(image, "RGB")) for image in images]
+        scale = self.config.get("scale", 1)
+        payloads = []
+        for image in images:
+            picture = Image.fromarray(image, "RGB")
+            if scale > 1:
+                picture = picture.resize(coded_size(picture.width, picture.height, scale), Image.Resampling.LANCZOS)
+            payloads.append(self._save(picture))
+        return payloads
 
     def _save(self, image: Image.Image) -> bytes:
         buffer = io.BytesIO()
-        image.save(buffer, self.pillow_format, **self.config)
+        options = {k: v for k, v in self.config.items() if k != "scale"}
+        image.save(buffer, self.pillow_format, **options)
         return buffer.getvalue()
 
     def decode_payloads(self, payloads: list[bytes], headers: list[Header]) -> list[np.ndarray]:
         return [self._decode(payload, header) for payload, header in zip(payloads, headers, strict=True)]
 
     def _decode(self, payload: bytes, header: Header) -> np.ndarray:
-        """One payload, refused before any pixel is decoded unless it declares the header's size."""
+        """One payload, refused before any pixel is decoded unless it declares the size the header implies."""
+        scale = self.resolve_params(header.params).get("scale", 1)
+        size = coded_size(header.width, header.height, scale)
         try:
             image = open_image(payload, MAX_PAYLOAD_PIXELS, formats=[self.pillow_format])
         except (TooManyPixels, Image.DecompressionBombError) as exc:
@@ -48,13 +67,16 @@ class PillowCodec(Codec):
         except (OSError, SyntaxError, ValueError) as exc:
             raise BitstreamError(f"{self.name} payload does not decode: {exc}") from None
         with image:
-            if image.size != (header.width, header.height):
+            if image.size != size:
                 raise BitstreamError(
                     f"{self.name} payload is {image.width}×{image.height}, the stream header says "
-                    f"{header.width}×{header.height}"
+                    f"{size[0]}×{size[1]}" + (f" (1/{scale} of {header.width}×{header.height})" if scale > 1 else "")
                 )
             try:
-                return np.asarray(image.convert("RGB"))
+                picture = image.convert("RGB")
+                if scale > 1:
+                    picture = picture.resize((header.width, header.height), Image.Resampling.BICUBIC)
+                return np.asarray(picture)
             except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
                 raise BitstreamError(f"{self.name} payload does not decode: {exc}") from None
 
@@ -86,5 +108,6 @@ class AvifCodec(PillowCodec):
         Param("quality", int, 60, "AVIF quality, 0 (smallest) to 100 (lossless)", minimum=0, maximum=100),
         Param("speed", int, 6, "encoder speed, 0 (slow, smaller) to 10 (fast)", minimum=0, maximum=10),
         Param("subsampling", str, "4:4:4", "chroma subsampling", choices=("4:4:4", "4:2:0")),
+        Param("scale", int, 1, "code at 1/scale resolution, upsampled when decoded", choices=(1, 2, 4)),
     )
     presets = _QUALITY_PRESETS

@@ -23,12 +23,14 @@ _CODECS = {
     "avif": "diffarc.codecs.classical:AvifCodec",
     "ddcm": "diffarc.codecs.ddcm:DdcmCodec",
     "latent-denoise": "diffarc.codecs.latent_denoise.codec:LatentDenoiseCodec",
+    "hfd": "diffarc.codecs.hfd.codec:HfdCodec",
 }
 
 _TRAINING_TASKS = {
     "autoencoder": "diffarc.codecs.ldm.task:AutoencoderTask",
     "diffusion": "diffarc.codecs.ldm.task:DiffusionTask",
     "latent-denoise": "diffarc.codecs.latent_denoise.task:PredictorsTask",
+    "hfd": "diffarc.codecs.hfd.task:DetailDecoderTask",
 }
 
 # The codec `encode` uses when none is named: the best one that runs anywhere without weights.

@@ -86,11 +86,14 @@ class TrainingTask(ABC):
     # Settings the task cannot run without (a frozen model it builds on), each with the reason shown when missing.
     required: ClassVar[dict[str, str]] = {}
     crop_multiple: ClassVar[int] = 8  # the latent autoencoders downsample 8×
+    configs: ClassVar[tuple[str, ...]] = ("tiny", "small", "base")  # what --config may name
     export_folder: ClassVar[str] = ""  # where the default `export` writes the weights, inside the output
 
     @classmethod
     def check(cls, settings: TrainSettings) -> None:
         """Raise SettingsError for settings this task cannot run with, before any work starts."""
+        if settings.config not in cls.configs:
+            raise SettingsError("config", f"{cls.name} configs are {', '.join(cls.configs)}; got {settings.config!r}")
         if settings.crop % cls.crop_multiple:
             raise SettingsError("crop", f"the training crop {settings.crop} must be a multiple of {cls.crop_multiple}")
         for setting, reason in cls.required.items():

@@ -21,8 +21,9 @@ def _check_crop(ctx, param, value: int) -> int:
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Where to write the diffusers model folder.")
 @click.option("--work-dir", required=True, type=click.Path(file_okay=False),
               help="Checkpoints; re-running with the same work dir resumes from the newest one.")
-@click.option("--config", "config_name", type=click.Choice(["tiny", "small", "base"]), default="small",
-              help="Model size: tiny for tests, small for a CPU, base for GPUs.")
+@click.option("--config", "config_name", default="small",
+              help="Model configuration: tiny for tests, small for a CPU, base for GPUs; hfd also has "
+              "small-diffusion and small-diffusion-unshifted.")
 @click.option("--steps", type=click.IntRange(min=1), default=2000, help="Total optimizer steps (a resumed run counts on).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, help="Images per step per worker.")
 @click.option("--crop", type=click.IntRange(min=16), default=256, callback=_check_crop,

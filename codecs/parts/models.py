@@ -146,7 +146,7 @@ def resolve_folder(reference: str) -> Path | None:
     if reference.startswith("builtin:"):
         name = reference.split(":", 1)[1]
         folder = BUILTIN_DIR / name
-        if not name or not (folder / "vae").is_dir():
+        if not name or not folder.is_dir():
             raise ModelError(
                 f"no built-in model {name!r}; built-ins: {', '.join(builtin_names()) or '(none shipped)'}"
             )

@@ -49,21 +49,25 @@ def _scalar(value: int) -> torch.Tensor:
 
 
 def gaussian(
-    seed: int, step: int, entries: torch.Tensor | list[int], shape: tuple[int, int, int], device="cpu"
+    seed: int, step: int, entries: torch.Tensor | list[int], shape: tuple[int, int, int], device="cpu",
+    origin: tuple[int, int] = (0, 0),
 ) -> torch.Tensor:
     """Noise of shape (len(entries), C, H, W) in float32: entry e of codebook (seed, step).
 
     `entries` may hold any indices, in any order, with repeats: the decoder asks only for those it needs.
+    `origin` (y, x) is where the crop starts in the unbounded field: a tile of a large image draws its own
+    part of the image's noise without drawing the rest.
     """
     channels, height, width = shape
-    if height > 65535 or width > 65535:
-        raise ValueError(f"noise field is limited to 65535×65535 sites, got {height}×{width}")
+    top, left = origin
+    if top < 0 or left < 0 or top + height > 65535 or left + width > 65535:
+        raise ValueError(f"noise field is limited to 65535×65535 sites, got {height}×{width} at {origin}")
     entries = torch.as_tensor(entries, dtype=torch.int64, device=device)
     step_key = _mix(_mix(_scalar(seed).to(device)) ^ (step & _MASK))
     keys = _mix(step_key ^ entries).view(-1, 1, 1, 1)
     channel = _mix(torch.arange(channels, device=device, dtype=torch.int64) + 1).view(1, -1, 1, 1)
-    ys = torch.arange(height, device=device, dtype=torch.int64).view(1, 1, -1, 1)
-    xs = torch.arange(width, device=device, dtype=torch.int64).view(1, 1, 1, -1)
+    ys = torch.arange(top, top + height, device=device, dtype=torch.int64).view(1, 1, -1, 1)
+    xs = torch.arange(left, left + width, device=device, dtype=torch.int64).view(1, 1, 1, -1)
     counter = keys ^ channel ^ ((ys << 16) | xs)
     first = _mix(counter)
     second = _mix(counter ^ _SALT)
