@@ -92,6 +92,17 @@ class Codec(ABC):
         names = [p for p in cls.params if p.location]
         return {p.name: (folder if i == 0 else p.default) for i, p in enumerate(names)}
 
+    @classmethod
+    def base_decoder(cls, params: Mapping[str, Any], device: str = "cpu") -> "Codec":
+        """A decoder of these streams that needs no model weights: the codec itself when it has none; a
+        codec with a base layer (hfd) overrides this to decode that layer alone (`decode --base-only`)."""
+        if any(p.location for p in cls.params):
+            raise ParameterError(
+                f"codec {cls.name!r} has no part that decodes without its model weights; --base-only applies to "
+                "codecs with a base layer (hfd)"
+            )
+        return cls(device, **cls.split_params(params)[0])
+
     @property
     def stream_params(self) -> dict[str, Any]:
         """The parameters every stream records: all the decoder needs, but not where the weights are."""

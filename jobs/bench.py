@@ -57,6 +57,8 @@ def _check_reference(ctx, param, value: str) -> str:
 @click.option("--lpips-weights", default=None, help="LPIPS-squeeze safetensors file (default: $DIFFARC_LPIPS_WEIGHTS)")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="only the first N images")
 @click.option("--gallery", type=click.IntRange(min=0), default=3, show_default=True, help="images in the crop gallery")
+@click.option("--gallery-bpp", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="show each curve at its point nearest this bpp (default: the reference's median point)")
 @click.option("--throughput", is_flag=True,
               help="also time encode/decode at several batch sizes (and an SD-2.1-sized UNet on a GPU)")
 @click.option("--batch-sizes", default="1,4,8", show_default=True, callback=_batch_sizes, help="for --throughput")
@@ -65,7 +67,7 @@ def _check_reference(ctx, param, value: str) -> str:
 @click.option("--max-pixels", type=click.IntRange(1), default=DEFAULT_MAX_PIXELS, show_default=True,
               help="skip images with more pixels than this (checked before decoding)")
 def bench(
-    dataset, specs, reference, out, lpips_weights, limit, gallery, throughput, batch_sizes, as_json, storage_options,
+    dataset, specs, reference, out, lpips_weights, limit, gallery, gallery_bpp, throughput, batch_sizes, as_json, storage_options,
     max_pixels,
 ):
     # Imported here, not at the top: they load torch and matplotlib, which every other command can do without.
@@ -74,7 +76,7 @@ def bench(
 
     options = BenchOptions(
         dataset=dataset, specs=specs, reference=reference, out=out, lpips_weights=lpips_weights, limit=limit,
-        gallery=gallery, throughput=throughput, batch_sizes=batch_sizes, storage_options=storage_options or {},
+        gallery=gallery, gallery_bpp=gallery_bpp, throughput=throughput, batch_sizes=batch_sizes, storage_options=storage_options or {},
         max_pixels=max_pixels,
     )  # fmt: skip
     results = run_bench(options, log=lambda message: click.echo(message, err=True))

@@ -20,9 +20,11 @@ from .options import (
               type=click.Choice(["png", "jpeg", "webp", "tiff", "bmp"]))
 @click.option("--overwrite", is_flag=True, help="Decode again even where the output file exists.")
 @click.option("--batch-size", type=click.IntRange(1), default=8, show_default=True)
+@click.option("--base-only", is_flag=True,
+              help="Decode only the base layer (hfd: the AVIF picture), with no model weights at all.")
 @decoding_options
-def decode(archive, dst, prefix, keys_file, image_format, overwrite, batch_size, model, max_pixels, actors, address,
-           storage_options, as_json):
+def decode(archive, dst, prefix, keys_file, image_format, overwrite, batch_size, base_only, model, max_pixels, actors,
+           address, storage_options, as_json):
     """Decode ARCHIVE (all, or a subset) to image files under DST, keys as relative paths."""
     from ..pipeline.decode import run_decode
 
@@ -31,7 +33,7 @@ def decode(archive, dst, prefix, keys_file, image_format, overwrite, batch_size,
     summary = run_decode(
         archive, dst, keys=keys, prefix=prefix, image_format=image_format, overwrite=overwrite,
         actors=actors, batch_size=batch_size, storage_options=storage_options,
-        address=address, on_progress=progress, model=model, max_pixels=max_pixels,
+        address=address, on_progress=progress, model=model, max_pixels=max_pixels, base_only=base_only,
     )
     progress.close()
     document = {**summary.__dict__, "failures": [f.__dict__ for f in summary.failures],

@@ -22,7 +22,7 @@ from PIL import Image
 from ..codecs.base import Codec
 from ..codecs.container import Header
 from ..codecs.errors import BitstreamError
-from ..codecs.registry import open_codec
+from ..codecs.registry import codec_class, open_codec
 from ..codecs.errors import ArchiveError, ParameterError
 from .archive import Failure, Manifest, ShardEntry, local_weights_folder, read_shard, require_manifest
 from .batches import failure_reason, map_batch
@@ -99,10 +99,15 @@ def pixel_limit(manifest: Manifest, max_pixels: int | None) -> int:
     return max_pixels or manifest.max_pixels or DEFAULT_MAX_PIXELS
 
 
-def codec_for_archive(archive: Location, manifest: Manifest, device: str = "cpu", model: str | None = None) -> Codec:
+def codec_for_archive(
+    archive: Location, manifest: Manifest, device: str = "cpu", model: str | None = None, base_only: bool = False
+) -> Codec:  # fmt: skip
     """The archive's codec, with weights that have its fingerprint: from `model` (--model), the archive's
-    models/<fingerprint>/, the local model cache, or the recorded location, in that order."""
+    models/<fingerprint>/, the local model cache, or the recorded location, in that order. With
+    `base_only`, the decoder of the streams' base layer, which needs no weights (`Codec.base_decoder`)."""
     spec = manifest.codec
+    if base_only:
+        return codec_class(spec.name).base_decoder(spec.params, device)
     embedded = manifest.embedded_model(spec.fingerprint)
     return open_codec(
         spec.name,
@@ -144,9 +149,9 @@ class DecodeSummary:
 class DecodeWorker:
     """A Ray actor: one codec, decoding shards of an archive to files under DST."""
 
-    def __init__(self, archive: Location, manifest: Manifest, model: str | None, max_pixels: int):
+    def __init__(self, archive: Location, manifest: Manifest, model: str | None, max_pixels: int, base_only: bool):
         self.manifest = manifest
-        self.codec = codec_for_archive(archive, manifest, torch_device(), model)
+        self.codec = codec_for_archive(archive, manifest, torch_device(), model, base_only)
         self.max_pixels = max_pixels
 
     def decode_shard(
@@ -212,19 +217,23 @@ def run_decode(
     on_progress: Callable[[int, int, int], None] | None = None,
     model: str | None = None,
     max_pixels: int | None = None,
+    base_only: bool = False,
 ) -> DecodeSummary:
-    """Decode the selected keys to files under `dst_url`; `max_pixels` defaults to the archive's own limit."""
+    """Decode the selected keys to files under `dst_url`; `max_pixels` defaults to the archive's own limit;
+    `base_only` decodes only the streams' base layer, without model weights (hfd)."""
     started = time.perf_counter()
     if image_format not in OUTPUT_FORMATS:
         raise ParameterError(f"unknown output format {image_format!r}; choose from {sorted(OUTPUT_FORMATS)}")
     archive = Location(archive_url, storage_options)
     dst = Location(dst_url, storage_options)
     manifest = check_decode(archive, dst)  # fails before Ray starts
+    if base_only:
+        codec_class(manifest.codec.name).base_decoder(manifest.codec.params)  # a codec without one: say so now
     tasks = select_shards(manifest, keys, prefix)
     summary = DecodeSummary(0, 0)
     if tasks:
         limit = pixel_limit(manifest, max_pixels)
-        with actor_pool(DecodeWorker, archive, manifest, model, limit, actors=actors, address=address) as pool:
+        with actor_pool(DecodeWorker, archive, manifest, model, limit, base_only, actors=actors, address=address) as pool:
             for result in run_on_pool(
                 pool,
                 tasks,

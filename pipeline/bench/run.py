@@ -66,6 +66,7 @@ class BenchOptions:
     lpips_weights: str | None = None
     limit: int | None = None
     gallery: int = 3
+    gallery_bpp: float | None = None  # the rate the gallery matches; None: the reference's median point
     throughput: bool = False
     batch_sizes: Sequence[int] = (1, 4, 8)
     storage_options: dict[str, Any] = field(default_factory=dict)
@@ -88,7 +89,9 @@ def run_bench(options: BenchOptions, log: Callable[[str], None] = print) -> dict
     boxes = [centre_crop_box(image) for image in images[: options.gallery]]
     rows, curve_results, crops = measure_curves(curves, keys, images, lpips, boxes, device, log)
     reference_result = next(c for c in curve_results if c["name"] == reference.name)
-    gallery, crop_images = choose_gallery(curve_results, reference_result, keys, images, boxes, crops, rows)
+    gallery, crop_images = choose_gallery(
+        curve_results, reference_result, keys, images, boxes, crops, rows, options.gallery_bpp
+    )  # fmt: skip
     results = {
         "run": describe_run(device, options, weights),
         "dataset": options.dataset,
@@ -230,9 +233,13 @@ def bd_rates(curves: list[dict], reference: dict, with_lpips: bool) -> dict:
     return table
 
 
-def choose_gallery(curves, reference, keys, images, boxes, crops, rows) -> tuple[dict, dict[str, np.ndarray]]:
-    """For each curve the point nearest the reference's median bpp; the crops to show, by file name."""
-    target = statistics.median_low([p["bpp"] for p in reference["points"]])
+def choose_gallery(
+    curves, reference, keys, images, boxes, crops, rows, target: float | None = None
+) -> tuple[dict, dict[str, np.ndarray]]:  # fmt: skip
+    """For each curve the point nearest `target` bpp (default: the reference's median point); the crops
+    to show, by file name."""
+    described = f"--gallery-bpp {target:g}" if target else "the reference's median point"
+    target = target or statistics.median_low([p["bpp"] for p in reference["points"]])
     picks = []
     for curve in curves:
         point = min(curve["points"], key=lambda p: abs(math.log(p["bpp"] / target)))
@@ -250,7 +257,7 @@ def choose_gallery(curves, reference, keys, images, boxes, crops, rows) -> tuple
             entry["crops"].append({"curve": pick["curve"], "label": pick["label"], "file": name,
                                    **{k: row[k] for k in ("bpp", "psnr", "lpips")}})  # fmt: skip
         entries.append(entry)
-    return {"target_bpp": target, "curves": picks, "images": entries}, files
+    return {"target_bpp": target, "target": described, "curves": picks, "images": entries}, files
 
 
 def _slug(text: str) -> str:

@@ -92,11 +92,17 @@ def _progress_lines(process: subprocess.Popen, pattern: str, timeout: float) -> 
     return lines
 
 
-def test_a_killed_train_resumes_from_its_last_checkpoint(images, tmp_path):
-    work, out = tmp_path / "work", tmp_path / "ae"
-    args = ["autoencoder", "--data", str(images), "--out", str(out), "--work-dir", str(work), "--config", "tiny",
-            "--batch-size", "2", "--crop", "32", "--lpips-weight", "0", "--report-seconds", "0",
-            "--checkpoint-minutes", "0.005"]  # fmt: skip
+@pytest.mark.parametrize(
+    "what, options, written",
+    [
+        ("autoencoder", ["--batch-size", "2", "--lpips-weight", "0"], "vae/config.json"),
+        ("hfd", ["--batch-size", "4"], "config.json"),
+    ],
+)
+def test_a_killed_train_resumes_from_its_last_checkpoint(images, tmp_path, what, options, written):
+    work, out = tmp_path / "work", tmp_path / "out"
+    args = [what, "--data", str(images), "--out", str(out), "--work-dir", str(work), "--config", "tiny",
+            "--crop", "32", "--report-seconds", "0", "--checkpoint-minutes", "0.005", *options]  # fmt: skip
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     first = subprocess.Popen(
         TRAIN_COMMAND + args + ["--steps", "100000"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -108,7 +114,7 @@ def test_a_killed_train_resumes_from_its_last_checkpoint(images, tmp_path):
         os.killpg(first.pid, signal.SIGKILL)
         first.wait()
     assert any("checkpoint at step" in line for line in lines), "".join(lines[-30:])
-    checkpoint = find_resume_checkpoint(work / "autoencoder")
+    checkpoint = find_resume_checkpoint(work / what)
     assert checkpoint is not None
     saved_step = int(re.search(r'"step": (\d+)', (checkpoint / "progress.json").read_text()).group(1))
     assert saved_step > 0 and not out.exists()
@@ -121,7 +127,7 @@ def test_a_killed_train_resumes_from_its_last_checkpoint(images, tmp_path):
     # Ray's worker can outlive the kill by a moment and persist one more checkpoint: never an older one.
     assert resumed and resumed[0] >= saved_step
     assert f"wrote {out} (step {max(resumed[0], saved_step + 2)}" in second.stdout
-    assert (out / "vae" / "config.json").is_file()
+    assert (out / written).is_file()
 
 
 @pytest.mark.parametrize(
