@@ -143,3 +143,24 @@ def _show(locations: Mapping[str, Any]) -> str:
 
 def read_header(stream: bytes) -> Header:
     return unpack(stream)[0]
+
+
+def builtin_codec_weights() -> list[dict[str, Any]]:
+    """The shipped weights that belong to one codec rather than being a latent diffusion model (hfd's
+    detail decoder): one row per built-in folder a codec's default points at, as `builtin_models` rows."""
+    from .parts.models import BUILTIN_DIR, folder_bytes, parameter_count
+
+    rows = []
+    for name in codec_names():
+        cls = codec_class(name)
+        for param in cls.params:
+            if not (param.location and str(param.default).startswith("builtin:")):
+                continue
+            folder = BUILTIN_DIR / param.default.split(":", 1)[1]
+            if folder.is_dir() and not (folder / "vae").is_dir():
+                rows.append({
+                    "name": param.default, "path": str(folder), "parameters": parameter_count(folder),
+                    "bytes": folder_bytes(folder), "fingerprint": create_codec(name).fingerprint.hex(),
+                    "components": [name],
+                })  # fmt: skip
+    return rows

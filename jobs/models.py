@@ -12,8 +12,9 @@ import click
 def models(as_json):
     """List the built-in models: name, parameters, size on disk, fingerprint."""
     from ..codecs.parts.models import builtin_models
+    from ..codecs.registry import builtin_codec_weights
 
-    rows = builtin_models()
+    rows = builtin_models() + builtin_codec_weights()
     if as_json:
         click.echo(json.dumps({"models": rows}))
         return

@@ -31,8 +31,11 @@ from diffusers import UNet2DModel
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 
+from ..parts.samplers import ddim, euler, linspace_schedule
+
 OBJECTIVES = ("flow", "diffusion")
 TIMESTEP_SCALE = 1000.0  # the UNet's sinusoidal embedding sees t·1000, the range it was built for
+TIMESTEPS = 1000  # diffusion: the sampler's integer timesteps i stand for t = i / 999
 LOGSNR_LIMIT = 15.0  # the cosine schedule's log-SNR is clipped to ±15 before the shift (finite at t = 0 and 1)
 
 
@@ -101,23 +104,27 @@ def sample_residual(
     """r̂ after `steps` network calls from the start noise, blended toward the first call's estimate.
 
     The first call's r̂ is the posterior-mean estimate (the restoration); the last is a sample. The
-    result is first + detail·(last − first): detail 0 is the restoration, 1 the sample.
-    Flow: Euler steps on τ = 1 … 0 with v = (s − r̂)/τ. Diffusion: DDIM (η = 0) over `steps` evenly spaced
-    times from 1 toward 0. Both are deterministic given the noise.
+    result is first + detail·(last − first): detail 0 is the restoration, 1 the sample. The loops are
+    the shared samplers': Euler over τ = 1 … 0 for the flow (v = (s − r̂)/τ), DDIM (η = 0) over `steps`
+    evenly spaced timesteps of the shifted schedule for diffusion. Both are deterministic given the noise.
     """
-    times = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64).tolist()
-    batch = base.shape[0]
-    flow = decoder.config.objective == "flow"
-    state = decoder.config.sigma * noise if flow else noise
-    first = estimate = None
-    for t, t_next in zip(times[:-1], times[1:]):
-        estimate = decoder(state, base, quality, scale, torch.full((batch,), t, device=base.device)).float()
-        first = estimate if first is None else first
-        if flow:
-            # Euler on the straight line toward r̂: s ← s + (t_next − t)·(s − r̂)/t
-            state = state + (t_next - t) / t * (state - estimate)
-        else:
-            a, a_next = (float(diffusion_alpha_bar(torch.tensor(v), decoder.config.shift)) for v in (t, t_next))
-            eps = (state - a**0.5 * estimate) / (1 - a) ** 0.5
-            state = a_next**0.5 * estimate + (1 - a_next) ** 0.5 * eps
-    return first + detail * (estimate - first)
+    batch, estimates = base.shape[0], []
+
+    def estimate(state, t: float) -> torch.Tensor:
+        estimates.append(decoder(state, base, quality, scale, torch.full((batch,), t, device=base.device)).float())
+        return estimates[-1]
+
+    if decoder.config.objective == "flow":
+        velocity = lambda state, t, cond: (state - estimate(state, t)) / t  # noqa: E731
+        euler(velocity, decoder.config.sigma * noise, torch.linspace(1.0, 0.0, steps + 1).tolist())
+    else:
+        table = diffusion_alpha_bar(torch.linspace(0, 1, TIMESTEPS, dtype=torch.float64), decoder.config.shift)
+
+        def denoise(state, t: int, cond):  # (x̂0, ε̂) at integer timestep t, as samplers.ddim asks
+            alpha_bar = float(table[t])
+            r = estimate(state, t / (TIMESTEPS - 1))
+            return r, (state - alpha_bar**0.5 * r) / (1 - alpha_bar) ** 0.5
+
+        ddim(denoise, noise, linspace_schedule(table, steps + 1))
+    first, last = estimates[0], estimates[-1]
+    return first + detail * (last - first)

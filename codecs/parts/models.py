@@ -37,6 +37,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -347,6 +348,18 @@ def builtin_names() -> list[str]:
 
 def folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def parameter_count(folder: Path) -> int:
+    """Numbers stored in a folder's safetensors files, read from their headers (no tensor is loaded)."""
+    from safetensors import safe_open
+
+    count = 0
+    for path in folder.rglob("*.safetensors"):
+        with safe_open(str(path), "pt") as weights:
+            for name in weights.keys():
+                count += math.prod(weights.get_slice(name).get_shape())
+    return count
 
 
 def builtin_models() -> list[dict[str, Any]]:
