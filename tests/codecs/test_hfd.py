@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import io
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -14,7 +12,6 @@ from PIL import Image
 from diffarc.codecs import container
 from diffarc.codecs.errors import BitstreamError, ModelError
 from diffarc.codecs.hfd import codec as hfd_codec
-from diffarc.codecs.parts.models import BUILTIN_DIR
 from diffarc.codecs.hfd.nets import DetailDecoder, noisy_state, sample_residual
 from diffarc.codecs.registry import create_codec
 
@@ -156,7 +153,6 @@ def test_one_step_returns_the_first_estimate_and_detail_blends_toward_the_last(t
     torch.testing.assert_close(half, (one + full) / 2)
 
 
-@pytest.mark.skipif(not (BUILTIN_DIR / "hfd-small").is_dir(), reason="builtin:hfd-small is not shipped yet")
 def test_the_builtin_detail_decoder_restores_more_than_it_invents():
     """The shipped weights: at 1 step and detail 0 (the restoration), a smooth picture's AVIF base gets
     no worse, and the default setting stays within 1.5 dB of the base."""
