@@ -27,7 +27,7 @@ def settings(what, **changes):
 
 
 def test_the_registry_names_each_task_by_its_own_name():
-    assert training_task_names() == ["autoencoder", "diffusion", "latent-denoise"]
+    assert training_task_names() == ["autoencoder", "diffusion", "hfd", "latent-denoise"]
     for name in training_task_names():
         task = training_task(name)
         assert issubclass(task, TrainingTask) and task.name == name
