@@ -14,13 +14,15 @@ quickly and in bounded memory?
         ▼
     outcome: decoded · refused (a BitstreamError) — the two good ones — or
              error:TYPE (any other exception), over-memory (an allocation refused under the cap),
-             hang (no answer within --timeout; the worker is killed), abort (the worker died)
+             hang (over --timeout seconds of CPU, or ten times that on the clock: the worker is
+             stopped), abort (the worker died)
 
 Every case decodes with the codec object that wrote its seed, which takes its parameters from the stream's
 header, as an archive's decoder does. `--max-pixels` plays the archive's recorded limit (the default,
 128×128, is what an archive of such small images would be decoded under): the decoder's time and memory
-are bounded by that limit, so the timeout and the memory cap test that bound. Codecs whose seed streams
-cannot be made (weights missing) are skipped and the reason printed.
+are bounded by that limit, so the timeout and the memory cap test that bound. Time is CPU time (each
+worker runs torch on one thread): on a machine shared with other work, the clock would count their time
+too. Codecs whose seed streams cannot be made (weights missing) are skipped and the reason printed.
 
     python benchmarks/fuzz_streams.py --cases 100000            # the full run; prints counts per outcome and codec
     python benchmarks/fuzz_streams.py --replay 4711             # one case in this process: what it is, its traceback
@@ -33,7 +35,9 @@ costs a real decode (tens of milliseconds at these sizes), so they are seeded wi
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
+import math
 import multiprocessing
 import os
 import random
@@ -82,6 +86,7 @@ HOSTILE_VALUES = ("1e999", "-1e999", "NaN", "Infinity", "-Infinity", "1e-999", "
                   "-1", "0", "1.5", "true", "false", "null", '""', '"x"', "[]", "{}", "[1]", '{"a":1}',
                   '"fp16"', '"bf16"', '"fp32"', "65536", "4294967296")  # fmt: skip
 COMPACT_SHARE = 0.15
+PR_SET_PDEATHSIG = 1  # prctl option (Linux): the signal a process gets when its parent dies
 
 
 # ---------------------------------------------------------------------------------------------- seeds
@@ -441,17 +446,21 @@ def classify(exc: BaseException) -> str:
     return f"error:{type(exc).__name__}"
 
 
-def serve(conn, seeds: list[Seed], run_seed: int, max_pixels: int, memory_mb: int) -> None:
-    """A worker: cases in, (case id, outcome, seconds, peak RSS MB, detail) out, until None arrives."""
+def serve(conn, seeds: list[Seed], run_seed: int, max_pixels: int, memory_mb: int, timeout: float) -> None:
+    """A worker: cases in, (case id, outcome, CPU seconds, peak RSS MB, detail) out, until None arrives.
+    A case over `timeout` CPU seconds ends the worker with SIGXCPU (RLIMIT_CPU)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops the run; a ^C must not count as an abort
+    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # and a worker busy in a hang dies with it
     if memory_mb:
         _, hard = resource.getrlimit(resource.RLIMIT_AS)
         limit = virtual_memory_bytes() + memory_mb * 2**20
         resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+    _, cpu_hard = resource.getrlimit(resource.RLIMIT_CPU)
     while (case_id := conn.recv()) is not None:
         before = peak_rss_mb()
         case = build_case(case_id, run_seed, seeds)  # outside the try: a fuzzer bug must not pass as a finding
-        started = time.perf_counter()
+        started = cpu_seconds()
+        resource.setrlimit(resource.RLIMIT_CPU, (math.ceil(started + timeout), cpu_hard))
         try:
             decode_case(case, max_pixels)
             outcome, detail = "decoded", ""
@@ -460,7 +469,11 @@ def serve(conn, seeds: list[Seed], run_seed: int, max_pixels: int, memory_mb: in
         except BaseException as exc:  # a Rust panic arrives as a BaseException; it counts, too
             outcome, detail = classify(exc), f"{type(exc).__name__}: {str(exc)[:200]}"
         peak = peak_rss_mb()
-        conn.send((case_id, outcome, time.perf_counter() - started, peak if peak > before else 0, detail))
+        conn.send((case_id, outcome, cpu_seconds() - started, peak if peak > before else 0, detail))
+
+
+def cpu_seconds() -> float:
+    return time.process_time()  # what RLIMIT_CPU counts: user and system time of this process
 
 
 def virtual_memory_bytes() -> int:
@@ -483,9 +496,10 @@ class Result:
 
 
 class Worker:
-    def __init__(self, context, seeds, run_seed, max_pixels, memory_mb):
+    def __init__(self, context, seeds, run_seed, max_pixels, memory_mb, timeout):
         self.conn, child = context.Pipe()
-        self.process = context.Process(target=serve, args=(child, seeds, run_seed, max_pixels, memory_mb), daemon=True)
+        args = (child, seeds, run_seed, max_pixels, memory_mb, timeout)
+        self.process = context.Process(target=serve, args=args, daemon=True)
         self.process.start()
         child.close()
         self.case_id: int | None = None
@@ -506,7 +520,8 @@ def run(cases: range, seeds: list[Seed], run_seed: int, workers: int, timeout: f
         memory_mb: int, on_result) -> None:  # fmt: skip
     """Every case through a pool of forked workers; a hang or a death is recorded and the worker replaced."""
     context = multiprocessing.get_context("fork")
-    spawn = lambda: Worker(context, seeds, run_seed, max_pixels, memory_mb)  # noqa: E731
+    spawn = lambda: Worker(context, seeds, run_seed, max_pixels, memory_mb, timeout)  # noqa: E731
+    wall_timeout = 10 * timeout  # the clock's safety net, for a worker stuck without using CPU
     codec_of = lambda case_id: build_case(case_id, run_seed, seeds).seed.codec  # noqa: E731
     pending = iter(cases)
     pool = [spawn() for _ in range(min(workers, len(cases)))]
@@ -515,7 +530,7 @@ def run(cases: range, seeds: list[Seed], run_seed: int, workers: int, timeout: f
     try:
         while any(w.case_id is not None for w in pool):
             busy = [w for w in pool if w.case_id is not None]
-            deadline = min(w.started for w in busy) + timeout
+            deadline = min(w.started for w in busy) + wall_timeout
             ready = wait([w.conn for w in busy], timeout=max(0.0, deadline - time.perf_counter()))
             for index, worker in enumerate(pool):
                 if worker.case_id is None:
@@ -528,11 +543,14 @@ def run(cases: range, seeds: list[Seed], run_seed: int, workers: int, timeout: f
                     except (EOFError, OSError):
                         worker.process.join(5)
                         code = worker.process.exitcode
-                        why = f"signal {signal.Signals(-code).name}" if code and code < 0 else f"exit {code}"
-                        finished = Result(worker.case_id, codec_of(worker.case_id), "abort",
-                                          time.perf_counter() - worker.started, 0, why)  # fmt: skip
-                elif time.perf_counter() - worker.started >= timeout:
-                    finished = Result(worker.case_id, codec_of(worker.case_id), "hang", timeout, 0, f"> {timeout} s")
+                        if code == -signal.SIGXCPU:
+                            outcome, why = "hang", f"> {timeout} CPU s"
+                        else:
+                            outcome = "abort"
+                            why = f"signal {signal.Signals(-code).name}" if code and code < 0 else f"exit {code}"
+                        finished = Result(worker.case_id, codec_of(worker.case_id), outcome, timeout, 0, why)
+                elif time.perf_counter() - worker.started >= wall_timeout:
+                    finished = Result(worker.case_id, codec_of(worker.case_id), "hang", timeout, 0, f"> {wall_timeout} s on the clock")
                 if finished is None:
                     continue
                 on_result(finished)
@@ -590,7 +608,7 @@ class Tally:
         rate = [f"{n / self.seconds[c]:.1f}" if self.seconds[c] else "-" for n, c in zip(totals, codecs)]
         lines.append(f"{'cases/s per worker':<{width}} " + " ".join(f"{r:>{w}}" for r, w in zip(rate, cols)))
         slow = [f"{self.slowest.get(c, (0, 0))[0]:.2f}" for c in codecs]
-        lines.append(f"{'slowest answered case, s':<{width}} " + " ".join(f"{s:>{w}}" for s, w in zip(slow, cols)))
+        lines.append(f"{'slowest answered case, CPU s':<{width}} " + " ".join(f"{s:>{w}}" for s, w in zip(slow, cols)))
         peak = [str(self.peak.get(c, (0, 0))[0]) for c in codecs]
         lines.append(f"{'peak worker RSS, MB':<{width}} " + " ".join(f"{p:>{w}}" for p, w in zip(peak, cols)))
         return "\n".join(lines)
@@ -620,7 +638,7 @@ def main() -> None:
     parser.add_argument("--first", type=int, default=0, help="id of the first case (to continue a run)")
     parser.add_argument("--seed", type=int, default=0, help="the run's seed: with a case id, names one case")
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--timeout", type=float, default=5.0, help="seconds before a case counts as a hang")
+    parser.add_argument("--timeout", type=float, default=5.0, help="CPU seconds before a case counts as a hang")
     parser.add_argument("--memory-mb", type=int, default=2048, help="address space a worker may add (RLIMIT_AS)")
     parser.add_argument("--max-pixels", type=int, default=128 * 128, help="the decoder's pixel limit")
     parser.add_argument("--codec", action="append", help="only this codec (repeatable); default: every registered one")
