@@ -14,7 +14,7 @@ quickly and in bounded memory?
         ▼
     outcome: decoded · refused (a BitstreamError) — the two good ones — or
              error:TYPE (any other exception), over-memory (an allocation refused under the cap),
-             hang (over --timeout seconds of CPU, or ten times that on the clock: the worker is
+             hang (over --timeout seconds of CPU, or 30 times that on the clock: the worker is
              stopped), abort (the worker died)
 
 Every case decodes with the codec object that wrote its seed, which takes its parameters from the stream's
@@ -521,7 +521,7 @@ def run(cases: range, seeds: list[Seed], run_seed: int, workers: int, timeout: f
     """Every case through a pool of forked workers; a hang or a death is recorded and the worker replaced."""
     context = multiprocessing.get_context("fork")
     spawn = lambda: Worker(context, seeds, run_seed, max_pixels, memory_mb, timeout)  # noqa: E731
-    wall_timeout = 10 * timeout  # the clock's safety net, for a worker stuck without using CPU
+    wall_timeout = 30 * timeout  # the clock's safety net, for a worker stuck without using CPU
     codec_of = lambda case_id: build_case(case_id, run_seed, seeds).seed.codec  # noqa: E731
     pending = iter(cases)
     pool = [spawn() for _ in range(min(workers, len(cases)))]

@@ -102,8 +102,6 @@ def least_bits(tables: np.ndarray, count: int) -> float:
     could make it. What lets a decoder refuse a stream claiming more symbols than its words can hold
     before allocating them (a row of one symbol costs nothing: any count fits)."""
     size = tables.shape[1]
-    if size == 1:
-        return 0.0
     likeliest = np.minimum(tables.max(axis=1) + size * 2.0**-24, 1.0 - (size - 1) * 2.0**-24)
     return float(count * -np.log2(likeliest).sum())
 
