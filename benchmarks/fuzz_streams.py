@@ -7,7 +7,8 @@ quickly and in bounded memory?
     mutate: bit flips, inserted/deleted bytes, truncations (CRC stale or recomputed), width/height and
             length fields, hostile params JSON (not an object, nested, 1e999, NaN, wrong types, other
             valid settings such as another precision), payload edits with the framing and CRC made
-            consistent, spliced streams; 15 % of cases go through the archive's compact framing
+            consistent, payloads forged to the length a codec's rate formula asks for, spliced streams;
+            15 % of cases go through the archive's compact framing
         ▼
     worker process (forked from this one, codecs already loaded; address space capped with RLIMIT_AS):
             codec.decode([stream], max_pixels=--max-pixels), timed
@@ -368,6 +369,25 @@ def mutate_payload(case: Case, rng: random.Random, seeds: list[Seed]) -> None:
     case.steps.append(f"payload {kind} ({len(payload)} bytes)")
 
 
+def mutate_fit_payload(case: Case, rng: random.Random) -> None:
+    """A payload of the length the codec's rate formula gives for the (mutated) header: a forgery that passes
+    the length check and reaches the decoder's inner loops (codecs with a `payload_bits`, such as ddcm)."""
+    decoder = case.seed.decoder
+    try:
+        params = case.spec.params if case.compact else json.loads(case.fields.params)
+        bits = decoder.payload_bits(case.fields.height, case.fields.width, decoder.resolve_params(params))
+    except Exception as exc:  # parameters or a size the formula cannot take: the decoder will say so
+        case.steps.append(f"fit payload: none ({type(exc).__name__})")
+        return
+    size = -(-bits // 8)
+    if size > 1 << 20:
+        case.steps.append(f"fit payload: none ({size} bytes)")
+        return
+    kind = rng.choice(("zeros", "ones", "random"))
+    case.fields.payload = {"zeros": bytes(size), "ones": b"\xff" * size, "random": rng.randbytes(size)}[kind]
+    case.steps.append(f"fit payload: {size} bytes of {kind}")
+
+
 def mutate_identity(case: Case, rng: random.Random) -> None:
     """The codec id, the fingerprint or the version byte."""
     f = case.fields
@@ -411,6 +431,8 @@ def build_case(case_id: int, run_seed: int, seeds: list[Seed]) -> Case:
     ]
     if case.compact:
         field_mutations[1] = (0.3, lambda: mutate_spec_id(case, rng))  # no length field; a spec id instead
+    if hasattr(seed.decoder, "payload_bits"):
+        field_mutations.append((3, lambda: mutate_fit_payload(case, rng)))
     byte_mutations = [
         (1, lambda: mutate_bits(case, rng, fix=False)),
         (3, lambda: mutate_bits(case, rng, fix=True)),

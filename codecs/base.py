@@ -1,7 +1,7 @@
 """The codec interface: a batch of RGB images in, one self-describing bitstream per image out, and back.
 
     images (list of H×W×3 uint8, any sizes) ──encode_payloads──► payloads ──container.pack──► streams
-    streams ──container.unpack──► (headers, payloads) ──check_header, check_cost──► decode_payloads──► images
+    streams ──container.unpack──► (headers, payloads) ──check_header, check_cost──► decode_payloads ──► images
 
 A codec subclass declares its parameters and presets and implements the two payload methods; this base
 class owns validation, the container and the checks that make a stream refuse the wrong decoder. The
@@ -186,9 +186,9 @@ class Codec(ABC):
         `max_pixels` (module docstring)."""
         header, payload = container.unpack(stream)
         self.check_header(header, self.fingerprint)
-        for param in self.params:
-            wanted = param.parse(header.params.get(param.name, param.default))  # checked by check_header
-            if param.build_time and wanted != self.config[param.name]:
+        for param in (p for p in self.params if p.build_time):
+            wanted = param.parse(header.params.get(param.name, param.default))  # check_header has parsed it
+            if wanted != self.config[param.name]:
                 raise BitstreamError(
                     f"stream needs {self.name} built with {param.name}={wanted}; this decoder was built with "
                     f"{param.name}={self.config[param.name]} (open it with the stream's parameters)"
