@@ -47,7 +47,7 @@ print(json.dumps(result))
 """
 
 
-def decode_alone(stream: bytes, folder, memory_mb: int = 1500, timeout: float = 90) -> dict:
+def decode_alone(stream: bytes, folder, memory_mb: int = 1500, timeout: float = 300) -> dict:
     path = folder / "stream.bin"
     path.write_bytes(stream)
     try:
