@@ -81,7 +81,7 @@ def decode_symbols(data: bytes, tables: np.ndarray, lo: int, count: int) -> np.n
     if len(data) % 4:
         raise EntropyCodingError(f"entropy-coded data is {len(data)} bytes, not a whole number of 32-bit words")
     least = least_bits(tables, count)
-    if least > 2 * 8 * len(data) + 64:
+    if least > 2 * 8 * len(data) + 64:  # twice the words and two more: room for the coder's rounding
         raise EntropyCodingError(
             f"{len(data) // 4} words cannot hold {tables.shape[0]}×{count} symbols, which need at least {least:.0f} bits"
         )

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import zlib
 
+import numpy as np
 import pytest
 
 from diffarc.codecs.base import MAX_PASSES, Param
@@ -103,6 +104,13 @@ def test_a_ddcm_stream_claiming_4096_squared_in_one_whole_latent_tile_is_refused
     assert result["outcome"] == "refused", result
     assert "no ddcm encoder writes this stream" in result["message"] and "use tiles" in result["message"]
     assert result["cpu_seconds"] < 2
+
+
+def test_the_ddcm_encoder_refuses_what_its_decoder_would(tmp_path):
+    # One whole-latent tile on a 2100×2100 image: 256 entries of 16·264·264 values per step, over 2^28.
+    codec = create_codec("ddcm", {"tile": 0})
+    with pytest.raises(ParameterError, match="draws 256×1115136 codebook values per step"):
+        codec.encode([np.zeros((2100, 2100, 3), np.uint8)])
 
 
 def with_jpeg_frame_size(stream: bytes, width: int, height: int) -> bytes:
