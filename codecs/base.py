@@ -1,16 +1,30 @@
 """The codec interface: a batch of RGB images in, one self-describing bitstream per image out, and back.
 
     images (list of H×W×3 uint8, any sizes) ──encode_payloads──► payloads ──container.pack──► streams
-    streams ──container.unpack──► (headers, payloads) ──decode_payloads──► images
+    streams ──container.unpack──► (headers, payloads) ──check_header, check_cost──► decode_payloads ──► images
 
 A codec subclass declares its parameters and presets and implements the two payload methods; this base
 class owns validation, the container and the checks that make a stream refuse the wrong decoder. The
 decoder takes its parameters from each stream's header, not from how the codec object was built, so
-one decoder serves an archive written with any mix of settings.
+one decoder serves an archive written with any mix of settings (except `build_time` parameters, such as
+the arithmetic the weights were cast to).
+
+Streams may come from a hostile archive, so nothing in a header is trusted before it is bounded:
+`check_cost` runs on every stream before any decoding work, from its header and payload length alone.
+It refuses a stream unless
+- it declares at least 1×1 and at most `max_pixels` pixels (the caller's limit: an archive's, or --max-pixels);
+- the pixels its decoder works on, padding included, are at most MAX_PADDING × `max_pixels` (memory);
+- its work, pixels × passes (network evaluations; a classical decoder makes one pass), each pass counted
+  as at least MIN_PASS_PIXELS, is at most MAX_PASSES × `max_pixels` (time);
+- and the codec's own `decode_cost` finds the payload consistent with the header (ddcm: its exact length;
+  latent-denoise: its side information and symbol count). A codec overrides `decode_cost` to say its
+  pixels and passes and to refuse what cannot be decoded, with cheap arithmetic and no decoding.
+So a decoder's time and memory are bounded by `max_pixels`, whatever the stream claims.
 """
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, ClassVar, Mapping, Sequence
@@ -20,6 +34,20 @@ import numpy as np
 from . import container
 from .container import Header
 from .errors import BitstreamError, ParameterError
+from .parts.imagefile import DEFAULT_MAX_PIXELS
+
+# Bounds on one stream's decoding, relative to the caller's pixel limit (module docstring).
+MAX_PASSES = 100  # latent-denoise's most steps; ddcm may take more only on smaller images
+MAX_PADDING = 4  # a 1-pixel strip padded to a network's multiple works on up to 32× its pixels
+MIN_PASS_PIXELS = 128 * 128  # a network pass on a tiny latent still costs about this much (fixed overheads)
+
+
+@dataclass(frozen=True)
+class DecodeCost:
+    """What decoding one stream takes, known from its header and payload length before any decoding."""
+
+    pixels: int  # pixels the decoder works on, padding included
+    passes: int = 1  # full passes over them: network evaluations (an autoencoder's decode counts as one)
 
 
 @dataclass(frozen=True)
@@ -35,13 +63,19 @@ class Param:
     choices: tuple | None = None
     # Where weights are found, not what a stream means: kept out of streams and specs (module docstring).
     location: bool = False
+    # Applied when the codec is built (its weights are cast to it): a decoder takes only its own value.
+    build_time: bool = False
 
     def parse(self, value: Any) -> Any:
         """Turn a user's value (often a command-line string) into a checked value of this parameter."""
         try:
             parsed = self.kind(value)
-        except (TypeError, ValueError):
-            raise ParameterError(f"parameter {self.name!r} needs a {self.kind.__name__}, got {value!r}") from None
+            # A stream's JSON may hold 1e999 or NaN, which no bound below would catch (NaN compares false).
+            if isinstance(parsed, float) and not math.isfinite(parsed):
+                raise ValueError
+        except (TypeError, ValueError, OverflowError):
+            shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:80] + "…"
+            raise ParameterError(f"parameter {self.name!r} needs a {self.kind.__name__}, got {shown}") from None
         if self.choices is not None and parsed not in self.choices:
             raise ParameterError(f"parameter {self.name!r} must be one of {list(self.choices)}, got {parsed!r}")
         if self.minimum is not None and parsed < self.minimum:
@@ -74,7 +108,14 @@ class Codec(ABC):
                 raise ParameterError(f"codec {cls.name!r} has no preset {preset!r}; presets: {sorted(cls.presets)}")
             values.update(cls.presets[preset])
         values.update(params)
-        return {name: known[name].parse(value) for name, value in values.items()}
+        resolved = {name: known[name].parse(value) for name, value in values.items()}
+        cls.check_config(resolved)
+        return resolved
+
+    @classmethod
+    def check_config(cls, config: dict[str, Any]) -> None:
+        """Refuse (ParameterError) a combination of checked values the codec cannot use together; an
+        encoder's settings and every stream's header pass through here. No rule by default."""
 
     @classmethod
     def split_params(cls, params: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -139,8 +180,9 @@ class Codec(ABC):
             for image, payload in zip(images, payloads, strict=True)
         ]
 
-    def decode(self, streams: Sequence[bytes]) -> list[np.ndarray]:
-        parsed = [self.read(stream) for stream in streams]
+    def decode(self, streams: Sequence[bytes], max_pixels: int = DEFAULT_MAX_PIXELS) -> list[np.ndarray]:
+        """One image per stream; every stream is checked (`read`) before any is decoded."""
+        parsed = [self.read(stream, max_pixels) for stream in streams]
         images = self.decode_payloads([p for _, p in parsed], [h for h, _ in parsed])
         for (header, _), image in zip(parsed, images, strict=True):
             if image.shape != (header.height, header.width, 3) or image.dtype != np.uint8:
@@ -150,11 +192,41 @@ class Codec(ABC):
                 )
         return images
 
-    def read(self, stream: bytes) -> tuple[Header, bytes]:
-        """Unpack a stream and refuse it unless this codec, with these weights, can decode it."""
+    def read(self, stream: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Header, bytes]:
+        """Unpack a stream and refuse it unless this codec, with these weights, can decode it within
+        `max_pixels` (module docstring)."""
         header, payload = container.unpack(stream)
         self.check_header(header, self.fingerprint)
+        for param in (p for p in self.params if p.build_time):
+            wanted = param.parse(header.params.get(param.name, param.default))  # check_header has parsed it
+            if wanted != self.config[param.name]:
+                raise BitstreamError(
+                    f"stream needs {self.name} built with {param.name}={wanted}; this decoder was built with "
+                    f"{param.name}={self.config[param.name]} (open it with the stream's parameters)"
+                )
+        self.check_cost(header, payload, max_pixels)
         return header, payload
+
+    def check_cost(self, header: Header, payload: bytes, max_pixels: int) -> None:
+        """Refuse a stream whose size or decoding work is over what `max_pixels` allows (module docstring)."""
+        check_pixels(header, max_pixels)
+        cost = self.decode_cost(header, payload)
+        if cost.pixels > max(MAX_PADDING * max_pixels, MIN_PASS_PIXELS):
+            raise BitstreamError(
+                f"{self.name} would decode {header.width}×{header.height} as {cost.pixels} pixels (padding "
+                f"included), over {MAX_PADDING}× the limit of {max_pixels}"
+            )
+        work = max(cost.pixels, MIN_PASS_PIXELS) * cost.passes
+        if work > MAX_PASSES * max(max_pixels, MIN_PASS_PIXELS):
+            raise BitstreamError(
+                f"{self.name} stream asks for {cost.passes} passes over {cost.pixels} pixels, over the "
+                f"{MAX_PASSES} passes over {max_pixels} pixels the limit allows"
+            )
+
+    def decode_cost(self, header: Header, payload: bytes) -> DecodeCost:
+        """The pixels and passes decoding this (checked) stream takes; BitstreamError for a payload that cannot
+        be what the header says. Cheap: arithmetic on the header and the payload's length, never a decode."""
+        return DecodeCost(header.width * header.height)
 
     @classmethod
     def check_header(cls, header: Header, fingerprint: bytes) -> None:
@@ -179,6 +251,17 @@ class Codec(ABC):
     @abstractmethod
     def decode_payloads(self, payloads: list[bytes], headers: list[Header]) -> list[np.ndarray]:
         """One H×W×3 uint8 image per payload, decoded with the parameters in its header."""
+
+
+def check_pixels(header: Header, max_pixels: int) -> None:
+    """Refuse a stream that declares no pixels or more than `max_pixels`; needs no codec (verify uses it)."""
+    if header.width < 1 or header.height < 1:
+        raise BitstreamError(f"stream declares a {header.width}×{header.height} image, which has no pixels")
+    if header.width * header.height > max_pixels:
+        raise BitstreamError(
+            f"stream declares {header.width}×{header.height} = {header.width * header.height} pixels, "
+            f"over the limit of {max_pixels}"
+        )
 
 
 def check_image(image: np.ndarray) -> None:

@@ -22,12 +22,6 @@ from .container import Header
 from .errors import BitstreamError
 from .parts.imagefile import TooManyPixels, open_image
 
-# The most pixels a payload may declare. Streams come from archives that may be hostile: without a
-# bound, one stream claiming 60000×60000 makes the decoder allocate 10 GB. One gigapixel (3 GB of RGB)
-# is above any image diffarc encodes by default; the pipeline applies the archive's own, smaller
-# limit (--max-pixels) before it calls decode.
-MAX_PAYLOAD_PIXELS = 1 << 30
-
 _QUALITY_PRESETS = {"low": {"quality": 30}, "medium": {"quality": 60}, "high": {"quality": 85}}
 
 
@@ -67,29 +61,32 @@ class PillowCodec(Codec):
         return [self._decode(payload, header) for payload, header in zip(payloads, headers, strict=True)]
 
     def _decode(self, payload: bytes, header: Header) -> np.ndarray:
-        """One payload, refused before any pixel is decoded unless it declares the size the header implies."""
+        """One payload, refused before any pixel is decoded unless it declares the size the header implies
+        (which `check_cost` has bounded): the header's, or 1/scale of it for a scaled AVIF."""
         params = self.resolve_params(header.params)
         scale = params.get("scale", 1)
-        size = coded_size(header.width, header.height, scale)
+        expected = coded_size(header.width, header.height, scale)
+        # Pillow's plugins parse hostile bytes with whatever error their format code hits first (OSError,
+        # SyntaxError, struct.error, avif's RuntimeError, TypeError …): each means "this payload does not
+        # decode". Only running out of memory is not the payload's fault alone, and is not hidden.
         try:
-            image = open_image(payload, MAX_PAYLOAD_PIXELS, formats=[self.pillow_format])
-        except (TooManyPixels, Image.DecompressionBombError) as exc:
-            raise BitstreamError(f"{self.name} payload refused: {exc}") from None
-        except (OSError, SyntaxError, ValueError) as exc:
-            raise BitstreamError(f"{self.name} payload does not decode: {exc}") from None
-        with image:
-            if image.size != size:
-                raise BitstreamError(
-                    f"{self.name} payload is {image.width}×{image.height}, the stream header says "
-                    f"{size[0]}×{size[1]}" + (f" (1/{scale} of {header.width}×{header.height})" if scale > 1 else "")
-                )
-            try:
-                picture = image.convert("RGB")
-                if scale > 1:
-                    picture = picture.resize((header.width, header.height), Image.Resampling.BICUBIC)
-                return add_grain(np.asarray(picture), params.get("grain", 0.0))
-            except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-                raise BitstreamError(f"{self.name} payload does not decode: {exc}") from None
+            with open_image(payload, expected[0] * expected[1], formats=[self.pillow_format]) as image:
+                size = image.size
+                if size == expected:
+                    picture = image.convert("RGB")
+                    if scale > 1:
+                        picture = picture.resize((header.width, header.height), Image.Resampling.BICUBIC)
+                    return add_grain(np.asarray(picture), params.get("grain", 0.0))
+        except TooManyPixels as exc:
+            size = (exc.width, exc.height)
+        except MemoryError:
+            raise
+        except Exception as exc:
+            raise BitstreamError(f"{self.name} payload does not decode: {type(exc).__name__}: {exc}") from None
+        raise BitstreamError(
+            f"{self.name} payload is {size[0]}×{size[1]}, the stream header says {expected[0]}×{expected[1]}"
+            + (f" (1/{scale} of {header.width}×{header.height})" if scale > 1 else "")
+        )
 
 
 class JpegCodec(PillowCodec):

@@ -135,17 +135,33 @@ def unpack(stream: bytes) -> tuple[Header, bytes]:
         raise BitstreamError(f"{reader.remaining} unexpected bytes after the end of the bitstream")
     if zlib.crc32(stream[:-4]) != crc:
         raise BitstreamError("bitstream is damaged (CRC mismatch)")
-    try:
-        header = Header(
-            codec=codec.decode("ascii"),
-            params=json.loads(params.decode("utf-8")),
-            fingerprint=fingerprint,
-            width=width,
-            height=height,
-        )
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:  # only reachable with a forged CRC
-        raise BitstreamError(f"bitstream header is malformed: {exc}") from None
+    header = Header(codec=_text(codec, "ascii", "codec id"), params=parse_params(params), fingerprint=fingerprint,
+                    width=width, height=height)  # fmt: skip
     return header, payload
+
+
+def parse_params(text: bytes) -> dict:
+    """A header's parameters: a JSON object, as `canonical_json` writes it. What no encoder writes (and
+    only a forged CRC lets through) is a BitstreamError: NaN or Infinity, nesting, another JSON value."""
+    try:
+        params = json.loads(_text(text, "utf-8", "parameters"), parse_constant=_refuse_constant)
+    except (json.JSONDecodeError, RecursionError) as exc:
+        what = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise BitstreamError(f"bitstream header is malformed: its parameters are not valid JSON ({what})") from None
+    if not isinstance(params, dict):
+        raise BitstreamError(f"bitstream header is malformed: its parameters are a JSON {type(params).__name__}, not an object")
+    return params
+
+
+def _refuse_constant(name: str):
+    raise json.JSONDecodeError(f"{name} is not a number JSON allows", name, 0)
+
+
+def _text(data: bytes, encoding: str, what: str) -> str:
+    try:
+        return data.decode(encoding)
+    except UnicodeDecodeError as exc:
+        raise BitstreamError(f"bitstream header is malformed: its {what} is not text ({exc})") from None
 
 
 def compact(stream: bytes, spec_id: int, spec: Spec) -> bytes:
@@ -174,7 +190,10 @@ def expand(stream: bytes, specs: Mapping[int, Spec]) -> bytes:
             f"compact stream refers to codec spec {spec_id}, which this archive's spec table does not list "
             f"(it lists {sorted(specs) or 'none'})"
         )
-    body = _full_body(specs[spec_id], width, height, stream[COMPACT_FRAMING.size : -4])
+    try:
+        body = _full_body(specs[spec_id], width, height, stream[COMPACT_FRAMING.size : -4])
+    except (ValueError, TypeError, RecursionError) as exc:  # a spec table no encoder writes (a hostile manifest)
+        raise BitstreamError(f"codec spec {spec_id} cannot frame a stream: {exc}") from None
     if struct.pack(">I", zlib.crc32(body)) != stream[-4:]:
         raise BitstreamError(
             f"compact stream does not match codec spec {spec_id} ({describe(specs[spec_id])}): it is damaged "

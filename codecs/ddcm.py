@@ -43,7 +43,7 @@ from collections import defaultdict
 import numpy as np
 import torch
 
-from .base import Codec, Param
+from .base import Codec, DecodeCost, Param
 from .parts.bitpack import BitReader, BitWriter, combination_bits, rank_combination, unrank_combination
 from .container import Header
 from .errors import BitstreamError, ModelError, ParameterError
@@ -54,6 +54,14 @@ from .parts.denoisers import DiffusionDenoiser
 from .parts.samplers import codebook_ddpm, linspace_schedule
 
 INITIAL_NOISE_STEP = 0xFFFFFFFF  # x_T is entry 0 of a codebook no sampling step uses
+MAX_CODEBOOK_VALUES = 1 << 28  # values of one step's codebook, which the encoder draws whole: 1 GiB of float32
+NOISE_FIELD_SIDE = 65535  # parts/noise.py: sites per side of the noise field
+# Decoding cost (base.DecodeCost), measured with builtin:ldm-small on one CPU thread: a noise draw made
+# on its own (mp, turbo: one tile at a time; ~0.8 ms, mostly per-call overhead) costs about a UNet pass
+# over DRAW_PIXELS image pixels; unranking a turbo combination of M of K entries at most about
+# M³·log2 K / UNRANK_PER_DRAW such draws (0.8 s for M = 512, K = 65536).
+DRAW_PIXELS = 1024
+UNRANK_PER_DRAW = 1 << 21
 
 
 class DdcmCodec(Codec):
@@ -68,7 +76,7 @@ class DdcmCodec(Codec):
         Param("selection", str, "argmax", "how noise is picked", choices=("argmax", "mp", "turbo")),
         Param("tile", int, 8, "latent tile side sharing one codebook; 0: whole latent (paper)", minimum=0, maximum=256),
         Param("seed", int, 0, "seed of x_T and of the codebooks", minimum=0, maximum=0xFFFFFFFF),
-        Param("precision", str, "fp32", "UNet and VAE arithmetic", choices=tuple(PRECISIONS)),
+        Param("precision", str, "fp32", "UNet and VAE arithmetic", choices=tuple(PRECISIONS), build_time=True),
     )
     presets = {
         # Named by approximate bpp on Kodak (768×512: 96 tiles of 8 latent px = 64×64 image px):
@@ -80,13 +88,16 @@ class DdcmCodec(Codec):
 
     def __init__(self, device: str = "cpu", **params):
         super().__init__(device, **params)
-        if self.config["codebook"] & (self.config["codebook"] - 1):
-            raise ParameterError(f"ddcm codebook size must be a power of two, got {self.config['codebook']}")
-        if self.config["selection"] == "turbo" and self.config["atoms"] > self.config["codebook"]:
-            raise ParameterError("ddcm turbo needs atoms <= codebook")
         self.model = load_model(self.config["model"], device, PRECISIONS[self.config["precision"]])
         if self.model.unet is None:
             raise ModelError(f"model {self.config['model']} has no diffusion UNet; ddcm needs one")
+
+    @classmethod
+    def check_config(cls, config: dict) -> None:
+        if config["codebook"] & (config["codebook"] - 1):
+            raise ParameterError(f"ddcm codebook size must be a power of two, got {config['codebook']}")
+        if config["selection"] == "turbo" and config["atoms"] > config["codebook"]:
+            raise ParameterError("ddcm turbo needs atoms <= codebook")
 
     @property
     def fingerprint(self) -> bytes:
@@ -121,12 +132,63 @@ class DdcmCodec(Codec):
         down, across, _ = self.tile_grid(self.latent_shape(height, width, config), config["tile"])
         return (config["steps"] - 1) * down * across * self.bits_per_tile(config)
 
+    @staticmethod
+    def check_geometry(latent: tuple[int, int, int], config: dict) -> None:
+        """Refuse (ParameterError) a latent no encoder codes with these settings: one whose step codebook,
+        drawn whole by the encoder, holds more than MAX_CODEBOOK_VALUES values (tile=0 on a large image),
+        or one wider than the noise field."""
+        channels, height, width = latent
+        tile = config["tile"]
+        values = channels * (tile * tile if tile else height * width)
+        if config["codebook"] * values > MAX_CODEBOOK_VALUES:
+            raise ParameterError(
+                f"ddcm with codebook {config['codebook']} and tile {tile} draws {config['codebook']}×{values} "
+                f"codebook values per step for a {height}×{width} latent, over {MAX_CODEBOOK_VALUES}: use tiles "
+                "(tile=8) or a smaller codebook"
+            )
+        if max(height, width) > NOISE_FIELD_SIDE:
+            raise ParameterError(f"ddcm latents are limited to {NOISE_FIELD_SIDE} per side, got {height}×{width}")
+
+    def decode_cost(self, header: Header, payload: bytes) -> DecodeCost:
+        """UNet steps and the VAE over the padded image, plus the replay's noise draws made one tile at a
+        time (mp, turbo), after checking that an encoder can have written the stream and its length."""
+        config = self.resolve_params(header.params)
+        latent = self.latent_shape(header.height, header.width, config)
+        try:
+            self.check_geometry(latent, config)
+        except ParameterError as exc:
+            raise BitstreamError(f"no ddcm encoder writes this stream: {exc}") from None
+        self.checked_payload_bits(payload, header, config)
+        down, across, _ = self.tile_grid(latent, config["tile"])
+        pixels = latent[1] * latent[2] * VAE_DOWNSAMPLING**2
+        draws = (config["steps"] - 1) * down * across * self.replay_draws(config)
+        return DecodeCost(pixels, config["steps"] + 1 + math.ceil(draws * DRAW_PIXELS / pixels))
+
+    @staticmethod
+    def replay_draws(config: dict) -> int:
+        """The decoder's work per tile and step beyond the vectorised argmax draw, in noise draws of one
+        tile (mp: one per atom; turbo: one, and unranking the combination, which grows as M³·log2 K)."""
+        if config["selection"] == "mp":
+            return config["atoms"]
+        if config["selection"] == "turbo":
+            return 1 + math.ceil(config["atoms"] ** 3 * math.log2(config["codebook"]) / UNRANK_PER_DRAW)
+        return 0
+
+    def checked_payload_bits(self, payload: bytes, header: Header, config: dict) -> int:
+        """The bits the stream's parameters and size need, after checking the payload holds exactly that many bytes."""
+        bits = self.payload_bits(header.height, header.width, config)
+        if len(payload) != -(-bits // 8):
+            raise BitstreamError(f"ddcm payload is {len(payload)} bytes; its parameters need {-(-bits // 8)}")
+        return bits
+
     # ------------------------------------------------------------------ encode
 
     def encode_payloads(self, images: list[np.ndarray]) -> list[bytes]:
         groups = defaultdict(list)  # images that pad to the same latent run as one batch
         for index, image in enumerate(images):
             groups[self.latent_shape(*image.shape[:2], self.config)].append(index)
+        for latent in groups:
+            self.check_geometry(latent, self.config)
         payloads: list[bytes] = [b""] * len(images)
         for latent, indices in groups.items():
             for index, payload in zip(indices, self.encode_group([images[i] for i in indices], latent)[0]):
@@ -238,10 +300,7 @@ class DdcmCodec(Codec):
         """Replay the recorded choices: the final latent (1, C, h, w) of the padded image."""
         config = self.resolve_params(header.params)
         latent = self.latent_shape(header.height, header.width, config)
-        bits = self.payload_bits(header.height, header.width, config)
-        if len(payload) != -(-bits // 8):
-            raise BitstreamError(f"ddcm payload is {len(payload)} bytes; its parameters need {-(-bits // 8)}")
-        reader = BitReader(payload, bits)
+        reader = BitReader(payload, self.checked_payload_bits(payload, header, config))
         return self._sample(1, latent, config, lambda step, _: self._replay(step, reader, latent, config))
 
     def _replay(self, step: int, reader: BitReader, latent, config: dict) -> torch.Tensor:

@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from .options import model_option, storage_option
+from .options import max_pixels_option, model_option, storage_option
 
 
 @click.command("cat")
@@ -18,12 +18,13 @@ from .options import model_option, storage_option
 @click.option("--stream", is_flag=True,
               help="Write KEY's standalone bitstream (codec, parameters, fingerprint; no archive needed) instead.")
 @model_option
+@max_pixels_option
 @storage_option
-def cat(archive, key, output, image_format, stream, model, storage_options):
+def cat(archive, key, output, image_format, stream, model, max_pixels, storage_options):
     """Decode the single image KEY from ARCHIVE, reading only the row group that holds it."""
     from ..pipeline.decode import cat_item
 
-    data = cat_item(archive, key, image_format, storage_options, model=model, stream=stream)
+    data = cat_item(archive, key, image_format, storage_options, model=model, stream=stream, max_pixels=max_pixels)
     if output:
         with open(output, "wb") as handle:
             handle.write(data)

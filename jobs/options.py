@@ -122,8 +122,8 @@ model_option = click.option(
 )
 max_pixels_option = click.option(
     "--max-pixels", type=click.IntRange(1),
-    help="Refuse streams declaring more pixels than this (and, for verify, originals larger than it); "
-    "default: the archive's encode limit.",
+    help="Refuse streams declaring more pixels than this or costing more to decode than such an image (and, for "
+    "verify, originals larger than it); default: the archive's encode limit.",
 )
 json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 

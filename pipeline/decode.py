@@ -72,26 +72,15 @@ def decode_streams(codec: Codec, keys: list[str], streams: list[bytes], failures
             failures.append(Failure(key, "parse", str(exc)))
     decoded = map_batch(
         readable,
-        lambda batch: codec.decode([stream for _, stream in batch]),
+        lambda batch: codec.decode([stream for _, stream in batch], max_pixels),
         lambda pair, reason: failures.append(Failure(pair[0], "decode", reason)),
     )
     return [(key, pixels) for (key, _), pixels in decoded]
 
 
 def read_within(codec: Codec, stream: bytes, max_pixels: int) -> Header:
-    """The stream's header, if `codec` can decode it and it declares at most `max_pixels` pixels."""
-    header, _ = codec.read(stream)
-    check_pixels(header, max_pixels)
-    return header
-
-
-def check_pixels(header: Header, max_pixels: int) -> None:
-    """Refuse a stream that declares more than `max_pixels` pixels, before any work is done for it."""
-    if header.width * header.height > max_pixels:
-        raise BitstreamError(
-            f"stream declares {header.width}×{header.height} = {header.width * header.height} pixels, "
-            f"over the limit of {max_pixels}"
-        )
+    """The stream's header, if `codec` can decode it within `max_pixels` (`Codec.check_cost`)."""
+    return codec.read(stream, max_pixels)[0]
 
 
 def pixel_limit(manifest: Manifest, max_pixels: int | None) -> int:
@@ -267,10 +256,12 @@ def cat_item(
     storage_options: dict | None = None,
     model: str | None = None,
     stream: bool = False,
+    max_pixels: int | None = None,
 ) -> bytes:
     """One image, decoded here — or, with `stream`, its standalone stream (full framing: codec,
     parameters, fingerprint), decodable without the archive. The manifest's key ranges and the shard's
-    row-group statistics mean only the row group holding the key is read."""
+    row-group statistics mean only the row group holding the key is read. `max_pixels` defaults to the
+    archive's own limit."""
     archive = Location(archive_url, storage_options)
     check_reachable(archive, "read the archive")
     manifest = require_manifest(archive)
@@ -281,6 +272,5 @@ def cat_item(
             if stream:
                 return full
             codec = codec_for_archive(archive, manifest, model=model)
-            read_within(codec, full, pixel_limit(manifest, None))  # a hostile header costs nothing
-            return encode_image(codec.decode([full])[0], image_format)
+            return encode_image(codec.decode([full], pixel_limit(manifest, max_pixels))[0], image_format)
     raise ArchiveError(f"key {key!r} is not in the archive {archive_url}")

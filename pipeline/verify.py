@@ -37,7 +37,8 @@ from ..codecs.parts.metrics import LPIPS, LPIPS_MIN_SIDE, ms_ssim, psnr
 from .archive import SHARD_SCHEMA, Failure, Manifest, ShardEntry, check_embedded_weights, read_parquet
 from .batches import failure_reason
 from .cluster import actor_pool, run_on_pool, torch_device
-from .decode import check_pixels, codec_for_archive, decode_streams, pixel_limit
+from ..codecs.base import check_pixels
+from .decode import codec_for_archive, decode_streams, pixel_limit
 from .images import load_rgb
 from .preflight import check_verify
 from .sources import SourceItem, fetch, list_sources

@@ -38,11 +38,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..base import Codec, Param
-from ..container import Header
+from ..base import Codec, DecodeCost, Param
+from ..container import Header, unpack
 from ..errors import ModelError
 from ..parts.latents import padded_size, tensor_to_images
 from ..parts.models import check_safetensors, fingerprint, resolve_folder
+from ..parts.imagefile import DEFAULT_MAX_PIXELS
 from ..parts.noise import gaussian
 from .bases import decode_avif_base, encode_avif_base
 from .nets import DetailDecoder, sample_residual
@@ -107,14 +108,21 @@ class HfdCodec(Codec):
     def weights_folders(self) -> dict:
         return {"": self.folder}
 
-    def read(self, stream: bytes) -> tuple[Header, bytes]:
+    def read(self, stream: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Header, bytes]:
         if not self.base_only:
-            return super().read(stream)
-        from ..container import unpack
-
+            return super().read(stream, max_pixels)
         header, payload = unpack(stream)
         self.check_header(header, header.fingerprint)  # any weights: they are not used
+        self.check_cost(header, payload, max_pixels)
         return header, payload
+
+    def decode_cost(self, header: Header, payload: bytes) -> DecodeCost:
+        """The base's pixels, plus `steps` detail-decoder passes over the padded picture."""
+        steps = self.resolve_params(header.params)["steps"]
+        if self.base_only or not steps:
+            return DecodeCost(header.width * header.height)
+        height, width = self._padded(header.height, header.width)
+        return DecodeCost(height * width, steps)
 
     def encode_payloads(self, images: list[np.ndarray]) -> list[bytes]:
         c = self.config

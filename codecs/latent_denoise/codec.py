@@ -48,7 +48,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..base import Codec, Param
+from ..base import Codec, DecodeCost, Param
 from ..container import Header
 from ..errors import BitstreamError, EntropyCodingError, ModelError
 from ..parts.denoisers import DiffusionDenoiser
@@ -119,7 +119,7 @@ class LatentDenoiseCodec(Codec):
         Param("timestep", str, "predict", "t: predicted from the quantized latent, searched by LPIPS at the encoder, or off (t = 0)",
               choices=("predict", "search", "off")),
         Param("steps", int, 4, "most denoising UNet calls (fewer when t is smaller)", minimum=1, maximum=100),
-        Param("precision", str, "fp32", "UNet and VAE arithmetic", choices=tuple(PRECISIONS)),
+        Param("precision", str, "fp32", "UNet and VAE arithmetic", choices=tuple(PRECISIONS), build_time=True),
     )  # fmt: skip
     # Named by the mean bpp they give on Kodak with builtin:ldm-small (measured: 0.049, ≈0.1, 0.207, ≈0.4).
     presets = {
@@ -211,10 +211,16 @@ class LatentDenoiseCodec(Codec):
     def decode_payloads(self, payloads: list[bytes], headers: list[Header]) -> list[np.ndarray]:
         return [self._decode_one(payload, header) for payload, header in zip(payloads, headers)]
 
-    @torch.inference_mode()
-    def _decode_one(self, payload: bytes, header: Header) -> np.ndarray:
+    def decode_cost(self, header: Header, payload: bytes) -> DecodeCost:
+        """min(steps, t) UNet calls and the VAE over the padded image, after checking the side information."""
         config = self.resolve_params(header.params)
-        c, h, w = self.latent_shape(header.height, header.width)
+        _, h, w = self.latent_shape(header.height, header.width)
+        t = self.side_info(payload, header)[0]
+        return DecodeCost(h * w * VAE_DOWNSAMPLING**2, min(config["steps"], t) + 1)
+
+    def side_info(self, payload: bytes, header: Header) -> tuple[int, torch.Tensor, torch.Tensor]:
+        """(t, shift, scale) from a payload, each checked: BitstreamError for what no encoder writes."""
+        c = self.latent_shape(header.height, header.width)[0]
         side_bytes = side_info_bytes(c)
         if len(payload) < side_bytes:
             raise BitstreamError(f"latent-denoise payload is {len(payload)} bytes, shorter than its {side_bytes}-byte side info")
@@ -224,9 +230,17 @@ class LatentDenoiseCodec(Codec):
         range_end = TIMESTEP.size + FactorizedLatentCodec.RANGE.size
         halves = np.frombuffer(payload, dtype="<f2", count=2 * c, offset=range_end).astype(np.float32)
         shift, scale = (torch.from_numpy(v.copy())[None].to(self.device) for v in (halves[:c], halves[c:]))
-        if not torch.isfinite(shift).all() or not (scale > 0).all():
-            raise BitstreamError("latent-denoise side info holds a non-finite shift or a non-positive scale")
-        strings = [[payload[TIMESTEP.size : range_end]], [payload[side_bytes:]]]
+        if not torch.isfinite(shift).all() or not (scale > 0).all() or not torch.isfinite(scale).all():
+            raise BitstreamError("latent-denoise side info holds a non-finite shift or a non-positive or infinite scale")
+        return t, shift, scale
+
+    @torch.inference_mode()
+    def _decode_one(self, payload: bytes, header: Header) -> np.ndarray:
+        config = self.resolve_params(header.params)
+        c, h, w = self.latent_shape(header.height, header.width)
+        t, shift, scale = self.side_info(payload, header)
+        range_end = TIMESTEP.size + FactorizedLatentCodec.RANGE.size
+        strings = [[payload[TIMESTEP.size : range_end]], [payload[side_info_bytes(c) :]]]
         try:
             z_hat = FactorizedLatentCodec(self.predictors.density, config["step"]).decompress(
                 strings, (h, w), shift[..., None, None], scale[..., None, None]

@@ -55,7 +55,8 @@ def symbol_tables(density: LogisticMixtureDensity, step: float, lo: int, hi: int
     inv_scales = np.exp(-density.log_scales.detach().to("cpu", torch.float64).numpy())
     edges = (np.arange(lo, hi + 2, dtype=np.float64) - 0.5) * step  # hi − lo + 2 bin edges
     z = (edges[None, :, None] - means[:, None, :]) * inv_scales[:, None, :]
-    cdf = (w[:, None, :] / (1 + np.exp(-z))).sum(-1)
+    with np.errstate(over="ignore"):  # far tails: exp overflows to inf and the logistic is exactly 0, as wanted
+        cdf = (w[:, None, :] / (1 + np.exp(-z))).sum(-1)
     probabilities = np.diff(cdf, axis=1).clip(min=0.0)
     # A floor keeps every symbol codable (far tails underflow), then the rows are renormalised.
     probabilities += 1e-12
@@ -79,15 +80,30 @@ def decode_symbols(data: bytes, tables: np.ndarray, lo: int, count: int) -> np.n
 
     if len(data) % 4:
         raise EntropyCodingError(f"entropy-coded data is {len(data)} bytes, not a whole number of 32-bit words")
+    least = least_bits(tables, count)
+    if least > 2 * 8 * len(data) + 64:  # twice the words and two more: room for the coder's rounding
+        raise EntropyCodingError(
+            f"{len(data) // 4} words cannot hold {tables.shape[0]}×{count} symbols, which need at least {least:.0f} bits"
+        )
     decoder = constriction.stream.queue.RangeDecoder(np.frombuffer(data, dtype="<u4").astype(np.uint32))
     try:
         rows = [
             decoder.decode(constriction.stream.model.Categorical(table, perfect=False), count).astype(np.int64) + lo
             for table in tables
         ]
-    except (ValueError, RuntimeError) as exc:
+    except (ValueError, RuntimeError, AssertionError) as exc:  # constriction asserts on data its model cannot have written
         raise EntropyCodingError(f"entropy-coded data does not decode: {exc}") from None
     return np.stack(rows)
+
+
+def least_bits(tables: np.ndarray, count: int) -> float:
+    """A lower bound on the coded size of `count` symbols per table row, whatever they are: each costs at
+    least the information of its row's likeliest symbol, taken as likely as the coder's 24-bit quantization
+    could make it. What lets a decoder refuse a stream claiming more symbols than its words can hold
+    before allocating them (a row of one symbol costs nothing: any count fits)."""
+    size = tables.shape[1]
+    likeliest = np.minimum(tables.max(axis=1) + size * 2.0**-24, 1.0 - (size - 1) * 2.0**-24)
+    return float(count * -np.log2(likeliest).sum())
 
 
 def ideal_bits(tables: np.ndarray, symbols: np.ndarray, lo: int) -> float:

@@ -1,4 +1,5 @@
 import struct
+import zlib
 
 import pytest
 
@@ -142,3 +143,26 @@ def test_a_compact_stream_alone_says_it_needs_its_archive():
     compact = container.compact(container.pack(HEADER, b"x"), 1, SPEC)
     with pytest.raises(BitstreamError, match="compact archive stream.*--stream"):
         container.unpack(compact)
+
+
+@pytest.mark.parametrize("codec", ["", "\xff", "x" * 300])
+def test_a_spec_table_entry_that_cannot_frame_a_stream_is_a_bitstream_error(codec):
+    # A hostile manifest's spec table; expanding used to raise ValueError or UnicodeEncodeError (found by the fuzzer).
+    spec = container.Spec("jpeg", {"quality": 50})
+    stream = container.compact(container.pack(Header("jpeg", {"quality": 50}, width=4, height=4), b"x"), 0, spec)
+    with pytest.raises(BitstreamError, match="codec spec 0 cannot frame a stream"):
+        container.expand(stream, {0: container.Spec(codec, {"quality": 50})})
+
+
+@pytest.mark.parametrize(
+    "text, reason",
+    [(b"[1]", "a JSON list, not an object"), (b"\xff", "not text"), (b"{" * 5000, "not valid JSON"),
+     (b'{"quality":NaN}', "NaN is not a number JSON allows")],
+)  # fmt: skip
+def test_header_parameters_must_be_a_json_object_of_numbers_json_allows(text, reason):
+    stream = container.pack(HEADER, b"x")
+    codec_end = 6 + stream[5]
+    params_end = codec_end + 2 + struct.unpack_from(">H", stream, codec_end)[0]
+    body = stream[:codec_end] + struct.pack(">H", len(text)) + text + stream[params_end:-4]
+    with pytest.raises(BitstreamError, match=reason):
+        container.unpack(body + struct.pack(">I", zlib.crc32(body)))

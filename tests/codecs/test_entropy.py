@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from diffarc.codecs.parts.entropy import (
-    EntropyCodingError, LogisticMixtureDensity, decode_symbols, encode_symbols, ideal_bits, symbol_range, symbol_tables,
+    EntropyCodingError, LogisticMixtureDensity, decode_symbols, encode_symbols, ideal_bits, least_bits, symbol_range,
+    symbol_tables,
 )  # fmt: skip
 
 
@@ -50,3 +51,25 @@ def test_damaged_data_and_out_of_range_symbols_are_errors(density):
         decode_symbols(b"abc", tables, -2, 10)
     with pytest.raises(EntropyCodingError, match="step is far too small"):
         symbol_range(np.array([[0, 1 << 20]]))
+
+
+def test_words_the_range_coder_asserts_on_are_an_entropy_coding_error():
+    # constriction answers data its model cannot have written with an AssertionError (found by the fuzzer).
+    tables = np.array([[0.5, 0.25, 0.25], [0.9, 0.05, 0.05]])
+    words = np.array([2125653448, 1244858259, 1086767971, 3497882818], dtype="<u4").tobytes()
+    with pytest.raises(EntropyCodingError, match="does not decode: Tried to decode from compressed data that is invalid"):
+        decode_symbols(words, tables, 0, 20)
+
+
+def test_more_symbols_than_the_words_can_hold_are_refused_before_decoding(density):
+    rng = np.random.default_rng(1)
+    symbols = np.stack([np.round(rng.logistic(0, s, 2000) / 0.7) for s in (0.3, 1.0, 3.0)]).astype(np.int64)
+    lo, hi = symbol_range(symbols)
+    tables = symbol_tables(density, 0.7, lo, hi)
+    data = encode_symbols(symbols, tables, lo)
+    # The bound is below what real data costs (so no honest stream is refused) ...
+    assert least_bits(tables, symbols.shape[1]) < 8 * len(data)
+    assert np.array_equal(decode_symbols(data, tables, lo, symbols.shape[1]), symbols)
+    # ... and refuses a count its words cannot hold, where decoding would allocate them all.
+    with pytest.raises(EntropyCodingError, match=r"\d+ words cannot hold 3×10000000 symbols"):
+        decode_symbols(data, tables, lo, 10_000_000)
