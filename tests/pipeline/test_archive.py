@@ -56,6 +56,7 @@ def test_writer_resumes_and_never_commits_a_key_twice(tmp_path):
     archive = Location(str(tmp_path))
     writer = ArchiveWriter(archive, SPEC, source="src")
     writer.commit(write_shard(archive, items(["a", "b"]), SPEC), ["a", "b"], [Failure("c", "load", "broken")])
+    writer.close()  # as a killed job's would be
     resumed = ArchiveWriter(archive, SPEC, source="src")
     assert resumed.done == {"a", "b"} and set(resumed.failures) == {"c"}
     with pytest.raises(ArchiveError, match="repeats committed keys"):
