@@ -189,6 +189,7 @@ def run_encode(
         listing = list_source(src, storage_options)
         spec = ray.get(actors[0].codec_spec.remote())
         writer = ArchiveWriter(archive, spec, without_credentials(src), options.max_pixels, lease)
+        listing = listing.beside(writer.done)
         writer.record_refusals(listing.refused)
         if options.embed_model and spec.fingerprint and not writer.manifest.embedded_model(spec.fingerprint):
             writer.add_model(ray.get(actors[0].embed_weights.remote(archive)))

@@ -61,6 +61,24 @@ class Listing:
     # credentials when its key is another item's) → why.
     refused: dict[str, str] = field(default_factory=dict)
 
+    def beside(self, archived: set[str]) -> Listing:
+        """This listing for an archive that already holds `archived`: an item whose decoded file would be
+        an archived key's (same name but for the extension) is refused as well."""
+        stems = {decoded_stem(key): key for key in archived}
+        refused = dict(self.refused)
+        items = []
+        for item in self.items:
+            other = stems.get(decoded_stem(item.key), item.key)
+            if other != item.key and item.key not in archived:
+                refused[item.key] = _same_file(other)
+            else:
+                items.append(item)
+        return Listing(items, self.skipped_non_images, refused)
+
+
+def _same_file(other: str) -> str:
+    return f"decodes to the same file as {other!r} (the keys differ only in their extension); rename one of them"
+
 
 def is_image_name(name: str) -> bool:
     return posixpath.splitext(name)[1].lower() in IMAGE_EXTENSIONS
@@ -126,6 +144,8 @@ def _identity_and_key(url: str) -> tuple[str, str]:
     if "://" not in url or url.startswith("file://"):
         path = urlsplit(url).path if url.startswith("file://") else url
         path = posixpath.normpath(path) if path else path
+        if path.startswith("//"):  # normpath keeps a leading "//" (POSIX leaves its meaning open); Linux does not
+            path = "/" + path.lstrip("/")
         return path, path.lstrip("/")
     shown = without_credentials(url)
     return shown, shown.split("://", 1)[1]
@@ -167,10 +187,7 @@ def _refuse_undecodable(items: list[SourceItem], skipped: int, refused: dict[str
             name = item.key.encode("utf-8", "backslashreplace").decode("utf-8")
             refused[name] = f"key {problem}: it cannot name a decoded file"
         elif stem in first_of_stem:
-            refused[item.key] = (
-                f"decodes to the same file as {first_of_stem[stem]!r} (the keys differ only in their "
-                "extension); rename one of them"
-            )
+            refused[item.key] = _same_file(first_of_stem[stem])
         else:
             first_of_stem[stem] = item.key
             kept.append(item)
