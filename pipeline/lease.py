@@ -21,6 +21,7 @@ writer that has lost its lease before it commits.
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import threading
@@ -33,6 +34,7 @@ from .storage import Location, WriteConflict
 LOCK = "writer.lock"
 EXPIRE_SECONDS = 60.0
 RENEW_SECONDS = 15.0
+MAX_EXPIRE_SECONDS = 3600.0  # whatever a lock file says: a damaged one must not block an archive for ever
 # A local flock attempt can collide with a reader's instantaneous probe (`current_writer`): retry briefly.
 LOCAL_ATTEMPT_SECONDS = 1.0
 
@@ -179,12 +181,12 @@ class WriterLease:
 
     def _refusal(self, holder: dict) -> ArchiveError:
         if self.archive.is_local:
-            remedy = "wait for it to finish, or stop it (a stopped writer's lock is freed at once), and run this again"
-        else:
-            expires = holder.get("renewed", 0) + holder.get("expire_seconds", 0)
+            remedy = "wait for it to finish, or end it (an ended process's lock is freed at once), and run this again"
+        else:  # `_acquire_object` refuses only a lease that has not expired, so both figures are numbers
             remedy = (
-                f"wait for it to finish; if it has died, its lease expires at {_stamp(expires)} "
-                f"({EXPIRE_SECONDS:.0f} s after its last renewal) and running this again then takes over"
+                f"wait for it to finish; if it has died, its lease expires at "
+                f"{_stamp(holder['renewed'] + min(holder['expire_seconds'], MAX_EXPIRE_SECONDS))} "
+                "and running this again then takes over"
             )
         return ArchiveError(f"{self.archive.url} is being written by {describe_holder(holder)}: {remedy}")
 
@@ -257,9 +259,9 @@ def current_writer(archive: Location) -> dict | None:
 def lease_expired(holder: dict) -> bool:
     """Whether an object-store lease has gone unrenewed past its expiry (by this host's clock)."""
     renewed, expires = holder.get("renewed"), holder.get("expire_seconds")
-    if not isinstance(renewed, (int, float)) or not isinstance(expires, (int, float)):
+    if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in (renewed, expires)):
         return True  # not a lease diffarc wrote: nobody is renewing it
-    return time.time() > renewed + expires
+    return time.time() > renewed + min(expires, MAX_EXPIRE_SECONDS)
 
 
 def _local_writer(path: str) -> dict | None:

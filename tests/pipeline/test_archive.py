@@ -339,3 +339,21 @@ def test_a_truncated_damaged_or_foreign_shard_is_refused_by_name(tmp_path):
     shard.unlink()
     with pytest.raises(ArchiveError, match="listed in the manifest but missing"):
         read_shard(archive, entry)
+
+
+def test_an_archive_written_before_the_lock_and_checked_reads_resumes_as_it_is(tmp_path):
+    # Format 2 as the previous diffarc left it: failure tables named by commit number only, no lock file.
+    archive = committed_archive(tmp_path)
+    document = json.loads((tmp_path / "arc" / MANIFEST).read_text())
+    old_name = "failures/failures-000001.parquet"
+    (tmp_path / "arc" / document["failures"]["path"]).rename(tmp_path / "arc" / old_name)
+    document["failures"]["path"] = old_name
+    del document["max_pixels"]
+    (tmp_path / "arc" / MANIFEST).write_text(json.dumps(document))
+    writer = ArchiveWriter(archive, SPEC, source="src")
+    assert writer.done == {"a", "b"} and set(writer.failures) == {"c"}
+    writer.commit(write_shard(archive, items(["d"]), SPEC), ["d"], [])
+    writer.finish()
+    manifest = load_manifest(archive)
+    assert manifest.totals["items"] == 3 and set(read_failures(archive, manifest)) == {"c"}
+    assert archive.list_files("failures") == [manifest.failures["path"]] != [old_name]

@@ -57,7 +57,7 @@ def test_a_second_local_writer_is_refused_naming_the_first_until_it_is_done(tmp_
             WriterLease(archive)
         message = str(refused.value)
         assert f"{archive.url} is being written by process {os.getpid()} on host {socket.gethostname()}, writing since 20" in message
-        assert "a stopped writer's lock is freed at once" in message
+        assert "an ended process's lock is freed at once" in message
         assert current_writer(archive)["pid"] == os.getpid()
     assert current_writer(archive) is None
     with WriterLease(archive):  # given back: the next writer gets it
