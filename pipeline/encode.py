@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
@@ -175,8 +176,8 @@ def run_encode(
 ) -> EncodeSummary:
     """Encode every image under `src` not yet in the archive; returns when all are committed.
 
-    The job holds the archive's writer lease from before Ray starts until it has finished: a second encode
-    into the same archive is refused at once, naming this one.
+    The job holds the archive's writer lease from before it lists `src` or starts Ray until it has
+    finished: a second encode into the same archive is refused at once, naming this one.
     """
     started = time.perf_counter()
     params = check_encode(src, archive_url, options, storage_options)  # fails before Ray starts
@@ -184,9 +185,10 @@ def run_encode(
     encoded = failed = source_bytes = bitstream_bytes = 0
     workers: dict[int, dict] = {}
     worker_args = (options.codec, params, storage_options, options.max_pixels, options.fetch_threads)
-    lease = WriterLease(archive)  # a second writer is refused here, before Ray starts
-    with lease, actor_pool(EncodeWorker, *worker_args, actors=options.actors, address=address) as actors:
+    with ExitStack() as held:
+        lease = held.enter_context(WriterLease(archive))  # a second writer is refused here, before listing or Ray
         listing = list_source(src, storage_options)
+        actors = held.enter_context(actor_pool(EncodeWorker, *worker_args, actors=options.actors, address=address))
         spec = ray.get(actors[0].codec_spec.remote())
         writer = ArchiveWriter(archive, spec, without_credentials(src), options.max_pixels, lease)
         listing = listing.beside(writer.done)

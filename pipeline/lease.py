@@ -78,6 +78,7 @@ class WriterLease:
             "since": time.time(),
         }
         self._descriptor: int | None = None  # local: the flocked file
+        self._created: list[str] = []  # local: folders made to hold the lock file
         self._version: str | None = None  # object store: the ETag of our lease
         self._renewed = 0.0  # time.monotonic() of the last renewal that succeeded
         self._lost: str | None = None
@@ -117,6 +118,11 @@ class WriterLease:
                 pass
             os.close(self._descriptor)
             self._descriptor = None
+            for folder in self._created:  # deepest first; one that is not empty is the archive now
+                try:
+                    os.rmdir(folder)
+                except OSError:
+                    break
         elif self._version is not None and self._lost is None:
             try:
                 data, _ = self.archive.read_versioned(LOCK)
@@ -130,6 +136,10 @@ class WriterLease:
         import fcntl
 
         path = self.archive.path(LOCK)
+        folder = os.path.dirname(path)
+        while not os.path.exists(folder):  # made for the lock: removed again if the job leaves them empty
+            self._created.append(folder)
+            folder = os.path.dirname(folder)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         deadline = time.monotonic() + LOCAL_ATTEMPT_SECONDS
         while True:
