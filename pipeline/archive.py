@@ -1,11 +1,11 @@
 """The archive: Parquet shards of bitstreams, a failure table, and a manifest committed last.
 
     ARCHIVE/
-      manifest.json                 the only thing a reader trusts; rewritten atomically at each commit
-      shards/part-<uuid>.parquet    one row per image, keys sorted; listed in the manifest once committed
-      failures/failures-<n>-<hex>.parquet  every item that could not be encoded, with stage and reason
-      models/<fingerprint>/         the weights the streams need, when encoded with --embed-model
-      writer.lock                   held by the one encode writing the archive (pipeline/lease.py)
+      manifest.json                       the only thing a reader trusts; rewritten atomically at each commit
+      shards/part-<uuid>.parquet          one row per image, keys sorted; listed in the manifest once committed
+      failures/failures-<n>-<hex>.parquet every item that could not be encoded, with stage and reason
+      models/<fingerprint>/               the weights the streams need, when encoded with --embed-model
+      writer.lock                         held by the one encode writing the archive (pipeline/lease.py)
 
 A shard (or a model folder) is written whole before the manifest names it, so a crash leaves either the
 previous manifest (and orphan files nobody trusts, removed when the job finishes) or the new one. One
@@ -160,7 +160,7 @@ class EncodedItem:
 @dataclass(frozen=True)
 class Failure:
     key: str
-    stage: str  # list | fetch | load | encode | parse | decode | write | verify | select | shard
+    stage: str  # list | fetch | load | encode (encode); parse | decode | write | select (decode); verify
     reason: str
 
 
