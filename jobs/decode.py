@@ -40,8 +40,9 @@ def decode(archive, dst, prefix, keys_file, image_format, overwrite, batch_size,
                 "images_per_second": summary.images_per_second}
     emit(as_json, document, [
         f"decoded {summary.decoded} images ({summary.skipped_existing} already there, "
-        f"{len(summary.failures)} failed) in {summary.seconds:.1f} s",
+        f"{len(summary.failures)} failed, {len(summary.problems)} shards unreadable) in {summary.seconds:.1f} s",
+        *[f"  problem: {p}" for p in summary.problems],
         *[f"  failed {f.key}: [{f.stage}] {f.reason}" for f in summary.failures],
     ])
-    if summary.failures:
+    if summary.failures or summary.problems:
         sys.exit(EXIT_ITEMS_FAILED)

@@ -50,7 +50,8 @@ def encode(src, archive, codec, preset, params, shard_size, batch_size, max_pixe
     document = {**summary.__dict__, "images_per_second": summary.images_per_second}
     emit(as_json, document, [
         f"encoded {summary.encoded} images ({summary.already_done} already in the archive, "
-        f"{summary.failed} failed, {summary.skipped_non_images} non-image files skipped) "
+        f"{summary.failed} failed, {summary.refused} refused at listing, {summary.skipped_non_images} non-image "
+        "files skipped) "
         f"in {summary.seconds:.1f} s, {summary.images_per_second:.2f} images/s",
         f"archive {archive}: {totals['items']} items, {totals['failed']} in the failure table, "
         f"{totals['source_bytes']:,} source bytes → {totals['archive_bytes']:,} bytes",

@@ -14,7 +14,8 @@ from .options import EXIT_BELOW_THRESHOLD, EXIT_ITEMS_FAILED, Progress, decoding
 @click.argument("archive")
 @click.option("--against", help="Source to compare decoded images with: the folder URL or list file given to encode.")
 @click.option("--sample", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True,
-              help="Fraction of items to decode and compare (chosen by key hash: the same every run).")
+              help="Fraction of items to decode (and, with --against, compare), chosen by key hash: the same "
+                   "every run. INTACT covers decoding for this sample only.")
 @click.option("--lpips-weights", envvar="DIFFARC_LPIPS_WEIGHTS",
               help="LPIPS-squeeze safetensors file or folder (or DIFFARC_LPIPS_WEIGHTS); LPIPS skipped if absent, "
                    "unless --max-lpips asks for it.")
@@ -36,6 +37,7 @@ def verify(archive, against, sample, lpips_weights, min_psnr, min_ms_ssim, max_l
             "--max-lpips needs the LPIPS-squeeze weights: pass --lpips-weights FILE or set DIFFARC_LPIPS_WEIGHTS"
         )
     from ..codecs.parts.metrics import find_lpips_weights
+    from ..pipeline.lease import describe_holder
     from ..pipeline.verify import Thresholds, run_verify
 
     weights = None
@@ -61,8 +63,11 @@ def verify(archive, against, sample, lpips_weights, min_psnr, min_ms_ssim, max_l
         return f"  {name}: mean {s['mean']:.4f}, min {s['min']:.4f}, max {s['max']:.4f} over {s['n']}" if s else None
 
     lines = [
-        f"{'INTACT' if report.intact else 'NOT INTACT'}: {report.items} items in {report.shards} shards, "
-        f"{len(report.problems)} archive problems, {len(report.failures)} items that do not parse or decode",
+        f"{'INTACT' if report.intact else 'NOT INTACT'}: {report.items} items in {report.shards} shards "
+        f"({report.decoded} decoded), {len(report.problems)} archive problems, "
+        f"{len(report.failures)} items that do not parse or decode",
+        *([f"  being written by {describe_holder(report.writing)}: verified what it has committed so far"]
+          if report.writing is not None else []),
         *[f"  problem: {p}" for p in report.problems],
         *[f"  failed {f.key}: [{f.stage}] {f.reason}" for f in report.failures],
     ]

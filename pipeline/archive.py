@@ -1,13 +1,20 @@
 """The archive: Parquet shards of bitstreams, a failure table, and a manifest committed last.
 
     ARCHIVE/
-      manifest.json                 the only thing a reader trusts; rewritten atomically at each commit
-      shards/part-<uuid>.parquet    one row per image, keys sorted; listed in the manifest once committed
-      failures/failures-<n>.parquet every item that could not be encoded, with stage and reason
-      models/<fingerprint>/         the weights the streams need, when encoded with --embed-model
+      manifest.json                       the only thing a reader trusts; rewritten atomically at each commit
+      shards/part-<uuid>.parquet          one row per image, keys sorted; listed in the manifest once committed
+      failures/failures-<n>-<hex>.parquet every item that could not be encoded, with stage and reason
+      models/<fingerprint>/               the weights the streams need, when encoded with --embed-model
+      writer.lock                         held by the one encode writing the archive (pipeline/lease.py)
 
 A shard (or a model folder) is written whole before the manifest names it, so a crash leaves either the
-previous manifest (and orphan files nobody trusts, removed when the job finishes) or the new one.
+previous manifest (and orphan files nobody trusts, removed when the job finishes) or the new one. One
+writer at a time holds the archive's lease, and each commit replaces the manifest only if it is still
+the version that writer last wrote, so no commit can overwrite another's.
+
+An archive may come from anywhere: `Manifest.from_json` checks the type and range of every field and
+confines every path to its folder before anything is read, and `read_shard` checks a shard against its
+manifest entry (size, and SHA-256 when it reads it whole, row count, schema, no nulls) before trusting it.
 
 Shards hold streams in the container's compact framing: the codec, parameters and fingerprint they
 share are listed once, in the manifest's spec table, and `Manifest.expand` turns a stream read from a
@@ -22,6 +29,8 @@ import bisect
 import hashlib
 import io
 import json
+import math
+import re
 import tempfile
 import time
 import uuid
@@ -35,7 +44,8 @@ import pyarrow.parquet as pq
 
 from ..codecs import container
 from ..codecs.errors import ArchiveError, ModelError
-from .storage import Location
+from .lease import WriterLease
+from .storage import Location, WriteConflict, relative_path_problem
 
 # 2: streams in compact framing, the spec table, models/. Version 1 archives (full streams, one "codec"
 # whose params still held weight locations) are read, and resumed, as they are.
@@ -59,6 +69,13 @@ SHARD_SCHEMA = pa.schema(
     ]
 )
 FAILURE_SCHEMA = pa.schema([("key", pa.string()), ("stage", pa.string()), ("reason", pa.string())])
+# What a manifest may name: one file directly in its folder, with a name diffarc could have written.
+SHARD_PATH = re.compile(r"shards/[A-Za-z0-9][A-Za-z0-9._-]*\.parquet")
+FAILURE_PATH = re.compile(r"failures/[A-Za-z0-9][A-Za-z0-9._-]*\.parquet")
+SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+FINGERPRINT_HEX = re.compile(r"(?:[0-9a-f]{2}){0,255}")  # the container's fingerprint is at most 255 bytes
+CODEC_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,254}")
+INT64_MAX = 2**63 - 1
 
 
 def codec_mismatch(url: str, existing: CodecSpec, requested: CodecSpec) -> ArchiveError:
@@ -143,7 +160,7 @@ class EncodedItem:
 @dataclass(frozen=True)
 class Failure:
     key: str
-    stage: str  # fetch | load | encode | parse | decode | write | verify
+    stage: str  # list | fetch | load | encode (encode); parse | decode | write | select (decode); verify
     reason: str
 
 
@@ -221,37 +238,182 @@ class Manifest:
 
     @classmethod
     def from_json(cls, data: bytes) -> Manifest:
-        try:
-            document = json.loads(data)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ArchiveError(f"manifest is not valid JSON: {exc}") from None
+        """A manifest read from bytes that may be hostile: every field's type and range is checked and every
+        path confined to its folder, and a refusal is one ArchiveError naming the field."""
+        document = _parse_json(data)
         if not isinstance(document, dict) or document.get("format") != "diffarc-archive":
             raise ArchiveError("not a diffarc archive manifest")
-        if document.get("format_version", 0) > ARCHIVE_FORMAT_VERSION:
+        top = _Fields(document, "")
+        version = top.count("format_version", low=1)
+        if version > ARCHIVE_FORMAT_VERSION:
             raise ArchiveError(
-                f"archive format version {document['format_version']} is newer than this diffarc reads "
-                f"({ARCHIVE_FORMAT_VERSION}); upgrade diffarc"
+                f"archive format version {version} is newer than this diffarc reads ({ARCHIVE_FORMAT_VERSION}); "
+                "upgrade diffarc"
             )
-        try:
-            if document["format_version"] == 1:
-                specs, models = [legacy_spec(document["codec"])], []
-            else:
-                specs = [CodecSpec(**s) for s in document["specs"]]
-                models = [EmbeddedModel(**m) for m in document["models"]]
-            return cls(
-                specs=specs,
-                source=document["source"],
-                shards=[ShardEntry(**s) for s in document["shards"]],
-                failures=document["failures"],
-                models=models,
-                complete=document["complete"],
-                created=document["created"],
-                updated=document["updated"],
-                commits=document["commits"],
-                max_pixels=document.get("max_pixels"),
-            )
-        except (KeyError, TypeError) as exc:
-            raise ArchiveError(f"manifest is missing or has a malformed field: {exc}") from None
+        if version == 1:
+            codec = top.fields("codec")
+            specs = [legacy_spec({"name": codec.text("name", CODEC_NAME), "params": codec.object("params"),
+                                  "fingerprint": codec.text("fingerprint", FINGERPRINT_HEX, default="")})]  # fmt: skip
+            models = []
+        else:
+            specs = [_spec(f) for f in top.each("specs")]
+            models = [_embedded_model(f) for f in top.each("models")]
+        if not specs:
+            raise top.error("specs", "is empty")
+        _unique(top, "specs", [s.id for s in specs], "id")
+        shards = [_shard_entry(f) for f in top.each("shards")]
+        _unique(top, "shards", [e.path for e in shards], "path")
+        _unique(top, "models", [m.fingerprint for m in models], "fingerprint")
+        failures = top.fields("failures", optional=True)
+        return cls(
+            specs=specs,
+            source=top.text("source"),
+            shards=shards,
+            failures=None if failures is None else {
+                "path": failures.path("path", FAILURE_PATH), "rows": failures.count("rows"),
+                "bytes": failures.count("bytes"), "sha256": failures.text("sha256", SHA256_HEX),
+            },  # fmt: skip
+            models=models,
+            complete=top.flag("complete"),
+            created=top.number("created"),
+            updated=top.number("updated"),
+            commits=top.count("commits"),
+            max_pixels=top.count("max_pixels", low=1, optional=True),
+        )
+
+
+def _parse_json(data: bytes):
+    def refuse_constant(name: str):
+        raise ValueError(f"{name} is not a JSON number")
+
+    def finite(text: str) -> float:
+        value = float(text)
+        if not math.isfinite(value):
+            raise ValueError(f"the number {text[:40]} is out of range")
+        return value
+
+    try:
+        return json.loads(data, parse_constant=refuse_constant, parse_float=finite)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
+        raise ArchiveError(f"manifest is not valid JSON: {exc}") from None
+
+
+def _show(value) -> str:
+    text = json.dumps(value) if isinstance(value, (dict, list, str)) else repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+class _Fields:
+    """One JSON object of a manifest, read field by field with its type and range checked."""
+
+    def __init__(self, value, where: str):
+        self.value, self.where = value, where
+
+    def error(self, name: str, why: str) -> ArchiveError:
+        return ArchiveError(f"manifest field {self.where}{name} {why}")
+
+    def _get(self, name: str, optional: bool):
+        value = self.value.get(name)
+        if value is None and not optional:
+            raise self.error(name, "is missing")
+        return value
+
+    def count(self, name: str, low: int = 0, optional: bool = False) -> int | None:
+        value = self._get(name, optional)
+        if value is None:
+            return None
+        if type(value) is not int or not low <= value <= INT64_MAX:  # bool is an int: not a count
+            raise self.error(name, f"must be a whole number from {low} to 2^63-1, not {_show(value)}")
+        return value
+
+    def number(self, name: str) -> float:
+        value = self._get(name, False)
+        if type(value) not in (int, float) or not math.isfinite(value):
+            raise self.error(name, f"must be a number, not {_show(value)}")
+        return value
+
+    def flag(self, name: str) -> bool:
+        value = self._get(name, False)
+        if type(value) is not bool:
+            raise self.error(name, f"must be true or false, not {_show(value)}")
+        return value
+
+    def text(self, name: str, pattern: re.Pattern | None = None, default: str | None = None) -> str:
+        value = self._get(name, default is not None)
+        if value is None:
+            return default
+        if not isinstance(value, str) or (pattern is not None and not pattern.fullmatch(value)):
+            raise self.error(name, f"is not a valid value: {_show(value)}")
+        return value
+
+    def path(self, name: str, pattern: re.Pattern | None = None) -> str:
+        """A path relative to the archive (or to one of its folders) that cannot leave it."""
+        value = self.text(name)
+        problem = relative_path_problem(value)
+        if problem or (pattern is not None and not pattern.fullmatch(value)):
+            raise self.error(name, f"is not a path inside the archive: {_show(value)}")
+        return value
+
+    def object(self, name: str, default: dict | None = None) -> dict:
+        value = self._get(name, default is not None)
+        if value is None:
+            return default
+        if not isinstance(value, dict):
+            raise self.error(name, f"must be an object, not {_show(value)}")
+        return value
+
+    def fields(self, name: str, optional: bool = False) -> _Fields | None:
+        value = self._get(name, optional)
+        if value is None:
+            return None
+        return _Fields(self.object(name), f"{self.where}{name}.")
+
+    def each(self, name: str) -> list[_Fields]:
+        """The objects of a list field (a missing list is empty)."""
+        value = self.value.get(name, [])
+        if not isinstance(value, list):
+            raise self.error(name, f"must be a list, not {_show(value)}")
+        where = f"{self.where}{name}"
+        for index, item in enumerate(value):
+            if not isinstance(item, dict):
+                raise ArchiveError(f"manifest field {where}[{index}] must be an object, not {_show(item)}")
+        return [_Fields(item, f"{where}[{index}].") for index, item in enumerate(value)]
+
+
+def _unique(top: _Fields, name: str, values: list, what: str) -> None:
+    seen = set()
+    for index, value in enumerate(values):
+        if value in seen:
+            raise top.error(f"{name}[{index}].{what}", f"repeats an earlier entry's: {_show(value)}")
+        seen.add(value)
+
+
+def _spec(f: _Fields) -> CodecSpec:
+    spec_id = f.count("id", low=1)
+    if spec_id > 0xFFFF:  # a compact stream's spec id is two bytes
+        raise f.error("id", f"must be at most 65535, not {spec_id}")
+    return CodecSpec(f.text("name", CODEC_NAME), f.object("params"), f.text("fingerprint", FINGERPRINT_HEX, default=""),
+                     id=spec_id, hint=f.object("hint", default={}))  # fmt: skip
+
+
+def _shard_entry(f: _Fields) -> ShardEntry:
+    entry = ShardEntry(
+        path=f.path("path", SHARD_PATH), rows=f.count("rows", low=1), bytes=f.count("bytes", low=1),
+        sha256=f.text("sha256", SHA256_HEX), first_key=f.text("first_key"), last_key=f.text("last_key"),
+        source_bytes=f.count("source_bytes"), bitstream_bytes=f.count("bitstream_bytes"), pixels=f.count("pixels"),
+    )  # fmt: skip
+    if entry.first_key > entry.last_key:
+        raise f.error("first_key", f"comes after last_key {_show(entry.last_key)}")
+    return entry
+
+
+def _embedded_model(f: _Fields) -> EmbeddedModel:
+    fingerprint = f.text("fingerprint", FINGERPRINT_HEX)
+    if not fingerprint:
+        raise f.error("fingerprint", "is empty")
+    files = [{"path": g.path("path"), "bytes": g.count("bytes"), "sha256": g.text("sha256", SHA256_HEX)}
+             for g in f.each("files")]  # fmt: skip
+    return EmbeddedModel(fingerprint, files)
 
 
 def load_manifest(archive: Location) -> Manifest | None:
@@ -265,12 +427,6 @@ def require_manifest(archive: Location) -> Manifest:
     if manifest is None:
         raise ArchiveError(f"no diffarc archive at {archive.url} ({MANIFEST} not found)")
     return manifest
-
-
-def commit_manifest(archive: Location, manifest: Manifest) -> None:
-    manifest.updated = time.time()
-    manifest.commits += 1
-    archive.write_atomic(MANIFEST, manifest.to_json())
 
 
 def shard_metadata(codec: CodecSpec) -> dict[bytes, bytes]:
@@ -338,11 +494,47 @@ def _row_groups(sizes: list[int], limit: int):
 
 
 def read_shard(
-    archive: Location, entry: ShardEntry, columns: list[str] | None = None, keys: list[str] | None = None
+    archive: Location, entry: ShardEntry, columns: list[str] | None = None, keys: list[str] | None = None,
+    whole: bool = False,
 ) -> pa.Table:
-    """Rows of one shard; with `keys`, only the row groups whose key range can hold them are read."""
-    with archive.fs.open(archive.path(entry.path), "rb") as handle:
-        return read_parquet(handle, columns, keys)
+    """Rows of one shard, once the file has been checked against its manifest entry; with `keys`, only
+    the row groups whose key range can hold them are read.
+
+    A shard is refused, in an ArchiveError naming it, when it is missing, its size is not the entry's, its
+    footer does not describe a shard of this format with the entry's row count, or a column read holds a
+    null. With `whole` the file is read in one piece and its SHA-256 checked too (decode and verify, which
+    read every row anyway); reading a few columns or keys checks the size only, and the streams' CRCs
+    catch damage inside them.
+    """
+    try:
+        if whole:
+            data = archive.read(entry.path)
+            if len(data) != entry.bytes or hashlib.sha256(data).hexdigest() != entry.sha256:
+                raise ArchiveError(f"{entry.path}: size or SHA-256 differs from the manifest (damaged or replaced)")
+            return _read_shard_rows(pa.BufferReader(data), entry, columns, keys)
+        with archive.fs.open(archive.path(entry.path), "rb") as handle:
+            if handle.size != entry.bytes:
+                raise ArchiveError(
+                    f"{entry.path}: {handle.size} bytes, the manifest says {entry.bytes} (truncated or replaced)"
+                )
+            return _read_shard_rows(handle, entry, columns, keys)
+    except FileNotFoundError:
+        raise ArchiveError(f"{entry.path}: listed in the manifest but missing") from None
+    except pa.ArrowException as exc:
+        raise ArchiveError(f"{entry.path}: not a readable Parquet file ({exc})") from None
+
+
+def _read_shard_rows(source, entry: ShardEntry, columns: list[str] | None, keys: list[str] | None) -> pa.Table:
+    parquet = pq.ParquetFile(source, pre_buffer=False)
+    if not SHARD_SCHEMA.equals(parquet.schema_arrow.remove_metadata()):
+        raise ArchiveError(f"{entry.path}: schema differs from the archive format")
+    if parquet.metadata.num_rows != entry.rows:
+        raise ArchiveError(f"{entry.path}: {parquet.metadata.num_rows} rows, manifest says {entry.rows}")
+    table = _read_rows(parquet, columns, keys)
+    for name in table.column_names:
+        if table.column(name).null_count:
+            raise ArchiveError(f"{entry.path}: column {name} holds nulls")
+    return table
 
 
 def read_parquet(source, columns: list[str] | None = None, keys: list[str] | None = None) -> pa.Table:
@@ -356,7 +548,10 @@ def read_parquet(source, columns: list[str] | None = None, keys: list[str] | Non
     threads. With `keys`, row groups are chosen from the key column's min/max statistics (shards are
     sorted by key, so a key lies in one row group) and the rows are then filtered to exactly those keys.
     """
-    parquet = pq.ParquetFile(source, pre_buffer=False)
+    return _read_rows(pq.ParquetFile(source, pre_buffer=False), columns, keys)
+
+
+def _read_rows(parquet: pq.ParquetFile, columns: list[str] | None, keys: list[str] | None) -> pa.Table:
     groups = list(range(parquet.num_row_groups))
     wanted = columns
     if keys is not None:
@@ -464,6 +659,8 @@ def check_embedded_weights(archive: Location, manifest: Manifest) -> list[str]:
 
 
 def write_failures(archive: Location, failures: dict[str, Failure], sequence: int) -> dict | None:
+    """The failure table as a new file, named by commit number and a random suffix so that no writer can
+    replace a table that a committed manifest names."""
     if not failures:
         return None
     rows = sorted(failures.values(), key=lambda f: f.key)
@@ -471,41 +668,97 @@ def write_failures(archive: Location, failures: dict[str, Failure], sequence: in
     buffer = io.BytesIO()
     pq.write_table(table, buffer, compression="ZSTD")
     data = buffer.getvalue()
-    path = f"{FAILURE_DIR}/failures-{sequence:06d}.parquet"
+    path = f"{FAILURE_DIR}/failures-{sequence:06d}-{uuid.uuid4().hex[:8]}.parquet"
     archive.write_atomic(path, data)
     return {"path": path, "rows": len(rows), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
+def read_failure_table(archive: Location, manifest: Manifest) -> tuple[dict | None, bytes]:
+    """The failure table's manifest entry and bytes.
+
+    A running encode writes a new table at each commit and deletes the one before, so a reader holding an
+    older manifest may find its table gone: it is then read through the manifest that replaced it.
+    """
+    entry = manifest.failures
+    for _ in range(10):
+        if not entry:
+            return None, b""
+        try:
+            return entry, archive.read(entry["path"])
+        except FileNotFoundError:
+            newer = load_manifest(archive)
+            if newer is None or newer.failures == entry:
+                break
+            entry = newer.failures
+    raise ArchiveError(f"{entry['path']}: failure table listed in the manifest but missing")
+
+
 def read_failures(archive: Location, manifest: Manifest) -> dict[str, Failure]:
-    if not manifest.failures:
+    entry, data = read_failure_table(archive, manifest)
+    if entry is None:
         return {}
-    table = read_parquet(pa.BufferReader(archive.read(manifest.failures["path"])))
+    try:
+        table = read_parquet(pa.BufferReader(data))
+    except pa.ArrowException as exc:
+        raise ArchiveError(f"{entry['path']}: not a readable Parquet file ({exc})") from None
+    if not FAILURE_SCHEMA.equals(table.schema.remove_metadata()) or any(c.null_count for c in table.columns):
+        raise ArchiveError(f"{entry['path']}: not a failure table of this archive format")
     return {row["key"]: Failure(**row) for row in table.to_pylist()}
 
 
 class ArchiveWriter:
-    """Commits shards and failures of one encode job to an archive, one atomic manifest write each.
+    """Commits shards and failures of one encode job to an archive, one conditional manifest write each.
 
+    It holds the archive's writer lease (`lease`, or one it takes itself) until `finish` or `close`, and
+    replaces the manifest only if it is still the version this writer last read or wrote: a commit never
+    overwrites another writer's; this writer stops instead.
     Opening an existing archive resumes it: the keys it already holds are `done`, its failures are
     known, and a request for a different codec, parameters or weights is refused rather than mixed in.
     The same weights found under another path are the same weights: the job goes on, and the spec's
     hint records where they are now.
     """
 
-    def __init__(self, archive: Location, codec: CodecSpec, source: str, max_pixels: int | None = None):
+    def __init__(
+        self, archive: Location, codec: CodecSpec, source: str, max_pixels: int | None = None,
+        lease: WriterLease | None = None,
+    ):  # fmt: skip
         self.archive = archive
-        existing = load_manifest(archive)
+        self._own_lease = lease is None
+        self.lease = lease or WriterLease(archive)
+        try:
+            self._open(codec, source, max_pixels)
+        except BaseException:
+            self.close()
+            raise
+
+    def _open(self, codec: CodecSpec, source: str, max_pixels: int | None) -> None:
+        try:
+            data, self.version = self.archive.read_versioned(MANIFEST)
+            existing = Manifest.from_json(data)
+        except FileNotFoundError:
+            existing, self.version = None, None
         if existing is not None and existing.codec != codec:
-            raise codec_mismatch(archive.url, existing.codec, codec)
+            raise codec_mismatch(self.archive.url, existing.codec, codec)
         if existing is not None:
             existing.specs[-1] = replace(existing.codec, hint=codec.hint)
         self.manifest = existing or Manifest(specs=[replace(codec, id=1)], source=source)
         if max_pixels is not None:
             self.manifest.max_pixels = max(max_pixels, self.manifest.max_pixels or 0)
-        self.failures = read_failures(archive, self.manifest)
+        self.failures = read_failures(self.archive, self.manifest)
         self.done: set[str] = set()
         for entry in self.manifest.shards:
-            self.done.update(read_shard(archive, entry, columns=["key"]).column("key").to_pylist())
+            self.done.update(read_shard(self.archive, entry, columns=["key"]).column("key").to_pylist())
+
+    def __enter__(self) -> ArchiveWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop writing; the lease is given back if this writer took it."""
+        if self._own_lease:
+            self.lease.release()
 
     def commit(self, entry: ShardEntry | None, keys: list[str], failures: list[Failure]) -> None:
         """Make one finished unit of work (a shard and/or its failed items) part of the archive."""
@@ -521,6 +774,19 @@ class ArchiveWriter:
             self.failures[failure.key] = failure
         self._commit()
 
+    def record_refusals(self, refused: dict[str, str]) -> None:
+        """Make the failure table's "list" rows this run's listing refusals (`Listing.refused`): new ones
+        added, and those the listing no longer refuses (renamed, gone) dropped, so a plain re-run encodes
+        them. Keys already encoded are left alone (archived before a listing rule existed)."""
+        wanted = {key: Failure(key, "list", reason) for key, reason in refused.items() if key not in self.done}
+        current = {key: f for key, f in self.failures.items() if f.stage == "list"}
+        if wanted == current:
+            return
+        for key in current.keys() - wanted.keys():
+            del self.failures[key]
+        self.failures.update(wanted)
+        self._commit()
+
     def add_model(self, model: EmbeddedModel) -> None:
         """List embedded weights whose files are all written (see `embed_weights`)."""
         self.manifest.models = [m for m in self.manifest.models if m.fingerprint != model.fingerprint] + [model]
@@ -530,25 +796,36 @@ class ArchiveWriter:
         self.manifest.complete = True
         self._commit()
         self._remove_orphans()
+        self.close()
         return self.manifest
 
     def _commit(self) -> None:
+        self.lease.check()
         previous = self.manifest.failures
         self.manifest.failures = write_failures(self.archive, self.failures, self.manifest.commits + 1)
-        commit_manifest(self.archive, self.manifest)
+        self.manifest.updated = time.time()
+        self.manifest.commits += 1
+        try:
+            self.version = self.archive.write_versioned(MANIFEST, self.manifest.to_json(), self.version)
+        except WriteConflict:
+            raise ArchiveError(
+                f"{self.archive.url}: another writer changed the manifest since this job read it; this job "
+                "stopped without overwriting it (nothing either job committed is lost): run encode again to resume"
+            ) from None
         if previous and previous["path"] != (self.manifest.failures or {}).get("path"):
             self.archive.delete(previous["path"])
 
     def _remove_orphans(self) -> None:
-        """Shards, failure tables or model files from a killed run that no manifest lists: nobody trusts them."""
+        """Shards, failure tables or model files from a killed run that no manifest lists: nobody trusts them.
+        Only names diffarc could have written are removed."""
         listed = {s.path for s in self.manifest.shards}
         if self.manifest.failures:
             listed.add(self.manifest.failures["path"])
-        for directory in (SHARD_DIR, FAILURE_DIR):
+        for directory, pattern in ((SHARD_DIR, SHARD_PATH), (FAILURE_DIR, FAILURE_PATH)):
             for path in self.archive.list_files(directory):
-                if path not in listed and path.endswith(".parquet"):
+                if path not in listed and pattern.fullmatch(path):
                     self.archive.delete(path)
         model_files = {f"{m.folder}/{f['path']}" for m in self.manifest.models for f in m.files}
         for path in self.archive.list_files(MODEL_DIR):
-            if path not in model_files:
+            if path not in model_files and relative_path_problem(path) is None:
                 self.archive.delete(path)

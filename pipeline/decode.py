@@ -1,7 +1,12 @@
 """The decode job (archive → image files, on Ray actors) and `cat` (one image, in this process).
 
 Each actor holds one codec and decodes whole shards, reading only the rows asked for. A stream that is
-damaged or was written for other weights is reported and skipped; the others are still decoded.
+damaged or was written for other weights is reported and skipped; the others are still decoded. A shard
+that is missing, truncated or damaged (its size or SHA-256 is not the manifest's) is reported as an
+archive problem and skipped whole; the other shards are still decoded.
+Before any decoding the driver reads the selected shards' keys, so that two keys that would write one
+file (`dup.jpg` and `dup.png` both decode to `dup.png`) never do: the first, in key order, is written,
+and the others fail naming it.
 The codec's weights are found by fingerprint (`codec_for_archive`): --model, then the archive's own
 models/ folder, the local cache, and the location recorded when encoding.
 Outputs are written atomically, and an output that already exists is skipped, so a killed decode is
@@ -11,8 +16,8 @@ resumed by running it again.
 from __future__ import annotations
 
 import io
-import posixpath
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -29,6 +34,7 @@ from .batches import failure_reason, map_batch
 from .cluster import actor_pool, run_on_pool, torch_device
 from .images import DEFAULT_MAX_PIXELS
 from .preflight import check_decode, check_reachable
+from .sources import decoded_stem, key_problem
 from .storage import Location
 
 OUTPUT_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP", "tiff": "TIFF", "bmp": "BMP"}
@@ -42,12 +48,13 @@ class UnsafeKeyError(ValueError):
 def output_name(key: str, image_format: str) -> str:
     """The file a key decodes to under DST: its relative path, extension replaced by the format's.
 
-    Keys come from an archive, which may be hostile: none may climb out of DST or name an absolute path.
+    Keys come from an archive, which may be hostile: none may climb out of DST or name an absolute path
+    (`sources.key_problem`, the rule encode lists keys by).
     """
-    parts = key.split("/")
-    if not key or key.startswith("/") or "\\" in key or any(p in ("", ".", "..") for p in parts):
-        raise UnsafeKeyError(f"key {key!r} is not a safe relative path; refusing to write it")
-    return posixpath.splitext(key)[0] + EXTENSIONS[image_format]
+    problem = key_problem(key)
+    if problem:
+        raise UnsafeKeyError(f"key {key!r} is not a safe relative path (it {problem}); refusing to write it")
+    return decoded_stem(key) + EXTENSIONS[image_format]
 
 
 def encode_image(pixels: np.ndarray, image_format: str) -> bytes:
@@ -114,6 +121,8 @@ class DecodeTask:
     entry: ShardEntry
     keys: list[str] | None
     prefix: str
+    # key → the earlier key whose output file it would overwrite: such keys are not written.
+    taken: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -121,6 +130,7 @@ class DecodeResult:
     decoded: int
     skipped: int
     failures: list[Failure]
+    problems: list[str] = field(default_factory=list)  # the shard itself could not be read
 
 
 @dataclass
@@ -128,6 +138,7 @@ class DecodeSummary:
     decoded: int
     skipped_existing: int
     failures: list[Failure] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)  # archive-level: shards that could not be read
     seconds: float = 0.0
 
     @property
@@ -146,7 +157,11 @@ class DecodeWorker:
     def decode_shard(
         self, archive: Location, task: DecodeTask, dst: Location, image_format: str, overwrite: bool, batch_size: int
     ) -> DecodeResult:
-        table = read_shard(archive, task.entry, columns=["key", "bitstream"], keys=task.keys).to_pylist()
+        try:  # read whole, checked against the manifest's size and SHA-256, unless a few keys are wanted
+            columns = ["key", "bitstream"]
+            table = read_shard(archive, task.entry, columns, keys=task.keys, whole=task.keys is None).to_pylist()
+        except ArchiveError as exc:
+            return DecodeResult(0, 0, [], [str(exc)])
         failures: list[Failure] = []
         todo = []
         skipped = 0
@@ -157,6 +172,10 @@ class DecodeWorker:
                 name = output_name(row["key"], image_format)
             except UnsafeKeyError as exc:
                 failures.append(Failure(row["key"], "write", str(exc)))
+                continue
+            if row["key"] in task.taken:
+                earlier = task.taken[row["key"]]
+                failures.append(Failure(row["key"], "write", f"decodes to {name}, the file of {earlier!r}; not written"))
                 continue
             if not overwrite and dst.exists(name):
                 skipped += 1
@@ -218,8 +237,8 @@ def run_decode(
     manifest = check_decode(archive, dst)  # fails before Ray starts
     if base_only:
         codec_class(manifest.codec.name).base_decoder(manifest.codec.params)  # a codec without one: say so now
-    tasks = select_shards(manifest, keys, prefix)
     summary = DecodeSummary(0, 0)
+    tasks, found = claim_outputs(archive, select_shards(manifest, keys, prefix), image_format, summary)
     if tasks:
         limit = pixel_limit(manifest, max_pixels)
         with actor_pool(DecodeWorker, archive, manifest, model, limit, base_only, actors=actors, address=address) as pool:
@@ -231,22 +250,53 @@ def run_decode(
                 summary.decoded += result.decoded
                 summary.skipped_existing += result.skipped
                 summary.failures += result.failures
+                summary.problems += result.problems
                 if on_progress:
                     on_progress(summary.decoded + summary.skipped_existing, None, len(summary.failures))
     if keys is not None:
-        found = summary.decoded + summary.skipped_existing + len(summary.failures)
-        if found < len(keys):
-            missing = set(keys) - _keys_in(archive, tasks)
-            summary.failures += [Failure(k, "select", "key not in archive") for k in sorted(missing)]
+        summary.failures += [Failure(k, "select", "key not in archive") for k in sorted(set(keys) - found)]
     summary.seconds = time.perf_counter() - started
     return summary
 
 
-def _keys_in(archive: Location, tasks: list[DecodeTask]) -> set[str]:
-    found: set[str] = set()
-    for task in tasks:
-        found.update(read_shard(archive, task.entry, columns=["key"], keys=task.keys).column("key").to_pylist())
-    return found
+def claim_outputs(
+    archive: Location, tasks: list[DecodeTask], image_format: str, summary: DecodeSummary
+) -> tuple[list[DecodeTask], set[str]]:
+    """The tasks whose shards' keys can be read, each with `taken` set, and every key found.
+
+    Each output file is claimed by the first key, in key order, that decodes to it; a later key that would
+    write the same file is marked taken. A shard whose keys cannot be read is an archive problem (in
+    `summary`), and its task is dropped. Keys are read a few shards at a time: on an object store each
+    read waits on the network.
+    """
+
+    def keys_of(task: DecodeTask) -> list[str] | ArchiveError:
+        try:
+            found = read_shard(archive, task.entry, columns=["key"], keys=task.keys).column("key").to_pylist()
+        except ArchiveError as exc:
+            return exc
+        return [k for k in found if k.startswith(task.prefix)]
+
+    with ThreadPoolExecutor(8) as pool:
+        read = list(pool.map(keys_of, tasks))
+    kept, found, occurrences = [], set(), []
+    for task, keys in zip(tasks, read):
+        if isinstance(keys, ArchiveError):
+            summary.problems.append(str(keys))
+            continue
+        kept.append(task)
+        found.update(keys)
+        occurrences += [(key, len(kept) - 1) for key in keys]
+    owner: dict[str, str] = {}
+    for key, index in sorted(occurrences):
+        if key_problem(key):
+            continue  # refused where it is decoded, with its reason
+        name = output_name(key, image_format)
+        if name in owner:
+            kept[index].taken[key] = owner[name]
+        else:
+            owner[name] = key
+    return kept, found
 
 
 def cat_item(

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
@@ -28,8 +29,9 @@ from .archive import ArchiveWriter, CodecSpec, EmbeddedModel, EncodedItem, Failu
 from .batches import failure_reason, map_batch
 from .cluster import actor_pool, describe_worker, run_on_pool, torch_device
 from .images import DEFAULT_MAX_PIXELS, load_rgb
-from .preflight import check_encode
-from .sources import SourceItem, fetch, sha256_hex
+from .lease import WriterLease
+from .preflight import check_encode, list_source
+from .sources import SourceItem, fetch, hide_credentials, sha256_hex, without_credentials
 from .storage import Location
 
 
@@ -62,6 +64,7 @@ class EncodeSummary:
     listed: int
     skipped_non_images: int
     already_done: int
+    refused: int  # listed entries whose keys could not be archived (in the failure table, stage "list")
     encoded: int
     failed: int
     seconds: float
@@ -142,7 +145,7 @@ class EncodeWorker:
         try:
             data = fetch(item, self.storage_options)
         except Exception as exc:  # any storage error: record it, keep the job going
-            return Failure(item.key, "fetch", failure_reason(exc))
+            return Failure(item.key, "fetch", hide_credentials(failure_reason(exc), item.url))
         try:
             pixels = load_rgb(data, self.max_pixels)
         except Exception as exc:
@@ -171,16 +174,25 @@ def run_encode(
     address: str | None = None,
     on_progress: Callable[[int, int, int], None] | None = None,
 ) -> EncodeSummary:
-    """Encode every image under `src` not yet in the archive; returns when all are committed."""
+    """Encode every image under `src` not yet in the archive; returns when all are committed.
+
+    The job holds the archive's writer lease from before it lists `src` or starts Ray until it has
+    finished: a second encode into the same archive is refused at once, naming this one.
+    """
     started = time.perf_counter()
-    params, listing = check_encode(src, archive_url, options, storage_options)  # fails before Ray starts
+    params = check_encode(src, archive_url, options, storage_options)  # fails before Ray starts
     archive = Location(archive_url, storage_options)
     encoded = failed = source_bytes = bitstream_bytes = 0
     workers: dict[int, dict] = {}
     worker_args = (options.codec, params, storage_options, options.max_pixels, options.fetch_threads)
-    with actor_pool(EncodeWorker, *worker_args, actors=options.actors, address=address) as actors:
+    with ExitStack() as held:
+        lease = held.enter_context(WriterLease(archive))  # a second writer is refused here, before listing or Ray
+        listing = list_source(src, storage_options)
+        actors = held.enter_context(actor_pool(EncodeWorker, *worker_args, actors=options.actors, address=address))
         spec = ray.get(actors[0].codec_spec.remote())
-        writer = ArchiveWriter(archive, spec, source=src, max_pixels=options.max_pixels)
+        writer = ArchiveWriter(archive, spec, without_credentials(src), options.max_pixels, lease)
+        listing = listing.beside(writer.done)
+        writer.record_refusals(listing.refused)
         if options.embed_model and spec.fingerprint and not writer.manifest.embedded_model(spec.fingerprint):
             writer.add_model(ray.get(actors[0].embed_weights.remote(archive)))
         if options.retry_failed:
@@ -208,6 +220,7 @@ def run_encode(
         listed=len(listing.items),
         skipped_non_images=listing.skipped_non_images,
         already_done=len(listing.items) - len(todo),
+        refused=len(listing.refused),
         encoded=encoded,
         failed=failed,
         seconds=time.perf_counter() - started,

@@ -1,4 +1,8 @@
-"""What an archive holds and what it saves, from its manifest and two cheap columns of each shard."""
+"""What an archive holds and what it saves, from its manifest and a few cheap columns of each shard.
+
+Counts and sizes are the shards' own (a manifest may have been edited); a shard that does not match its
+manifest entry is left out of them and named under `problems`, for `diffarc verify` to look into.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,9 @@ from collections import Counter
 
 import numpy as np
 
+from ..codecs.errors import ArchiveError
 from .archive import read_failures, read_shard, require_manifest
+from .lease import current_writer
 from .preflight import check_reachable
 from .storage import Location
 
@@ -21,22 +27,39 @@ def archive_info(archive_url: str, price_per_gb_month: float = 0.023, storage_op
     archive = Location(archive_url, storage_options)
     check_reachable(archive, "read the archive")  # exists() alone would call a missing bucket no archive
     manifest = require_manifest(archive)
-    totals = manifest.totals
-    bpp = []
+    totals = {"items": 0, "shards": 0, "source_bytes": 0, "bitstream_bytes": 0, "archive_bytes": 0}
+    bpp, problems = [], []
     for entry in manifest.shards:
-        table = read_shard(archive, entry, columns=["bitstream_bytes", "width", "height"])
+        try:  # the file's size and row count are checked against the entry; sums come from the rows
+            table = read_shard(archive, entry, columns=["bitstream_bytes", "width", "height", "source_bytes"])
+        except ArchiveError as exc:
+            problems.append(str(exc))
+            continue
         sizes = table.column("bitstream_bytes").to_numpy()
         pixels = table.column("width").to_numpy().astype(np.int64) * table.column("height").to_numpy()
-        bpp.append(8 * sizes / pixels)
+        if (pixels <= 0).any():
+            problems.append(f"{entry.path}: {int((pixels <= 0).sum())} rows say their image has no pixels")
+        bpp.append(8 * sizes[pixels > 0] / pixels[pixels > 0])
+        totals["items"] += table.num_rows
+        totals["shards"] += 1
+        totals["source_bytes"] += int(table.column("source_bytes").to_numpy().sum())
+        totals["bitstream_bytes"] += int(sizes.sum())
+        totals["archive_bytes"] += entry.bytes
     bpp = np.concatenate(bpp) if bpp else np.zeros(0)
-    failures = read_failures(archive, manifest)
+    try:
+        failures = read_failures(archive, manifest)
+    except ArchiveError as exc:
+        problems.append(str(exc))
+        failures = {}
+    model_bytes = sum(m.bytes for m in manifest.models)
     # Embedded weights (encode --embed-model) are stored too: they count against the saving.
-    stored = totals["archive_bytes"] + (manifest.failures or {}).get("bytes", 0) + totals["model_bytes"]
+    stored = totals["archive_bytes"] + (manifest.failures or {}).get("bytes", 0) + model_bytes
     source_cost = totals["source_bytes"] / GB * price_per_gb_month
     archive_cost = stored / GB * price_per_gb_month
     return {
         "archive": archive_url,
         "complete": manifest.complete,
+        "writing": None if manifest.complete else current_writer(archive),  # the encode writing it now
         "codec": manifest.codec.name,
         "params": manifest.codec.params,
         "model_fingerprint": manifest.codec.fingerprint or None,
@@ -46,6 +69,7 @@ def archive_info(archive_url: str, price_per_gb_month: float = 0.023, storage_op
         "failed": len(failures),
         "failures_by_stage": dict(Counter(f.stage for f in failures.values())),
         "shards": totals["shards"],
+        "problems": problems,
         "source_bytes": totals["source_bytes"],
         "bitstream_bytes": totals["bitstream_bytes"],
         "archive_bytes": stored,

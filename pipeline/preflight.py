@@ -6,7 +6,8 @@ sentence naming the location and what is wrong with it:
 
     encode  codec, preset and parameter values; a built-in or local `model` reference exists; ARCHIVE
             reachable (bucket, credentials, endpoint); an existing archive's codec name and parameters
-            equal the request; a probe object can be written to ARCHIVE and deleted; SRC exists and lists
+            equal the request; a probe object can be written to ARCHIVE and deleted; SRC is reachable
+            (the job then takes the archive's writer lease, and only then lists SRC: `list_source`)
     decode  ARCHIVE reachable and holds a manifest of a codec this diffarc knows; DST writable
     verify  ARCHIVE as for decode; the --against folder reachable
 
@@ -26,7 +27,7 @@ from typing import TYPE_CHECKING, Iterator
 from ..codecs.errors import ArchiveError, DiffarcError, ParameterError, StorageError
 from ..codecs.registry import codec_class
 from .archive import CodecSpec, Manifest, codec_mismatch, load_manifest, require_manifest
-from .sources import Listing, list_sources
+from .sources import Listing, list_sources, without_credentials
 from .storage import Location
 
 if TYPE_CHECKING:
@@ -35,14 +36,10 @@ if TYPE_CHECKING:
 PROBE_PREFIX = ".diffarc-write-probe-"
 
 
-def check_encode(
-    src: str, archive_url: str, options: EncodeOptions, storage_options: dict | None = None
-) -> tuple[dict, Listing]:
-    """Everything an encode job needs that can be checked without Ray or the model.
-
-    Returns the resolved codec parameters and the source listing. The destination is checked before
-    the source is listed, since listing a large bucket can itself take minutes.
-    """
+def check_encode(src: str, archive_url: str, options: EncodeOptions, storage_options: dict | None = None) -> dict:
+    """Everything an encode job needs that can be checked without Ray or the model; returns the resolved
+    codec parameters. The source is listed later (`list_source`), once the job holds the archive: listing
+    a large bucket can itself take minutes, and a second writer should hear at once that it must wait."""
     params = codec_class(options.codec).resolve_params(options.params, options.preset)
     check_model_reference(params)
     check_reachable(Location(src, storage_options), "read the source")
@@ -57,9 +54,12 @@ def check_encode(
         requested = CodecSpec(options.codec, json.loads(json.dumps(stream_params)), existing.codec.fingerprint)
         if requested != existing.codec:
             raise codec_mismatch(archive.url, existing.codec, requested)
-    with storage_errors("list the source", src):
-        listing = list_sources(src, storage_options)
-    return params, listing
+    return params
+
+
+def list_source(src: str, storage_options: dict | None = None) -> Listing:
+    with storage_errors("list the source", without_credentials(src)):
+        return list_sources(src, storage_options)
 
 
 def check_decode(archive: Location, dst: Location) -> Manifest:

@@ -1,63 +1,197 @@
 """What to encode: the image files under a folder URL, or the URLs in a list file.
 
-A source item's key is its path relative to the folder (for a list file: the URL without its scheme),
-with '/' separators; keys name items everywhere after this (archive rows, failures, decoded files).
-Files whose extension is not an image format's are left out and counted, so a stray README or .DS_Store
-does not show up as a failure; an image-named file that is not an image does.
+A source item's key is its path relative to the folder, or for a list file the URL without its scheme,
+credentials (`user:password@`) and signing query (presigned `X-Amz-Signature`, tokens), with '/'
+separators. Keys name items everywhere after this (archive rows, failures, decoded files), so each must
+name a file below any folder, and no two may name the same one. The listing settles that up front:
+
+- local paths in a list file are normalised (`file:///x.png`, `/x.png` and `//x.png` are one item), and
+  the same URL given twice, or signed twice, is one item;
+- a key that could not be a file name (`..`, `//`, a backslash, a control character, a name over 255
+  bytes, not UTF-8) is refused;
+- of two URLs with one key (`s3://x.png` and `/x.png`), the second, in URL order, is refused;
+- of keys that decode to one file because they differ only in their extension (`dup.jpg`, `dup.png`),
+  all but the first are refused.
+
+Refused entries come back with their reasons (`Listing.refused`); encode records them in the failure
+table (stage "list") instead of finding out at decode time. Files whose extension is not an image
+format's are left out and counted, so a stray README or .DS_Store does not show up as a failure; an
+image-named file that is not an image does. URLs keep their credentials for fetching only: nothing
+stored or printed holds them (`without_credentials`, `hide_credentials`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import posixpath
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
+from urllib.parse import parse_qsl, urlsplit
 
 import fsspec
 
 from ..codecs.errors import SourceError
-from .storage import Location
+from .storage import Location, relative_path_problem
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".jpe", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff", ".avif", ".ppm", ".pgm", ".tga"}
+)
+MAX_KEY_BYTES = 1024  # S3's limit on an object key
+MAX_NAME_BYTES = 255  # a file name on every common filesystem
+LONGEST_OUTPUT_EXTENSION = len(".webp")  # what decode may put in place of a key's extension
+# Query parameters that make a URL a credential: AWS and GCS signatures, Azure SAS, CloudFront, tokens.
+# A query holding any of them is left out of the key whole (the rest of a signed query names no image).
+CREDENTIAL_QUERY = re.compile(
+    r"x-amz-.*|x-goog-.*|signature|sig|awsaccesskeyid|key-pair-id|policy|token|access_token|api_key|apikey|password",
+    re.IGNORECASE,
 )
 
 
 @dataclass(frozen=True)
 class SourceItem:
     key: str
-    url: str
+    url: str  # as listed, credentials included: for fetching only, never stored
 
 
 @dataclass(frozen=True)
 class Listing:
     items: list[SourceItem]
     skipped_non_images: int
+    # What the listing refused: the name a failure row records it under (its key, or its URL without
+    # credentials when its key is another item's) → why.
+    refused: dict[str, str] = field(default_factory=dict)
+
+    def beside(self, archived: set[str]) -> Listing:
+        """This listing for an archive that already holds `archived`: an item whose decoded file would be
+        an archived key's (same name but for the extension) is refused as well."""
+        stems = {decoded_stem(key): key for key in archived}
+        refused = dict(self.refused)
+        items = []
+        for item in self.items:
+            other = stems.get(decoded_stem(item.key), item.key)
+            if other != item.key and item.key not in archived:
+                refused[item.key] = _same_file(other)
+            else:
+                items.append(item)
+        return Listing(items, self.skipped_non_images, refused)
+
+
+def _same_file(other: str) -> str:
+    return f"decodes to the same file as {other!r} (the keys differ only in their extension); rename one of them"
 
 
 def is_image_name(name: str) -> bool:
     return posixpath.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
+def key_problem(key: str) -> str | None:
+    """Why `key` cannot name a decoded file below any folder (a phrase: "has a backslash"), or None."""
+    problem = relative_path_problem(key) if key else "is empty"
+    if problem:
+        return problem
+    try:
+        encoded = key.encode("utf-8")
+    except UnicodeEncodeError:
+        return "is not valid UTF-8"
+    if len(encoded) > MAX_KEY_BYTES:
+        return f"is longer than {MAX_KEY_BYTES} bytes"
+    *folders, name = key.split("/")
+    stem = posixpath.splitext(name)[0]
+    if any(len(f.encode()) > MAX_NAME_BYTES for f in folders) or len(stem.encode()) + LONGEST_OUTPUT_EXTENSION > MAX_NAME_BYTES:
+        return f"has a name longer than a file name may be ({MAX_NAME_BYTES} bytes)"
+    return None
+
+
+def decoded_stem(key: str) -> str:
+    """The part of a key that names its decoded file: all but the extension, which decode replaces."""
+    return posixpath.splitext(key)[0]
+
+
 def list_sources(src: str, storage_options: dict | None = None) -> Listing:
     location = Location(src, storage_options)
     if location.fs.isfile(location.root):
-        return _list_file(location)
+        items, refused = _list_file(location)
+        return _refuse_undecodable(items, 0, refused)
     names = location.list_files()
     if not names and not location.fs.exists(location.root):
-        raise SourceError(f"source {src} does not exist")
+        raise SourceError(f"source {without_credentials(src)} does not exist")
     base = src.rstrip("/")
     items = [SourceItem(name, f"{base}/{name}") for name in names if is_image_name(name)]
-    return Listing(items, len(names) - len(items))
+    return _refuse_undecodable(items, len(names) - len(items), {})
 
 
-def _list_file(location: Location) -> Listing:
-    urls = [line.strip() for line in location.read("").decode("utf-8").splitlines()]
-    urls = [u for u in urls if u and not u.startswith("#")]
-    items = {}
-    for url in urls:
-        key = url.split("://", 1)[-1].lstrip("/")
-        items.setdefault(key, SourceItem(key, url))  # the same URL twice is one item
-    return Listing(sorted(items.values(), key=lambda i: i.key), 0)
+def _list_file(location: Location) -> tuple[list[SourceItem], dict[str, str]]:
+    """Items of a list file, one per distinct URL (without credentials), and the URLs whose key is taken."""
+    lines = [line.strip() for line in location.read("").decode("utf-8").splitlines()]
+    by_identity: dict[str, SourceItem] = {}
+    for url in lines:
+        if url and not url.startswith("#"):
+            identity, key = _identity_and_key(url)
+            by_identity.setdefault(identity, SourceItem(key, url))  # listed twice: one item
+    items: dict[str, SourceItem] = {}
+    owner: dict[str, str] = {}
+    refused = {}
+    for identity, item in sorted(by_identity.items(), key=lambda pair: pair[0]):
+        if item.key in items:
+            refused[identity] = f"its key {item.key!r} is already the key of {owner[item.key]}"
+        else:
+            items[item.key], owner[item.key] = item, identity
+    return list(items.values()), refused
+
+
+def _identity_and_key(url: str) -> tuple[str, str]:
+    """What makes two list entries one source (the URL without credentials, local paths normalised), and its key."""
+    if "://" not in url or url.startswith("file://"):
+        path = urlsplit(url).path if url.startswith("file://") else url
+        path = posixpath.normpath(path) if path else path
+        if path.startswith("//"):  # normpath keeps a leading "//" (POSIX leaves its meaning open); Linux does not
+            path = "/" + path.lstrip("/")
+        return path, path.lstrip("/")
+    shown = without_credentials(url)
+    return shown, shown.split("://", 1)[1]
+
+
+def without_credentials(url: str) -> str:
+    """`url` with no user, password or signing query (and no fragment): safe to store and print."""
+    if "://" not in url:
+        return url
+    parts = urlsplit(url)
+    host = parts.netloc.rsplit("@", 1)[-1]
+    query = parts.query
+    if any(CREDENTIAL_QUERY.fullmatch(name) for name, _ in parse_qsl(query, keep_blank_values=True)):
+        query = ""
+    return f"{parts.scheme}://{host}{parts.path}" + (f"?{query}" if query else "")
+
+
+def hide_credentials(text: str, url: str) -> str:
+    """`text` (an error message about fetching `url`) with every credential in `url` replaced by ***."""
+    if "://" not in url:
+        return text
+    parts = urlsplit(url)
+    secrets = [parts.netloc.rpartition("@")[0], parts.password or ""]
+    if without_credentials(url).partition("?")[2] != parts.query:  # the query was a credential
+        secrets.append(parts.query)
+        secrets += [value for _, value in parse_qsl(parts.query, keep_blank_values=True)]
+    text = text.replace(url, without_credentials(url))
+    for secret in sorted(filter(None, secrets), key=len, reverse=True):
+        text = text.replace(secret, "***")
+    return text
+
+
+def _refuse_undecodable(items: list[SourceItem], skipped: int, refused: dict[str, str]) -> Listing:
+    kept, first_of_stem = [], {}
+    for item in sorted(items, key=lambda i: i.key):
+        problem = key_problem(item.key)
+        stem = decoded_stem(item.key)
+        if problem:
+            name = item.key.encode("utf-8", "backslashreplace").decode("utf-8")
+            refused[name] = f"key {problem}: it cannot name a decoded file"
+        elif stem in first_of_stem:
+            refused[item.key] = _same_file(first_of_stem[stem])
+        else:
+            first_of_stem[stem] = item.key
+            kept.append(item)
+    return Listing(kept, skipped, refused)
 
 
 def fetch(item: SourceItem, storage_options: dict | None = None) -> bytes:

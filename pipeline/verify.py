@@ -1,4 +1,4 @@
-"""The verify job: is the archive whole, and — against the originals — how good is it?
+"""The verify job: is the archive whole and decodable, and — against the originals — how good is it?
 
 Integrity, on every shard (in Ray actors): the shard's size and SHA-256 match the manifest, its row
 count and schema are right, every bitstream expands with the manifest's spec table and parses
@@ -6,14 +6,22 @@ count and schema are right, every bitstream expands with the manifest's spec tab
 and states the width and height its row does. Across shards (driver): no key twice, no key both
 encoded and failed, the failure table matches its checksum, and embedded weights (models/) match their
 listed checksums and, recomputed, the fingerprint they are stored under. None of this needs the weights
-loaded: a stream is checked against the archive's spec, so an archive whose only copy of its weights
-is damaged is still verified, and reported NOT INTACT.
+loaded, so an archive whose only copy of its weights is damaged is still checked, and reported NOT INTACT.
 
-Quality, with `against`: a deterministic sample of items (chosen by a hash of the key, so the same
-fraction picks the same items every run) is decoded and compared with its source image, found the way
-encode found it (`sources.list_sources`: a folder URL or a list file of URLs) and loaded by the same
-loader: PSNR, MS-SSIM and, when weights are found, LPIPS-squeeze. Thresholds apply to every sampled
-item: one item below a threshold fails the job.
+Decoding: a checksum proves only that the bytes are the ones written, and an archive from elsewhere may
+carry streams that parse but do not decode. So the streams of a deterministic sample of items (chosen by
+a hash of the key, so the same fraction picks the same items every run; all of them by default) are
+decoded, as decode would — header and cost checks first — and a stream that fails is an item failure.
+INTACT therefore means the sampled items decode; streams that cannot be decoded for want of the
+weights make the archive NOT INTACT, saying why.
+
+Quality, with `against`: each decoded item is compared with its source image, found the way encode found
+it (`sources.list_sources`: a folder URL or a list file of URLs) and loaded by the same loader: PSNR,
+MS-SSIM and, when weights are found, LPIPS-squeeze. Thresholds apply to every compared item: one item
+below a threshold fails the job.
+
+While an encode is writing the archive, what it has committed so far is verified, and the manifest not
+yet being complete is no problem (`writing` names the writer); once the writer has stopped, it is one.
 
 `max_pixels` (default: the limit the archive was encoded with) bounds both what a stream may declare
 and the originals that are loaded.
@@ -31,15 +39,18 @@ from typing import Callable
 import pyarrow as pa
 
 from ..codecs import container
-from ..codecs.errors import BitstreamError, DiffarcError
+from ..codecs.errors import ArchiveError, BitstreamError, DiffarcError
 from ..codecs.registry import codec_class
 from ..codecs.parts.metrics import LPIPS, LPIPS_MIN_SIDE, ms_ssim, psnr
-from .archive import SHARD_SCHEMA, Failure, Manifest, ShardEntry, check_embedded_weights, read_parquet
+from .archive import (
+    FAILURE_SCHEMA, Failure, Manifest, ShardEntry, check_embedded_weights, read_failure_table, read_parquet, read_shard,
+)
 from .batches import failure_reason
 from .cluster import actor_pool, run_on_pool, torch_device
 from ..codecs.base import check_pixels
 from .decode import codec_for_archive, decode_streams, pixel_limit
 from .images import load_rgb
+from .lease import current_writer
 from .preflight import check_verify
 from .sources import SourceItem, fetch, list_sources
 from .storage import Location
@@ -73,12 +84,15 @@ class ShardReport:
     problems: list[str]
     failures: list[Failure]
     quality: list[dict]
+    decoded: int = 0
 
 
 @dataclass
 class VerifyReport:
     shards: int = 0
     items: int = 0
+    decoded: int = 0  # streams decoded (the sample)
+    writing: dict | None = None  # the encode writing the archive now, if any
     problems: list[str] = field(default_factory=list)  # archive-level: the archive is not intact
     failures: list[Failure] = field(default_factory=list)  # item-level: a stream that does not parse/decode
     quality: list[dict] = field(default_factory=list)
@@ -101,6 +115,8 @@ class VerifyReport:
             "intact": self.intact,
             "shards": self.shards,
             "items": self.items,
+            "decoded": self.decoded,
+            "writing": self.writing,
             "problems": self.problems,
             "failures": [f.__dict__ for f in self.failures],
             "compared": len(self.quality),
@@ -134,23 +150,14 @@ class VerifyWorker:
         self, archive: Location, entry: ShardEntry, originals: dict[str, SourceItem] | None, fraction: float,
         against: str | None,
     ) -> ShardReport:
-        """Check one shard; with `originals` (source items of its sampled keys), measure those items too."""
+        """Check one shard and decode its sampled items; with `originals` (source items of its sampled
+        keys), measure those items too."""
         report = ShardReport(entry.path, [], [], [], [])
         try:
-            data = archive.read(entry.path)
-        except FileNotFoundError:
-            report.problems.append(f"{entry.path}: listed in the manifest but missing")
+            rows = read_shard(archive, entry, whole=True).to_pylist()
+        except ArchiveError as exc:
+            report.problems.append(str(exc))
             return report
-        if len(data) != entry.bytes or hashlib.sha256(data).hexdigest() != entry.sha256:
-            report.problems.append(f"{entry.path}: size or SHA-256 differs from the manifest (damaged or replaced)")
-            return report
-        table = read_parquet(pa.BufferReader(data))
-        if not SHARD_SCHEMA.equals(table.schema.remove_metadata()):
-            report.problems.append(f"{entry.path}: schema differs from the archive format")
-            return report
-        if table.num_rows != entry.rows:
-            report.problems.append(f"{entry.path}: {table.num_rows} rows, manifest says {entry.rows}")
-        rows = table.to_pylist()
         report.keys = [r["key"] for r in rows]
         for row in rows:
             try:
@@ -164,47 +171,50 @@ class VerifyWorker:
                     )
             except BitstreamError as exc:
                 report.failures.append(Failure(row["key"], "parse", str(exc)))
+        bad = {f.key for f in report.failures}
+        sample = {r["key"]: r for r in rows if r["key"] not in bad and in_sample(r["key"], fraction)}
+        if not sample:
+            return report
+        try:
+            if self.codec is None:
+                self.codec = codec_for_archive(self.archive, self.manifest, self.device, self.model)
+        except DiffarcError as exc:  # no weights with the archive's fingerprint: nothing proves the streams decode
+            report.problems.append(f"streams not decoded: {exc}")
+            return report
+        streams = [r["stream"] for r in sample.values()]
+        decoded = decode_streams(self.codec, list(sample), streams, report.failures, self.max_pixels)
+        report.decoded = len(decoded)
         if originals is not None:
-            try:
-                if self.codec is None:
-                    self.codec = codec_for_archive(self.archive, self.manifest, self.device, self.model)
-            except DiffarcError as exc:  # no weights with the archive's fingerprint: nothing to compare
-                report.problems.append(f"decoded images not compared: {exc}")
-                return report
-            report.quality = self._compare(rows, originals, fraction, against, report.failures)
+            report.quality = self._compare(sample, decoded, originals, against, report.failures)
         return report
 
     def _compare(
-        self, rows: list[dict], originals: dict[str, SourceItem], fraction: float, against: str,
+        self, sample: dict[str, dict], decoded: list, originals: dict[str, SourceItem], against: str,
         failures: list[Failure],
     ) -> list[dict]:
-        bad = {f.key for f in failures}
-        sample = [r for r in rows if r["key"] not in bad and in_sample(r["key"], fraction)]
-        for row in sample:
-            if row["key"] not in originals:
-                failures.append(Failure(row["key"], "verify", f"source unreadable: {against} has no {row['key']!r}"))
-        rows_by_key = {r["key"]: r for r in sample if r["key"] in originals}
         quality = []
-        streams = [r["stream"] for r in rows_by_key.values()]
-        for key, decoded in decode_streams(self.codec, list(rows_by_key), streams, failures, self.max_pixels):
-            row = rows_by_key[key]
+        for key, pixels in decoded:
+            row = sample[key]
+            if key not in originals:
+                failures.append(Failure(key, "verify", f"source unreadable: {against} has no {key!r}"))
+                continue
             try:
                 original = load_rgb(fetch(originals[key], self.storage_options), self.max_pixels)
             except Exception as exc:
                 failures.append(Failure(key, "verify", f"source unreadable: {failure_reason(exc)}"))
                 continue
-            if original.shape != decoded.shape:
-                failures.append(Failure(key, "verify", f"source is {original.shape}, decoded is {decoded.shape}"))
+            if original.shape != pixels.shape:
+                failures.append(Failure(key, "verify", f"source is {original.shape}, decoded is {pixels.shape}"))
                 continue
             measured = {
                 "key": key,
                 "bpp": 8 * len(row["bitstream"]) / (row["width"] * row["height"]),
-                "psnr": psnr(original, decoded),
-                "ms_ssim": ms_ssim(original, decoded),
+                "psnr": psnr(original, pixels),
+                "ms_ssim": ms_ssim(original, pixels),
                 "lpips": None,
             }
             if self.lpips is not None and min(original.shape[:2]) >= LPIPS_MIN_SIDE:
-                measured["lpips"] = self.lpips(original, decoded)
+                measured["lpips"] = self.lpips(original, pixels)
             quality.append(measured)
         return quality
 
@@ -227,7 +237,9 @@ def run_verify(
     manifest = check_verify(archive, against, storage_options)  # fails before Ray starts
     report = VerifyReport(shards=len(manifest.shards), lpips_used=bool(lpips_weights and against))
     if not manifest.complete:
-        report.problems.append("manifest is not marked complete: the encode job has not finished")
+        report.writing = current_writer(archive)
+        if report.writing is None:
+            report.problems.append("manifest is not marked complete: the encode job stopped before it finished")
     report.problems += check_embedded_weights(archive, manifest)
     seen: dict[str, str] = {}
     if manifest.shards:
@@ -245,6 +257,7 @@ def run_verify(
                 report.problems += shard.problems
                 report.failures += shard.failures
                 report.quality += shard.quality
+                report.decoded += shard.decoded
                 report.items += len(shard.keys)
                 for key in shard.keys:
                     if key in seen:
@@ -281,17 +294,23 @@ def _sampled_originals(against: str, fraction: float, storage_options: dict | No
 
 
 def _check_failure_table(archive: Location, manifest: Manifest, encoded: dict[str, str]) -> list[str]:
-    if not manifest.failures:
-        return []
-    path = manifest.failures["path"]
     try:
-        data = archive.read(path)
-    except FileNotFoundError:
-        return [f"{path}: failure table listed in the manifest but missing"]
-    if hashlib.sha256(data).hexdigest() != manifest.failures["sha256"]:
+        entry, data = read_failure_table(archive, manifest)
+    except ArchiveError as exc:
+        return [str(exc)]
+    if entry is None:
+        return []
+    path = entry["path"]
+    if hashlib.sha256(data).hexdigest() != entry["sha256"]:
         return [f"{path}: failure table's SHA-256 differs from the manifest"]
-    keys = read_parquet(pa.BufferReader(data), columns=["key"]).column("key").to_pylist()
+    try:
+        table = read_parquet(pa.BufferReader(data))
+    except pa.ArrowException as exc:
+        return [f"{path}: not a readable Parquet file ({exc})"]
+    if not FAILURE_SCHEMA.equals(table.schema.remove_metadata()):
+        return [f"{path}: schema differs from the failure table format"]
+    keys = table.column("key").to_pylist()
     problems = [f"key {k!r} is both encoded ({encoded[k]}) and in the failure table" for k in keys if k in encoded]
-    if len(keys) != manifest.failures["rows"]:
-        problems.append(f"{path}: {len(keys)} rows, manifest says {manifest.failures['rows']}")
+    if len(keys) != entry["rows"]:
+        problems.append(f"{path}: {len(keys)} rows, manifest says {entry['rows']}")
     return problems

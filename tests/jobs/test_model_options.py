@@ -77,11 +77,14 @@ def test_verify_reports_a_tampered_embedded_weight_file(ray_cluster, image_folde
 
     verified = run("verify", arc)
     assert verified.exit_code == EXIT_ITEMS_FAILED, verified.output
-    assert verified.output.splitlines() == [  # the streams themselves are fine
-        "NOT INTACT: 6 items in 1 shards, 1 archive problems, 0 items that do not parse or decode",
+    lines = verified.output.splitlines()
+    assert lines[:2] == [  # the streams themselves parse; with no weights of their fingerprint none decodes
+        "NOT INTACT: 6 items in 1 shards (0 decoded), 2 archive problems, 0 items that do not parse or decode",
         f"  problem: models/{fingerprint}/unet/diffusion_pytorch_model.safetensors: size or SHA-256 differs from "
         "the manifest (damaged or replaced)",
     ]
+    assert lines[2].startswith(f"  problem: streams not decoded: no model weights with fingerprint {fingerprint}")
+    assert len(lines) == 3
     # Decoding accepts no weights but the archive's fingerprint: the tampered copy is refused, by name.
     archive = Location(str(arc))
     with pytest.raises(ModelError, match=f"tried the archive's {arc}/models/{fingerprint} \\(weights "):

@@ -1,5 +1,7 @@
 import hashlib
+import io
 import json
+import re
 
 import pyarrow.parquet as pq
 import pytest
@@ -12,6 +14,7 @@ from diffarc.pipeline.archive import (
     EncodedItem,
     Failure,
     load_manifest,
+    read_failures,
     read_shard,
     write_shard,
 )
@@ -56,6 +59,7 @@ def test_writer_resumes_and_never_commits_a_key_twice(tmp_path):
     archive = Location(str(tmp_path))
     writer = ArchiveWriter(archive, SPEC, source="src")
     writer.commit(write_shard(archive, items(["a", "b"]), SPEC), ["a", "b"], [Failure("c", "load", "broken")])
+    writer.close()  # as a killed job's would be
     resumed = ArchiveWriter(archive, SPEC, source="src")
     assert resumed.done == {"a", "b"} and set(resumed.failures) == {"c"}
     with pytest.raises(ArchiveError, match="repeats committed keys"):
@@ -202,3 +206,154 @@ def test_embedded_weights_are_whole_before_the_manifest_names_them_and_checked_b
     assert check_embedded_weights(archive, manifest) == [
         f"models/{fingerprint}/{PREDICTORS_FOLDER}/diffusion_pytorch_model.safetensors: listed in the manifest but missing"
     ]
+
+
+# ---------------------------------------------------------------- hostile manifests, one writer
+
+
+def committed_archive(tmp_path, failures=("c",)):
+    archive = Location(str(tmp_path / "arc"))
+    writer = ArchiveWriter(archive, SPEC, source="src")
+    writer.commit(write_shard(archive, items(["a", "b"]), SPEC), ["a", "b"], [Failure(k, "load", "bad") for k in failures])
+    writer.finish()
+    return archive
+
+
+def edit_manifest(archive, edit) -> None:
+    path = Location(archive.url).path(MANIFEST)
+    document = json.loads(open(path).read())
+    edit(document)
+    open(path, "w").write(json.dumps(document))
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("shards.0.path", "../other.arc/shards/part-1.parquet", "shards[0].path is not a path inside the archive"),
+    ("shards.0.path", "/etc/hostname", "shards[0].path is not a path inside the archive"),
+    ("shards.0.path", "models/x.parquet", "shards[0].path is not a path inside the archive"),
+    ("failures.path", "../victim/failures-000001.parquet", "failures.path is not a path inside the archive"),
+    ("models", [{"fingerprint": "ab", "files": [{"path": "../../x", "bytes": 1, "sha256": "0" * 64}]}],
+     "models[0].files[0].path is not a path inside the archive"),
+    ("shards.0.rows", "2", "shards[0].rows must be a whole number"),
+    ("shards.0.rows", True, "shards[0].rows must be a whole number"),
+    ("shards.0.rows", -1, "shards[0].rows must be a whole number"),
+    ("shards.0.rows", 2.0, "shards[0].rows must be a whole number"),
+    ("shards.0.bytes", 2**70, "shards[0].bytes must be a whole number"),
+    ("shards.0.sha256", "not hex", "shards[0].sha256 is not a valid value"),
+    ("shards.0.first_key", "zzz", "shards[0].first_key comes after last_key"),
+    ("shards", {"path": "x"}, "shards must be a list"),
+    ("shards.1", None, "shards[1] must be an object"),
+    ("format_version", "2", "format_version must be a whole number"),
+    ("format_version", [2], "format_version must be a whole number"),
+    ("specs.0.id", 70000, "specs[0].id must be at most 65535"),
+    ("specs.0.params", [], "specs[0].params must be an object"),
+    ("specs.0.fingerprint", "xyz", "specs[0].fingerprint is not a valid value"),
+    ("complete", "yes", "complete must be true or false"),
+    ("max_pixels", 0, "max_pixels must be a whole number from 1"),
+    ("commits", None, "commits is missing"),
+])  # fmt: skip
+def test_a_manifest_field_of_the_wrong_type_range_or_place_is_refused_by_name(tmp_path, field, value, message):
+    archive = committed_archive(tmp_path)
+
+    def edit(document):
+        *parents, last = field.split(".")
+        target = document
+        for name in parents:
+            target = target[int(name)] if name.isdigit() else target[name]
+        if last.isdigit():
+            target.append(value)
+        else:
+            target[last] = value
+
+    edit_manifest(archive, edit)
+    with pytest.raises(ArchiveError, match=re.escape(f"manifest field {message}")):
+        load_manifest(archive)
+
+
+@pytest.mark.parametrize("number", ["1e400", "-1e400", "NaN", "Infinity"])
+def test_numbers_json_cannot_hold_are_refused(tmp_path, number):
+    archive = committed_archive(tmp_path)
+    path = tmp_path / "arc" / MANIFEST
+    path.write_text(re.sub(r'"rows": \d+', f'"rows": {number}', path.read_text(), count=1))
+    with pytest.raises(ArchiveError, match="manifest is not valid JSON"):
+        load_manifest(archive)
+
+
+def test_a_failure_table_path_outside_the_archive_deletes_nothing_on_a_rerun(tmp_path):
+    archive = committed_archive(tmp_path)
+    victim = tmp_path / "victim" / "failures-000001.parquet"
+    victim.parent.mkdir()
+    victim.write_bytes((tmp_path / "arc" / load_manifest(archive).failures["path"]).read_bytes())
+    edit_manifest(archive, lambda d: d["failures"].update(path="../victim/failures-000001.parquet"))
+    with pytest.raises(ArchiveError, match="failures.path is not a path inside the archive"):
+        writer = ArchiveWriter(archive, SPEC, source="src")  # a plain re-run of encode
+        writer.commit(None, [], [Failure("d", "load", "bad")])
+    assert victim.exists()
+
+
+def test_a_commit_never_overwrites_a_manifest_another_writer_committed(tmp_path):
+    archive = Location(str(tmp_path / "arc"))
+    writer = ArchiveWriter(archive, SPEC, source="src")
+    writer.commit(write_shard(archive, items(["a"]), SPEC), ["a"], [])
+    # A writer that took no lease (an older diffarc) commits in between.
+    other = load_manifest(archive)
+    other.shards.append(write_shard(archive, items(["z"]), SPEC))
+    other.commits += 1
+    archive.write_atomic(MANIFEST, other.to_json())
+    with pytest.raises(ArchiveError, match="another writer changed the manifest since this job read it"):
+        writer.commit(write_shard(archive, items(["b"]), SPEC), ["b"], [])
+    writer.close()
+    assert [e.last_key for e in load_manifest(archive).shards] == ["a", "z"]  # the other's commit stands
+
+
+def test_a_failure_table_replaced_since_a_reader_loaded_its_manifest_is_read_through_the_new_one(tmp_path):
+    archive = Location(str(tmp_path / "arc"))
+    writer = ArchiveWriter(archive, SPEC, source="src")
+    writer.commit(None, [], [Failure("x", "load", "bad")])
+    old = load_manifest(archive)  # a reader (info, verify) loads the manifest ...
+    writer.commit(None, [], [Failure("y", "load", "bad")])  # ... the encode commits, deleting that table
+    writer.finish()
+    assert not archive.exists(old.failures["path"])
+    assert set(read_failures(archive, old)) == {"x", "y"}
+
+
+def test_a_truncated_damaged_or_foreign_shard_is_refused_by_name(tmp_path):
+    archive = committed_archive(tmp_path)
+    entry = load_manifest(archive).shards[0]
+    shard = tmp_path / "arc" / entry.path
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2])
+    for whole in (False, True):
+        with pytest.raises(ArchiveError, match=f"{entry.path}: .*(truncated or replaced|damaged or replaced)"):
+            read_shard(archive, entry, columns=["key"], whole=whole)
+    shard.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))  # same size, one bit off: the SHA-256 tells
+    with pytest.raises(ArchiveError, match="SHA-256 differs"):
+        read_shard(archive, entry, whole=True)
+    # A file with the manifest's size and checksum (a hostile manifest) that is no shard of this format.
+    table = pq.read_table(io.BytesIO(data)).drop_columns(["codec"])
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    shard.write_bytes(buffer.getvalue())
+    entry.bytes, entry.sha256 = len(buffer.getvalue()), hashlib.sha256(buffer.getvalue()).hexdigest()
+    with pytest.raises(ArchiveError, match="schema differs from the archive format"):
+        read_shard(archive, entry, whole=True)
+    shard.unlink()
+    with pytest.raises(ArchiveError, match="listed in the manifest but missing"):
+        read_shard(archive, entry)
+
+
+def test_an_archive_written_before_the_lock_and_checked_reads_resumes_as_it_is(tmp_path):
+    # Format 2 as the previous diffarc left it: failure tables named by commit number only, no lock file.
+    archive = committed_archive(tmp_path)
+    document = json.loads((tmp_path / "arc" / MANIFEST).read_text())
+    old_name = "failures/failures-000001.parquet"
+    (tmp_path / "arc" / document["failures"]["path"]).rename(tmp_path / "arc" / old_name)
+    document["failures"]["path"] = old_name
+    del document["max_pixels"]
+    (tmp_path / "arc" / MANIFEST).write_text(json.dumps(document))
+    writer = ArchiveWriter(archive, SPEC, source="src")
+    assert writer.done == {"a", "b"} and set(writer.failures) == {"c"}
+    writer.commit(write_shard(archive, items(["d"]), SPEC), ["d"], [])
+    writer.finish()
+    manifest = load_manifest(archive)
+    assert manifest.totals["items"] == 3 and set(read_failures(archive, manifest)) == {"c"}
+    assert archive.list_files("failures") == [manifest.failures["path"]] != [old_name]

@@ -301,3 +301,25 @@ def test_verify_finds_originals_through_a_list_file(ray_cluster, image_folder, t
     assert len(partial.quality) == 2
     assert [(f.key, f.stage) for f in partial.failures] == [(str(image_folder / "c.png").lstrip("/"), "verify")]
     assert "has no" in partial.failures[0].reason
+
+
+def test_keys_refused_at_listing_are_recorded_and_encoded_once_they_are_fixed(ray_cluster, image_folder, tmp_path):
+    (image_folder / "a.jpg").write_bytes((image_folder / "b.jpg").read_bytes())  # a.png and a.jpg: one decoded file
+    (image_folder / "back\\slash.png").write_bytes((image_folder / "a.png").read_bytes())
+    arc = tmp_path / "arc"
+    summary = run_encode(str(image_folder), str(arc), EncodeOptions("jpeg"))
+    assert (summary.encoded, summary.refused) == (6, 2)
+    archive = Location(str(arc))
+    failures = read_failures(archive, require_manifest(archive))
+    assert {k: (f.stage, f.reason) for k, f in failures.items()} == {
+        "a.png": ("list", "decodes to the same file as 'a.jpg' (the keys differ only in their extension); rename one of them"),
+        "back\\slash.png": ("list", "key has a backslash: it cannot name a decoded file"),
+    }
+    # The backslash file renamed: a plain re-run encodes it; a.png still may not join a.jpg, archived.
+    (image_folder / "back\\slash.png").rename(image_folder / "slash.png")
+    (image_folder / "a.jpg").rename(image_folder / "a2.jpg")
+    again = run_encode(str(image_folder), str(arc), EncodeOptions("jpeg"))
+    assert again.encoded == 2  # slash.png and a2.jpg
+    assert set(read_failures(archive, require_manifest(archive))) == {"a.png"}
+    assert sorted(archive_keys(arc)) == ["a.jpg", "a2.jpg", "b.jpg", "c.png", "d.png", "slash.png", "sub/e.jpg", "sub/f.png"]
+    assert run_decode(str(arc), str(tmp_path / "out")).decoded == 8 and run_verify(str(arc)).intact

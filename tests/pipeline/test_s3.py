@@ -96,3 +96,37 @@ def test_weights_embedded_in_an_s3_archive_are_fetched_into_the_model_cache_by_f
     assert (cached_weights_folder(fingerprint) / "unet" / "config.json").is_file()
     report = run_verify("s3://tinyarchive/a", storage_options=options)
     assert report.intact, report.problems
+
+
+def test_credentials_in_listed_urls_are_used_to_fetch_and_stored_nowhere(s3_ray, image_folder, tmp_path):
+    from urllib.parse import parse_qsl, urlsplit
+
+    import boto3
+
+    fs = upload(s3_ray, image_folder, "signedphotos", "signedarchive")
+    client = boto3.client("s3", endpoint_url=s3_ray["endpoint"], aws_access_key_id="testing",
+                          aws_secret_access_key="testing", region_name="us-east-1")  # fmt: skip
+
+    def signed(key: str) -> str:
+        return client.generate_presigned_url("get_object", Params={"Bucket": "signedphotos", "Key": key})
+
+    host = s3_ray["endpoint"].split("://", 1)[1]
+    urls = [signed("images/a.png"), signed("images/a.png"),  # one object, signed twice: one item
+            signed("images/missing.png"),  # fetching fails: the reason must not carry the signature
+            f"http://user:hunter2@{host}/signedphotos/images/sub/e.jpg"]  # fmt: skip
+    signatures = [value for u in urls[:3] for name, value in parse_qsl(urlsplit(u).query) if "signature" in name.lower()]
+    assert len(signatures) == 3
+    secrets = {"hunter2", "Signature="} | set(signatures)
+    (tmp_path / "list.txt").write_text("\n".join(urls))
+    # No storage options: they would go to the http fetches too; the workers find the server by AWS_* variables.
+    summary = run_encode(str(tmp_path / "list.txt"), "s3://signedarchive/a", EncodeOptions("jpeg"))
+    assert (summary.encoded, summary.failed) == (2, 1)
+    stored = b"".join(fs.cat(path) for path in fs.find("signedarchive/a"))
+    assert all(secret.encode() not in stored for secret in secrets)
+    info = CliRunner().invoke(main, ["info", "s3://signedarchive/a", "--json"])
+    keys = {f"{host}/signedphotos/images/a.png", f"{host}/signedphotos/images/sub/e.jpg"}
+    assert json.loads(info.stdout)["items"] == 2 and all(s not in info.stdout for s in secrets)
+    decoded = run_decode("s3://signedarchive/a", str(tmp_path / "out"))
+    assert decoded.decoded == 2 and {str(p.relative_to(tmp_path / "out")) for p in (tmp_path / "out").rglob("*.png")} == {
+        k.rsplit(".", 1)[0] + ".png" for k in keys
+    }

@@ -1,11 +1,13 @@
-"""Location: the one filesystem opener, on local disk and on fsspec's in-memory filesystem."""
+"""Location: the one filesystem opener, on local disk, on fsspec's in-memory filesystem and on S3 (moto)."""
 
 import pickle
 import uuid
 
 import pytest
+import s3fs
 
-from diffarc.pipeline.storage import Location
+from diffarc.codecs.errors import StorageError
+from diffarc.pipeline.storage import Location, WriteConflict
 
 
 @pytest.fixture(params=["local", "memory"])
@@ -52,3 +54,70 @@ def test_a_location_travels_as_its_url_and_options(tmp_path):
     copy = pickle.loads(pickle.dumps(location))
     assert (copy.url, copy.storage_options, copy.root) == (location.url, {"auto_mkdir": True}, location.root)
     assert copy.is_local and not Location("memory://x").is_local
+
+
+@pytest.mark.parametrize("hostile", ["../other.arc/shards/part-1.parquet", "/etc/hostname", "a//b", "a/./b",
+                                     "a/../../x", "back\\slash", "nul\0byte", ".."])  # fmt: skip
+def test_paths_that_could_leave_the_location_are_refused(location, hostile, tmp_path):
+    (tmp_path / "other.arc" / "shards").mkdir(parents=True)
+    (tmp_path / "other.arc" / "shards" / "part-1.parquet").write_bytes(b"another archive's shard")
+    for operation in (location.read, location.exists, location.delete, lambda p: location.write_atomic(p, b"x")):
+        with pytest.raises(StorageError, match="refusing the path"):
+            operation(hostile)
+    assert (tmp_path / "other.arc" / "shards" / "part-1.parquet").exists()
+
+
+@pytest.fixture(params=["local", "memory", "s3"])
+def any_location(request, tmp_path) -> Location:
+    if request.param == "s3":
+        server = request.getfixturevalue("s3_server")
+        fs = s3fs.S3FileSystem(**server["storage_options"])
+        if not fs.exists("versioned"):
+            fs.mkdir("versioned")
+        return Location(f"s3://versioned/{uuid.uuid4().hex}", server["storage_options"])
+    if request.param == "local":
+        return Location(str(tmp_path / "root"))
+    return Location(f"memory://v-{uuid.uuid4().hex}")
+
+
+def test_versioned_writes_create_once_and_replace_only_the_version_read(any_location):
+    location = any_location
+    first = location.write_versioned("manifest.json", b"one", None)
+    with pytest.raises(WriteConflict, match="created by someone else"):
+        location.write_versioned("manifest.json", b"two", None)
+    assert location.read_versioned("manifest.json") == (b"one", first)
+    second = location.write_versioned("manifest.json", b"two", first)
+    assert second != first and location.read("manifest.json") == b"two"
+    with pytest.raises(WriteConflict, match="changed by someone else"):
+        location.write_versioned("manifest.json", b"three", first)  # a writer that read "one" is refused
+    assert location.read("manifest.json") == b"two"
+    location.delete("manifest.json")
+    with pytest.raises(WriteConflict, match="deleted by someone else"):
+        location.write_versioned("manifest.json", b"four", second)
+    assert location.list_files() == []  # no temporary files left
+
+
+@pytest.mark.parametrize("kind", ["local", "s3"])
+def test_of_writers_racing_to_create_one_file_exactly_one_wins(kind, tmp_path, request):
+    from concurrent.futures import ThreadPoolExecutor
+
+    if kind == "s3":
+        server = request.getfixturevalue("s3_server")
+        fs = s3fs.S3FileSystem(**server["storage_options"])
+        if not fs.exists("versioned"):
+            fs.mkdir("versioned")
+        url, options = f"s3://versioned/{uuid.uuid4().hex}", server["storage_options"]
+    else:
+        url, options = str(tmp_path / "race"), None
+
+    def create(index: int) -> bool:
+        try:
+            Location(url, options).write_versioned("writer.lock", str(index).encode(), None)
+            return True
+        except WriteConflict:
+            return False
+
+    with ThreadPoolExecutor(8) as pool:
+        won = list(pool.map(create, range(16)))
+    assert won.count(True) == 1
+    assert Location(url, options).read("writer.lock") == str(won.index(True)).encode()
