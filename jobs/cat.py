@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import sys
 
 import click
 
-from .options import model_option, storage_option
+from .options import model_option, result_stream, storage_option
 
 
 @click.command("cat")
@@ -28,4 +27,4 @@ def cat(archive, key, output, image_format, stream, model, storage_options):
         with open(output, "wb") as handle:
             handle.write(data)
     else:
-        sys.stdout.buffer.write(data)
+        result_stream().buffer.write(data)

@@ -35,7 +35,7 @@ import pyarrow.parquet as pq
 
 from ..codecs import container
 from ..codecs.errors import ArchiveError, ModelError
-from .storage import Location
+from .storage import Location, retry_transient
 
 # 2: streams in compact framing, the spec table, models/. Version 1 archives (full streams, one "codec"
 # whose params still held weight locations) are read, and resumed, as they are.
@@ -341,8 +341,12 @@ def read_shard(
     archive: Location, entry: ShardEntry, columns: list[str] | None = None, keys: list[str] | None = None
 ) -> pa.Table:
     """Rows of one shard; with `keys`, only the row groups whose key range can hold them are read."""
-    with archive.fs.open(archive.path(entry.path), "rb") as handle:
-        return read_parquet(handle, columns, keys)
+
+    def read() -> pa.Table:
+        with archive.fs.open(archive.path(entry.path), "rb") as handle:
+            return read_parquet(handle, columns, keys)
+
+    return retry_transient(read, f"read {archive.url}/{entry.path}")
 
 
 def read_parquet(source, columns: list[str] | None = None, keys: list[str] | None = None) -> pa.Table:

@@ -224,6 +224,7 @@ def run_decode(
     summary = DecodeSummary(0, 0)
     if tasks:
         limit = pixel_limit(manifest, max_pixels)
+        total = sum(task.entry.rows for task in tasks) if keys is None and not prefix else None
         with actor_pool(DecodeWorker, archive, manifest, model, limit, actors=actors, address=address) as pool:
             for result in run_on_pool(
                 pool,
@@ -234,7 +235,8 @@ def run_decode(
                 summary.skipped_existing += result.skipped
                 summary.failures += result.failures
                 if on_progress:
-                    on_progress(summary.decoded + summary.skipped_existing, None, len(summary.failures))
+                    done = summary.decoded + summary.skipped_existing + len(summary.failures)
+                    on_progress(done, total, len(summary.failures))
     if keys is not None:
         found = summary.decoded + summary.skipped_existing + len(summary.failures)
         if found < len(keys):

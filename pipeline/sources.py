@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import fsspec
 
 from ..codecs.errors import SourceError
-from .storage import Location
+from .storage import Location, retry_transient
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".jpe", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff", ".avif", ".ppm", ".pgm", ".tga"}
@@ -61,8 +61,13 @@ def _list_file(location: Location) -> Listing:
 
 
 def fetch(item: SourceItem, storage_options: dict | None = None) -> bytes:
-    with fsspec.open(item.url, "rb", **(storage_options or {})) as handle:
-        return handle.read()
+    """The item's bytes; transient storage failures are retried (`storage.retry_transient`)."""
+
+    def read() -> bytes:
+        with fsspec.open(item.url, "rb", **(storage_options or {})) as handle:
+            return handle.read()
+
+    return retry_transient(read, f"fetch {item.key}")  # not the URL: it may hold credentials
 
 
 def sha256_hex(data: bytes) -> str:
