@@ -63,6 +63,9 @@ def set_log_level(ctx, param, value: str) -> str:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
     logger.addHandler(handler)
+    # fsspec's event loop reports each request an outage cut off (and diffarc retried) as "Task exception
+    # was never retrieved", with a traceback: noise, unless debugging.
+    logging.getLogger("asyncio").setLevel(logging.WARNING if value.lower() == "debug" else logging.CRITICAL)
     return value
 
 
