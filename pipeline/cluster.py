@@ -131,6 +131,7 @@ def actor_pool(
     finally:
         pool.kill()
 
+
 def torch_device() -> str:
     """The device an actor should use: its own GPU when Ray gave it one, else the CPU."""
     if not ray.get_gpu_ids():
