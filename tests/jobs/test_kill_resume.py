@@ -96,20 +96,25 @@ def test_one_of_two_actors_killed_three_times_costs_no_key_and_stdout_stays_json
     expected = write_sources(src, 40)
     job = subprocess.Popen(encode_command(src, archive, actors=2), env=cli_env(), start_new_session=True,
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    def running(what: str) -> None:
+        if job.poll() is not None:
+            pytest.fail(f"{what}; the encode ended: {job.stderr.read().decode()[-3000:]}")
+        assert time.monotonic() < deadline, what
+
     try:
         killed: list[int] = []
         deadline = time.monotonic() + 300
         while len(actors := encode_actor_pids(job.pid)) < 2:
-            assert job.poll() is None and time.monotonic() < deadline, "the actors never started"
+            running("the actors never started")
             time.sleep(0.1)
         victim, survivor = sorted(actors)
         while len(killed) < 3:
             time.sleep(1.0)  # let the actor take work
-            assert job.poll() is None, f"the encode ended after {len(killed)} kills: make it longer"
+            running(f"the encode ended after {len(killed)} kills: make it longer")
             os.kill(victim, signal.SIGKILL)
             killed.append(victim)
             while len(killed) < 3 and not (fresh := encode_actor_pids(job.pid) - {survivor, *killed}):
-                assert job.poll() is None and time.monotonic() < deadline, "no actor took the dead one's place"
+                running("no actor took the dead one's place")
                 time.sleep(0.1)
             victim = min(fresh) if len(killed) < 3 else victim
         stdout, stderr = job.communicate(timeout=600)
