@@ -202,7 +202,11 @@ def run_encode(
         if options.retry_failed:
             todo = [item for item in listing.items if item.key in writer.failures]
         else:
-            todo = [i for i in listing.items if i.key not in writer.done and i.key not in writer.failures]
+            # A recorded fetch failure may have been the storage's (before fetches were retried, every one
+            # was recorded): fetching again is cheap, so a plain run does. The image's own failures
+            # (load, encode) wait for --retry-failed.
+            settled = {key for key, failure in writer.failures.items() if failure.stage != "fetch"}
+            todo = [i for i in listing.items if i.key not in writer.done and i.key not in settled]
         # A job smaller than a shard per actor is split evenly, so that no actor sits idle.
         shard_size = max(1, min(options.shard_size, -(-len(todo) // len(actors))))
         shards = (todo[i : i + shard_size] for i in range(0, len(todo), shard_size))
