@@ -77,7 +77,7 @@ def test_verify_reports_a_tampered_embedded_weight_file(ray_cluster, image_folde
 
     verified = run("verify", arc)
     assert verified.exit_code == EXIT_ITEMS_FAILED, verified.output
-    assert verified.output.splitlines() == [  # the streams themselves are fine
+    assert verified.stdout.splitlines() == [  # the streams themselves are fine
         "NOT INTACT: 6 items in 1 shards, 1 archive problems, 0 items that do not parse or decode",
         f"  problem: models/{fingerprint}/unet/diffusion_pytorch_model.safetensors: size or SHA-256 differs from "
         "the manifest (damaged or replaced)",
