@@ -8,7 +8,7 @@ import click
 
 from ..pipeline.bench.specs import SPEC_HELP, SpecError, parse_codec_spec
 from ..pipeline.images import DEFAULT_MAX_PIXELS
-from .options import storage_option
+from .options import result_stream, storage_option
 
 
 def _batch_sizes(ctx, param, value: str) -> list[int]:
@@ -81,7 +81,7 @@ def bench(
     )  # fmt: skip
     results = run_bench(options, log=lambda message: click.echo(message, err=True))
     if as_json:
-        click.echo(json.dumps(summary(results), allow_nan=False))
+        click.echo(json.dumps(summary(results), allow_nan=False), file=result_stream())
     else:
-        click.echo(format_table(results))
-        click.echo(f"\nwrote {out}/report.html")
+        click.echo(format_table(results), file=result_stream())
+        click.echo(f"\nwrote {out}/report.html", file=result_stream())

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import sys
 
 import click
 
-from .options import max_pixels_option, model_option, storage_option
+from .options import max_pixels_option, model_option, result_stream, storage_option
 
 
 @click.command("cat")
@@ -29,4 +28,4 @@ def cat(archive, key, output, image_format, stream, model, max_pixels, storage_o
         with open(output, "wb") as handle:
             handle.write(data)
     else:
-        sys.stdout.buffer.write(data)
+        result_stream().buffer.write(data)

@@ -29,13 +29,12 @@ def decode(archive, dst, prefix, keys_file, image_format, overwrite, batch_size,
     from ..pipeline.decode import run_decode
 
     keys = [line.strip() for line in keys_file if line.strip()] if keys_file else None
-    progress = Progress("decode")
-    summary = run_decode(
-        archive, dst, keys=keys, prefix=prefix, image_format=image_format, overwrite=overwrite,
-        actors=actors, batch_size=batch_size, storage_options=storage_options,
-        address=address, on_progress=progress, model=model, max_pixels=max_pixels, base_only=base_only,
-    )
-    progress.close()
+    with Progress("decode") as progress:
+        summary = run_decode(
+            archive, dst, keys=keys, prefix=prefix, image_format=image_format, overwrite=overwrite,
+            actors=actors, batch_size=batch_size, storage_options=storage_options,
+            address=address, on_progress=progress, model=model, max_pixels=max_pixels, base_only=base_only,
+        )
     document = {**summary.__dict__, "failures": [f.__dict__ for f in summary.failures],
                 "images_per_second": summary.images_per_second}
     emit(as_json, document, [

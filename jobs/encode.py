@@ -43,9 +43,8 @@ def encode(src, archive, codec, preset, params, shard_size, batch_size, max_pixe
         codec=codec, params=params, preset=preset, shard_size=shard_size, batch_size=batch_size,
         actors=actors, max_pixels=max_pixels, retry_failed=retry_failed, embed_model=embed_model,
     )
-    progress = Progress("encode")
-    summary = run_encode(src, archive, options, storage_options, address, progress)
-    progress.close()
+    with Progress("encode") as progress:
+        summary = run_encode(src, archive, options, storage_options, address, progress)
     totals = summary.totals
     document = {**summary.__dict__, "images_per_second": summary.images_per_second}
     emit(as_json, document, [
@@ -55,6 +54,8 @@ def encode(src, archive, codec, preset, params, shard_size, batch_size, max_pixe
         f"in {summary.seconds:.1f} s, {summary.images_per_second:.2f} images/s",
         f"archive {archive}: {totals['items']} items, {totals['failed']} in the failure table, "
         f"{totals['source_bytes']:,} source bytes → {totals['archive_bytes']:,} bytes",
+        *([f"{summary.deferred} images not fetched (their storage kept failing): run the same command again "
+           "to encode them"] if summary.deferred else []),
     ])
-    if totals["failed"]:
+    if totals["failed"] or summary.deferred:
         sys.exit(EXIT_ITEMS_FAILED)

@@ -6,6 +6,8 @@ import json
 
 import click
 
+from .options import result_stream
+
 
 @click.command("models")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
@@ -16,12 +18,12 @@ def models(as_json):
 
     rows = builtin_models() + builtin_codec_weights()
     if as_json:
-        click.echo(json.dumps({"models": rows}))
+        click.echo(json.dumps({"models": rows}), file=result_stream())
         return
     if not rows:
-        click.echo("no built-in models shipped")
+        click.echo("no built-in models shipped", file=result_stream())
     for row in rows:
         click.echo(
             f"{row['name']:<20} {row['parameters'] / 1e6:6.2f} M params  {row['bytes'] / 1e6:6.2f} MB  "
-            f"{'+'.join(row['components']):<9} {row['fingerprint']}"
+            f"{'+'.join(row['components']):<9} {row['fingerprint']}", file=result_stream(),
         )

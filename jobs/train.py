@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from ..codecs.registry import training_task_names
+from .options import result_stream
 
 
 def _check_crop(ctx, param, value: int) -> int:
@@ -65,4 +66,4 @@ def train(what, data, out, work_dir, config_name, steps, batch_size, crop, lr, w
         raise click.BadParameter(str(exc), param_hint="--" + exc.setting.replace("_", "-")) from None
     metrics = run_training(settings, address)
     shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float))
-    click.echo(f"wrote {out} (step {metrics.get('step')}; {shown})")
+    click.echo(f"wrote {out} (step {metrics.get('step')}; {shown})", file=result_stream())

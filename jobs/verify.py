@@ -45,14 +45,13 @@ def verify(archive, against, sample, lpips_weights, min_psnr, min_ms_ssim, max_l
         weights = find_lpips_weights(lpips_weights)
         if weights is None:
             click.echo("notice: no LPIPS weights (--lpips-weights / DIFFARC_LPIPS_WEIGHTS); LPIPS skipped", err=True)
-    progress = Progress("verify shards")
-    report = run_verify(
-        archive, against=against, fraction=sample,
-        thresholds=Thresholds(min_psnr, min_ms_ssim, max_lpips), lpips_weights=str(weights) if weights else None,
-        actors=actors, storage_options=storage_options, address=address, on_progress=progress, model=model,
-        max_pixels=max_pixels,
-    )
-    progress.close()
+    with Progress("verify", unit="shards") as progress:
+        report = run_verify(
+            archive, against=against, fraction=sample,
+            thresholds=Thresholds(min_psnr, min_ms_ssim, max_lpips), lpips_weights=str(weights) if weights else None,
+            actors=actors, storage_options=storage_options, address=address, on_progress=progress, model=model,
+            max_pixels=max_pixels,
+        )
     summary = report.summary()
     if report_path:
         with open(report_path, "w") as handle:

@@ -45,7 +45,7 @@ import pyarrow.parquet as pq
 from ..codecs import container
 from ..codecs.errors import ArchiveError, ModelError
 from .lease import WriterLease
-from .storage import Location, WriteConflict, relative_path_problem
+from .storage import Location, WriteConflict, relative_path_problem, retry_transient
 
 # 2: streams in compact framing, the spec table, models/. Version 1 archives (full streams, one "codec"
 # whose params still held weight locations) are read, and resumed, as they are.
@@ -506,7 +506,8 @@ def read_shard(
     read every row anyway); reading a few columns or keys checks the size only, and the streams' CRCs
     catch damage inside them.
     """
-    try:
+
+    def read() -> pa.Table:
         if whole:
             data = archive.read(entry.path)
             if len(data) != entry.bytes or hashlib.sha256(data).hexdigest() != entry.sha256:
@@ -518,6 +519,9 @@ def read_shard(
                     f"{entry.path}: {handle.size} bytes, the manifest says {entry.bytes} (truncated or replaced)"
                 )
             return _read_shard_rows(handle, entry, columns, keys)
+
+    try:  # transient storage failures are retried; what the file itself says is final
+        return retry_transient(read, f"read {archive.url}/{entry.path}")
     except FileNotFoundError:
         raise ArchiveError(f"{entry.path}: listed in the manifest but missing") from None
     except pa.ArrowException as exc:

@@ -1,12 +1,16 @@
 """Ray: joining or starting a cluster, pools of codec-holding actors, and feeding them work.
 
     with actor_pool(Worker, *args, actors=n, address=a) as pool:      connect, start the actors
-        for result in run_on_pool(pool, tasks, submit): ...         two tasks queued per actor
+        for result in run_on_pool(pool, tasks, submit): ...         two tasks queued per actor,
+                                                                     a dead actor's work re-sent
                                                                      leaving the block kills them
 
 One actor holds one codec (its model loaded once). On a cluster with GPUs each actor asks for
 `num_gpus=1`, so Ray pins it to a GPU of its own (it sets CUDA_VISIBLE_DEVICES per actor, and the
 actor uses "cuda", its only visible device); otherwise actors run on CPUs.
+
+Ray speaks only at the "diffarc" logger's debug level (`--log-level debug`): otherwise its start-up
+warnings, its workers' output and its second account of errors the job reports itself stay quiet.
 """
 
 from __future__ import annotations
@@ -14,22 +18,48 @@ from __future__ import annotations
 import logging
 import os
 from collections import deque
+from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
 
 import ray
+from ray.exceptions import ActorDiedError, RayActorError
+
+from ..codecs.errors import DiffarcError
+from .storage import RETRY_SECONDS_ENV
+
+logger = logging.getLogger("diffarc.cluster")
+_connected_here = False
 
 
 def connect(address: str | None = None) -> None:
     """Join the cluster at `address` / RAY_ADDRESS, or start a local one for this job."""
+    global _connected_here
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
+    verbose = logging.getLogger("diffarc").isEnabledFor(logging.DEBUG)
+    if not verbose:
+        # Ray reports a task error nobody fetched when its reference is dropped: after a job stops, a
+        # traceback-long second account of what the job already said in one sentence.
+        os.environ.setdefault("RAY_IGNORE_UNHANDLED_ERRORS", "1")
+    settings: dict[str, Any] = {"logging_level": logging.INFO if verbose else logging.ERROR, "log_to_driver": verbose}
     if address:
-        ray.init(address=address, logging_level=logging.WARNING)
+        if RETRY_SECONDS_ENV in os.environ:  # a local cluster's workers inherit it; a joined one's are told
+            settings["runtime_env"] = {"env_vars": {RETRY_SECONDS_ENV: os.environ[RETRY_SECONDS_ENV]}}
+        ray.init(address=address, **settings)
     else:
-        ray.init(include_dashboard=False, logging_level=logging.WARNING)
+        ray.init(include_dashboard=False, **settings)
+    _connected_here = True
+
+
+def disconnect() -> None:
+    """Leave the Ray that `connect` started or joined; a Ray the caller had started is left alone."""
+    global _connected_here
+    if _connected_here and ray.is_initialized():
+        ray.shutdown()
+    _connected_here = False
 
 
 @dataclass(frozen=True)
@@ -49,8 +79,42 @@ def pool_shape(actors: int | None = None) -> PoolShape:
     return PoolShape(actors or cpus, 0, 1)
 
 
+class ActorsLostError(DiffarcError):
+    """The same piece of work lost its actor too often: the job stops rather than keep killing actors."""
+
+
+class ActorPool(Sequence):
+    """The job's actors, by position; an actor that dies is replaced, in its position, by a fresh one.
+
+    Diffarc replaces dead actors itself instead of asking Ray to restart them (`max_restarts`): one
+    mechanism, and every death is seen by `run_on_pool`, which sends the lost work to another actor.
+    """
+
+    def __init__(self, remote: Any, args: tuple, size: int):
+        self._remote, self._args = remote, args
+        self._actors = [remote.remote(*args) for _ in range(size)]
+        self.replaced = 0
+
+    def __getitem__(self, position):
+        return self._actors[position]
+
+    def __len__(self) -> int:
+        return len(self._actors)
+
+    def replace(self, position: int) -> None:
+        ray.kill(self._actors[position])  # dead already, or unreachable: make sure it never comes back
+        self._actors[position] = self._remote.remote(*self._args)
+        self.replaced += 1
+
+    def kill(self) -> None:
+        for actor in self._actors:
+            ray.kill(actor)
+
+
 @contextmanager
-def actor_pool(actor_class: type, *args: Any, actors: int | None = None, address: str | None = None) -> Iterator[list]:
+def actor_pool(
+    actor_class: type, *args: Any, actors: int | None = None, address: str | None = None
+) -> Iterator[ActorPool]:
     """Actors of `actor_class(*args)`, shaped by `pool_shape(actors)`, alive for the `with` block.
 
     The actors are killed however the block is left (results consumed, an error, an interrupt), so a
@@ -59,17 +123,13 @@ def actor_pool(actor_class: type, *args: Any, actors: int | None = None, address
     connect(address)
     shape = pool_shape(actors)
     remote = ray.remote(actor_class).options(
-        num_gpus=shape.gpus_per_actor,
-        num_cpus=shape.cpus_per_actor,
-        max_restarts=2,
-        max_task_retries=2,  # a task on an actor that died (OOM, preempted node) is run again
+        num_gpus=shape.gpus_per_actor, num_cpus=shape.cpus_per_actor, max_restarts=0, max_task_retries=0
     )
-    pool = [remote.remote(*args) for _ in range(shape.actors)]
+    pool = ActorPool(remote, args, shape.actors)
     try:
         yield pool
     finally:
-        for actor in pool:
-            ray.kill(actor)
+        pool.kill()
 
 
 def torch_device() -> str:
@@ -85,29 +145,81 @@ def describe_worker(device: str) -> dict:
     return {"pid": os.getpid(), "device": device, "gpu_ids": [str(g) for g in ray.get_gpu_ids()]}
 
 
+@dataclass
+class _Work:
+    task: Any
+    lost_on: tuple[int, ...] = ()  # pool positions whose actor died running it, in order
+
+
 def run_on_pool(
-    actors: list, tasks: Iterable[Any], submit: Callable[[Any, Any], ray.ObjectRef], in_flight_per_actor: int = 2
+    pool: ActorPool,
+    tasks: Iterable[Any],
+    submit: Callable[[Any, Any], ray.ObjectRef],
+    in_flight_per_actor: int = 2,
+    max_losses: int = 3,
 ) -> Iterator[Any]:
     """Feed tasks to actors, at most `in_flight_per_actor` queued on each, yielding results as they finish.
 
     Two per actor keep an actor busy while the driver handles the previous result; tasks are pulled
     from `tasks` lazily, so a long listing streams through instead of being submitted all at once.
+
+    A task whose actor dies (killed, out of memory, its node lost) is sent again, before new tasks, to
+    an actor in another position when there is one, and the dead actor is replaced. Results stay
+    "exactly once": a lost task's result never arrived. Only a task that has lost its actor
+    `max_losses` times stops the job (ActorsLostError): then the work itself kills actors, and sending
+    it on would only kill more. An actor whose constructor raises is no lost actor but a failed job: its
+    error is raised as it is.
     """
     tasks = iter(tasks)
     # Round-robin order, so the first tasks spread over all actors instead of queueing on the first.
-    idle = deque(actor for _ in range(in_flight_per_actor) for actor in actors)
-    running: dict[ray.ObjectRef, Any] = {}
+    free = deque(position for _ in range(in_flight_per_actor) for position in range(len(pool)))
+    lost: deque[_Work] = deque()
+    running: dict[ray.ObjectRef, tuple[int, Any, _Work]] = {}  # → position, the actor there, the work
     exhausted = False
     while True:
-        while idle and not exhausted:
-            task = next(tasks, None)
-            if task is None:
-                exhausted = True
+        while free:
+            work, position = _next_work(free, lost, len(pool))
+            if work is None and not exhausted:
+                task = next(tasks, _END)
+                exhausted = task is _END
+                work, position = (None, None) if exhausted else (_Work(task), free.popleft())
+            if work is None:
                 break
-            actor = idle.popleft()
-            running[submit(actor, task)] = actor
+            running[submit(pool[position], work.task)] = (position, pool[position], work)
         if not running:
             return
         ready, _ = ray.wait(list(running), num_returns=1)
-        idle.append(running.pop(ready[0]))
-        yield ray.get(ready[0])
+        position, actor, work = running.pop(ready[0])
+        free.append(position)
+        try:
+            result = ray.get(ready[0])
+        except RayActorError as exc:
+            if exc.actor_init_failed:
+                raise
+            reason = str(exc).splitlines()[0]
+            if len(work.lost_on) + 1 >= max_losses:
+                raise ActorsLostError(
+                    f"one piece of work lost its actor {max_losses} times ({reason}); stopping rather than "
+                    "losing more. Finished work is kept: run the command again to resume"
+                ) from None
+            lost.append(_Work(work.task, (*work.lost_on, position)))
+            if isinstance(exc, ActorDiedError) and pool[position] is actor:  # not yet replaced by a sibling task
+                pool.replace(position)
+                logger.warning("an actor died (%s); its work goes to another and a fresh actor takes its place", reason)
+            continue
+        yield result
+
+
+_END = object()
+
+
+def _next_work(free: deque, lost: deque, positions: int) -> tuple[_Work | None, int | None]:
+    """The first lost task with a free position it was not lost on (any position, once it was lost on
+    all of them), and that position; (None, None) when no lost task can go now."""
+    for work in lost:
+        allowed = [p for p in free if p not in work.lost_on or len(set(work.lost_on)) >= positions]
+        if allowed:
+            lost.remove(work)
+            free.remove(allowed[0])
+            return work, allowed[0]
+    return None, None

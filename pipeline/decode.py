@@ -241,6 +241,7 @@ def run_decode(
     tasks, found = claim_outputs(archive, select_shards(manifest, keys, prefix), image_format, summary)
     if tasks:
         limit = pixel_limit(manifest, max_pixels)
+        total = sum(task.entry.rows for task in tasks) if keys is None and not prefix else None
         with actor_pool(DecodeWorker, archive, manifest, model, limit, base_only, actors=actors, address=address) as pool:
             for result in run_on_pool(
                 pool,
@@ -252,7 +253,8 @@ def run_decode(
                 summary.failures += result.failures
                 summary.problems += result.problems
                 if on_progress:
-                    on_progress(summary.decoded + summary.skipped_existing, None, len(summary.failures))
+                    done = summary.decoded + summary.skipped_existing + len(summary.failures)
+                    on_progress(done, total, len(summary.failures))
     if keys is not None:
         summary.failures += [Failure(k, "select", "key not in archive") for k in sorted(set(keys) - found)]
     summary.seconds = time.perf_counter() - started

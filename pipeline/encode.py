@@ -32,7 +32,7 @@ from .images import DEFAULT_MAX_PIXELS, load_rgb
 from .lease import WriterLease
 from .preflight import check_encode, list_source
 from .sources import SourceItem, fetch, hide_credentials, sha256_hex, without_credentials
-from .storage import Location
+from .storage import Location, is_transient
 
 
 @dataclass
@@ -56,6 +56,7 @@ class ShardResult:
     failures: list[Failure]
     seconds: float
     worker: dict
+    deferred: list[str] = field(default_factory=list)  # keys storage kept failing for: the next run's
 
 
 @dataclass
@@ -72,10 +73,19 @@ class EncodeSummary:
     bitstream_bytes: int
     workers: list[dict]
     totals: dict
+    deferred: int = 0  # items left for the next run: their storage kept failing transiently
+
 
     @property
     def images_per_second(self) -> float:
         return self.encoded / self.seconds if self.seconds else 0.0
+
+
+@dataclass(frozen=True)
+class Deferred:
+    """An item whose fetch kept failing transiently: not its fault, so not recorded; the next run tries it."""
+
+    key: str
 
 
 @dataclass(frozen=True)
@@ -111,8 +121,9 @@ class EncodeWorker:
         started = time.perf_counter()
         encoded: list[EncodedItem] = []
         failures: list[Failure] = []
+        deferred: list[str] = []
         batch: list[LoadedImage] = []
-        for loaded in self._load_ahead(items, batch_size, failures):
+        for loaded in self._load_ahead(items, batch_size, failures, deferred):
             batch.append(loaded)
             if len(batch) == batch_size:
                 encoded += self._encode_batch(batch, failures)
@@ -120,31 +131,38 @@ class EncodeWorker:
         encoded += self._encode_batch(batch, failures)
         entry = write_shard(archive, encoded, self.codec_spec()) if encoded else None
         return ShardResult(
-            entry, [e.key for e in encoded], failures, time.perf_counter() - started, describe_worker(self.device)
+            entry, [e.key for e in encoded], failures, time.perf_counter() - started, describe_worker(self.device),
+            deferred,
         )
 
-    def _load_ahead(self, items: list[SourceItem], depth: int, failures: list[Failure]) -> Iterator[LoadedImage]:
+    def _load_ahead(
+        self, items: list[SourceItem], depth: int, failures: list[Failure], deferred: list[str]
+    ) -> Iterator[LoadedImage]:
         """Loaded images in order, with up to 2·depth fetches running ahead of the consumer."""
         pending = []
         for item in items:
             pending.append(self.fetcher.submit(self._load, item))
             if len(pending) > 2 * depth:
-                yield from self._collect(pending.pop(0), failures)
+                yield from self._collect(pending.pop(0), failures, deferred)
         for future in pending:
-            yield from self._collect(future, failures)
+            yield from self._collect(future, failures, deferred)
 
     @staticmethod
-    def _collect(future, failures: list[Failure]) -> Iterator[LoadedImage]:
+    def _collect(future, failures: list[Failure], deferred: list[str]) -> Iterator[LoadedImage]:
         result = future.result()
         if isinstance(result, Failure):
             failures.append(result)
+        elif isinstance(result, Deferred):
+            deferred.append(result.key)
         else:
             yield result
 
-    def _load(self, item: SourceItem) -> LoadedImage | Failure:
+    def _load(self, item: SourceItem) -> LoadedImage | Failure | Deferred:
         try:
-            data = fetch(item, self.storage_options)
-        except Exception as exc:  # any storage error: record it, keep the job going
+            data = fetch(item, self.storage_options)  # transient failures already retried
+        except Exception as exc:  # any storage error: record it (if it is the item's), keep the job going
+            if is_transient(exc):
+                return Deferred(item.key)
             return Failure(item.key, "fetch", hide_credentials(failure_reason(exc), item.url))
         try:
             pixels = load_rgb(data, self.max_pixels)
@@ -182,7 +200,7 @@ def run_encode(
     started = time.perf_counter()
     params = check_encode(src, archive_url, options, storage_options)  # fails before Ray starts
     archive = Location(archive_url, storage_options)
-    encoded = failed = source_bytes = bitstream_bytes = 0
+    encoded = failed = deferred = source_bytes = bitstream_bytes = 0
     workers: dict[int, dict] = {}
     worker_args = (options.codec, params, storage_options, options.max_pixels, options.fetch_threads)
     with ExitStack() as held:
@@ -198,23 +216,31 @@ def run_encode(
         if options.retry_failed:
             todo = [item for item in listing.items if item.key in writer.failures]
         else:
-            todo = [i for i in listing.items if i.key not in writer.done and i.key not in writer.failures]
+            # A recorded fetch failure may have been the storage's (before fetches were retried, every one
+            # was recorded): fetching again is cheap, so a plain run does. The image's own failures
+            # (load, encode) wait for --retry-failed.
+            settled = {key for key, failure in writer.failures.items() if failure.stage != "fetch"}
+            todo = [i for i in listing.items if i.key not in writer.done and i.key not in settled]
         # A job smaller than a shard per actor is split evenly, so that no actor sits idle.
         shard_size = max(1, min(options.shard_size, -(-len(todo) // len(actors))))
         shards = (todo[i : i + shard_size] for i in range(0, len(todo), shard_size))
+        if on_progress:
+            on_progress(0, len(todo), 0)
         for result in run_on_pool(
             actors, shards, lambda actor, items: actor.encode_shard.remote(archive, items, options.batch_size)
         ):
             writer.commit(result.entry, result.keys, result.failures)
             encoded += len(result.keys)
             failed += len(result.failures)
+            deferred += len(result.deferred)
             if result.entry:
                 source_bytes += result.entry.source_bytes
                 bitstream_bytes += result.entry.bitstream_bytes
             workers[result.worker["pid"]] = result.worker
             if on_progress:
-                on_progress(encoded + failed, len(todo), failed)
-        manifest = writer.finish()
+                on_progress(encoded + failed + deferred, len(todo), failed)
+        # Items left for the next run keep the archive incomplete: it is not yet what was asked for.
+        manifest = writer.manifest if deferred else writer.finish()
     return EncodeSummary(
         archive=archive_url,
         listed=len(listing.items),
@@ -228,4 +254,5 @@ def run_encode(
         bitstream_bytes=bitstream_bytes,
         workers=list(workers.values()),
         totals=manifest.totals,
+        deferred=deferred,
     )

@@ -31,7 +31,7 @@ from urllib.parse import parse_qsl, urlsplit
 import fsspec
 
 from ..codecs.errors import SourceError
-from .storage import Location, relative_path_problem
+from .storage import Location, relative_path_problem, retry_transient
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".jpe", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff", ".avif", ".ppm", ".pgm", ".tga"}
@@ -195,8 +195,13 @@ def _refuse_undecodable(items: list[SourceItem], skipped: int, refused: dict[str
 
 
 def fetch(item: SourceItem, storage_options: dict | None = None) -> bytes:
-    with fsspec.open(item.url, "rb", **(storage_options or {})) as handle:
-        return handle.read()
+    """The item's bytes; transient storage failures are retried (`storage.retry_transient`)."""
+
+    def read() -> bytes:
+        with fsspec.open(item.url, "rb", **(storage_options or {})) as handle:
+            return handle.read()
+
+    return retry_transient(read, f"fetch {item.key}")  # not the URL: it may hold credentials
 
 
 def sha256_hex(data: bytes) -> str:

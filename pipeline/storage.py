@@ -1,4 +1,5 @@
-"""The one way diffarc opens storage: any fsspec URL (local path, s3://, memory://, gs://, …).
+"""The one way diffarc opens storage: any fsspec URL (local path, s3://, memory://, gs://, …), and the one
+policy for storage that fails for a while (`retry_transient`).
 
 Credentials come from fsspec's and botocore's usual chain (the AWS_* environment variables, including
 AWS_ENDPOINT_URL for an S3-compatible server, or config files) or from --storage-options; diffarc never
@@ -6,20 +7,156 @@ prints them.
 
 Every path below a Location goes through `Location.path`, which refuses any that could leave it (absolute,
 `..`, empty or `.` components, backslashes): paths read from an archive's manifest may be hostile.
+
+Transient failures (connection refused or reset, timeouts, HTTP 5xx, throttling) are retried with
+backoff for up to DIFFARC_STORAGE_RETRY_SECONDS (60 s) per operation; permanent ones (not found, access
+denied) are raised at once. Every `Location` operation and `sources.fetch` go through `retry_transient`.
 """
 
 from __future__ import annotations
 
+import errno
+import functools
 import hashlib
+import logging
 import os
 import posixpath
+import random
+import time
 import uuid
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from ..codecs.errors import StorageError
+from ..codecs.errors import DiffarcError, StorageError
+
+T = TypeVar("T")
+logger = logging.getLogger("diffarc.storage")
+
+RETRY_SECONDS_ENV = "DIFFARC_STORAGE_RETRY_SECONDS"
+DEFAULT_RETRY_SECONDS = 60.0
+
+# What a client raises when the store is briefly away, by qualified class name (anywhere in the class's
+# MRO), so that botocore, aiohttp and fsspec need not be importable to be recognised.
+TRANSIENT_CLASSES = frozenset({
+    "botocore.exceptions.ConnectionError",  # endpoint unreachable, connect timeout
+    "botocore.exceptions.HTTPClientError",  # connection closed, read timeout, response cut short
+    "botocore.exceptions.IncompleteReadError",
+    "aiohttp.client_exceptions.ClientConnectionError",  # refused, reset, server disconnected, timeouts
+    "aiohttp.client_exceptions.ClientPayloadError",
+    "http.client.IncompleteRead",
+    "urllib3.exceptions.ProtocolError",
+})  # fmt: skip
+TRANSIENT_ERRNOS = frozenset({
+    errno.ECONNREFUSED, errno.ECONNRESET, errno.ECONNABORTED, errno.ETIMEDOUT, errno.EHOSTUNREACH,
+    errno.ENETUNREACH, errno.ENETDOWN, errno.EPIPE, errno.EAGAIN,
+})  # fmt: skip
+# S3-style error codes that mean "later", whatever the HTTP status they come with.
+TRANSIENT_CODES = frozenset({
+    "SlowDown", "Throttling", "ThrottlingException", "RequestThrottled", "RequestLimitExceeded",
+    "TooManyRequestsException", "ProvisionedThroughputExceededException", "BandwidthLimitExceeded",
+    "RequestTimeout", "RequestTimeoutException", "InternalError", "ServiceUnavailable",
+})  # fmt: skip
+
+
+class StorageUnavailableError(StorageError):
+    """Storage failed transiently for longer than the retry budget: the job stops, and resumes when run again."""
+
+
+def retry_seconds() -> float:
+    """The retry budget of one storage operation: DIFFARC_STORAGE_RETRY_SECONDS, else 60 s."""
+    value = os.environ.get(RETRY_SECONDS_ENV)
+    if not value:
+        return DEFAULT_RETRY_SECONDS
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not seconds >= 0:  # also refuses NaN
+        raise StorageError(f"{RETRY_SECONDS_ENV}={value!r} is not a number of seconds")
+    return seconds
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether a storage failure may go away by itself: connection errors, timeouts, HTTP 5xx, 408, 429
+    and throttling codes (found anywhere in the chain of causes, since s3fs wraps botocore's errors in
+    OSErrors). Not found, access denied, bad requests and anything unrecognised are permanent."""
+    if isinstance(exc, StorageUnavailableError):
+        return True
+    if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, DiffarcError)):
+        return False
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        by_status = _transient_by_status(current)
+        if by_status is not None:
+            return by_status
+        names = {f"{c.__module__}.{c.__name__}" for c in type(current).__mro__}
+        if any("SSL" in name or "Certificate" in name for name in names):
+            return False  # a certificate the client refuses is refused every time
+        if names & TRANSIENT_CLASSES or isinstance(current, (ConnectionError, TimeoutError)):
+            return True
+        if isinstance(current, OSError) and current.errno in TRANSIENT_ERRNOS:
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
+def _transient_by_status(exc: BaseException) -> bool | None:
+    """From an HTTP answer (botocore's ClientError.response, aiohttp's .status): None when there is none."""
+    response = getattr(exc, "response", None)
+    code, status = None, getattr(exc, "status", None)
+    if isinstance(response, dict):
+        code = (response.get("Error") or {}).get("Code")
+        status = (response.get("ResponseMetadata") or {}).get("HTTPStatusCode", status)
+    if code in TRANSIENT_CODES:
+        return True
+    if not isinstance(status, int) or isinstance(status, bool):
+        return None
+    return status >= 500 or status in (408, 429)
+
+
+def retry_transient(operation: Callable[[], T], what: str = "use storage", seconds: float | None = None) -> T:
+    """`operation()`, called again after each transient failure (`is_transient`) with exponential backoff
+    (0.5 s doubling to 8 s, jittered so that many workers do not return at once) for at most `seconds`
+    (default `retry_seconds()`) of waiting in all. A permanent failure is raised at once, as it is; a
+    transient one that outlasts the budget as StorageUnavailableError, whose message says `what` failed."""
+    budget = retry_seconds() if seconds is None else seconds
+    started = time.monotonic()
+    delay = 0.5
+    while True:
+        try:
+            return operation()
+        except Exception as exc:
+            if not is_transient(exc) or isinstance(exc, StorageUnavailableError):
+                raise
+            elapsed = time.monotonic() - started
+            if elapsed >= budget:
+                reason = str(exc).splitlines()[0] if str(exc) else "no detail"
+                raise StorageUnavailableError(
+                    f"cannot {what}: storage kept failing for {elapsed:.0f} s ({type(exc).__name__}: {reason}); "
+                    f"gave up ({RETRY_SECONDS_ENV}={budget:g}). Finished work is kept: run the command again "
+                    "to resume"
+                ) from exc
+            pause = min(delay * random.uniform(0.5, 1.0), budget - elapsed)
+            logger.debug("cannot %s (%s); trying again in %.1f s", what, type(exc).__name__, pause)
+            time.sleep(pause)
+            delay = min(2 * delay, 8.0)
+
+
+def _retried(verb: str):
+    """A Location method run under `retry_transient`, its failure named by `verb` and the file's URL."""
+
+    def decorate(method):
+        @functools.wraps(method)
+        def retried(self, relative: str = "", *args, **kwargs):
+            return retry_transient(lambda: method(self, relative, *args, **kwargs), f"{verb} {self._name(relative)}")
+
+        return retried
+
+    return decorate
 
 
 class WriteConflict(StorageError):
@@ -67,19 +204,24 @@ class Location:
             raise StorageError(f"refusing the path {relative!r} under {self.url}: it {problem}")
         return posixpath.join(self.root, relative)
 
+    @_retried("read")
     def read(self, relative: str) -> bytes:
         return self.fs.cat_file(self.path(relative))
 
+    @_retried("look for")
     def exists(self, relative: str) -> bool:
         return self.fs.exists(self.path(relative))
 
+    @_retried("read the size of")
     def size(self, relative: str) -> int:
         return self.fs.size(self.path(relative))
 
+    @_retried("delete")
     def delete(self, relative: str) -> None:
         if self.fs.exists(self.path(relative)):
             self.fs.rm_file(self.path(relative))
 
+    @_retried("list")
     def list_files(self, relative: str = "") -> list[str]:
         """Relative paths of all files below `relative`, sorted."""
         base = self.path(relative)
@@ -152,6 +294,7 @@ class Location:
         finally:
             os.remove(temporary)
 
+    @_retried("write")
     def write_atomic(self, relative: str, data: bytes) -> None:
         """Write a whole file so that readers see either nothing/the old file or all of the new one.
 
@@ -184,6 +327,10 @@ class Location:
                 os.remove(temporary)
             raise
         return temporary
+
+    def _name(self, relative: str) -> str:
+        return f"{self.url.rstrip('/')}/{relative}" if relative else self.url
+
 
 
 def _protocols(fs) -> tuple[str, ...]:

@@ -1,4 +1,4 @@
-"""SIGKILL a running `diffarc encode`, run it again, and find every key exactly once."""
+"""SIGKILL a running `diffarc encode` (or one of its actors), and find every key exactly once."""
 
 import json
 import os
@@ -19,10 +19,17 @@ pytestmark = pytest.mark.slow
 ITEMS = 20
 
 
-def encode_command(src: Path, archive: Path) -> list[str]:
+def encode_command(src: Path, archive: Path, actors: int = 1) -> list[str]:
     # Slow AVIF settings make each 2-image shard take long enough to be killed between commits.
     return [sys.executable, "-m", "diffarc.jobs.cli", "encode", str(src), str(archive), "--codec", "avif",
-            "--param", "speed=2", "--param", "quality=90", "--shard-size", "2", "--actors", "1", "--json"]
+            "--param", "speed=2", "--param", "quality=90", "--shard-size", "2", "--actors", str(actors), "--json"]
+
+
+def write_sources(src: Path, items: int) -> list[str]:
+    src.mkdir()
+    for index in range(items):
+        Image.fromarray(photo_like(96, 120, seed=index)).save(src / f"img{index:03d}.png")
+    return [f"img{index:03d}.png" for index in range(items)]
 
 
 def committed_keys(archive: Path) -> list[str]:
@@ -32,9 +39,7 @@ def committed_keys(archive: Path) -> list[str]:
 
 def test_killed_encode_resumes_with_no_key_lost_or_repeated(tmp_path):
     src, archive = tmp_path / "src", tmp_path / "archive"
-    src.mkdir()
-    for index in range(ITEMS):
-        Image.fromarray(photo_like(96, 120, seed=index)).save(src / f"img{index:03d}.png")
+    write_sources(src, ITEMS)
 
     # Its own process group, so SIGKILL takes the job's local Ray with it, as a killed job on a node would.
     job = subprocess.Popen(encode_command(src, archive), env=cli_env(), start_new_session=True,
@@ -68,3 +73,62 @@ def test_killed_encode_resumes_with_no_key_lost_or_repeated(tmp_path):
     listed = {s["path"] for s in after["shards"]}
     on_disk = {f"shards/{p.name}" for p in (archive / "shards").iterdir()}
     assert on_disk == listed  # shards of the killed run that were never committed are gone
+
+
+def encode_actor_pids(session: int) -> set[int]:
+    """The EncodeWorker actors' processes of one job. Ray titles an actor's process "ray::EncodeWorker…";
+    the job's session (it was started as a session leader) tells them from other jobs' on the machine."""
+    pids = set()
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and (entry / "cmdline").read_bytes().startswith(b"ray::EncodeWorker"):
+                stat = (entry / "stat").read_text()
+                if int(stat[stat.rindex(")") + 2 :].split()[3]) == session:
+                    pids.add(int(entry.name))
+        except OSError:  # the process ended while being looked at
+            continue
+    return pids
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the actors' processes through /proc")
+def test_one_of_two_actors_killed_three_times_costs_no_key_and_stdout_stays_json(tmp_path):
+    src, archive = tmp_path / "src", tmp_path / "archive"
+    expected = write_sources(src, 40)
+    job = subprocess.Popen(encode_command(src, archive, actors=2), env=cli_env(), start_new_session=True,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    def running(what: str) -> None:
+        if job.poll() is not None:
+            pytest.fail(f"{what}; the encode ended: {job.stderr.read().decode()[-3000:]}")
+        assert time.monotonic() < deadline, what
+
+    try:
+        killed: list[int] = []
+        deadline = time.monotonic() + 300
+        while len(actors := encode_actor_pids(job.pid)) < 2:
+            running("the actors never started")
+            time.sleep(0.1)
+        victim, survivor = sorted(actors)
+        while len(killed) < 3:
+            time.sleep(1.0)  # let the actor take work
+            running(f"the encode ended after {len(killed)} kills: make it longer")
+            os.kill(victim, signal.SIGKILL)
+            killed.append(victim)
+            while len(killed) < 3 and not (fresh := encode_actor_pids(job.pid) - {survivor, *killed}):
+                running("no actor took the dead one's place")
+                time.sleep(0.1)
+            victim = min(fresh) if len(killed) < 3 else victim
+        stdout, stderr = job.communicate(timeout=600)
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+    assert job.returncode == 0, stderr.decode()[-3000:]
+    assert "Traceback" not in stderr.decode()
+    summary = json.loads(stdout)  # the whole of stdout: no Ray message mixed in
+    assert summary["encoded"] == len(expected) and summary["failed"] == 0
+    assert sorted(committed_keys(archive)) == expected  # none lost, none twice
+
+    decoded = subprocess.run([sys.executable, "-m", "diffarc.jobs.cli", "decode", str(archive), str(tmp_path / "out"),
+                              "--json"], env=cli_env(), capture_output=True, timeout=600)
+    assert decoded.returncode == 0, decoded.stderr.decode()[-3000:]
+    assert json.loads(decoded.stdout)["decoded"] == len(expected)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == expected

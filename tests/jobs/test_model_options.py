@@ -77,7 +77,7 @@ def test_verify_reports_a_tampered_embedded_weight_file(ray_cluster, image_folde
 
     verified = run("verify", arc)
     assert verified.exit_code == EXIT_ITEMS_FAILED, verified.output
-    lines = verified.output.splitlines()
+    lines = verified.stdout.splitlines()
     assert lines[:2] == [  # the streams themselves parse; with no weights of their fingerprint none decodes
         "NOT INTACT: 6 items in 1 shards (0 decoded), 2 archive problems, 0 items that do not parse or decode",
         f"  problem: models/{fingerprint}/unet/diffusion_pytorch_model.safetensors: size or SHA-256 differs from "

@@ -1,12 +1,13 @@
 """Actor pools and feeding them, on a real local Ray cluster (2 CPUs)."""
 
 import os
+import threading
 import time
 
 import pytest
 import ray
 
-from diffarc.pipeline.cluster import PoolShape, actor_pool, pool_shape, run_on_pool
+from diffarc.pipeline.cluster import ActorsLostError, PoolShape, actor_pool, pool_shape, run_on_pool
 
 pytestmark = pytest.mark.slow
 
@@ -23,6 +24,12 @@ class Echo:
     def double(self, number: int) -> int:
         time.sleep(self.delay)
         return 2 * number
+
+    def double_unless(self, number: int, fatal: int) -> int:
+        """Like `double`, but the number `fatal` kills the actor's process, as a crashing codec would."""
+        if number == fatal:
+            os._exit(1)
+        return self.double(number)
 
 
 def is_dead(actor, within: float = 60.0) -> bool:
@@ -78,3 +85,39 @@ def test_run_on_pool_yields_every_result_once_with_bounded_work_in_flight(ray_cl
     assert sorted(results) == [2 * n for n in range(20)]
     assert submitted == pulled == list(range(20))  # tasks are pulled only as they are submitted
     assert max(in_flight) == 4  # two per actor, never more
+
+
+def test_an_actor_killed_three_times_costs_no_result(ray_cluster):
+    kills = []
+
+    def kill_position_zero(pool, stop: threading.Event):
+        for _ in range(3):
+            victim = pool[0]
+            if stop.wait(0.8):
+                return
+            ray.kill(victim)  # for good: Ray will not restart it
+            kills.append(victim)
+            while pool[0] is victim and not stop.is_set():  # until the pool has replaced it
+                time.sleep(0.05)
+
+    with actor_pool(Echo, 0.2) as pool:
+        stop = threading.Event()
+        killer = threading.Thread(target=kill_position_zero, args=(pool, stop))
+        killer.start()
+        try:
+            results = list(run_on_pool(pool, range(40), lambda actor, n: actor.double.remote(n)))
+        finally:
+            stop.set()
+            killer.join()
+        assert len(kills) == 3 and pool.replaced == 3  # all three kills landed while the job ran
+    assert sorted(results) == [2 * n for n in range(40)]  # every result, none twice
+
+
+def test_work_that_kills_every_actor_it_meets_stops_the_job_with_a_sentence(ray_cluster):
+    with actor_pool(Echo, 0.0) as pool:
+        results = []
+        with pytest.raises(ActorsLostError, match="lost its actor 3 times.*run the command again to resume"):
+            for result in run_on_pool(pool, range(6), lambda actor, n: actor.double_unless.remote(n, fatal=3)):
+                results.append(result)
+        assert pool.replaced == 2  # the first two losses replaced their actors; the third stopped the job
+    assert 6 not in results

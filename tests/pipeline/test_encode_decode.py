@@ -146,6 +146,25 @@ def test_retry_failed_redoes_only_the_failures(ray_cluster, image_folder, tmp_pa
     assert sorted(keys) == sorted(set(keys)) and len(keys) == 7
 
 
+def test_a_plain_rerun_fetches_again_what_could_not_be_fetched(ray_cluster, image_folder, tmp_path):
+    listing = tmp_path / "list.txt"
+    late, broken = tmp_path / "late.png", tmp_path / "broken.png"
+    broken.write_bytes(b"not an image")
+    listing.write_text("\n".join([str(image_folder / "a.png"), str(late), str(broken)]))
+    arc = tmp_path / "arc"
+    first = run_encode(str(listing), str(arc), EncodeOptions("jpeg"))
+    assert first.encoded == 1 and sorted(failure_stages(arc)) == ["fetch", "load"]
+    Image.fromarray(photo_like(20, 20, seed=9)).save(late)  # the storage has it now
+    rerun = run_encode(str(listing), str(arc), EncodeOptions("jpeg"))
+    assert rerun.encoded == 1 and failure_stages(arc) == ["load"]  # the unloadable image waits for --retry-failed
+    assert len(set(archive_keys(arc))) == 2
+
+
+def failure_stages(arc) -> list[str]:
+    archive = Location(str(arc))
+    return [failure.stage for failure in read_failures(archive, require_manifest(archive)).values()]
+
+
 def test_rerun_encodes_only_new_items(ray_cluster, image_folder, tmp_path):
     arc = tmp_path / "arc"
     run_encode(str(image_folder), str(arc), EncodeOptions("avif", shard_size=4))

@@ -1,13 +1,21 @@
-"""Location: the one filesystem opener, on local disk, on fsspec's in-memory filesystem and on S3 (moto)."""
+"""Location: the one filesystem opener, on local disk, fsspec's in-memory filesystem and a real S3 server;
+and the retry policy for storage that fails for a while."""
 
 import pickle
+import socket
+import threading
+import time
 import uuid
 
 import pytest
 import s3fs
 
 from diffarc.codecs.errors import StorageError
-from diffarc.pipeline.storage import Location, WriteConflict
+from diffarc.pipeline.storage import (
+    RETRY_SECONDS_ENV, Location, StorageUnavailableError, WriteConflict, is_transient, retry_transient,
+)
+
+from ..tcp_switch import TcpSwitch
 
 
 @pytest.fixture(params=["local", "memory"])
@@ -121,3 +129,79 @@ def test_of_writers_racing_to_create_one_file_exactly_one_wins(kind, tmp_path, r
         won = list(pool.map(create, range(16)))
     assert won.count(True) == 1
     assert Location(url, options).read("writer.lock") == str(won.index(True)).encode()
+
+
+# Transient failures: retried for a bounded time; permanent ones raised at once.
+
+NO_CLIENT_RETRIES = {"retries": {"max_attempts": 1}}  # botocore's own retries off: failures reach diffarc at once
+
+
+def client_error(status: int, code: str):
+    from botocore.exceptions import ClientError
+
+    return ClientError({"Error": {"Code": code, "Message": code}, "ResponseMetadata": {"HTTPStatusCode": status}},
+                       "GetObject")
+
+
+@pytest.mark.parametrize("status, code, transient", [
+    (503, "SlowDown", True), (500, "InternalError", True), (429, "TooManyRequests", True),
+    (400, "RequestTimeout", True), (404, "NoSuchKey", False), (403, "AccessDenied", False),
+    (400, "InvalidArgument", False),
+])  # fmt: skip
+def test_http_answers_are_classified_also_inside_s3fs_wrappers(status, code, transient):
+    from s3fs.errors import translate_boto_error
+
+    error = client_error(status, code)
+    assert is_transient(error) is transient
+    assert is_transient(translate_boto_error(error)) is transient  # an OSError caused by the ClientError
+
+
+def test_undecodable_images_and_unknown_errors_are_permanent():
+    from diffarc.codecs.errors import ImageLoadError
+
+    assert not is_transient(ImageLoadError("not an image"))
+    assert not is_transient(ValueError("a bug"))
+    assert is_transient(ConnectionResetError()) and is_transient(TimeoutError())
+
+
+@pytest.mark.slow
+def test_a_permanent_failure_is_raised_at_once_without_retrying(s3_server):
+    fs = s3fs.S3FileSystem(**s3_server["storage_options"])
+    fs.mkdir("retry-permanent")
+    archive = Location("s3://retry-permanent/a", s3_server["storage_options"])
+    started = time.monotonic()
+    with pytest.raises(FileNotFoundError):
+        archive.read("missing.json")
+    assert time.monotonic() - started < 5
+
+
+@pytest.mark.slow
+def test_an_unreachable_endpoint_is_retried_for_the_budget_then_named(monkeypatch):
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    options = {"key": "k", "secret": "s", "client_kwargs": {"endpoint_url": f"http://127.0.0.1:{port}"},
+               "config_kwargs": NO_CLIENT_RETRIES}
+    monkeypatch.setenv(RETRY_SECONDS_ENV, "2")
+    started = time.monotonic()
+    with pytest.raises(StorageUnavailableError, match=r"cannot read s3://nowhere/a/manifest.json: storage kept "
+                       r"failing for \d+ s \(EndpointConnectionError.*run the command again to resume"):
+        Location("s3://nowhere/a", options).read("manifest.json")
+    assert 2 <= time.monotonic() - started < 10
+
+
+@pytest.mark.slow
+def test_a_read_during_a_short_outage_waits_for_the_server(s3_server, monkeypatch):
+    fs = s3fs.S3FileSystem(**s3_server["storage_options"])
+    fs.mkdir("retry-outage")
+    fs.pipe_file("retry-outage/a/manifest.json", b"{}")
+    switch = TcpSwitch(int(s3_server["endpoint"].rsplit(":", 1)[1]))
+    options = {**s3_server["storage_options"], "client_kwargs": {"endpoint_url": switch.endpoint},
+               "config_kwargs": NO_CLIENT_RETRIES}
+    monkeypatch.setenv(RETRY_SECONDS_ENV, "30")
+    switch.off()
+    threading.Timer(3.0, switch.on).start()
+    started = time.monotonic()
+    assert Location("s3://retry-outage/a", options).read("manifest.json") == b"{}"
+    assert time.monotonic() - started >= 2.5  # it waited out the outage instead of failing
+    assert retry_transient(lambda: "first try", seconds=0) == "first try"
