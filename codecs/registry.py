@@ -23,12 +23,14 @@ _CODECS = {
     "avif": "diffarc.codecs.classical:AvifCodec",
     "ddcm": "diffarc.codecs.ddcm:DdcmCodec",
     "latent-denoise": "diffarc.codecs.latent_denoise.codec:LatentDenoiseCodec",
+    "hyperprior": "diffarc.codecs.hyperprior.codec:HyperpriorCodec",
 }
 
 _TRAINING_TASKS = {
     "autoencoder": "diffarc.codecs.ldm.task:AutoencoderTask",
     "diffusion": "diffarc.codecs.ldm.task:DiffusionTask",
     "latent-denoise": "diffarc.codecs.latent_denoise.task:PredictorsTask",
+    "hyperprior": "diffarc.codecs.hyperprior.task:HyperpriorTask",
 }
 
 # The codec `encode` uses when none is named: the best one that runs anywhere without weights.
