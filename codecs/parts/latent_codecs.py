@@ -40,7 +40,7 @@ import torch
 
 from ..errors import EntropyCodingError
 from .entropy import (
-    LogisticMixtureDensity, decode_symbol_rows, decode_symbols, encode_symbols, symbol_range, symbol_tables,
+    LogisticMixtureDensity, decode_symbol_rows, decode_symbols, encode_symbols, ideal_bits, symbol_range, symbol_tables,
 )
 
 
@@ -186,13 +186,16 @@ class MeanScaleHyperpriorLatentCodec(LatentCodec):
     def _z_inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.zeros(1, 1, 1, 1, device=self.device), torch.ones(1, 1, 1, 1, device=self.device)
 
+    def _hyper_latent(self, y: torch.Tensor) -> torch.Tensor:
+        """z of y, edge-padded to whole hyper-latent positions."""
+        (h, w), (z_h, z_w) = y.shape[2:], self.z_shape(tuple(y.shape[2:]))
+        padded = torch.nn.functional.pad(y, (0, z_w * self.hyper_stride - w, 0, z_h * self.hyper_stride - h), mode="replicate")
+        with torch.no_grad():
+            return self.hyper_encoder(padded)
+
     def compress(self, y: torch.Tensor, step: float = 1.0) -> dict:
         shape = tuple(y.shape[2:])
-        z_h, z_w = self.z_shape(shape)
-        padded = torch.nn.functional.pad(y, (0, z_w * self.hyper_stride - shape[1], 0, z_h * self.hyper_stride - shape[0]),
-                                         mode="replicate")  # fmt: skip
-        with torch.no_grad():
-            z_coded = self.z_codec.compress(self.hyper_encoder(padded), *self._z_inputs())
+        z_coded = self.z_codec.compress(self._hyper_latent(y), *self._z_inputs())
         means, scales = self._gaussians(z_coded["y_hat"], shape)
         q = np.rint((y.detach().to("cpu", torch.float64).numpy() - means) / step).astype(np.int64)
         ranges, words = [], []
@@ -224,3 +227,21 @@ class MeanScaleHyperpriorLatentCodec(LatentCodec):
             images.append(symbols)
         y_hat = torch.from_numpy(np.stack(images) * step + means).float().to(self.device)
         return {"y_hat": y_hat}
+
+    def ideal_bits(self, y: torch.Tensor, step: float = 1.0) -> list[float]:
+        """Per image, the ideal code length of what `compress` codes: −log2 of the probabilities that the
+        tables give z's and y's symbols. The range coder's words should come within a few bytes of it."""
+        shape = tuple(y.shape[2:])
+        z_hat = torch.round(self._hyper_latent(y))
+        means, scales = self._gaussians(z_hat, shape)
+        q = np.rint((y.detach().to("cpu", torch.float64).numpy() - means) / step).astype(np.int64)
+        out = []
+        for z_image, symbols, levels in zip(z_hat, q, scale_indexes(scales / step)):
+            z_symbols = z_image.flatten(1).to(torch.int64).cpu().numpy()
+            lo, hi = symbol_range(z_symbols)
+            bits = ideal_bits(symbol_tables(self.z_density, 1.0, lo, hi), z_symbols, lo)
+            lo, hi = symbol_range(symbols)
+            used = np.unique(levels)
+            picked = gaussian_tables(used, lo, hi)[np.searchsorted(used, levels), symbols - lo]
+            out.append(bits - float(np.log2(picked).sum()))
+        return out

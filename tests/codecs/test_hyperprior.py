@@ -8,9 +8,9 @@ from diffarc.codecs import container
 from diffarc.codecs.errors import BitstreamError, EntropyCodingError, ModelError
 from diffarc.codecs.hyperprior.codec import SIDE, HyperpriorCodec
 from diffarc.codecs.hyperprior.nets import HYPER_STRIDE, HyperpriorModel
-from diffarc.codecs.parts.entropy import ideal_bits, symbol_tables
 from diffarc.codecs.parts.latent_codecs import (
-    SCALE_LEVELS, LatentCodec, MeanScaleHyperpriorLatentCodec, gaussian_bits, mean_and_scale, scale_indexes,
+    SCALE_LEVELS, LatentCodec, MeanScaleHyperpriorLatentCodec, gaussian_bits, gaussian_tables, mean_and_scale,
+    scale_indexes,
 )
 from diffarc.codecs.registry import codec_for_header, create_codec
 
@@ -68,30 +68,28 @@ def test_compress_then_decompress_gives_the_encoders_reconstruction():
     assert (y_hat - y).abs().max() <= 0.25 + 1e-5  # within half a step Δ
 
 
-def ideal_code_length(codec: MeanScaleHyperpriorLatentCodec, y: torch.Tensor, step: float) -> tuple[float, int]:
-    """(bits, scale levels in use) of one image's y: −log2 of the model's probabilities, from the Gaussian
-    formula training uses (at each value's scale level) and z's density tables, not from the coder's tables."""
-    h, w = y.shape[2:]
-    stride = codec.hyper_stride
-    padded = torch.nn.functional.pad(y, (0, -w % stride, 0, -h % stride), mode="replicate")
-    z_hat = torch.round(codec.hyper_encoder(padded))
-    z_symbols = z_hat[0].flatten(1).long().numpy()
-    lo, hi = int(z_symbols.min()), max(int(z_symbols.max()), int(z_symbols.min()) + 1)
-    z_bits = ideal_bits(symbol_tables(codec.z_density, 1.0, lo, hi), z_symbols, lo)
-    means, scales = mean_and_scale(codec.hyper_decoder(z_hat.double()))
-    levels = scale_indexes(scales[..., :h, :w].numpy() / step)
-    offsets = torch.round((y.double() - means[..., :h, :w]) / step)
-    return z_bits + float(gaussian_bits(offsets, torch.from_numpy(SCALE_LEVELS[levels])).sum()), len(np.unique(levels))
-
-
 def test_the_words_cost_within_1_percent_of_the_ideal_code_length():
     codec, step = latent_codec_for_wide_latents(), 0.5
     y = wide_latents(1)[:1]
     y_ranges, y_words, z_ranges, z_words = codec.compress(y, step=step)["strings"]
-    ideal, levels = ideal_code_length(codec, y, step)
-    assert levels >= 8  # the symbols are spread over many tables
+    (ideal,) = codec.ideal_bits(y, step)
+    scales = mean_and_scale(codec.hyper_decoder(torch.round(codec.hyper_encoder(y[..., :20, :36])).double()))[1]
+    assert len(np.unique(scale_indexes(scales.numpy() / step))) >= 8  # the symbols are spread over many tables
     assert ideal > 10_000  # enough bits for 1 % to exceed the coder's few words of flush
     assert ideal <= 8 * (len(y_words[0]) + len(z_words[0])) <= 1.01 * ideal
+
+
+def test_the_tables_hold_the_gaussian_that_training_rates_with():
+    """gaussian_tables (float64 numpy, what the coder uses) against gaussian_bits (torch, what training
+    minimises), renormalised over the table's symbol range as the tables are."""
+    levels = np.array([0, 10, 30, 63])
+    tables = gaussian_tables(levels, -60, 40)
+    q = torch.arange(-60, 41, dtype=torch.float64)
+    expected = (2.0 ** -gaussian_bits(q[None, :], torch.from_numpy(SCALE_LEVELS[levels])[:, None])).numpy()
+    expected /= expected.sum(1, keepdims=True)
+    codable = expected > 1e-8  # below, training's floor of 1e-9 and the tables' of 1e-12 differ
+    assert np.allclose(tables[codable], expected[codable], rtol=1e-5)
+    assert np.allclose(tables.sum(1), 1.0)
 
 
 def test_scale_levels_are_picked_to_the_nearest_level():
@@ -196,7 +194,7 @@ def test_the_shipped_model_codes_kodak_within_1_percent_of_its_ideal_code_length
     payload = container.unpack(codec.encode([image])[0])[1]
     x = torch.from_numpy(image.copy()).permute(2, 0, 1)[None].float() / 127.5 - 1
     with torch.no_grad():
-        ideal, _ = ideal_code_length(codec.latent_codec, codec.model.analysis(x), 1.0)
+        (ideal,) = codec.latent_codec.ideal_bits(codec.model.analysis(x), 1.0)
     assert ideal <= 8 * (len(payload) - SIDE.size) <= 1.01 * ideal
 
 
