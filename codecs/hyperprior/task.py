@@ -91,7 +91,7 @@ class HyperpriorTask(TrainingTask):
         error = mse_255(x_hat, x)
         loss = (step * (bpp + lambda_for_step(step) * error)).mean()
         psnr = 10 * torch.log10(255.0**2 / error.clamp_min(1e-10))
-        return loss, {"bpp": float(bpp.mean()), "psnr": float(psnr.mean())}
+        return loss, {"bpp": float(bpp.detach().mean()), "psnr": float(psnr.detach().mean())}
 
     def validate(self, model) -> dict:
         out = {}
