@@ -52,16 +52,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="hyperprior model reference (default: the codec's)")
     parser.add_argument("--steps", default="0.7,1.4,2.5,4", help="comma-separated quantization steps Δ")
-    parser.add_argument("--kodak", default=str(SHARED / "data" / "kodak"), help="folder of the 24 Kodak PNGs")
-    parser.add_argument("--limit", type=int, default=None, help="only the first N images")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--images", default=str(SHARED / "data" / "kodak"), help="folder of PNGs (default: Kodak)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    files = sorted(Path(args.kodak).glob("*.png"))[: args.limit]
+    files = sorted(Path(args.images).glob("*.png"))
     if not files:
-        raise SystemExit(f"no PNG images in {args.kodak}")
+        raise SystemExit(f"no PNG images in {args.images}")
     images = [load_rgb(f.read_bytes()) for f in files]
     rows = []
     for step in (float(s) for s in args.steps.split(",")):

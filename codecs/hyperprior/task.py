@@ -50,19 +50,13 @@ def metric_at(metric: str, step: float) -> str:
     return f"{metric}_d{step:g}".replace(".", "p")
 
 
-def _per_step(label: str, metric: str, spec: str) -> str:
-    """A progress field showing one metric at every validation Δ, e.g. "val PSNR 31.2|29.0|26.8|24.5"."""
-    return label + " " + "|".join(f"{{{metric_at(metric, v)}:{spec}}}" for v in VALIDATION_STEPS)
-
-
 class HyperpriorTask(TrainingTask):
     name = "hyperprior"
     model_class = HyperpriorModel
     progress = (
         "bpp {bpp:.3f}",
         "PSNR {psnr:.2f}",
-        _per_step("val bpp at Δ " + "|".join(f"{v:g}" for v in VALIDATION_STEPS), "val_bpp", ".3f"),
-        _per_step("val PSNR", "val_psnr", ".2f"),
+        *(f"val Δ {v:g}: {{{metric_at('val_bpp', v)}:.3f}} bpp {{{metric_at('val_psnr', v)}:.2f}} dB" for v in VALIDATION_STEPS),
     )
     crop_multiple = IMAGE_STRIDE * HYPER_STRIDE  # whole z positions: no padding inside the training pass
 
