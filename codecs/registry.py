@@ -24,6 +24,7 @@ _CODECS = {
     "ddcm": "diffarc.codecs.ddcm:DdcmCodec",
     "latent-denoise": "diffarc.codecs.latent_denoise.codec:LatentDenoiseCodec",
     "hfd": "diffarc.codecs.hfd.codec:HfdCodec",
+    "hyperprior": "diffarc.codecs.hyperprior.codec:HyperpriorCodec",
 }
 
 _TRAINING_TASKS = {
@@ -31,6 +32,7 @@ _TRAINING_TASKS = {
     "diffusion": "diffarc.codecs.ldm.task:DiffusionTask",
     "latent-denoise": "diffarc.codecs.latent_denoise.task:PredictorsTask",
     "hfd": "diffarc.codecs.hfd.task:DetailDecoderTask",
+    "hyperprior": "diffarc.codecs.hyperprior.task:HyperpriorTask",
 }
 
 # The codec `encode` uses when none is named: hfd, whose detail decoder ships with the package; on Kodak

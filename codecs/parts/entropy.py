@@ -63,8 +63,9 @@ def symbol_tables(density: LogisticMixtureDensity, step: float, lo: int, hi: int
     return probabilities / probabilities.sum(1, keepdims=True)
 
 
-def encode_symbols(symbols: np.ndarray, tables: np.ndarray, lo: int) -> bytes:
-    """Range-code (C, N) integer symbols, channel c with table c; the words as little-endian bytes."""
+def encode_symbols(symbols, tables: np.ndarray, lo: int) -> bytes:
+    """Range-code rows of integer symbols ((C, N), or C rows of any lengths), row c with table c; the words
+    as little-endian bytes."""
     import constriction
 
     encoder = constriction.stream.queue.RangeEncoder()
@@ -76,6 +77,11 @@ def encode_symbols(symbols: np.ndarray, tables: np.ndarray, lo: int) -> bytes:
 
 def decode_symbols(data: bytes, tables: np.ndarray, lo: int, count: int) -> np.ndarray:
     """The (C, count) symbols `encode_symbols` coded; a damaged stream raises EntropyCodingError."""
+    return np.stack(decode_symbol_rows(data, tables, lo, [count] * len(tables)))
+
+
+def decode_symbol_rows(data: bytes, tables: np.ndarray, lo: int, counts: list[int]) -> list[np.ndarray]:
+    """Rows of counts[c] symbols each, row c coded with table c; a damaged stream raises EntropyCodingError."""
     import constriction
 
     if len(data) % 4:
@@ -87,13 +93,12 @@ def decode_symbols(data: bytes, tables: np.ndarray, lo: int, count: int) -> np.n
         )
     decoder = constriction.stream.queue.RangeDecoder(np.frombuffer(data, dtype="<u4").astype(np.uint32))
     try:
-        rows = [
+        return [
             decoder.decode(constriction.stream.model.Categorical(table, perfect=False), count).astype(np.int64) + lo
-            for table in tables
+            for table, count in zip(tables, counts, strict=True)
         ]
     except (ValueError, RuntimeError, AssertionError) as exc:  # constriction asserts on data its model cannot have written
         raise EntropyCodingError(f"entropy-coded data does not decode: {exc}") from None
-    return np.stack(rows)
 
 
 def least_bits(tables: np.ndarray, count: int) -> float:
@@ -113,7 +118,9 @@ def ideal_bits(tables: np.ndarray, symbols: np.ndarray, lo: int) -> float:
 
 
 def symbol_range(symbols: np.ndarray) -> tuple[int, int]:
+    """[lo, hi] of the symbols, at least two wide: constriction refuses a one-symbol table (a constant latent)."""
     lo, hi = int(symbols.min()), int(symbols.max())
+    hi = max(hi, lo + 1)
     if lo < -MAX_SYMBOL or hi >= MAX_SYMBOL:
         raise EntropyCodingError(
             f"quantized latent spans {lo} … {hi}, beyond ±{MAX_SYMBOL}: the quantization step is far too small"

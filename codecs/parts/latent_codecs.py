@@ -22,13 +22,16 @@ The density is of the continuous (y − means)/scales, so one trained density se
 tables are rebuilt per stream over the symbol range it uses, from float32 parameters in float64 on the
 CPU, so encoder and decoder agree on any device.
 
-A mean-scale hyperprior (Minnen et al., NeurIPS 2018) slots in beside it with the same interface: its
-strings are [y's parts, z's parts], with z (the hyper-latent) coded by a FactorizedLatentCodec and y by
-tables of Gaussians whose means and scales the hyper-decoder computes from ẑ.
+MeanScaleHyperpriorLatentCodec — the mean-scale hyperprior (Minnen et al., NeurIPS 2018) beside it, with
+the same interface: its strings are [y's parts, z's parts], z (the hyper-latent) coded by a
+FactorizedLatentCodec and y by tables of Gaussians whose means and scales the hyper-decoder computes
+from ẑ; its docstring has the diagram and why its tables agree on every device.
 """
 
 from __future__ import annotations
 
+import copy
+import math
 import struct
 from abc import ABC, abstractmethod
 
@@ -36,7 +39,9 @@ import numpy as np
 import torch
 
 from ..errors import EntropyCodingError
-from .entropy import LogisticMixtureDensity, decode_symbols, encode_symbols, symbol_range, symbol_tables
+from .entropy import (
+    LogisticMixtureDensity, decode_symbol_rows, decode_symbols, encode_symbols, ideal_bits, symbol_range, symbol_tables,
+)
 
 
 def dequantize(q: torch.Tensor, means: torch.Tensor, scales: torch.Tensor, step: float) -> torch.Tensor:
@@ -90,3 +95,153 @@ class FactorizedLatentCodec(LatentCodec):
             images.append(symbols.reshape(channels, *shape))
         q = torch.from_numpy(np.stack(images)).float().to(means.device)
         return {"y_hat": dequantize(q, means, scales, self.step)}
+
+
+# ---------------------------------------------------------------- the mean-scale hyperprior
+
+# The Gaussian tables: one per scale level, log-spaced (CompressAI's range and count). A value's table is
+# the level nearest its predicted scale σ/Δ, so the decoder needs σ only to the precision of the level
+# spacing (±6 %, a rate cost under 0.01 bit a value), not to the last bit.
+SCALE_LEVELS = np.exp(np.linspace(np.log(0.11), np.log(256.0), 64))
+_LOG_LEVEL_STEP = float(np.log(SCALE_LEVELS[1] / SCALE_LEVELS[0]))
+
+
+def mean_and_scale(hyper_output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A hyper-decoder's (B, 2C, H, W) output as the Gaussians' means and scales σ > 0, (B, C, H, W) each."""
+    means, raw = hyper_output.chunk(2, dim=1)
+    return means, torch.nn.functional.softplus(raw)
+
+
+def gaussian_bits(offsets: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """−log2 P(q) of each offset q = (y − μ)/Δ (a symbol, or a symbol plus training noise) under a Gaussian
+    of scale σ/Δ integrated over [q − ½, q + ½]: the rate the codec's tables charge, as training sees it.
+    Scales below the lowest level count as the lowest level, as in the tables."""
+    scales = scales.clamp_min(float(SCALE_LEVELS[0]))
+    magnitude = offsets.abs()
+    # Both bin edges on the lower tail (|q|): erfc keeps the far tails accurate where Φ would round to 1.
+    upper = torch.special.erfc((magnitude - 0.5) / (scales * math.sqrt(2)))
+    lower = torch.special.erfc((magnitude + 0.5) / (scales * math.sqrt(2)))
+    return -torch.log2((0.5 * (upper - lower)).clamp_min(1e-9))
+
+
+def scale_indexes(scales: np.ndarray) -> np.ndarray:
+    """The scale level (an index into SCALE_LEVELS) of each σ/Δ: the nearest level in log scale."""
+    position = (np.log(np.maximum(scales, SCALE_LEVELS[0])) - np.log(SCALE_LEVELS[0])) / _LOG_LEVEL_STEP
+    return np.clip(np.rint(position), 0, len(SCALE_LEVELS) - 1).astype(np.int64)
+
+
+def gaussian_tables(levels: np.ndarray, lo: int, hi: int) -> np.ndarray:
+    """(len(levels), hi − lo + 1) probabilities of the symbols lo … hi under each scale level's Gaussian,
+    each row summing to 1: float64 on the CPU, from constants only, the same on every device."""
+    erfc = np.frompyfunc(math.erfc, 1, 1)
+    magnitude = np.abs(np.arange(lo, hi + 1, dtype=np.float64))[None, :]
+    width = SCALE_LEVELS[levels][:, None] * math.sqrt(2)
+    probabilities = 0.5 * (erfc((magnitude - 0.5) / width) - erfc((magnitude + 0.5) / width)).astype(np.float64)
+    probabilities += 1e-12  # every symbol stays codable, as in symbol_tables
+    return probabilities / probabilities.sum(1, keepdims=True)
+
+
+class MeanScaleHyperpriorLatentCodec(LatentCodec):
+    """y coded by Gaussians whose means and scales come from a side latent z (Minnen et al., NeurIPS 2018).
+
+        encoder:  y ──hyper_encoder──► z ──FactorizedLatentCodec(z_density, Δ = 1)──► z's range, z's words
+                                                 │ ẑ
+              μ, σ = mean_and_scale(hyper_decoder(ẑ))       (float64, on the CPU, both sides)
+              q = round((y − μ)/Δ);  table of each value: the scale level nearest σ/Δ
+              symbols grouped by level, coded level by level ──range coder──► y's range, y's words
+              strings = [y's ranges, y's words, z's ranges, z's words];  ŷ = q·Δ + μ
+        decoder:  z's strings ──► ẑ ──hyper_decoder──► μ, σ ──► levels ──y's words──► q ──► ŷ
+
+    Why the hyper-decoder runs in float64 on the CPU at coding time: encoder and decoder must pick the same
+    table for every value. Scale levels alone (CompressAI's answer) make that likely, not certain: a
+    value whose σ/Δ lies within float32 rounding of a level boundary goes to one table on one device
+    and to the other elsewhere, and with ~10⁵ values an image such a value is expected now and then.
+    In float64 from the same float32 weights the devices' differences are ~10⁻¹⁶, and the hyper-decoder
+    works at 1/4 of y's resolution and size, so it costs little. μ in float64 also makes ŷ the same on
+    both sides. Training runs the same formulas in float32 (`gaussian_bits`, `mean_and_scale`).
+
+    `step` Δ is an input both sides know (the stream's parameters): one trained model codes at any Δ.
+    y of any (H, W): it is edge-padded to a multiple of `hyper_stride` for the hyper-encoder, and the
+    hyper-decoder's output is cropped back.
+    """
+
+    RANGE = FactorizedLatentCodec.RANGE  # lowest and highest symbol of one image's y
+
+    def __init__(self, hyper_encoder: torch.nn.Module, hyper_decoder: torch.nn.Module, z_density: LogisticMixtureDensity,
+                 hyper_stride: int):  # fmt: skip
+        self.hyper_encoder, self.z_density, self.hyper_stride = hyper_encoder, z_density, hyper_stride
+        self.hyper_decoder = copy.deepcopy(hyper_decoder).to("cpu", torch.float64).eval().requires_grad_(False)
+        self.device = next(hyper_encoder.parameters()).device
+        self.z_codec = FactorizedLatentCodec(z_density, 1.0)
+
+    def z_shape(self, shape: tuple[int, int]) -> tuple[int, int]:
+        return -(-shape[0] // self.hyper_stride), -(-shape[1] // self.hyper_stride)
+
+    def _gaussians(self, z_hat: torch.Tensor, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+        """(μ, σ) as float64 numpy arrays (B, C, H, W), from ẑ."""
+        with torch.no_grad():
+            means, scales = mean_and_scale(self.hyper_decoder(z_hat.to("cpu", torch.float64)))
+        return means[..., : shape[0], : shape[1]].numpy(), scales[..., : shape[0], : shape[1]].numpy()
+
+    def _z_inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.zeros(1, 1, 1, 1, device=self.device), torch.ones(1, 1, 1, 1, device=self.device)
+
+    def _hyper_latent(self, y: torch.Tensor) -> torch.Tensor:
+        """z of y, edge-padded to whole hyper-latent positions."""
+        (h, w), (z_h, z_w) = y.shape[2:], self.z_shape(tuple(y.shape[2:]))
+        padded = torch.nn.functional.pad(y, (0, z_w * self.hyper_stride - w, 0, z_h * self.hyper_stride - h), mode="replicate")
+        with torch.no_grad():
+            return self.hyper_encoder(padded)
+
+    def compress(self, y: torch.Tensor, step: float = 1.0) -> dict:
+        shape = tuple(y.shape[2:])
+        z_coded = self.z_codec.compress(self._hyper_latent(y), *self._z_inputs())
+        means, scales = self._gaussians(z_coded["y_hat"], shape)
+        q = np.rint((y.detach().to("cpu", torch.float64).numpy() - means) / step).astype(np.int64)
+        ranges, words = [], []
+        for symbols, levels in zip(q, scale_indexes(scales / step)):
+            lo, hi = symbol_range(symbols)
+            ranges.append(self.RANGE.pack(lo, hi))
+            used = np.unique(levels)
+            words.append(encode_symbols([symbols[levels == level] for level in used], gaussian_tables(used, lo, hi), lo))
+        y_hat = torch.from_numpy(q * step + means).float().to(y.device)
+        return {"strings": [ranges, words, *z_coded["strings"]], "shape": shape, "y_hat": y_hat}
+
+    def decompress(self, strings: list[list[bytes]], shape: tuple[int, int], step: float = 1.0) -> dict:
+        """Raises EntropyCodingError for ranges or words that do not decode."""
+        y_ranges, y_words, z_ranges, z_words = strings
+        z_hat = self.z_codec.decompress([z_ranges, z_words], self.z_shape(shape), *self._z_inputs())["y_hat"]
+        means, scales = self._gaussians(z_hat, shape)
+        images = []
+        for range_bytes, data, levels in zip(y_ranges, y_words, scale_indexes(scales / step)):
+            if len(range_bytes) != self.RANGE.size:
+                raise EntropyCodingError(f"a symbol range is {self.RANGE.size} bytes, got {len(range_bytes)}")
+            lo, hi = self.RANGE.unpack(range_bytes)
+            if lo > hi:
+                raise EntropyCodingError(f"symbol range {lo} … {hi} is empty")
+            used, counts = np.unique(levels, return_counts=True)
+            rows = decode_symbol_rows(data, gaussian_tables(used, lo, hi), lo, counts.tolist())
+            symbols = np.empty(levels.shape, dtype=np.int64)
+            for level, row in zip(used, rows):
+                symbols[levels == level] = row
+            images.append(symbols)
+        y_hat = torch.from_numpy(np.stack(images) * step + means).float().to(self.device)
+        return {"y_hat": y_hat}
+
+    def ideal_bits(self, y: torch.Tensor, step: float = 1.0) -> list[float]:
+        """Per image, the ideal code length of what `compress` codes: −log2 of the probabilities that the
+        tables give z's and y's symbols. The range coder's words should come within a few bytes of it."""
+        shape = tuple(y.shape[2:])
+        z_hat = torch.round(self._hyper_latent(y))
+        means, scales = self._gaussians(z_hat, shape)
+        q = np.rint((y.detach().to("cpu", torch.float64).numpy() - means) / step).astype(np.int64)
+        out = []
+        for z_image, symbols, levels in zip(z_hat, q, scale_indexes(scales / step)):
+            z_symbols = z_image.flatten(1).to(torch.int64).cpu().numpy()
+            lo, hi = symbol_range(z_symbols)
+            bits = ideal_bits(symbol_tables(self.z_density, 1.0, lo, hi), z_symbols, lo)
+            lo, hi = symbol_range(symbols)
+            used = np.unique(levels)
+            picked = gaussian_tables(used, lo, hi)[np.searchsorted(used, levels), symbols - lo]
+            out.append(bits - float(np.log2(picked).sum()))
+        return out

@@ -147,10 +147,9 @@ def resolve_folder(reference: str) -> Path | None:
     if reference.startswith("builtin:"):
         name = reference.split(":", 1)[1]
         folder = BUILTIN_DIR / name
-        if not name or not folder.is_dir():
-            raise ModelError(
-                f"no built-in model {name!r}; built-ins: {', '.join(builtin_names()) or '(none shipped)'}"
-            )
+        if not name or not folder.is_dir():  # any shipped folder: latent diffusion models and other codecs' weights
+            shipped = sorted(p.name for p in BUILTIN_DIR.iterdir() if p.is_dir()) if BUILTIN_DIR.is_dir() else []
+            raise ModelError(f"no built-in model {name!r}; built-ins: {', '.join(shipped) or '(none shipped)'}")
         return folder
     if "://" in reference:
         if reference.startswith("file://"):

@@ -27,7 +27,7 @@ def settings(what, **changes):
 
 
 def test_the_registry_names_each_task_by_its_own_name():
-    assert training_task_names() == ["autoencoder", "diffusion", "hfd", "latent-denoise"]
+    assert training_task_names() == ["autoencoder", "diffusion", "hfd", "hyperprior", "latent-denoise"]
     for name in training_task_names():
         task = training_task(name)
         assert issubclass(task, TrainingTask) and task.name == name
@@ -43,6 +43,7 @@ def test_the_registry_names_each_task_by_its_own_name():
         ("diffusion", {}, "autoencoder"),
         ("latent-denoise", {"crop": 20, "model": "m"}, "crop"),
         ("latent-denoise", {}, "model"),
+        ("hyperprior", {"crop": 96}, "crop"),  # whole hyper-latent positions: multiples of 64
     ],
 )
 def test_check_names_the_setting_a_task_cannot_run_without(what, changes, setting):
@@ -92,3 +93,13 @@ def test_the_latent_denoise_task_trains_predictors_for_a_frozen_model(ldm, tmp_p
     assert (tmp_path / "out" / "config.json").is_file()  # the predictors' own folder
     frozen = load_model(ldm)
     assert all(p.grad is None for p in frozen.unet.parameters())  # the backbone took no gradient
+
+
+def test_the_hyperprior_task_trains_the_codecs_model_and_exports_its_folder(tmp_path):
+    from diffarc.codecs.registry import create_codec
+
+    metrics = run_one_step(training_task("hyperprior"), settings("hyperprior", crop=64), tmp_path)
+    assert all(metrics[f"val_bpp_d{d}"] > 0 for d in ("0p5", "1", "2", "4")) and "psnr" in metrics
+    assert metrics["val_bpp_d0p5"] > metrics["val_bpp_d4"]  # a finer step costs more, even untrained
+    codec = create_codec("hyperprior", {"model": str(tmp_path / "out")})  # the exported folder is a codec's model
+    assert codec.decode(codec.encode([TRAIN[0]]))[0].shape == TRAIN[0].shape

@@ -82,6 +82,19 @@ def test_latent_denoise_predictors_train_for_a_stable_diffusion_architecture_and
     assert codec.decode(codec.encode([image]))[0].shape == image.shape
 
 
+def test_the_hyperprior_codec_trains_on_ray_and_its_output_is_the_codecs_model(ray_cluster, images, tmp_path):
+    from diffarc.codecs.registry import create_codec
+
+    metrics = run_training(
+        TrainSettings(what="hyperprior", data=str(images), out=str(tmp_path / "hp"), work_dir=str(tmp_path / "work"),
+                      steps=3, batch_size=2, crop=64, config="tiny", checkpoint_minutes=60, report_seconds=0)
+    )  # fmt: skip
+    assert metrics["step"] == 3 and {"val_bpp_d1", "val_psnr_d0p5"} <= set(metrics)
+    codec = create_codec("hyperprior", {"model": str(tmp_path / "hp"), "step": 0.5})
+    image = photo_like(40, 56, 7)
+    assert codec.decode(codec.encode([image]))[0].shape == image.shape
+
+
 def _progress_lines(process: subprocess.Popen, pattern: str, timeout: float) -> list[str]:
     """Read the process's output until a line matches; return all lines read."""
     lines, deadline = [], time.monotonic() + timeout
