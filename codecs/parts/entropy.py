@@ -86,11 +86,10 @@ def decode_symbol_rows(data: bytes, tables: np.ndarray, lo: int, counts: list[in
 
     if len(data) % 4:
         raise EntropyCodingError(f"entropy-coded data is {len(data)} bytes, not a whole number of 32-bit words")
-    least = least_bits(tables, count)
+    least = least_bits(tables, counts)
     if least > 2 * 8 * len(data) + 64:  # twice the words and two more: room for the coder's rounding
-        raise EntropyCodingError(
-            f"{len(data) // 4} words cannot hold {tables.shape[0]}×{count} symbols, which need at least {least:.0f} bits"
-        )
+        shape = f"{len(counts)}×{counts[0]}" if len(set(counts)) == 1 else str(sum(counts))
+        raise EntropyCodingError(f"{len(data) // 4} words cannot hold {shape} symbols, which need at least {least:.0f} bits")
     decoder = constriction.stream.queue.RangeDecoder(np.frombuffer(data, dtype="<u4").astype(np.uint32))
     try:
         return [
@@ -101,14 +100,15 @@ def decode_symbol_rows(data: bytes, tables: np.ndarray, lo: int, counts: list[in
         raise EntropyCodingError(f"entropy-coded data does not decode: {exc}") from None
 
 
-def least_bits(tables: np.ndarray, count: int) -> float:
-    """A lower bound on the coded size of `count` symbols per table row, whatever they are: each costs at
+def least_bits(tables: np.ndarray, counts: int | list[int]) -> float:
+    """A lower bound on the coded size of `counts` symbols per table row (one count for every row, or one
+    each), whatever they are: each costs at
     least the information of its row's likeliest symbol, taken as likely as the coder's 24-bit quantization
     could make it. What lets a decoder refuse a stream claiming more symbols than its words can hold
     before allocating them (a row of one symbol costs nothing: any count fits)."""
     size = tables.shape[1]
     likeliest = np.minimum(tables.max(axis=1) + size * 2.0**-24, 1.0 - (size - 1) * 2.0**-24)
-    return float(count * -np.log2(likeliest).sum())
+    return float((np.asarray(counts, dtype=np.float64) * -np.log2(likeliest)).sum())
 
 
 def ideal_bits(tables: np.ndarray, symbols: np.ndarray, lo: int) -> float:
