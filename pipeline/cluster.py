@@ -10,7 +10,8 @@ One actor holds one codec (its model loaded once). On a cluster with GPUs each a
 actor uses "cuda", its only visible device); otherwise actors run on CPUs.
 
 Ray speaks only at the "diffarc" logger's debug level (`--log-level debug`): otherwise its start-up
-warnings, its workers' output and its second account of errors the job reports itself stay quiet.
+warnings, its workers' output (unless that output is the job's: `connect(worker_output=True)`) and its
+second account of errors the job reports itself stay quiet.
 """
 
 from __future__ import annotations
@@ -33,8 +34,9 @@ logger = logging.getLogger("diffarc.cluster")
 _connected_here = False
 
 
-def connect(address: str | None = None) -> None:
-    """Join the cluster at `address` / RAY_ADDRESS, or start a local one for this job."""
+def connect(address: str | None = None, worker_output: bool = False) -> None:
+    """Join the cluster at `address` / RAY_ADDRESS, or start a local one for this job. `worker_output`: the
+    workers' prints are the job's output (training's progress lines), so they reach this process always."""
     global _connected_here
     if ray.is_initialized():
         return
@@ -44,7 +46,9 @@ def connect(address: str | None = None) -> None:
         # Ray reports a task error nobody fetched when its reference is dropped: after a job stops, a
         # traceback-long second account of what the job already said in one sentence.
         os.environ.setdefault("RAY_IGNORE_UNHANDLED_ERRORS", "1")
-    settings: dict[str, Any] = {"logging_level": logging.INFO if verbose else logging.ERROR, "log_to_driver": verbose}
+    settings: dict[str, Any] = {
+        "logging_level": logging.INFO if verbose else logging.ERROR, "log_to_driver": verbose or worker_output,
+    }
     if address:
         if RETRY_SECONDS_ENV in os.environ:  # a local cluster's workers inherit it; a joined one's are told
             settings["runtime_env"] = {"env_vars": {RETRY_SECONDS_ENV: os.environ[RETRY_SECONDS_ENV]}}

@@ -229,7 +229,7 @@ def run_training(settings: TrainSettings, address: str | None = None) -> dict:
     work_dir.mkdir(parents=True, exist_ok=True)
     settings.work_dir = str(work_dir)
     resume = find_resume_checkpoint(work_dir / settings.what)
-    connect(address)
+    connect(address, worker_output=True)  # the progress lines are the rank-0 worker's
     cpus = int(ray.cluster_resources().get("CPU", 1))
     trainer = TorchTrainer(
         _worker_loop,
