@@ -180,7 +180,7 @@ class WriterLease:
             if current.get("token") == self.holder["token"]:  # our own create, answered late
                 self._version = version
                 return
-            if not lease_expired(current):
+            if not lease_expired(current) and not holder_died_here(current):
                 raise self._refusal(current)
             try:
                 self._version = self.archive.write_versioned(LOCK, self._contents(), version)
@@ -264,6 +264,22 @@ def current_writer(archive: Location) -> dict | None:
         return None
     holder = _parse(data)
     return None if lease_expired(holder) else holder
+
+
+def holder_died_here(holder: dict) -> bool:
+    """Whether the lease names a process of this host that no longer runs: a writer that died here (e.g.
+    ended by a storage outage before it could release) need not be waited out. A reused pid only makes
+    this say "alive", never the reverse."""
+    pid = holder.get("pid")
+    if holder.get("host") != socket.gethostname() or not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # exists, owned by someone else
+        return False
+    return False
 
 
 def lease_expired(holder: dict) -> bool:

@@ -236,6 +236,7 @@ class Location:
         """Whether the store itself refuses a write whose precondition fails (S3's If-Match / If-None-Match)."""
         return "s3" in _protocols(self.fs)
 
+    @_retried("read")
     def read_versioned(self, relative: str) -> tuple[bytes, str]:
         """A file's bytes and a version that changes whenever the file does: S3's ETag of exactly these
         bytes (one GET), elsewhere their SHA-256."""
@@ -244,6 +245,7 @@ class Location:
         data = self.read(relative)
         return data, hashlib.sha256(data).hexdigest()
 
+    @_retried("write")  # a retry after a lost answer may see its own write as a conflict: the caller re-reads
     def write_versioned(self, relative: str, data: bytes, expected: str | None) -> str:
         """Write `data` only if the file is still at version `expected` (None: only if there is no file);
         returns the new version, or raises WriteConflict.

@@ -91,8 +91,7 @@ def test_a_second_s3_writer_is_refused_and_a_killed_ones_lease_expires(s3_archiv
         WriterLease(s3_archive)
 
     kill(holder)
-    with pytest.raises(ArchiveError, match=f"process {holder.pid}"):
-        WriterLease(s3_archive)  # not yet expired
+    # Unexpired, but its holder died on this host: taken over at once (lease.holder_died_here).
     deadline = time.monotonic() + 10
     while current_writer(s3_archive) is not None:
         assert time.monotonic() < deadline
