@@ -135,10 +135,14 @@ class HfdCodec(Codec):
 
     def _decode_one(self, payload: bytes, header: Header) -> np.ndarray:
         config = self.resolve_params(header.params)
-        base = decode_avif_base(payload, header.height, header.width, config["scale"])
+        base = self.base_picture(payload, header)
         if config["steps"] and not self.base_only:
             base = (base + self.detail(base.to(self.device), config)).clamp(-1, 1)
         return tensor_to_images(base, [(header.height, header.width)])[0]
+
+    def base_picture(self, payload: bytes, header: Header) -> torch.Tensor:
+        """The base picture of one payload, (1, 3, H, W) in [−1, 1] on the CPU; BitstreamError if damaged."""
+        return decode_avif_base(payload, header.height, header.width, self.resolve_params(header.params)["scale"])
 
     def detail(self, base: torch.Tensor, config: dict) -> torch.Tensor:
         """r̂ for a base (1, 3, H, W): in one pass, or in overlapping tiles above TILE_PIXELS."""
