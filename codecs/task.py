@@ -5,6 +5,7 @@
     driver: before starting Ray ──────────────────────────► check(settings)          refuse bad settings
     worker: images, split train / held out ───────────────► Task(settings, train, validation, device)
             new run: seeded ──────────────────────────────► new_model()              a diffusers ModelMixin
+                     (--init: its weights loaded into it, so the architecture must match)
             resume: model_class.from_pretrained(checkpoint)
             data-parallel wrapping ───────────────────────► wrap(model)              the module run forward
             each step, rng seeded by (seed, step, rank) ──► loss(wrapped, rng)       (loss, shown parts)
@@ -51,7 +52,8 @@ class TrainSettings:
     report_seconds: float = 30.0
     config: str = "small"  # the model size: a key of the task's configs (tiny, small, base)
     autoencoder: str | None = None  # a model reference of the frozen autoencoder (diffusion)
-    model: str | None = None  # a model reference of the frozen latent diffusion model (latent-denoise)
+    model: str | None = None  # a frozen model the task builds on: latent-denoise's latent diffusion model, hfd's learned base
+    init: str | None = None  # a new run starts from these weights (a model reference) instead of a fresh model
     lpips_weights: str | None = None
     lpips_weight: float = 0.5
     save_dtype: str = "float32"

@@ -36,7 +36,10 @@ def _check_crop(ctx, param, value: int) -> int:
 @click.option("--report-seconds", type=click.FloatRange(min=0), default=30.0, help="Seconds between progress lines.")
 @click.option("--autoencoder", default=None, help="diffusion: model reference of the frozen autoencoder (folder, URL, builtin:NAME).")
 @click.option("--model", default=None,
-              help="latent-denoise: the frozen latent diffusion model whose predictors are trained (folder, URL, builtin:NAME).")
+              help="latent-denoise: the frozen latent diffusion model whose predictors are trained; hfd: the hyperprior base model "
+              "of a hyperprior config (default builtin:hyperprior-small). Folder, URL or builtin:NAME.")
+@click.option("--init", default=None,
+              help="Start a new run from these weights (folder, URL, builtin:NAME) of the same --config: fine-tuning.")
 @click.option("--lpips-weights", envvar="DIFFARC_LPIPS_WEIGHTS", default=None,
               help="autoencoder: LPIPS-squeeze safetensors file for the perceptual loss [env: DIFFARC_LPIPS_WEIGHTS].")
 @click.option("--lpips-weight", type=click.FloatRange(min=0), default=0.5, help="autoencoder: λ of the LPIPS loss (0: L1 only).")
@@ -45,7 +48,7 @@ def _check_crop(ctx, param, value: int) -> int:
 @click.option("--seed", type=int, default=0)
 @click.option("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray).")
 def train(what, data, out, work_dir, config_name, steps, batch_size, crop, lr, workers, gpu, checkpoint_minutes,
-          report_seconds, autoencoder, model, lpips_weights, lpips_weight, save_dtype, max_images, seed, address):  # fmt: skip
+          report_seconds, autoencoder, model, init, lpips_weights, lpips_weight, save_dtype, max_images, seed, address):  # fmt: skip
     """Train a model. WHAT names a training task of the codec registry: `autoencoder` and `diffusion`
     (on an --autoencoder's latents) build the built-in latent diffusion model; `latent-denoise` trains
     that codec's predictors and entropy model for a frozen --model (written to MODEL/latent_denoise/
@@ -57,7 +60,7 @@ def train(what, data, out, work_dir, config_name, steps, batch_size, crop, lr, w
     settings = TrainSettings(
         what=what, data=data, out=out, work_dir=work_dir, steps=steps, batch_size=batch_size, crop=crop, lr=lr,
         workers=workers, gpu=gpu, checkpoint_minutes=checkpoint_minutes, report_seconds=report_seconds,
-        config=config_name, autoencoder=autoencoder, model=model, lpips_weights=lpips_weights, lpips_weight=lpips_weight,
+        config=config_name, autoencoder=autoencoder, model=model, init=init, lpips_weights=lpips_weights, lpips_weight=lpips_weight,
         save_dtype=save_dtype, seed=seed, max_images=max_images,
     )  # fmt: skip
     try:  # before Ray starts: a missing option is a usage error, named as the option

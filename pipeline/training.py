@@ -30,10 +30,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 
 from ..codecs.errors import ImageLoadError, SourceError
+from ..codecs.parts.models import resolve_folder
 from ..codecs.registry import training_task
-from ..codecs.task import TrainingTask, TrainSettings
+from ..codecs.task import SettingsError, TrainingTask, TrainSettings
 from .images import load_rgb
 from .sources import fetch, list_sources
 
@@ -113,6 +115,21 @@ def load_checkpoint(folder: Path, model_class, optimizer_factory) -> tuple[Any, 
 # ---------------------------------------------------------------- the per-worker loop
 
 
+def load_initial_weights(model: torch.nn.Module, reference: str) -> None:
+    """Load a trained model's weights (a save_pretrained folder) into a new model of the same architecture,
+    to fine-tune it; every tensor must match by name and shape (SettingsError otherwise)."""
+    folder = resolve_folder(reference)
+    files = sorted(folder.glob("*.safetensors")) if folder is not None else []
+    if len(files) != 1:
+        raise SettingsError("init", f"--init {reference} must be a folder holding one .safetensors weights file")
+    weights = load_file(str(files[0]))
+    expected = model.state_dict()
+    mismatched = sorted(set(expected) ^ set(weights)) + [k for k in expected if k in weights and expected[k].shape != weights[k].shape]
+    if mismatched:
+        raise SettingsError("init", f"--init {reference} does not fit the --config architecture (first mismatch: {mismatched[0]})")
+    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in weights.items()})
+
+
 def _worker_loop(config: dict) -> None:
     import ray.train
     import ray.train.torch
@@ -142,6 +159,9 @@ def _worker_loop(config: dict) -> None:
     else:
         torch.manual_seed(settings.seed)
         model, step = task.new_model(), 0
+        if settings.init:
+            load_initial_weights(model, settings.init)
+            log(f"started from the weights of {settings.init}")
         optimizer = optimizer_factory(model)
     model.to(device)
     # Optimizer state tensors must follow the parameters to the device.
@@ -228,6 +248,11 @@ def run_training(settings: TrainSettings, address: str | None = None) -> dict:
     work_dir = Path(settings.work_dir).expanduser().resolve()
     work_dir.mkdir(parents=True, exist_ok=True)
     settings.work_dir = str(work_dir)
+    # The workers do not run in this directory: relative local paths are made absolute here.
+    for name in ("data", "init", "model", "autoencoder", "lpips_weights"):
+        value = getattr(settings, name)
+        if value and "://" not in value and not value.startswith("builtin:") and Path(value).expanduser().exists():
+            setattr(settings, name, str(Path(value).expanduser().resolve()))
     resume = find_resume_checkpoint(work_dir / settings.what)
     connect(address, worker_output=True)  # the progress lines are the rank-0 worker's
     cpus = int(ray.cluster_resources().get("CPU", 1))

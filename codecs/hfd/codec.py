@@ -1,7 +1,8 @@
 """HFD: a fidelity-first base codec plus a conditional diffusion / flow detail decoder (Hoogeboom et al.
 2023, "High-Fidelity Image Compression with Score-based Generative Models"; seed 000).
 
-    encoder: image ─► base payload (bases.py: AVIF at `quality`, coded at 1/`scale` resolution)
+    encoder: image ─► base payload (bases.py: AVIF at `quality`, coded at 1/`scale` resolution; or the
+             learned hyperprior codec at step `base_step` with `base=hyperprior`)
     decoder: payload ─► base b ─► DetailDecoder, `steps` calls from seeded noise ─► r̂ ─► b + r̂ ─► image
 
 All the bits go to the base, which a fidelity-optimised codec spends where the content is; the detail
@@ -9,8 +10,10 @@ decoder only adds what the base lost (texture, sharpness), so it cannot lose the
 `steps=0` returns the base itself.
 
 Choices made here (the paper leaves the base open; its own is a learned MSE codec):
-- The base is plain AVIF (the best classical codec Pillow ships), so an archive stays readable by any
-  AVIF decoder and by `diffarc decode --base-only` if the weights are ever lost.
+- The default base is plain AVIF (the best classical codec Pillow ships), so an archive stays readable
+  by any AVIF decoder and by `diffarc decode --base-only` if the weights are ever lost. `base=hyperprior`
+  is the paper's learned MSE base; its detail decoder is trained on its pictures and keeps the
+  hyperprior model in its folder (bases.py), so `model` defaults to the built-in decoder of the base.
 - `scale` 2 or 4 codes the base at reduced resolution: the only way to go under AVIF's rate floor
   (about 0.07 bpp on Kodak) without its quality-0 artefacts; the detail decoder upsamples.
 - One decoder serves every quality and scale: both are inputs to the network (nets.py).
@@ -40,41 +43,58 @@ import torch.nn.functional as F
 
 from ..base import Codec, DecodeCost, Param
 from ..container import Header, unpack
-from ..errors import ModelError
+from ..errors import ModelError, ParameterError
 from ..parts.latents import padded_size, tensor_to_images
 from ..parts.models import check_safetensors, fingerprint, resolve_folder
 from ..parts.imagefile import DEFAULT_MAX_PIXELS
 from ..parts.noise import gaussian
-from .bases import decode_avif_base, encode_avif_base
+from .bases import BASES, HYPERPRIOR_FOLDER, STEP_RANGE, AvifBase, HyperpriorBase
 from .nets import DetailDecoder, sample_residual
 
-DEFAULT_DETAIL_MODEL = "builtin:hfd-small"
+DEFAULT_DETAIL_MODELS = {"avif": "builtin:hfd-small", "hyperprior": "builtin:hfd-hyperprior-small"}
 TILE_PIXELS = 1024 * 1024  # larger padded images are decoded in tiles (memory bound; see the docstring)
 TILE, OVERLAP = 512, 64  # tile side and overlap in pixels, multiples of the decoder's 16
 
 
 @functools.lru_cache(maxsize=4)
-def load_detail_decoder(reference: str, device: str) -> tuple[DetailDecoder, Path, bytes]:
-    """(decoder, folder, fingerprint) of a detail decoder's save_pretrained folder, once per process."""
+def load_detail_decoder(reference: str, base: str, device: str) -> tuple[DetailDecoder, AvifBase | HyperpriorBase, Path, bytes]:
+    """(decoder, base layer, folder, fingerprint) of a detail decoder's folder for a `base`, once per process.
+    A decoder trained on hyperprior bases holds that model in its HYPERPRIOR_FOLDER; one for AVIF has none."""
     folder = resolve_folder(reference)
     if folder is None or not (folder / "config.json").is_file():
         raise ModelError(f"{reference!r} holds no HFD detail decoder; train one with `diffarc train hfd --out FOLDER`")
+    trained_on = "hyperprior" if (folder / HYPERPRIOR_FOLDER).is_dir() else "avif"
+    if trained_on != base:
+        raise ModelError(
+            f"the detail decoder {reference} was trained on {trained_on} bases, not {base}; "
+            f"use model={DEFAULT_DETAIL_MODELS[base]} or one trained with `diffarc train hfd --config {'small-hyperprior' if base == 'hyperprior' else 'small'}`"
+        )
     check_safetensors(folder)
     decoder = DetailDecoder.from_pretrained(str(folder), use_safetensors=True, low_cpu_mem_usage=False)
     decoder.to(device).float().eval().requires_grad_(False)
     # The objective and its constants change what the weights mean: they are part of the identity.
     meaning = json.dumps({k: decoder.config[k] for k in ("objective", "sigma", "shift", "space_to_depth")}, sort_keys=True)
-    return decoder, folder, fingerprint({"detail": decoder}, schedule=meaning.encode("utf-8"))
+    modules = {"detail": decoder}
+    if base == "hyperprior":
+        layer = HyperpriorBase(folder / HYPERPRIOR_FOLDER, device)
+        modules["hyperprior"] = layer.codec.model
+    else:
+        layer = AvifBase()
+    return decoder, layer, folder, fingerprint(modules, schedule=meaning.encode("utf-8"))
 
 
 class HfdCodec(Codec):
     name = "hfd"
-    description = "AVIF base plus a rectified-flow detail decoder (HFD, Hoogeboom et al. 2023)."
+    description = "AVIF (or learned hyperprior) base plus a rectified-flow detail decoder (HFD, Hoogeboom et al. 2023)."
     params = (
-        Param("model", str, DEFAULT_DETAIL_MODEL, "detail decoder: builtin:NAME, folder or URL", location=True),
-        Param("quality", int, 20, "AVIF quality of the base, 0 (smallest) to 50", minimum=0, maximum=50),
-        Param("scale", int, 1, "the base is coded at 1/scale resolution; the decoder upsamples", choices=(1, 2, 4)),
-        Param("speed", int, 6, "AVIF encoder speed, 0 (slow, smaller) to 10 (fast)", minimum=0, maximum=10),
+        Param("model", str, "", "detail decoder: builtin:NAME, folder or URL; default: the built-in one of the base",
+              location=True),
+        Param("base", str, "avif", "base layer: avif (readable without weights) or hyperprior (learned)", choices=BASES),
+        Param("quality", int, 20, "avif base: AVIF quality, 0 (smallest) to 50", minimum=0, maximum=50),
+        Param("scale", int, 1, "avif base: coded at 1/scale resolution; the decoder upsamples", choices=(1, 2, 4)),
+        Param("speed", int, 6, "avif base: AVIF encoder speed, 0 (slow, smaller) to 10 (fast)", minimum=0, maximum=10),
+        Param("base_step", float, 2.0, "hyperprior base: quantization step Δ, the rate knob (larger: fewer bits)",
+              minimum=STEP_RANGE[0], maximum=STEP_RANGE[1]),
         Param("steps", int, 2, "detail decoder calls; 0 decodes the base alone", minimum=0, maximum=64),
         Param("detail", float, 0.5, "0: the restoration (sharpest fidelity) … 1: the full sample (most texture)",
               minimum=0.0, maximum=1.0),
@@ -93,20 +113,36 @@ class HfdCodec(Codec):
     def __init__(self, device: str = "cpu", base_only: bool = False, **params):
         super().__init__(device, **params)
         self.base_only = base_only
-        if not base_only:
-            self.decoder, self.folder, self._fingerprint = load_detail_decoder(self.config["model"], str(device))
+        if base_only:
+            self.base_layer = AvifBase()
+        else:
+            reference = self.config["model"] or DEFAULT_DETAIL_MODELS[self.config["base"]]
+            self.decoder, self.base_layer, self.folder, self._fingerprint = load_detail_decoder(
+                reference, self.config["base"], str(device)
+            )
+
+    @classmethod
+    def check_config(cls, config: dict) -> None:
+        if config["base"] == "hyperprior" and config["scale"] != 1:
+            raise ParameterError("hfd's hyperprior base is coded at full resolution: scale must be 1 with base=hyperprior")
 
     @classmethod
     def base_decoder(cls, params: dict, device: str = "cpu") -> "HfdCodec":
-        """A decoder of the base layer alone: needs no weights and accepts streams of any weights."""
-        return cls(device, base_only=True, **cls.split_params(params)[0])
+        """A decoder of the AVIF base layer alone: needs no weights and accepts streams of any weights."""
+        stream_params = cls.split_params(params)[0]
+        if cls.resolve_params(stream_params)["base"] != "avif":
+            raise ParameterError("--base-only decodes hfd's avif base without weights; a hyperprior base needs its model")
+        return cls(device, base_only=True, **stream_params)
 
     @property
     def fingerprint(self) -> bytes:
         return b"" if self.base_only else self._fingerprint
 
     def weights_folders(self) -> dict:
-        return {"": self.folder}
+        folders = {"": self.folder}
+        if self.config["base"] == "hyperprior":
+            folders[HYPERPRIOR_FOLDER] = self.folder / HYPERPRIOR_FOLDER
+        return folders
 
     def read(self, stream: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Header, bytes]:
         if not self.base_only:
@@ -125,8 +161,7 @@ class HfdCodec(Codec):
         return DecodeCost(height * width, steps)
 
     def encode_payloads(self, images: list[np.ndarray]) -> list[bytes]:
-        c = self.config
-        return [encode_avif_base(image, c["quality"], c["scale"], c["speed"]) for image in images]
+        return [self.base_layer.encode(image, self.config) for image in images]
 
     @torch.inference_mode()
     def decode_payloads(self, payloads: list[bytes], headers: list[Header]) -> list[np.ndarray]:
@@ -142,7 +177,7 @@ class HfdCodec(Codec):
 
     def base_picture(self, payload: bytes, header: Header) -> torch.Tensor:
         """The base picture of one payload, (1, 3, H, W) in [−1, 1] on the CPU; BitstreamError if damaged."""
-        return decode_avif_base(payload, header.height, header.width, self.resolve_params(header.params)["scale"])
+        return self.base_layer.decode(payload, header.height, header.width, self.resolve_params(header.params))
 
     def detail(self, base: torch.Tensor, config: dict) -> torch.Tensor:
         """r̂ for a base (1, 3, H, W): in one pass, or in overlapping tiles above TILE_PIXELS."""
@@ -173,7 +208,7 @@ class HfdCodec(Codec):
         # Replicated borders: defined for any size down to 1×1 (reflection needs two pixels).
         x = F.pad(base, (0, padded[1] - width, 0, padded[0] - height), mode="replicate")
         noise = gaussian(config["seed"], 0, [0], (3, *padded), origin=origin).to(x.device)
-        quality = torch.tensor([float(config["quality"])], device=x.device)
+        quality = torch.tensor([self.base_layer.rate(config)], device=x.device)
         scale = torch.tensor([float(config["scale"])], device=x.device)
         residual = sample_residual(self.decoder, x, quality, scale, noise, config["steps"], config["detail"])
         return residual[:, :, :height, :width]

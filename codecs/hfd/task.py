@@ -1,6 +1,6 @@
 """Training HFD's detail decoder (`diffarc train hfd --config CONFIG`).
 
-    training image ─► base at a random (quality, scale) ─► the same random crop of image and base
+    training image ─► base at a random (quality, scale), or step Δ ─► the same random crop of image and base
     r = x − b;  t (τ) random;  state = noisy_state(r, ε, t) ─► DetailDecoder ─► r̂;  loss = ‖r̂ − r‖²
 
 Choices:
@@ -9,6 +9,11 @@ Choices:
   each (image, quality, scale) is kept in memory once made, so later draws of it cost a 3 ms decode.
   Each step draws BATCH_IMAGES images and cuts batch_size / BATCH_IMAGES crops from each.
 - Quality and scale are inputs to the network; one decoder serves the whole grid QUALITIES × SCALES.
+- The `*-hyperprior` configs train the same networks on the learned base (`--model`, the hyperprior
+  model; default builtin:hyperprior-small) at steps Δ of BASE_STEPS, fed to the rate input as
+  `HyperpriorBase.rate` says; the export keeps that model in the decoder's folder (bases.py). They are
+  best started from the AVIF decoder's weights (`--init builtin:hfd-small`): the two bases lose the
+  same kind of detail, and fine-tuning takes a fraction of the steps.
 - The loss is the MSE of the residual (x-prediction), for both objectives: no perceptual term, and
   never LPIPS, the metric the codec is judged by. The full velocity weighting of a flow and
   v-prediction from scratch both pushed the first call's estimate below the base's PSNR in a prototype
@@ -24,8 +29,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+import shutil
+from pathlib import Path
+
+from ..hyperprior.codec import DEFAULT_HYPERPRIOR
+from ..parts.models import resolve_folder, weights_files
 from ..task import SettingsError, TrainingTask, TrainSettings
-from .bases import decode_avif_base, encode_avif_base
+from .bases import HYPERPRIOR_FOLDER, AvifBase, HyperpriorBase
 from .nets import DetailDecoder, noisy_state
 
 CONFIGS: dict[str, dict] = {
@@ -35,12 +45,22 @@ CONFIGS: dict[str, dict] = {
     "small-diffusion-unshifted": dict(widths=(48, 64, 96), objective="diffusion", shift=1.0),
     "base": dict(widths=(64, 96, 128), objective="flow"),
 }
+CONFIGS |= {f"{name}-hyperprior": CONFIGS[name] for name in ("tiny", "small")}  # the learned base's decoders
 QUALITIES = tuple(range(0, 51, 10))  # a coarse grid: fewer AVIF encodes; the network interpolates
 SCALES = (1, 2, 4)
 SPEED = 6  # the codec's default AVIF speed: the decoder learns the artefacts it will be given
+BASE_STEPS = (0.5, 0.71, 1.0, 1.41, 2.0, 2.83, 4.0)  # hyperprior bases: Δ over the trained range, log-spaced
 BATCH_IMAGES = 2
 START_FRACTION = 0.25
-VALIDATION = [(q, s) for s in (1, 2) for q in (0, 20, 40)]
+VALIDATION = {
+    "avif": [{"quality": q, "scale": s, "speed": SPEED} for s in (1, 2) for q in (0, 20, 40)],
+    "hyperprior": [{"base_step": step, "scale": 1} for step in (0.71, 2.0, 4.0)],
+}
+
+
+def base_kind(config: str) -> str:
+    """The base layer a training config's decoder is for."""
+    return "hyperprior" if config.endswith("-hyperprior") else "avif"
 
 
 class DetailDecoderTask(TrainingTask):
@@ -62,37 +82,48 @@ class DetailDecoderTask(TrainingTask):
         self.train = [image for image in train if min(image.shape[:2]) >= crop]
         if not self.train:
             raise SettingsError("crop", f"no training image is at least {crop}×{crop} pixels")
-        self.payloads: dict[tuple[int, int, int], bytes] = {}
+        if base_kind(settings.config) == "hyperprior":
+            self.base_layer = HyperpriorBase(hyperprior_folder(settings))
+        else:
+            self.base_layer = AvifBase()
+        self.payloads: dict[tuple, bytes] = {}
         self.validation = self._validation_batch([image for image in validation if min(image.shape[:2]) >= crop][:8])
 
     def new_model(self):
         return DetailDecoder(**CONFIGS[self.settings.config])
 
-    def base(self, index: int, quality: int, scale: int) -> torch.Tensor:
-        """The base of training image `index` at (quality, scale), (1, 3, H, W) in [−1, 1]."""
+    def draw_base_config(self, rng: np.random.Generator) -> dict:
+        """The settings of one training base, drawn from the grid of its kind."""
+        if self.base_layer.name == "hyperprior":
+            return {"base_step": float(rng.choice(BASE_STEPS)), "scale": 1}
+        return {"quality": int(rng.choice(QUALITIES)), "scale": int(rng.choice(SCALES)), "speed": SPEED}
+
+    def base(self, index: int, config: dict) -> torch.Tensor:
+        """The base of training image `index` at `config`, (1, 3, H, W) in [−1, 1]."""
         image = self.train[index]
-        key = (index, quality, scale)
-        if key not in self.payloads:
-            self.payloads[key] = encode_avif_base(image, quality, scale, SPEED)
-        return decode_avif_base(self.payloads[key], *image.shape[:2], scale)
+        key = (index, *sorted(config.items()))
+        if key in self.payloads:
+            return self.base_layer.decode(self.payloads[key], *image.shape[:2], config)
+        self.payloads[key], picture = self.base_layer.encode_with_picture(image, config)
+        return picture
 
     def loss(self, wrapped, rng) -> tuple[torch.Tensor, dict]:
         crop, per_image = self.settings.crop, self.settings.batch_size // BATCH_IMAGES
-        xs, bases, qualities, scales = [], [], [], []
+        xs, bases, rates, scales = [], [], [], []
         for index in rng.integers(len(self.train), size=BATCH_IMAGES):
-            quality, scale = int(rng.choice(QUALITIES)), int(rng.choice(SCALES))
+            config = self.draw_base_config(rng)
             image = torch.from_numpy(np.array(self.train[index])).permute(2, 0, 1).unsqueeze(0).float() / 127.5 - 1
-            base = self.base(int(index), quality, scale)
+            base = self.base(int(index), config)
             for _ in range(per_image):
                 y, x = rng.integers(image.shape[2] - crop + 1), rng.integers(image.shape[3] - crop + 1)
                 pair = torch.cat([image, base])[:, :, y : y + crop, x : x + crop]
                 pair = _dihedral(pair, int(rng.integers(8)))
                 xs.append(pair[0])
                 bases.append(pair[1])
-                qualities.append(quality)
-                scales.append(scale)
+                rates.append(self.base_layer.rate(config))
+                scales.append(config["scale"])
         x, base = torch.stack(xs).to(self.device), torch.stack(bases).to(self.device)
-        quality = torch.tensor(qualities, dtype=torch.float32, device=self.device)
+        rate = torch.tensor(rates, dtype=torch.float32, device=self.device)
         scale = torch.tensor(scales, dtype=torch.float32, device=self.device)
         count = len(xs)
         t = torch.from_numpy(rng.random(count, dtype=np.float32))
@@ -100,7 +131,7 @@ class DetailDecoderTask(TrainingTask):
         noise = torch.from_numpy(rng.standard_normal(x.shape, dtype=np.float32)).to(self.device)
         residual = x - base
         decoder = getattr(wrapped, "module", wrapped)  # data parallelism wraps the model
-        estimate = wrapped(noisy_state(decoder, residual, noise, t), base, quality, scale, t)
+        estimate = wrapped(noisy_state(decoder, residual, noise, t), base, rate, scale, t)
         mse = ((estimate - residual) ** 2).mean()
         return mse, {"mse": float(mse.detach())}
 
@@ -110,15 +141,16 @@ class DetailDecoderTask(TrainingTask):
         for image in images:
             y, x = (image.shape[0] - crop) // 2, (image.shape[1] - crop) // 2
             original = torch.from_numpy(np.array(image)).permute(2, 0, 1).unsqueeze(0).float() / 127.5 - 1
-            for quality, scale in VALIDATION:
-                base = decode_avif_base(encode_avif_base(image, quality, scale, SPEED), *image.shape[:2], scale)
-                rows.append((original[..., y : y + crop, x : x + crop], base[..., y : y + crop, x : x + crop], quality, scale))
+            for config in VALIDATION[self.base_layer.name]:
+                base = self.base_layer.encode_with_picture(image, config)[1]
+                crops = original[..., y : y + crop, x : x + crop], base[..., y : y + crop, x : x + crop]
+                rows.append((*crops, self.base_layer.rate(config), config["scale"]))
         if not rows:
             return {}
         return {
             "x": torch.cat([r[0] for r in rows]).to(self.device),
             "base": torch.cat([r[1] for r in rows]).to(self.device),
-            "quality": torch.tensor([float(r[2]) for r in rows], device=self.device),
+            "rate": torch.tensor([float(r[2]) for r in rows], device=self.device),
             "scale": torch.tensor([float(r[3]) for r in rows], device=self.device),
         }
 
@@ -130,14 +162,37 @@ class DetailDecoderTask(TrainingTask):
         generator = torch.Generator().manual_seed(0)
         noise = torch.randn(v["x"].shape, generator=generator).to(self.device)
         start = torch.ones(len(v["x"]), device=self.device)
-        estimate = model(noisy_state(model, torch.zeros_like(noise), noise, start), v["base"], v["quality"], v["scale"], start)
+        estimate = model(noisy_state(model, torch.zeros_like(noise), noise, start), v["base"], v["rate"], v["scale"], start)
         out = {}
         for scale in (1, 2):
             rows = v["scale"] == scale
+            if not rows.any():  # hyperprior bases are all at scale 1
+                out[f"val_gain_s{scale}"] = float("nan")
+                continue
             before = ((v["base"][rows] - v["x"][rows]) ** 2).mean()
             after = (((v["base"][rows] + estimate[rows]).clamp(-1, 1) - v["x"][rows]) ** 2).mean()
             out[f"val_gain_s{scale}"] = float(10 * torch.log10(before / after))
         return out
+
+
+    @classmethod
+    def export(cls, settings: TrainSettings, trained: Path, metrics: dict, folder: Path) -> None:
+        """The decoder's weights; a hyperprior-base decoder also keeps its base model, in HYPERPRIOR_FOLDER."""
+        super().export(settings, trained, metrics, folder)
+        if base_kind(settings.config) == "hyperprior":
+            source = hyperprior_folder(settings)
+            (folder / HYPERPRIOR_FOLDER).mkdir()
+            for name in weights_files(source):
+                shutil.copyfile(source / name, folder / HYPERPRIOR_FOLDER / name)
+
+
+def hyperprior_folder(settings: TrainSettings) -> Path:
+    """The local folder of the hyperprior model a hyperprior config trains on (`--model`, or the built-in)."""
+    reference = settings.model or DEFAULT_HYPERPRIOR
+    folder = resolve_folder(reference)
+    if folder is None:
+        raise SettingsError("model", f"hfd's hyperprior base model must be builtin:NAME, a folder or a URL; got {reference!r}")
+    return folder
 
 
 def _dihedral(pair: torch.Tensor, choice: int) -> torch.Tensor:

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from diffarc.codecs import container
-from diffarc.codecs.errors import BitstreamError, ModelError
+from diffarc.codecs.errors import BitstreamError, ModelError, ParameterError
 from diffarc.codecs.hfd import codec as hfd_codec
 from diffarc.codecs.hfd.nets import DetailDecoder, noisy_state, sample_residual
 from diffarc.codecs.registry import create_codec
@@ -166,3 +166,69 @@ def test_the_builtin_detail_decoder_restores_more_than_it_invents():
     base = psnr({"steps": 0})
     assert psnr({"steps": 1, "detail": 0.0}) > base - 0.1
     assert psnr({}) > base - 1.5
+
+
+# ---------------------------------------------------------------------- the learned (hyperprior) base
+
+
+def save_hyperprior_detail_decoder(folder, seed: int = 0):
+    """A tiny detail decoder folder for hyperprior bases: the decoder, and its base model in hyperprior/."""
+    from diffarc.codecs.hyperprior.nets import HyperpriorModel
+    from diffarc.codecs.hyperprior.task import MODEL_CONFIGS
+
+    save_detail_decoder(folder, seed)
+    torch.manual_seed(seed)
+    HyperpriorModel(**MODEL_CONFIGS["tiny"]).save_pretrained(str(folder / "hyperprior"))
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def hyperprior_weights(tmp_path_factory):
+    return save_hyperprior_detail_decoder(tmp_path_factory.mktemp("hfd-hyperprior"))
+
+
+def test_a_hyperprior_base_at_steps_0_is_the_hyperprior_codecs_picture(hyperprior_weights, image):
+    params = {"model": hyperprior_weights, "base": "hyperprior", "base_step": 1.5}
+    codec = create_codec("hfd", {**params, "steps": 0})
+    [stream] = codec.encode([image])
+    hyperprior = create_codec("hyperprior", {"model": f"{hyperprior_weights}/hyperprior"})
+    payload, picture = hyperprior.encode_picture(image, 1.5)
+    assert container.unpack(stream)[1] == payload
+    np.testing.assert_array_equal(codec.decode([stream])[0], picture)
+    detailed = create_codec("hfd", params)
+    assert np.abs(detailed.decode(detailed.encode([image]))[0].astype(int) - picture).max() > 0
+
+
+def test_a_hyperprior_base_decodes_the_same_in_a_fresh_process(hyperprior_weights, image, tmp_path):
+    codec = create_codec("hfd", {"model": hyperprior_weights, "base": "hyperprior", "steps": 2, "seed": 3})
+    [stream] = codec.encode([image])
+    np.testing.assert_array_equal(decode_in_new_process(stream, tmp_path, model=hyperprior_weights), codec.decode([stream])[0])
+
+
+def test_a_decoder_is_used_only_with_the_base_it_was_trained_on(weights, hyperprior_weights):
+    with pytest.raises(ModelError, match="trained on avif bases, not hyperprior"):
+        create_codec("hfd", {"model": weights, "base": "hyperprior"})
+    with pytest.raises(ModelError, match="trained on hyperprior bases, not avif"):
+        create_codec("hfd", {"model": hyperprior_weights})
+
+
+def test_the_fingerprint_covers_the_hyperprior_model_too(hyperprior_weights, image, tmp_path):
+    """Same detail decoder, other base model: the stream is refused."""
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(hyperprior_weights, other)
+    shutil.rmtree(other / "hyperprior")
+    save_hyperprior_detail_decoder(tmp_path / "seed1", seed=1)
+    shutil.copytree(tmp_path / "seed1" / "hyperprior", other / "hyperprior")
+    [stream] = create_codec("hfd", {"model": hyperprior_weights, "base": "hyperprior"}).encode([image])
+    with pytest.raises(BitstreamError, match="fingerprint"):
+        create_codec("hfd", {"model": str(other), "base": "hyperprior"}).decode([stream])
+
+
+def test_a_hyperprior_base_has_no_reduced_scale_and_no_weightless_decode(hyperprior_weights, image):
+    with pytest.raises(ParameterError, match="scale must be 1"):
+        create_codec("hfd", {"model": hyperprior_weights, "base": "hyperprior", "scale": 2})
+    [stream] = create_codec("hfd", {"model": hyperprior_weights, "base": "hyperprior"}).encode([image])
+    with pytest.raises(ParameterError, match="hyperprior base needs its model"):
+        hfd_codec.HfdCodec.base_decoder(container.unpack(stream)[0].params)
