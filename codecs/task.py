@@ -77,6 +77,9 @@ class SettingsError(ParameterError):
         super().__init__(message)
         self.setting = setting
 
+    def __reduce__(self):  # raised in a Ray worker, it is pickled back to the driver
+        return type(self), (self.setting, str(self))
+
 
 class TrainingTask(ABC):
     """One trainable model: its construction, objective, validation and export (see the module docstring)."""

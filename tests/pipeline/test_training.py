@@ -95,6 +95,36 @@ def test_the_hyperprior_codec_trains_on_ray_and_its_output_is_the_codecs_model(r
     assert codec.decode(codec.encode([image]))[0].shape == image.shape
 
 
+def test_hfd_fine_tunes_for_the_hyperprior_base_from_init_weights_given_by_relative_paths(ray_cluster, images, tmp_path, monkeypatch):
+    """--init loads a decoder's weights (lr 0: they come out unchanged); the output keeps its base model in
+    hyperprior/ and the codec decodes with it. Paths are relative to the caller's directory, not the workers'."""
+    import torch
+    from safetensors.torch import load_file
+
+    from diffarc.codecs.hfd.nets import DetailDecoder
+    from diffarc.codecs.hyperprior.nets import HyperpriorModel
+    from diffarc.codecs.hyperprior.task import MODEL_CONFIGS
+    from diffarc.codecs.registry import create_codec
+
+    torch.manual_seed(5)
+    DetailDecoder(widths=(16, 16, 32)).save_pretrained(str(tmp_path / "init"))
+    HyperpriorModel(**MODEL_CONFIGS["tiny"]).save_pretrained(str(tmp_path / "hp"))
+    monkeypatch.chdir(tmp_path)
+    settings = dict(what="hfd", data="images", out="out", work_dir="work", steps=2, batch_size=2, crop=32, lr=0.0,
+                    config="tiny-hyperprior", model="hp", init="init", checkpoint_minutes=60, report_seconds=0)  # fmt: skip
+    run_training(TrainSettings(**settings))
+    trained, initial = load_file("out/diffusion_pytorch_model.safetensors"), load_file("init/diffusion_pytorch_model.safetensors")
+    assert trained.keys() == initial.keys() and all(torch.equal(trained[k], initial[k]) for k in trained)
+    assert Path("out/hyperprior/config.json").is_file()
+    codec = create_codec("hfd", {"model": str(tmp_path / "out"), "base": "hyperprior"})
+    image = photo_like(40, 56, 7)
+    assert codec.decode(codec.encode([image]))[0].shape == image.shape
+
+    DetailDecoder(widths=(16, 32, 32)).save_pretrained(str(tmp_path / "other"))
+    with pytest.raises(Exception, match="does not fit the --config architecture"):
+        run_training(TrainSettings(**{**settings, "init": "other", "work_dir": "work2", "out": "out2"}))
+
+
 def _progress_lines(process: subprocess.Popen, pattern: str, timeout: float) -> list[str]:
     """Read the process's output until a line matches; return all lines read."""
     lines, deadline = [], time.monotonic() + timeout
