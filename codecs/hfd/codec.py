@@ -42,11 +42,10 @@ import torch
 import torch.nn.functional as F
 
 from ..base import Codec, DecodeCost, Param
-from ..container import Header, unpack
+from ..container import Header
 from ..errors import ModelError, ParameterError
 from ..parts.latents import padded_size, tensor_to_images
 from ..parts.models import check_safetensors, fingerprint, resolve_folder
-from ..parts.imagefile import DEFAULT_MAX_PIXELS
 from ..parts.noise import gaussian
 from .bases import BASES, HYPERPRIOR_FOLDER, STEP_RANGE, AvifBase, HyperpriorBase
 from .nets import DetailDecoder, sample_residual
@@ -112,7 +111,7 @@ class HfdCodec(Codec):
 
     def __init__(self, device: str = "cpu", base_only: bool = False, **params):
         super().__init__(device, **params)
-        self.base_only = base_only
+        self.base_only = self.decodes_any_weights = base_only
         if base_only:
             self.base_layer = AvifBase()
         else:
@@ -143,14 +142,6 @@ class HfdCodec(Codec):
         if self.config["base"] == "hyperprior":
             folders[HYPERPRIOR_FOLDER] = self.folder / HYPERPRIOR_FOLDER
         return folders
-
-    def read(self, stream: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Header, bytes]:
-        if not self.base_only:
-            return super().read(stream, max_pixels)
-        header, payload = unpack(stream)
-        self.check_header(header, header.fingerprint)  # any weights: they are not used
-        self.check_cost(header, payload, max_pixels)
-        return header, payload
 
     def decode_cost(self, header: Header, payload: bytes) -> DecodeCost:
         """The base's pixels, plus `steps` detail-decoder passes over the padded picture."""
