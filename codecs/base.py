@@ -136,6 +136,13 @@ class Codec(ABC):
         return {p.name: (folder if i == 0 else p.default) for i, p in enumerate(names)}
 
     @classmethod
+    def builtin_weights(cls) -> dict[str, dict[str, Any]]:
+        """The built-in weights (builtin:NAME) this codec loads by default, each with the parameters that
+        load it: the defaults of its location parameters. A codec whose default depends on another
+        parameter (hfd's on its base) lists them itself."""
+        return {p.default: {} for p in cls.params if p.location and str(p.default).startswith("builtin:")}
+
+    @classmethod
     def base_decoder(cls, params: Mapping[str, Any], device: str = "cpu") -> "Codec":
         """A decoder of these streams that needs no model weights: the codec itself when it has none; a
         codec with a base layer (hfd) overrides this to decode that layer alone (`decode --base-only`)."""

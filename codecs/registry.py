@@ -156,15 +156,12 @@ def builtin_codec_weights() -> list[dict[str, Any]]:
 
     rows = []
     for name in codec_names():
-        cls = codec_class(name)
-        for param in cls.params:
-            if not (param.location and str(param.default).startswith("builtin:")):
-                continue
-            folder = BUILTIN_DIR / param.default.split(":", 1)[1]
+        for reference, params in codec_class(name).builtin_weights().items():
+            folder = BUILTIN_DIR / reference.split(":", 1)[1]
             if folder.is_dir() and not (folder / "vae").is_dir():
                 rows.append({
-                    "name": param.default, "path": str(folder), "parameters": parameter_count(folder),
-                    "bytes": folder_bytes(folder), "fingerprint": create_codec(name).fingerprint.hex(),
+                    "name": reference, "path": str(folder), "parameters": parameter_count(folder),
+                    "bytes": folder_bytes(folder), "fingerprint": create_codec(name, params).fingerprint.hex(),
                     "components": [name],
                 })  # fmt: skip
     return rows

@@ -121,6 +121,10 @@ class HfdCodec(Codec):
             )
 
     @classmethod
+    def builtin_weights(cls) -> dict[str, dict]:
+        return {reference: {"base": base} for base, reference in DEFAULT_DETAIL_MODELS.items()}
+
+    @classmethod
     def check_config(cls, config: dict) -> None:
         if config["base"] == "hyperprior" and config["scale"] != 1:
             raise ParameterError("hfd's hyperprior base is coded at full resolution: scale must be 1 with base=hyperprior")
