@@ -1,0 +1,72 @@
+"""Why latent-denoise collapses regions to flat colour: what its quantizer leaves of each latent channel.
+
+For each preset, on Kodak: the fraction of the quantized latent's values that are the mode (0) per
+channel, the fraction of latent positions where every channel is 0 (nothing but the per-channel shift b
+is sent there: a flat colour), the quantizer's step s_c·Δ against the channel's spread, and the PSNR
+of the plain dequantized decode (t = 0) and its colour error (the mean of the per-channel means' error).
+
+    python benchmarks/latent_collapse.py                         # all presets, 24 Kodak images
+    python benchmarks/latent_collapse.py --presets 0.1bpp --max-images 4
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from diffarc.codecs.latent_denoise.codec import LatentDenoiseCodec
+from diffarc.codecs.parts.latents import VAE_DOWNSAMPLING, encode_latents, images_to_tensor
+from diffarc.codecs.parts.metrics import psnr
+from diffarc.pipeline.images import load_rgb
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+
+
+@torch.inference_mode()
+def quantized(codec: LatentDenoiseCodec, image: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(q, z, s·Δ) of one image: the integers the range coder sends, the latent, the per-channel step."""
+    _, h, w = codec.latent_shape(*image.shape[:2])
+    z = encode_latents(codec.model, images_to_tensor([image], (h * VAE_DOWNSAMPLING, w * VAE_DOWNSAMPLING), "cpu", torch.float32)).float()
+    step = codec.config["step"]
+    shift, scale = codec.predictors.transform(z, torch.tensor([step]))
+    shift, scale = shift.half().float(), scale.half().float().clamp_min(1e-4)
+    q = torch.round((z - shift[..., None, None]) / (scale[..., None, None] * step))
+    return q[0], z[0], (scale[0] * step)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--kodak", default=str(SHARED / "data" / "kodak"))
+    parser.add_argument("--presets", default=",".join(LatentDenoiseCodec.presets))
+    parser.add_argument("--max-images", type=int, default=24)
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    images = [load_rgb(p.read_bytes()) for p in sorted(Path(args.kodak).glob("*.png"))[: args.max_images]]
+    print(f"{len(images)} Kodak images; per preset: channels sorted by their share of zeros")
+    print("preset   | zeros per channel (min / median / max) | all-zero positions | step / channel std (median, max) | PSNR t=0 | colour error")
+    for preset in args.presets.split(","):
+        codec = LatentDenoiseCodec(**LatentDenoiseCodec.resolve_params({}, preset))
+        plain = LatentDenoiseCodec(**{**codec.config, "timestep": "off"})
+        zeros, dead, ratio, psnrs, colour = [], [], [], [], []
+        for image in images:
+            q, z, step = quantized(codec, image)
+            zeros.append((q == 0).float().flatten(1).mean(1))
+            dead.append(float((q == 0).all(0).float().mean()))
+            ratio.append(step / z.flatten(1).std(1))
+            decoded = plain.decode(plain.encode([image]))[0]
+            psnrs.append(psnr(image, decoded))
+            colour.append(float(np.abs(decoded.reshape(-1, 3).mean(0) - image.reshape(-1, 3).mean(0)).mean()))
+        share = torch.stack(zeros).mean(0).sort().values
+        spread = torch.stack(ratio).median(0).values
+        print(
+            f"{preset:8} | {share[0]:.2f} / {share.median():.2f} / {share[-1]:.2f}"
+            f"{'':18}| {np.mean(dead):.2f}{'':15}| {spread.median():.2f}, {spread.max():.2f}{'':22}"
+            f"| {np.mean(psnrs):.2f}    | {np.mean(colour):.1f} /255"
+        )
+
+
+if __name__ == "__main__":
+    main()
