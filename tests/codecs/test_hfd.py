@@ -154,8 +154,8 @@ def test_one_step_returns_the_first_estimate_and_detail_blends_toward_the_last(t
 
 
 def test_the_builtin_detail_decoder_restores_more_than_it_invents():
-    """The shipped weights: at 1 step and detail 0 (the restoration), a smooth picture's AVIF base gets
-    no worse, and the default setting stays within 1.5 dB of the base."""
+    """The shipped weights: at 1 step and detail 0 (the restoration), a smooth picture's base gets no
+    worse, and the default setting stays within 1.5 dB of the base."""
     image = photo_like(128, 192, 5)
 
     def psnr(params):
@@ -166,6 +166,10 @@ def test_the_builtin_detail_decoder_restores_more_than_it_invents():
     base = psnr({"steps": 0})
     assert psnr({"steps": 1, "detail": 0.0}) > base - 0.1
     assert psnr({}) > base - 1.5
+    # The hyperprior base's built-in decoder (the default model for that base) holds to the same bounds.
+    base = psnr({"base": "hyperprior", "steps": 0})
+    assert psnr({"base": "hyperprior", "steps": 1, "detail": 0.0}) > base - 0.1
+    assert psnr({"base": "hyperprior"}) > base - 1.5
 
 
 # ---------------------------------------------------------------------- the learned (hyperprior) base
