@@ -65,8 +65,8 @@ ARCHIVE_FORMAT_VERSION = 3
 MANIFEST = "manifest.json"
 LOG_DIR = "_log"
 LAST_CHECKPOINT = f"{LOG_DIR}/_last_checkpoint.json"
-# A checkpoint costs O(shards) once per this many commits; a reader reads at most this many commit files
-# after it. 100 keeps both small: ~1 % of a commit's share of a checkpoint, ~100 small GETs to open.
+# A checkpoint (the whole manifest, O(shards)) is written once per this many commits, so each commit's share
+# is 1/100 of one; a reader reads at most this many small commit files after the checkpoint.
 CHECKPOINT_EVERY = 100
 LOG_COMMIT = re.compile(r"_log/(\d{20})\.json")
 SHARD_DIR = "shards"
