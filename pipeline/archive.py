@@ -34,6 +34,7 @@ docs/FORMAT.md documents all of this for readers outside diffarc.
 from __future__ import annotations
 
 import bisect
+import functools
 import hashlib
 import io
 import json
@@ -121,6 +122,7 @@ def codec_mismatch(url: str, existing: CodecSpec, requested: CodecSpec) -> Archi
     )
 
 
+@functools.cache  # importlib.metadata scans the installed packages: ~20 ms, once per commit otherwise
 def tool_version() -> str:
     return version("diffarc")
 
