@@ -1,20 +1,28 @@
-"""The archive: Parquet shards of bitstreams, a failure table, and a manifest committed last.
+"""The archive: Parquet shards of bitstreams, a failure table, and a manifest kept as a log of commits.
 
     ARCHIVE/
-      manifest.json                       the only thing a reader trusts; rewritten atomically at each commit
-      shards/part-<uuid>.parquet          one row per image, keys sorted; listed in the manifest once committed
+      manifest.json                       where a reader starts: the log's pointer (or, in archives written
+                                          before the log, the whole manifest); written once
+      _log/<20 digits>.json               one small file per commit: what it changed and the shards it added
+      _log/<20 digits>.checkpoint.json    every CHECKPOINT_EVERY commits (and at the end), the whole manifest
+      _log/_last_checkpoint.json          the newest checkpoint's number, size and SHA-256
+      shards/part-<uuid>.parquet          one row per image, keys sorted; listed by a commit once committed
       failures/failures-<n>-<hex>.parquet every item that could not be encoded, with stage and reason
       models/<fingerprint>/               the weights the streams need, when encoded with --embed-model
       writer.lock                         held by the one encode writing the archive (pipeline/lease.py)
 
-A shard (or a model folder) is written whole before the manifest names it, so a crash leaves either the
-previous manifest (and orphan files nobody trusts, removed when the job finishes) or the new one. One
-writer at a time holds the archive's lease, and each commit replaces the manifest only if it is still
-the version that writer last wrote, so no commit can overwrite another's.
+A commit costs one small file whatever the archive's size: commit N is created only if no file of its number
+exists (S3: If-None-Match: *, local disk: a hard link), so two writers can never both win a number, and the
+loser stops without writing anything more. A shard (or a model folder) is written whole before a commit names
+it, so a crash leaves either the previous commit (and orphan files nobody trusts, removed when the job finishes)
+or the new one. One writer at a time also holds the archive's lease. A reader reads the checkpoint the pointer
+names, then the commits after it up to the first number that does not exist; commits are the truth and are
+never deleted, so a checkpoint that is missing, damaged or half-written is passed over and the log replayed
+from its first commit instead.
 
-An archive may come from anywhere: `Manifest.from_json` checks the type and range of every field and
-confines every path to its folder before anything is read, and `read_shard` checks a shard against its
-manifest entry (size, and SHA-256 when it reads it whole, row count, schema, no nulls) before trusting it.
+An archive may come from anywhere: a manifest, checkpoint or commit has the type and range of every field
+checked and every path confined to its folder before anything is read, and `read_shard` checks a shard against
+its manifest entry (size, and SHA-256 when it reads it whole, row count, schema, no nulls) before trusting it.
 
 Shards hold streams in the container's compact framing: the codec, parameters and fingerprint they
 share are listed once, in the manifest's spec table, and `Manifest.expand` turns a stream read from a
@@ -26,9 +34,11 @@ docs/FORMAT.md documents all of this for readers outside diffarc.
 from __future__ import annotations
 
 import bisect
+import functools
 import hashlib
 import io
 import json
+import logging
 import math
 import re
 import tempfile
@@ -47,10 +57,19 @@ from ..codecs.errors import ArchiveError, ModelError
 from .lease import WriterLease
 from .storage import Location, WriteConflict, relative_path_problem, retry_transient
 
-# 2: streams in compact framing, the spec table, models/. Version 1 archives (full streams, one "codec"
-# whose params still held weight locations) are read, and resumed, as they are.
-ARCHIVE_FORMAT_VERSION = 2
+logger = logging.getLogger("diffarc.archive")
+
+# 3: the manifest as a log of commits with checkpoints. 2: streams in compact framing, the spec table,
+# models/. Version 1 and 2 archives (one whole manifest.json) are read as they are, and resuming one
+# starts its log (see ArchiveWriter).
+ARCHIVE_FORMAT_VERSION = 3
 MANIFEST = "manifest.json"
+LOG_DIR = "_log"
+LAST_CHECKPOINT = f"{LOG_DIR}/_last_checkpoint.json"
+# A checkpoint (the whole manifest, O(shards)) is written once per this many commits, so each commit's share
+# is 1/100 of one; a reader reads at most this many small commit files after the checkpoint.
+CHECKPOINT_EVERY = 100
+LOG_COMMIT = re.compile(r"_log/(\d{20})\.json")
 SHARD_DIR = "shards"
 FAILURE_DIR = "failures"
 MODEL_DIR = "models"
@@ -78,6 +97,14 @@ CODEC_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,254}")
 INT64_MAX = 2**63 - 1
 
 
+def commit_path(number: int) -> str:
+    return f"{LOG_DIR}/{number:020d}.json"
+
+
+def checkpoint_path(number: int) -> str:
+    return f"{LOG_DIR}/{number:020d}.checkpoint.json"
+
+
 def codec_mismatch(url: str, existing: CodecSpec, requested: CodecSpec) -> ArchiveError:
     """The refusal to mix two codecs in one archive, in words that name only what differs."""
     differ = sorted(k for k in existing.params.keys() | requested.params.keys()
@@ -95,6 +122,7 @@ def codec_mismatch(url: str, existing: CodecSpec, requested: CodecSpec) -> Archi
     )
 
 
+@functools.cache  # importlib.metadata scans the installed packages: ~20 ms, once per commit otherwise
 def tool_version() -> str:
     return version("diffarc")
 
@@ -217,69 +245,65 @@ class Manifest:
             "pixels": sum(s.pixels for s in self.shards),
         }
 
-    def to_json(self) -> bytes:
-        document = {
-            "format": "diffarc-archive",
-            "format_version": ARCHIVE_FORMAT_VERSION,
-            "tool_version": tool_version(),
+    def header(self) -> dict:
+        """Every field but the shard list and the counters, as JSON values: what a commit may set."""
+        return {
             "specs": [asdict(s) for s in self.specs],
             "source": self.source,
             "complete": self.complete,
             "created": self.created,
-            "updated": self.updated,
-            "commits": self.commits,
             "max_pixels": self.max_pixels,
-            "totals": self.totals,
-            "shards": [asdict(s) for s in self.shards],
             "failures": self.failures,
             "models": [asdict(m) for m in self.models],
         }
-        return json.dumps(document, indent=1).encode("utf-8")
+
+    def to_json(self) -> bytes:
+        """The whole manifest: a checkpoint of the log (and, before the log, all of manifest.json)."""
+        document = {
+            "format": "diffarc-archive",
+            "format_version": ARCHIVE_FORMAT_VERSION,
+            "tool_version": tool_version(),
+            **self.header(),
+            "updated": self.updated,
+            "commits": self.commits,
+            "totals": self.totals,
+            "shards": [asdict(s) for s in self.shards],
+        }
+        return json.dumps(document).encode("utf-8")
 
     @classmethod
     def from_json(cls, data: bytes) -> Manifest:
-        """A manifest read from bytes that may be hostile: every field's type and range is checked and every
-        path confined to its folder, and a refusal is one ArchiveError naming the field."""
-        document = _parse_json(data)
-        if not isinstance(document, dict) or document.get("format") != "diffarc-archive":
-            raise ArchiveError("not a diffarc archive manifest")
+        """A whole manifest read from bytes that may be hostile: every field's type and range is checked and
+        every path confined to its folder, and a refusal is one ArchiveError naming the field."""
+        document = _archive_document(data)
+        if "log" in document:
+            raise ArchiveError("manifest is the pointer to a commit log, not a whole manifest")
         top = _Fields(document, "")
-        version = top.count("format_version", low=1)
-        if version > ARCHIVE_FORMAT_VERSION:
-            raise ArchiveError(
-                f"archive format version {version} is newer than this diffarc reads ({ARCHIVE_FORMAT_VERSION}); "
-                "upgrade diffarc"
-            )
-        if version == 1:
+        if top.count("format_version", low=1) == 1:
             codec = top.fields("codec")
-            specs = [legacy_spec({"name": codec.text("name", CODEC_NAME), "params": codec.object("params"),
-                                  "fingerprint": codec.text("fingerprint", FINGERPRINT_HEX, default="")})]  # fmt: skip
-            models = []
+            header = {"specs": [legacy_spec({"name": codec.text("name", CODEC_NAME), "params": codec.object("params"),
+                                             "fingerprint": codec.text("fingerprint", FINGERPRINT_HEX, default="")})],
+                      "models": []}  # fmt: skip
+            header.update((name, read(top)) for name, read in HEADER_FIELDS.items() if name not in header)
         else:
-            specs = [_spec(f) for f in top.each("specs")]
-            models = [_embedded_model(f) for f in top.each("models")]
-        if not specs:
-            raise top.error("specs", "is empty")
-        _unique(top, "specs", [s.id for s in specs], "id")
+            header = {name: read(top) for name, read in HEADER_FIELDS.items()}
         shards = [_shard_entry(f) for f in top.each("shards")]
         _unique(top, "shards", [e.path for e in shards], "path")
-        _unique(top, "models", [m.fingerprint for m in models], "fingerprint")
-        failures = top.fields("failures", optional=True)
-        return cls(
-            specs=specs,
-            source=top.text("source"),
-            shards=shards,
-            failures=None if failures is None else {
-                "path": failures.path("path", FAILURE_PATH), "rows": failures.count("rows"),
-                "bytes": failures.count("bytes"), "sha256": failures.text("sha256", SHA256_HEX),
-            },  # fmt: skip
-            models=models,
-            complete=top.flag("complete"),
-            created=top.number("created"),
-            updated=top.number("updated"),
-            commits=top.count("commits"),
-            max_pixels=top.count("max_pixels", low=1, optional=True),
+        return cls(**header, shards=shards, updated=top.number("updated"), commits=top.count("commits"))
+
+
+def _archive_document(data: bytes) -> dict:
+    """manifest.json (or a checkpoint) as JSON, once it says it is one of a version this diffarc reads."""
+    document = _parse_json(data)
+    if not isinstance(document, dict) or document.get("format") != "diffarc-archive":
+        raise ArchiveError("not a diffarc archive manifest")
+    version = _Fields(document, "").count("format_version", low=1)
+    if version > ARCHIVE_FORMAT_VERSION:
+        raise ArchiveError(
+            f"archive format version {version} is newer than this diffarc reads ({ARCHIVE_FORMAT_VERSION}); "
+            "upgrade diffarc"
         )
+    return document
 
 
 def _parse_json(data: bytes):
@@ -416,10 +440,54 @@ def _embedded_model(f: _Fields) -> EmbeddedModel:
     return EmbeddedModel(fingerprint, files)
 
 
-def load_manifest(archive: Location) -> Manifest | None:
-    if not archive.exists(MANIFEST):
+def _specs(top: _Fields) -> list[CodecSpec]:
+    specs = [_spec(f) for f in top.each("specs")]
+    if not specs:
+        raise top.error("specs", "is empty")
+    _unique(top, "specs", [s.id for s in specs], "id")
+    return specs
+
+
+def _models(top: _Fields) -> list[EmbeddedModel]:
+    models = [_embedded_model(f) for f in top.each("models")]
+    _unique(top, "models", [m.fingerprint for m in models], "fingerprint")
+    return models
+
+
+def _failure_table(top: _Fields) -> dict | None:
+    f = top.fields("failures", optional=True)
+    if f is None:
         return None
-    return Manifest.from_json(archive.read(MANIFEST))
+    return {"path": f.path("path", FAILURE_PATH), "rows": f.count("rows"), "bytes": f.count("bytes"),
+            "sha256": f.text("sha256", SHA256_HEX)}  # fmt: skip
+
+
+# How each field of `Manifest.header` is read: from a whole manifest, or from a commit's "set".
+HEADER_FIELDS = {
+    "specs": _specs,
+    "source": lambda top: top.text("source"),
+    "complete": lambda top: top.flag("complete"),
+    "created": lambda top: top.number("created"),
+    "max_pixels": lambda top: top.count("max_pixels", low=1, optional=True),
+    "failures": _failure_table,
+    "models": _models,
+}
+
+
+def log_pointer(first_commit: int) -> bytes:
+    """manifest.json of an archive kept as a log: where its first commit is. A diffarc older than the log
+    refuses it as a newer format instead of reading an archive it would get wrong."""
+    return json.dumps({"format": "diffarc-archive", "format_version": ARCHIVE_FORMAT_VERSION,
+                       "log": {"first_commit": first_commit}}).encode()  # fmt: skip
+
+
+def load_manifest(archive: Location) -> Manifest | None:
+    """The archive's manifest as of its newest commit, or None when there is no archive."""
+    try:
+        data = archive.read(MANIFEST)
+    except FileNotFoundError:
+        return None
+    return _manifest_from(archive, data)[0]
 
 
 def require_manifest(archive: Location) -> Manifest:
@@ -427,6 +495,106 @@ def require_manifest(archive: Location) -> Manifest:
     if manifest is None:
         raise ArchiveError(f"no diffarc archive at {archive.url} ({MANIFEST} not found)")
     return manifest
+
+
+def _manifest_from(archive: Location, data: bytes) -> tuple[Manifest, bool]:
+    """The manifest that manifest.json's `data` leads to, and whether the archive is kept as a log."""
+    document = _archive_document(data)
+    if "log" not in document:
+        return Manifest.from_json(data), False
+    first = _Fields(document, "").fields("log").count("first_commit", low=1)
+    return read_log(archive, first), True
+
+
+def read_log(archive: Location, first: int) -> Manifest:
+    """The manifest as of the newest commit: the newest checkpoint to be trusted, then every commit after it
+    up to the first number that does not exist (numbers are consecutive: each commit is created only when
+    its predecessor exists). Without a checkpoint, the log is replayed from its first commit."""
+    manifest = _newest_checkpoint(archive, first)
+    number = first if manifest is None else manifest.commits + 1
+    if manifest is None:
+        manifest = Manifest(specs=[], source="")  # the first commit sets every field
+    paths = {s.path for s in manifest.shards}
+    while True:
+        try:
+            data = archive.read(commit_path(number))
+        except FileNotFoundError:
+            break
+        _apply_commit(manifest, data, number, number == first, paths)
+        number += 1
+    if number == first:
+        raise ArchiveError(f"{commit_path(first)}: the first commit of the log, which {MANIFEST} names, is missing")
+    manifest.commits = number - 1
+    return manifest
+
+
+def _checkpoint_pointer(archive: Location, first: int) -> dict | None:
+    """What _log/_last_checkpoint.json says (commit, bytes, sha256), or None when it says nothing usable."""
+    try:
+        pointer = json.loads(archive.read(LAST_CHECKPOINT))
+    except (FileNotFoundError, ValueError, RecursionError):
+        return None
+    if not isinstance(pointer, dict) or not isinstance(pointer.get("sha256"), str):
+        return None
+    if any(type(pointer.get(k)) is not int for k in ("commit", "bytes")) or pointer["commit"] < first:
+        return None
+    return pointer
+
+
+def _newest_checkpoint(archive: Location, first: int) -> Manifest | None:
+    """The checkpoint the pointer names, if it is exactly the file the pointer describes and says it is of
+    that commit; None otherwise (the reader then replays the log: checkpoints only save reading)."""
+    for _ in range(2):  # the writer deletes a checkpoint two checkpoints later: one that vanished is looked up again
+        pointer = _checkpoint_pointer(archive, first)
+        if pointer is None:
+            return None
+        try:
+            data = archive.read(checkpoint_path(pointer["commit"]))
+        except FileNotFoundError:
+            continue
+        if len(data) != pointer["bytes"] or hashlib.sha256(data).hexdigest() != pointer["sha256"]:
+            logger.warning("%s: not the checkpoint its pointer describes; reading the whole log", checkpoint_path(pointer["commit"]))
+            return None
+        manifest = Manifest.from_json(data)
+        if manifest.commits != pointer["commit"]:
+            raise ArchiveError(f"{checkpoint_path(pointer['commit'])}: manifest field commits is {manifest.commits}, "
+                               f"not the number in its name")  # fmt: skip
+        return manifest
+    return None
+
+
+def _apply_commit(manifest: Manifest, data: bytes, number: int, first: bool, paths: set[str]) -> None:
+    """Commit `number` applied to the manifest replayed so far, every field checked as a manifest's are.
+    Errors name the commit's file."""
+    try:
+        document = _parse_json(data)
+        if not isinstance(document, dict) or document.get("format") != "diffarc-archive-commit":
+            raise ArchiveError("not a diffarc archive commit")
+        top = _Fields(document, "")
+        version = top.count("format_version", low=1)
+        if version > ARCHIVE_FORMAT_VERSION:
+            raise ArchiveError(f"archive format version {version} is newer than this diffarc reads "
+                               f"({ARCHIVE_FORMAT_VERSION}); upgrade diffarc")  # fmt: skip
+        if top.count("commit") != number:
+            raise top.error("commit", "is not the number in the file's name")
+        changes = top.fields("set", optional=True) or _Fields({}, "set.")
+        for name in changes.value:
+            if name not in HEADER_FIELDS:
+                raise changes.error(name, "is not a field a commit can set")
+        for name, read in HEADER_FIELDS.items():
+            if name in changes.value:
+                setattr(manifest, name, read(changes))
+            elif first:  # the log's first commit says everything
+                raise changes.error(name, "is missing")
+        for f in top.each("add_shards"):
+            entry = _shard_entry(f)
+            if entry.path in paths:
+                raise f.error("path", f"repeats a committed shard's: {_show(entry.path)}")
+            paths.add(entry.path)
+            manifest.shards.append(entry)
+        manifest.updated = top.number("time")
+    except ArchiveError as exc:
+        raise ArchiveError(f"{commit_path(number)}: {exc}") from None
 
 
 def shard_metadata(codec: CodecSpec) -> dict[bytes, bytes]:
@@ -711,22 +879,28 @@ def read_failures(archive: Location, manifest: Manifest) -> dict[str, Failure]:
 
 
 class ArchiveWriter:
-    """Commits shards and failures of one encode job to an archive, one conditional manifest write each.
+    """Commits shards and failures of one encode job to an archive's log, one small conditional file each.
 
     It holds the archive's writer lease (`lease`, or one it takes itself) until `finish` or `close`, and
-    replaces the manifest only if it is still the version this writer last read or wrote: a commit never
-    overwrites another writer's; this writer stops instead.
+    creates commit N only if no commit N exists: a writer that lost a race for a number (one whose lease
+    failed it) stops with an ArchiveError and writes nothing more, and the commit that won stands.
+    Every `checkpoint_every` commits, and at `finish`, it writes the whole manifest as a checkpoint.
+
     Opening an existing archive resumes it: the keys it already holds are `done`, its failures are
     known, and a request for a different codec, parameters or weights is refused rather than mixed in.
     The same weights found under another path are the same weights: the job goes on, and the spec's
-    hint records where they are now.
+    hint records where they are now. An archive without a log (format 1 or 2, one whole manifest.json)
+    gets one at its first commit: that commit holds the whole manifest, and only then is manifest.json
+    replaced — conditionally, by the pointer to the log — so a run killed in between leaves the old archive
+    as it was.
     """
 
     def __init__(
         self, archive: Location, codec: CodecSpec, source: str, max_pixels: int | None = None,
-        lease: WriterLease | None = None,
+        lease: WriterLease | None = None, checkpoint_every: int = CHECKPOINT_EVERY,
     ):  # fmt: skip
         self.archive = archive
+        self.checkpoint_every = checkpoint_every
         self._own_lease = lease is None
         self.lease = lease or WriterLease(archive)
         try:
@@ -737,18 +911,33 @@ class ArchiveWriter:
 
     def _open(self, codec: CodecSpec, source: str, max_pixels: int | None) -> None:
         try:
-            data, self.version = self.archive.read_versioned(MANIFEST)
-            existing = Manifest.from_json(data)
+            data, self._manifest_version = self.archive.read_versioned(MANIFEST)
+            existing, self._in_log = _manifest_from(self.archive, data)
         except FileNotFoundError:
-            existing, self.version = None, None
+            existing, self._manifest_version, self._in_log = None, None, False
         if existing is not None and existing.codec != codec:
             raise codec_mismatch(self.archive.url, existing.codec, codec)
+        # What the log already says: the next commit writes only what differs from it.
+        self._logged_header = existing.header() if self._in_log else {}
+        self._logged_shards = len(existing.shards) if self._in_log else 0
+        self._checkpoints: list[int] = []  # this log's checkpoints, oldest first; two are kept
+        self._stale_commits: list[str] = []
+        if self._in_log:
+            pointer = _checkpoint_pointer(self.archive, 1)
+            self._checkpoints = [pointer["commit"]] if pointer else []
         if existing is not None:
             existing.specs[-1] = replace(existing.codec, hint=codec.hint)
         self.manifest = existing or Manifest(specs=[replace(codec, id=1)], source=source)
+        if not self._in_log:
+            # Commits a killed run wrote before manifest.json named its log: nobody trusts them, and the log
+            # starts after them rather than reusing their numbers.
+            self._stale_commits = [p for p in self.archive.list_files(LOG_DIR) if LOG_COMMIT.fullmatch(p)]
+            numbers = [int(LOG_COMMIT.fullmatch(p).group(1)) for p in self._stale_commits]
+            self.manifest.commits = max([self.manifest.commits, *numbers])
         if max_pixels is not None:
             self.manifest.max_pixels = max(max_pixels, self.manifest.max_pixels or 0)
         self.failures = read_failures(self.archive, self.manifest)
+        self._failures_changed = False
         self.done: set[str] = set()
         for entry in self.manifest.shards:
             self.done.update(read_shard(self.archive, entry, columns=["key"]).column("key").to_pylist())
@@ -773,9 +962,11 @@ class ArchiveWriter:
             self.manifest.shards.append(entry)
             self.done.update(keys)
         for key in keys:
-            self.failures.pop(key, None)  # a retried item that now succeeded
+            if self.failures.pop(key, None) is not None:  # a retried item that now succeeded
+                self._failures_changed = True
         for failure in failures:
             self.failures[failure.key] = failure
+            self._failures_changed = True
         self._commit()
 
     def record_refusals(self, refused: dict[str, str]) -> None:
@@ -789,6 +980,7 @@ class ArchiveWriter:
         for key in current.keys() - wanted.keys():
             del self.failures[key]
         self.failures.update(wanted)
+        self._failures_changed = True
         self._commit()
 
     def add_model(self, model: EmbeddedModel) -> None:
@@ -804,24 +996,57 @@ class ArchiveWriter:
         return self.manifest
 
     def _commit(self) -> None:
+        """One commit file: the header fields that changed and the shards added since the last commit. The
+        failure table, O(failures), is rewritten only by a commit that changes it."""
         self.lease.check()
+        number = self.manifest.commits + 1
         previous = self.manifest.failures
-        self.manifest.failures = write_failures(self.archive, self.failures, self.manifest.commits + 1)
+        if self._failures_changed:
+            self.manifest.failures = write_failures(self.archive, self.failures, number)
         self.manifest.updated = time.time()
-        self.manifest.commits += 1
+        header = self.manifest.header()
+        record = {
+            "format": "diffarc-archive-commit", "format_version": ARCHIVE_FORMAT_VERSION,
+            "tool_version": tool_version(), "commit": number, "time": self.manifest.updated,
+            "set": {k: v for k, v in header.items() if k not in self._logged_header or self._logged_header[k] != v},
+            "add_shards": [asdict(s) for s in self.manifest.shards[self._logged_shards:]],
+        }  # fmt: skip
         try:
-            self.version = self.archive.write_versioned(MANIFEST, self.manifest.to_json(), self.version)
+            self.archive.write_versioned(commit_path(number), json.dumps(record).encode("utf-8"), None)
+            if not self._in_log:  # the first commit of the log; the archive's manifest.json names it from now on
+                self.archive.write_versioned(MANIFEST, log_pointer(number), self._manifest_version)
+                self._in_log = True
         except WriteConflict:
             raise ArchiveError(
-                f"{self.archive.url}: another writer changed the manifest since this job read it; this job "
-                "stopped without overwriting it (nothing either job committed is lost): run encode again to resume"
+                f"{self.archive.url}: another writer committed since this job read the archive (commit {number} "
+                "exists, or the manifest changed); this job stopped without overwriting anything (nothing either "
+                "job committed is lost): run encode again to resume"
             ) from None
+        self.manifest.commits = number
+        self._logged_header, self._logged_shards = header, len(self.manifest.shards)
+        self._failures_changed = False
+        if number % self.checkpoint_every == 0 or self.manifest.complete:
+            self._checkpoint()
         if previous and previous["path"] != (self.manifest.failures or {}).get("path"):
             self.archive.delete(previous["path"])
+
+    def _checkpoint(self) -> None:
+        """The whole manifest as of the last commit, written whole before the pointer names it. The one before
+        stays for readers that read the older pointer; older ones are deleted."""
+        number = self.manifest.commits
+        data = self.manifest.to_json()
+        self.archive.write_atomic(checkpoint_path(number), data)
+        pointer = {"commit": number, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        self.archive.write_atomic(LAST_CHECKPOINT, json.dumps(pointer).encode())
+        self._checkpoints = [n for n in self._checkpoints if n != number] + [number]
+        while len(self._checkpoints) > 2:
+            self.archive.delete(checkpoint_path(self._checkpoints.pop(0)))
 
     def _remove_orphans(self) -> None:
         """Shards, failure tables or model files from a killed run that no manifest lists: nobody trusts them.
         Only names diffarc could have written are removed."""
+        for path in self._stale_commits:  # before the log's first commit: no pointer leads to them
+            self.archive.delete(path)
         listed = {s.path for s in self.manifest.shards}
         if self.manifest.failures:
             listed.add(self.manifest.failures["path"])

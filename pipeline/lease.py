@@ -14,8 +14,8 @@ Expiry compares the holder's clock with the reader's, so hosts' clocks must agre
 
 The lease keeps a second writer out, but alone it cannot make commits safe: a writer paused past its
 lease's expiry may wake to find another writer in its place. So commits are conditional as well
-(`ArchiveWriter` replaces the manifest only if it is still the version it wrote), and `check` stops a
-writer that has lost its lease before it commits.
+(`ArchiveWriter` creates commit N only if no commit N exists), and `check` stops a writer that has lost
+its lease before it commits.
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ from diffarc.pipeline.archive import ArchiveWriter, CodecSpec, EncodedItem, writ
 from diffarc.pipeline.storage import Location
 
 from ..conftest import cli_env, photo_like
+from ..pipeline.test_archive import as_whole_manifest
 
 HEAVY = ("torch", "ray", "pyarrow")
 
@@ -142,7 +143,7 @@ def test_verify_thresholds_without_what_they_judge_are_usage_errors(image_folder
 def test_an_expected_failure_inside_a_ray_actor_is_one_sentence(ray_cluster, tmp_path):
     # The manifest claims weights that the jpeg codec does not have: the decode actors refuse it as they start.
     write_archive(tmp_path / "arc", "jpeg", {})
-    manifest = tmp_path / "arc" / "manifest.json"
+    manifest = as_whole_manifest(tmp_path / "arc")
     document = json.loads(manifest.read_text())
     document["specs"][0]["fingerprint"] = "ab" * 32
     manifest.write_text(json.dumps(document))

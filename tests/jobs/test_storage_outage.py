@@ -17,6 +17,9 @@ import pytest
 import s3fs
 from PIL import Image
 
+from diffarc.pipeline.archive import load_manifest
+from diffarc.pipeline.storage import Location
+
 from ..conftest import cli_env, photo_like
 from ..tcp_switch import TcpSwitch
 
@@ -48,11 +51,9 @@ def s3_job(s3_server, tmp_path, request):
 
 
 def manifest(direct: s3fs.S3FileSystem, archive: str) -> dict | None:
-    direct.invalidate_cache()
-    try:
-        return json.loads(direct.cat_file(f"{archive}/manifest.json"))
-    except FileNotFoundError:
-        return None
+    """The archive's whole manifest as JSON, read as diffarc reads it (pointer, checkpoint, commits)."""
+    found = load_manifest(Location(f"s3://{archive}", direct.storage_options))
+    return None if found is None else json.loads(found.to_json())
 
 
 def committed_keys(direct: s3fs.S3FileSystem, archive: str) -> list[str]:

@@ -2,17 +2,23 @@ import hashlib
 import io
 import json
 import re
+import threading
+import uuid
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
 from diffarc.pipeline.archive import (
+    LAST_CHECKPOINT,
     MANIFEST,
     ArchiveError,
     ArchiveWriter,
     CodecSpec,
     EncodedItem,
     Failure,
+    checkpoint_path,
+    commit_path,
     load_manifest,
     read_failures,
     read_shard,
@@ -110,9 +116,9 @@ def test_shards_hold_compact_streams_that_the_manifest_expands(tmp_path):
     entry = write_shard(archive, written, writer.manifest.codec)
     writer.commit(entry, ["a", "b"], [])
     manifest = load_manifest(archive)
-    document = json.loads((tmp_path / MANIFEST).read_text())
-    assert document["format_version"] == 2
-    assert document["specs"] == [{"name": "jpeg", "params": {"quality": 75}, "fingerprint": "", "id": 1, "hint": {}}]
+    commit = json.loads((tmp_path / commit_path(1)).read_text())
+    assert commit["format_version"] == 3
+    assert commit["set"]["specs"] == [{"name": "jpeg", "params": {"quality": 75}, "fingerprint": "", "id": 1, "hint": {}}]
     rows = read_shard(archive, entry).to_pylist()
     assert [len(r["bitstream"]) for r in rows] == [r["bitstream_bytes"] for r in rows] == [300, 300]
     assert entry.bitstream_bytes == 600
@@ -219,11 +225,18 @@ def committed_archive(tmp_path, failures=("c",)):
     return archive
 
 
+def as_whole_manifest(folder: Path) -> Path:
+    """Rewrite an archive's manifest.json as its whole manifest, as archives without a log hold it (a
+    checkpoint's document), for tests that edit a manifest by hand; returns its path."""
+    (folder / MANIFEST).write_bytes(load_manifest(Location(str(folder))).to_json())
+    return folder / MANIFEST
+
+
 def edit_manifest(archive, edit) -> None:
-    path = Location(archive.url).path(MANIFEST)
-    document = json.loads(open(path).read())
+    path = as_whole_manifest(Path(archive.url))
+    document = json.loads(path.read_text())
     edit(document)
-    open(path, "w").write(json.dumps(document))
+    path.write_text(json.dumps(document))
 
 
 @pytest.mark.parametrize("field, value, message", [
@@ -272,7 +285,7 @@ def test_a_manifest_field_of_the_wrong_type_range_or_place_is_refused_by_name(tm
 @pytest.mark.parametrize("number", ["1e400", "-1e400", "NaN", "Infinity"])
 def test_numbers_json_cannot_hold_are_refused(tmp_path, number):
     archive = committed_archive(tmp_path)
-    path = tmp_path / "arc" / MANIFEST
+    path = as_whole_manifest(tmp_path / "arc")
     path.write_text(re.sub(r'"rows": \d+', f'"rows": {number}', path.read_text(), count=1))
     with pytest.raises(ArchiveError, match="manifest is not valid JSON"):
         load_manifest(archive)
@@ -290,19 +303,51 @@ def test_a_failure_table_path_outside_the_archive_deletes_nothing_on_a_rerun(tmp
     assert victim.exists()
 
 
-def test_a_commit_never_overwrites_a_manifest_another_writer_committed(tmp_path):
-    archive = Location(str(tmp_path / "arc"))
-    writer = ArchiveWriter(archive, SPEC, source="src")
-    writer.commit(write_shard(archive, items(["a"]), SPEC), ["a"], [])
-    # A writer that took no lease (an older diffarc) commits in between.
-    other = load_manifest(archive)
-    other.shards.append(write_shard(archive, items(["z"]), SPEC))
-    other.commits += 1
-    archive.write_atomic(MANIFEST, other.to_json())
-    with pytest.raises(ArchiveError, match="another writer changed the manifest since this job read it"):
-        writer.commit(write_shard(archive, items(["b"]), SPEC), ["b"], [])
-    writer.close()
-    assert [e.last_key for e in load_manifest(archive).shards] == ["a", "z"]  # the other's commit stands
+@pytest.fixture(params=["local", "s3"])
+def any_archive(request, tmp_path) -> Location:
+    """An empty archive folder on local disk, or on the real S3 server (moto)."""
+    if request.param == "local":
+        return Location(str(tmp_path / "arc"))
+    import s3fs
+
+    options = request.getfixturevalue("s3_server")["storage_options"]
+    fs = s3fs.S3FileSystem(**options)
+    if not fs.exists("races"):
+        fs.mkdir("races")
+    return Location(f"s3://races/{uuid.uuid4().hex}", options)
+
+
+@pytest.mark.parametrize("earlier_commits", [0, 1])
+def test_two_writers_racing_for_one_commit_number_one_wins_and_the_other_stops(any_archive, earlier_commits):
+    archive = any_archive
+    first = ArchiveWriter(archive, SPEC, source="src")
+    for number in range(earlier_commits):
+        first.commit(write_shard(archive, items([f"a{number}"]), SPEC), [f"a{number}"], [])
+    # A second writer past the lease (one whose lease expired unseen) read the same state, and both commit
+    # the next number at the same moment: the store lets exactly one create it.
+    second = ArchiveWriter(archive, SPEC, source="src", lease=first.lease)
+    shards = {first: write_shard(archive, items(["x"]), SPEC), second: write_shard(archive, items(["y"]), SPEC)}
+    start, refused = threading.Barrier(2), []
+
+    def commit(writer):
+        start.wait()
+        try:
+            writer.commit(shards[writer], [shards[writer].first_key], [])
+        except ArchiveError as exc:
+            refused.append((writer, str(exc)))
+
+    threads = [threading.Thread(target=commit, args=(w,)) for w in (first, second)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(refused) == 1 and "another writer committed since this job read the archive" in refused[0][1]
+    winner = first if refused[0][0] is second else second
+    manifest = load_manifest(archive)
+    assert manifest.commits == earlier_commits + 1
+    assert [e.path for e in manifest.shards][-1] == shards[winner].path and len(manifest.shards) == earlier_commits + 1
+    winner.finish()
+    assert load_manifest(archive).complete and len(load_manifest(archive).shards) == earlier_commits + 1
 
 
 def test_a_failure_table_replaced_since_a_reader_loaded_its_manifest_is_read_through_the_new_one(tmp_path):
@@ -344,10 +389,11 @@ def test_a_truncated_damaged_or_foreign_shard_is_refused_by_name(tmp_path):
 def test_an_archive_written_before_the_lock_and_checked_reads_resumes_as_it_is(tmp_path):
     # Format 2 as the previous diffarc left it: failure tables named by commit number only, no lock file.
     archive = committed_archive(tmp_path)
-    document = json.loads((tmp_path / "arc" / MANIFEST).read_text())
+    document = json.loads(as_whole_manifest(tmp_path / "arc").read_text())
     old_name = "failures/failures-000001.parquet"
     (tmp_path / "arc" / document["failures"]["path"]).rename(tmp_path / "arc" / old_name)
     document["failures"]["path"] = old_name
+    document["format_version"] = 2
     del document["max_pixels"]
     (tmp_path / "arc" / MANIFEST).write_text(json.dumps(document))
     writer = ArchiveWriter(archive, SPEC, source="src")
@@ -356,4 +402,135 @@ def test_an_archive_written_before_the_lock_and_checked_reads_resumes_as_it_is(t
     writer.finish()
     manifest = load_manifest(archive)
     assert manifest.totals["items"] == 3 and set(read_failures(archive, manifest)) == {"c"}
-    assert archive.list_files("failures") == [manifest.failures["path"]] != [old_name]
+    assert archive.list_files("failures") == [manifest.failures["path"]] == [old_name]  # unchanged: kept
+
+
+# ---------------------------------------------------------------- the commit log
+
+
+def log_files(folder: Path) -> list[str]:
+    return sorted(p.name for p in (folder / "_log").iterdir())
+
+
+def test_a_commit_is_one_small_file_whatever_the_archive_holds(tmp_path):
+    archive = Location(str(tmp_path))
+    writer = ArchiveWriter(archive, SPEC, source="src", checkpoint_every=10)
+    writer.commit(write_shard(archive, items(["k000"]), SPEC), ["k000"], [])
+    pointer = (tmp_path / MANIFEST).read_bytes()
+    assert json.loads(pointer) == {"format": "diffarc-archive", "format_version": 3, "log": {"first_commit": 1}}
+    for index in range(1, 25):
+        key = f"k{index:03d}"
+        writer.commit(write_shard(archive, items([key]), SPEC), [key], [])
+    sizes = [(tmp_path / commit_path(n)).stat().st_size for n in range(2, 26)]
+    assert max(sizes) - min(sizes) < 20 and max(sizes) < 1000  # the 24th shard's commit costs what the 1st's did
+    assert (tmp_path / MANIFEST).read_bytes() == pointer  # written once
+    assert log_files(tmp_path) == sorted([*[f"{n:020d}.checkpoint.json" for n in (10, 20)], "_last_checkpoint.json",
+                                          *[f"{n:020d}.json" for n in range(1, 26)]])  # fmt: skip
+    writer.finish()  # checkpoints the end; only the newest two are kept
+    assert [n for n in log_files(tmp_path) if n.endswith(".checkpoint.json")] == [f"{n:020d}.checkpoint.json" for n in (20, 26)]
+    manifest = load_manifest(archive)
+    assert manifest.complete and manifest.commits == 26 and [e.first_key for e in manifest.shards] == [
+        f"k{i:03d}" for i in range(25)]  # fmt: skip
+
+
+def test_a_reader_starts_at_the_newest_checkpoint_and_passes_over_one_it_cannot_trust(tmp_path):
+    archive = Location(str(tmp_path))
+    writer = ArchiveWriter(archive, SPEC, source="src", checkpoint_every=4)
+    for index in range(10):
+        writer.commit(write_shard(archive, items([f"k{index}"]), SPEC), [f"k{index}"], [Failure(f"f{index}", "load", "bad")])
+    writer.close()  # killed after commit 10: checkpoints 4 and 8, commits 9 and 10 after them
+    expected = load_manifest(archive)
+    assert (len(expected.shards), expected.commits, expected.complete) == (10, 10, False)
+    assert json.loads((tmp_path / LAST_CHECKPOINT).read_text())["commit"] == 8
+
+    def same(manifest):
+        return (manifest.header(), manifest.shards, manifest.commits) == (expected.header(), expected.shards, 10)
+
+    # A checkpoint is a shortcut: with none, the log is replayed from its first commit.
+    (tmp_path / commit_path(3)).rename(tmp_path / "aside")  # (prove the checkpoint is what is read)
+    assert same(load_manifest(archive))
+    (tmp_path / "aside").rename(tmp_path / commit_path(3))
+    checkpoint = tmp_path / checkpoint_path(8)
+    whole = checkpoint.read_bytes()
+    checkpoint.write_bytes(whole[: len(whole) // 2])  # half-written (a store without atomic writes)
+    assert same(load_manifest(archive))
+    checkpoint.write_bytes(whole.replace(b'"complete": false', b'"complete": true '))  # same size, other bytes
+    assert same(load_manifest(archive))
+    checkpoint.unlink()
+    assert same(load_manifest(archive))
+    (tmp_path / LAST_CHECKPOINT).write_text("{not json")
+    assert same(load_manifest(archive))
+    (tmp_path / LAST_CHECKPOINT).unlink()
+    assert same(load_manifest(archive))
+    # A resumed writer goes on from the replayed state.
+    resumed = ArchiveWriter(archive, SPEC, source="src", checkpoint_every=4)
+    assert len(resumed.done) == 10 and len(resumed.failures) == 10
+    resumed.commit(write_shard(archive, items(["f0"]), SPEC), ["f0"], [])
+    assert resumed.finish().commits == 12
+    manifest = load_manifest(archive)
+    assert len(manifest.shards) == 11 and set(read_failures(archive, manifest)) == {f"f{i}" for i in range(1, 10)}
+
+
+def test_a_single_manifest_archive_reads_as_it_is_and_resuming_it_starts_a_log(tmp_path):
+    # Format 2 as diffarc wrote it before the log: one whole manifest.json, rewritten at each commit.
+    archive = committed_archive(tmp_path)
+    old = json.loads(as_whole_manifest(tmp_path / "arc").read_text())
+    old.update(format_version=2, commits=7, complete=False)
+    (tmp_path / "arc" / MANIFEST).write_text(json.dumps(old, indent=1))
+    for path in (tmp_path / "arc" / "_log").iterdir():
+        path.unlink()
+    assert [e.first_key for e in load_manifest(archive).shards] == ["a"] and load_manifest(archive).commits == 7
+    # A run that was killed after the log's first commit, before manifest.json named it: the old archive stands.
+    (tmp_path / "arc" / commit_path(8)).write_text('{"format": "diffarc-archive-commit", "half": ')
+    assert load_manifest(archive).commits == 7
+    writer = ArchiveWriter(archive, SPEC, source="src")
+    assert writer.done == {"a", "b"}
+    writer.commit(write_shard(archive, items(["d"]), SPEC), ["d"], [])
+    assert json.loads((tmp_path / "arc" / MANIFEST).read_text())["log"] == {"first_commit": 9}
+    first = json.loads((tmp_path / "arc" / commit_path(9)).read_text())
+    assert [s["first_key"] for s in first["add_shards"]] == ["a", "d"]  # the old manifest, then this commit
+    writer.finish()
+    manifest = load_manifest(archive)
+    assert manifest.complete and manifest.commits == 10 and manifest.totals["items"] == 3
+    assert set(read_failures(archive, manifest)) == {"c"}
+    assert not (tmp_path / "arc" / commit_path(8)).exists()  # the killed run's leftover, removed at the end
+
+
+def test_a_diffarc_before_the_log_refuses_a_log_archive_as_newer(tmp_path):
+    committed_archive(tmp_path)
+    document = json.loads((tmp_path / "arc" / MANIFEST).read_text())
+    assert document["format_version"] > 2 and "shards" not in document  # what a format-2 reader checks first
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda c: c["add_shards"][0].update(path="../other.arc/shards/part-1.parquet"),
+     "add_shards[0].path is not a path inside the archive"),
+    (lambda c: c["add_shards"][0].update(rows=True), "add_shards[0].rows must be a whole number"),
+    (lambda c: c.update(commit=5), "commit is not the number in the file's name"),
+    (lambda c: c["set"].update(shards=[]), "set.shards is not a field a commit can set"),
+    (lambda c: c["set"].pop("specs"), "set.specs is missing"),  # the first commit must say everything
+    (lambda c: c["set"].update(failures={"path": "/etc/hostname", "rows": 1, "bytes": 9, "sha256": "0" * 64}),
+     "set.failures.path is not a path inside the archive"),
+    (lambda c: c.update(format_version=9), "archive format version 9 is newer"),
+])  # fmt: skip
+def test_a_commit_file_with_a_bad_field_is_refused_naming_the_file_and_field(tmp_path, edit, message):
+    archive = committed_archive(tmp_path)
+    (tmp_path / "arc" / "_log" / "_last_checkpoint.json").unlink()  # read the commits themselves
+    path = tmp_path / "arc" / commit_path(1)
+    document = json.loads(path.read_text())
+    edit(document)
+    path.write_text(json.dumps(document))
+    with pytest.raises(ArchiveError, match=re.escape(f"{commit_path(1)}: ") + ".*" + re.escape(message)):
+        load_manifest(archive)
+
+
+def test_a_shard_committed_twice_in_the_log_is_refused(tmp_path):
+    archive = committed_archive(tmp_path)
+    (tmp_path / "arc" / "_log" / "_last_checkpoint.json").unlink()
+    first = json.loads((tmp_path / "arc" / commit_path(1)).read_text())
+    second_path = tmp_path / "arc" / commit_path(2)
+    second = json.loads(second_path.read_text())
+    second["add_shards"] = first["add_shards"]
+    second_path.write_text(json.dumps(second))
+    with pytest.raises(ArchiveError, match=re.escape(f"{commit_path(2)}: manifest field add_shards[0].path repeats")):
+        load_manifest(archive)

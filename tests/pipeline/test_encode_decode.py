@@ -173,8 +173,8 @@ def test_rerun_encodes_only_new_items(ray_cluster, image_folder, tmp_path):
     summary = run_encode(str(image_folder), str(arc), EncodeOptions("avif", shard_size=4))
     assert (summary.already_done, summary.encoded, summary.skipped_non_images) == (6, 1, 1)
     assert len(archive_keys(arc)) == 7
-    manifest = json.loads((arc / MANIFEST).read_text())
-    assert manifest["complete"] and manifest["totals"]["items"] == 7
+    manifest = require_manifest(Location(str(arc)))
+    assert manifest.complete and manifest.totals["items"] == 7
 
 
 def test_list_file_of_urls_is_a_source(ray_cluster, image_folder, tmp_path):
@@ -266,8 +266,8 @@ def test_an_archive_of_the_first_format_still_decodes_verifies_and_resumes(ray_c
 
     resumed = run_encode(str(image_folder), str(arc), EncodeOptions("ddcm", params))
     assert (resumed.already_done, resumed.encoded) == (3, 3)
-    document = json.loads((arc / MANIFEST).read_text())
-    assert document["format_version"] == 2 and document["specs"][0]["hint"] == {"model": model}
+    assert json.loads((arc / MANIFEST).read_text())["log"] == {"first_commit": 2}  # resuming started the log
+    assert require_manifest(Location(str(arc))).codec.hint == {"model": model}
     assert run_decode(str(arc), str(tmp_path / "all")).decoded == 6
     assert run_verify(str(arc)).intact  # old full streams and new compact ones side by side
 

@@ -20,6 +20,7 @@ from diffarc.pipeline.storage import Location
 from diffarc.pipeline.verify import run_verify
 
 from ..conftest import photo_like
+from .test_archive import as_whole_manifest
 
 pytestmark = pytest.mark.slow
 
@@ -41,7 +42,7 @@ def write_archive(path, shards: list[list[str]], streams: dict[str, bytes] | Non
 
 
 def edit_manifest(path, edit) -> None:
-    document = json.loads((path / MANIFEST).read_text())
+    document = json.loads(as_whole_manifest(path).read_text())
     edit(document)
     (path / MANIFEST).write_text(json.dumps(document))
 
@@ -53,7 +54,7 @@ def run(*args):
 def test_a_shard_path_into_another_archive_is_refused_before_anything_is_read(ray_cluster, tmp_path):
     write_archive(tmp_path / "mine.arc", [["a.png"]])
     other = write_archive(tmp_path / "other.arc", [["secret1.png", "secret2.png"]])
-    stolen = json.loads((tmp_path / "other.arc" / MANIFEST).read_text())["shards"][0]
+    stolen = json.loads(as_whole_manifest(tmp_path / "other.arc").read_text())["shards"][0]
     edit_manifest(tmp_path / "mine.arc", lambda d: d["shards"].append({**stolen, "path": f"../other.arc/{stolen['path']}"}))
     with pytest.raises(ArchiveError, match=r"shards\[1\].path is not a path inside the archive"):
         run_verify(str(tmp_path / "mine.arc"))
@@ -77,13 +78,13 @@ def test_edited_row_counts_are_not_believed(ray_cluster, tmp_path):
 
 @pytest.mark.parametrize("edit, sentence", [
     (lambda text: text.replace('"rows": 2', '"rows": 1e400', 1), "manifest is not valid JSON"),
-    (lambda text: text.replace('"format_version": 2', '"format_version": "2"', 1), "format_version must be a whole number"),
+    (lambda text: text.replace('"format_version": 3', '"format_version": "3"', 1), "format_version must be a whole number"),
     (lambda text: text.replace('"failures": null', '"failures": {"path": "/etc/hostname", "rows": 1, "bytes": 9, '
                                '"sha256": "' + "0" * 64 + '"}', 1), "failures.path is not a path inside the archive"),
 ])  # fmt: skip
 def test_a_malformed_manifest_is_one_sentence_for_every_command(ray_cluster, tmp_path, edit, sentence):
     write_archive(tmp_path / "arc", [["a.png", "b.png"]])
-    (tmp_path / "arc" / MANIFEST).write_text(edit((tmp_path / "arc" / MANIFEST).read_text()))
+    as_whole_manifest(tmp_path / "arc").write_text(edit((tmp_path / "arc" / MANIFEST).read_text()))
     for command in (["info", "--json"], ["verify"], ["decode", tmp_path / "out"], ["cat", "a.png", "-o", tmp_path / "a"]):
         result = run(command[0], tmp_path / "arc", *command[1:])
         assert result.exit_code == 1, (command, result.output)

@@ -13,7 +13,9 @@ from diffarc.codecs.parts.models import MODEL_CACHE_ENV, cached_weights_folder
 from diffarc.codecs.registry import create_codec
 from diffarc.jobs.cli import main
 from diffarc.pipeline.decode import run_decode
+from diffarc.pipeline.archive import load_manifest
 from diffarc.pipeline.encode import EncodeOptions, run_encode
+from diffarc.pipeline.storage import Location
 from diffarc.pipeline.verify import run_verify
 
 from ..conftest import save_tiny_ldm
@@ -87,7 +89,7 @@ def test_weights_embedded_in_an_s3_archive_are_fetched_into_the_model_cache_by_f
     params = {"model": str(model), "steps": 3, "codebook": 4, "tile": 2}
     run_encode("s3://tinyphotos/images", "s3://tinyarchive/a", EncodeOptions("ddcm", params, actors=1, embed_model=True),
                storage_options=options)
-    fingerprint = json.loads(fs.cat("tinyarchive/a/manifest.json"))["specs"][0]["fingerprint"]
+    fingerprint = load_manifest(Location("s3://tinyarchive/a", options)).codec.fingerprint
     assert fs.exists(f"tinyarchive/a/models/{fingerprint}/unet/diffusion_pytorch_model.safetensors")
     shutil.rmtree(model)
     assert not cached_weights_folder(fingerprint).exists()
