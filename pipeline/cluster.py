@@ -126,8 +126,11 @@ def actor_pool(
     """
     connect(address)
     shape = pool_shape(actors)
+    # SPREAD: on a cluster of CPU nodes the actors go one node after another instead of filling the
+    # first (GPU actors spread anyway, one per GPU); a replacement goes wherever there is room.
     remote = ray.remote(actor_class).options(
-        num_gpus=shape.gpus_per_actor, num_cpus=shape.cpus_per_actor, max_restarts=0, max_task_retries=0
+        num_gpus=shape.gpus_per_actor, num_cpus=shape.cpus_per_actor, max_restarts=0, max_task_retries=0,
+        scheduling_strategy="SPREAD",
     )
     pool = ActorPool(remote, args, shape.actors)
     try:
@@ -146,7 +149,10 @@ def torch_device() -> str:
 
 
 def describe_worker(device: str) -> dict:
-    return {"pid": os.getpid(), "device": device, "gpu_ids": [str(g) for g in ray.get_gpu_ids()]}
+    return {
+        "pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(), "device": device,
+        "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
+    }  # fmt: skip
 
 
 @dataclass
@@ -207,9 +213,15 @@ def run_on_pool(
                     "losing more. Finished work is kept: run the command again to resume"
                 ) from None
             lost.append(_Work(work.task, (*work.lost_on, position)))
-            if isinstance(exc, ActorDiedError) and pool[position] is actor:  # not yet replaced by a sibling task
+            # Replaced once Ray says the actor is dead; an unreachable one (its node being lost) may still
+            # answer, and its work is sent elsewhere meanwhile.
+            replaced = isinstance(exc, ActorDiedError) and pool[position] is actor  # not yet by a sibling task
+            if replaced:
                 pool.replace(position)
-                logger.warning("an actor died (%s); its work goes to another and a fresh actor takes its place", reason)
+            logger.warning(
+                "work lost its actor (%s); it goes to another%s", reason,
+                " and a fresh actor takes the dead one's place" if replaced else "",
+            )  # fmt: skip
             continue
         yield result
 

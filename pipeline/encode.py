@@ -201,7 +201,7 @@ def run_encode(
     params = check_encode(src, archive_url, options, storage_options)  # fails before Ray starts
     archive = Location(archive_url, storage_options)
     encoded = failed = deferred = source_bytes = bitstream_bytes = 0
-    workers: dict[int, dict] = {}
+    workers: dict[tuple[str, int], dict] = {}
     worker_args = (options.codec, params, storage_options, options.max_pixels, options.fetch_threads)
     with ExitStack() as held:
         lease = held.enter_context(WriterLease(archive))  # a second writer is refused here, before listing or Ray
@@ -236,7 +236,7 @@ def run_encode(
             if result.entry:
                 source_bytes += result.entry.source_bytes
                 bitstream_bytes += result.entry.bitstream_bytes
-            workers[result.worker["pid"]] = result.worker
+            workers[result.worker["node"], result.worker["pid"]] = result.worker  # pids repeat across nodes
             if on_progress:
                 on_progress(encoded + failed + deferred, len(todo), failed)
         # Items left for the next run keep the archive incomplete: it is not yet what was asked for.

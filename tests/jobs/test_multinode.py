@@ -1,0 +1,115 @@
+"""A two-node Ray cluster on this machine (`ray start --head` and `ray start --address`): an encode that
+joins it with --address runs actors on both nodes, and finishes with every key once when one node dies."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from ..conftest import _free_port, cli_env
+from .test_kill_resume import committed_keys, encode_command, write_sources
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds each node's processes through /proc"),
+]
+
+RAY = str(Path(sys.executable).with_name("ray"))
+# A cluster started by `ray start` asks joiners for a token unless told not to; these nodes are local.
+ENV = cli_env(RAY_AUTH_MODE="disabled")
+
+
+def session_processes(session: int) -> list[int]:
+    """The processes of one `ray start`: it was made a session leader, and Ray's daemons keep its session."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit():
+                stat = (entry / "stat").read_text()
+                if int(stat[stat.rindex(")") + 2 :].split()[3]) == session:
+                    pids.append(int(entry.name))
+        except OSError:  # the process ended while being looked at
+            continue
+    return pids
+
+
+def stop_node(session: int) -> None:
+    """SIGKILL every process of one node, as a lost machine would go: no goodbye to the cluster."""
+    for pid in session_processes(session):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+@pytest.fixture
+def cluster():
+    """(address, head session, worker session): a head with 2 CPUs and a worker node with 1."""
+    port = _free_port()
+    temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # a short path: Ray's socket paths must fit 107 bytes
+    head = subprocess.Popen(
+        [RAY, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=2",
+         "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp}"],
+        env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )  # fmt: skip
+    sessions = [head.pid]
+    try:
+        assert head.wait(timeout=180) == 0, head.stdout.read()[-3000:]
+        worker = subprocess.Popen(
+            [RAY, "start", f"--address=127.0.0.1:{port}", "--node-ip-address=127.0.0.1", "--num-cpus=1",
+             "--disable-usage-stats"],
+            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        )  # fmt: skip
+        sessions.append(worker.pid)
+        assert worker.wait(timeout=180) == 0, worker.stdout.read()[-3000:]
+        yield f"127.0.0.1:{port}", head.pid, worker.pid
+    finally:
+        for session in reversed(sessions):
+            stop_node(session)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def run_encode(src: Path, archive: Path, address: str) -> subprocess.Popen:
+    return subprocess.Popen(encode_command(src, archive, actors=2) + ["--address", address], env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)  # fmt: skip
+
+
+def test_an_encode_runs_on_both_nodes_and_survives_losing_one(cluster, tmp_path):
+    address, _, worker_session = cluster
+    src = tmp_path / "src"
+    expected = write_sources(src, 24)
+
+    job = run_encode(src, tmp_path / "first", address)
+    stdout, stderr = job.communicate(timeout=600)
+    assert job.returncode == 0, stderr.decode()[-3000:]
+    summary = json.loads(stdout)
+    assert len({worker["node"] for worker in summary["workers"]}) == 2, summary["workers"]  # SPREAD: one per node
+    assert sorted(committed_keys(tmp_path / "first")) == expected
+
+    # Again, and the worker node dies once work is under way on both nodes.
+    job = run_encode(src, tmp_path / "second", address)
+    try:
+        deadline = time.monotonic() + 300
+        while not (tmp_path / "second" / "shards").is_dir() or len(list((tmp_path / "second" / "shards").iterdir())) < 2:
+            assert job.poll() is None, job.stderr.read().decode()[-3000:]
+            assert time.monotonic() < deadline, "the encode made no progress"
+            time.sleep(0.2)
+        stop_node(worker_session)
+        stdout, stderr = job.communicate(timeout=600)
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+    assert job.returncode == 0, stderr.decode()[-3000:]
+    assert "work lost its actor" in stderr.decode()  # the node went with work on it
+    summary = json.loads(stdout)
+    assert summary["encoded"] == len(expected) and summary["failed"] == 0
+    assert sorted(committed_keys(tmp_path / "second")) == expected  # none lost, none twice
