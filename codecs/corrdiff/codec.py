@@ -44,7 +44,7 @@ from ..hfd.codec import HfdCodec
 from ..parts.latents import tensor_to_images
 from ..parts.metrics import psnr
 from ..parts.models import check_safetensors, fingerprint, resolve_folder
-from .correction import CorrectedDetailDecoder
+from .correction import CorrectedDetailDecoder, EndToEndEstimates
 from .nets import EndToEndDecoder
 
 DEFAULT_MODEL = "builtin:corrdiff-small"
@@ -102,6 +102,7 @@ class CorrDiffCodec(Codec):
         )
         self.hfd = HfdCodec(device, **self._hfd_params(self.config), model=detail_model)
         self._fingerprint = hashlib.sha256(self.hfd.fingerprint + e2e_fingerprint).digest()
+        self.estimates = EndToEndEstimates(self.end_to_end)
 
     @staticmethod
     def _hfd_params(config: dict) -> dict:
@@ -137,6 +138,7 @@ class CorrDiffCodec(Codec):
             header = Header(self.name, self.stream_params, b"", width=image.shape[1], height=image.shape[0])
             base = self.hfd.base_picture(base_payload, self._hfd_header(header, self.config))
             payloads.append(bytes([self.choose_level(image, base, self.config)]) + base_payload)
+            self.estimates.clear()
         return payloads
 
     def choose_level(self, image: np.ndarray, base: torch.Tensor, config: dict) -> int:
@@ -167,6 +169,7 @@ class CorrDiffCodec(Codec):
             config = self.stream_config(header)
             base = self.hfd.base_picture(payload[1:], self._hfd_header(header, config))
             images.append(self.decode_picture(base, config, strength(config["perception"], _level(payload) / (LEVELS - 1))))
+            self.estimates.clear()
         return images
 
     def decode_picture(self, base: torch.Tensor, config: dict, g: float) -> np.ndarray:
@@ -177,7 +180,7 @@ class CorrDiffCodec(Codec):
             residual = self.hfd.detail(base, hfd_config)
         else:
             corrected = copy.copy(self.hfd)  # HFD's sampler, tiling and noise, run on the corrected decoder
-            corrected.decoder = CorrectedDetailDecoder(self.hfd.decoder, self.end_to_end, g)
+            corrected.decoder = CorrectedDetailDecoder(self.hfd.decoder, self.estimates, g)
             residual = corrected.detail(base, hfd_config)
         return tensor_to_images((base + residual).clamp(-1, 1), [tuple(base.shape[2:])])[0]
 

@@ -28,7 +28,7 @@ Choices the paper leaves open, made here:
   what the sampler commits to, and there HFD's own estimate is barely better than the base, while the
   end-to-end one restores; late estimates carry the texture that buys realism. So the start is corrected
   twice as much as the end: g = ½ replaces the first estimate entirely and keeps half of the last.
-- The end-to-end estimate is computed once per (padded) base and reused at every step.
+- The end-to-end estimate is computed once per (padded) base or tile and reused at every step.
 - The per-image strength (the privileged choice) and the user's knob are in codec.py.
 """
 
@@ -45,31 +45,45 @@ def correction_weight(strength: float, t: float) -> float:
     return min(1.0, strength * (1.0 + t))
 
 
+class EndToEndEstimates:
+    """r̂_e of each (padded) base or tile, computed once while one image is coded: the sampler passes the
+    same base at every step, and the encoder decodes the same bases at several strengths."""
+
+    def __init__(self, decoder: EndToEndDecoder):
+        self.decoder = decoder
+        self.entries: dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+
+    def clear(self) -> None:
+        self.entries = {}
+
+    def __call__(self, base, quality, scale) -> torch.Tensor:
+        key = (tuple(base.shape), float(base.sum()), float(quality.sum()), float(scale.sum()))
+        for cached, estimate in self.entries.get(key, []):
+            if torch.equal(cached, base):
+                return estimate
+        estimate = self.decoder(base, quality, scale).float()
+        self.entries.setdefault(key, []).append((base, estimate))
+        return estimate
+
+
 class CorrectedDetailDecoder(torch.nn.Module):
     """HFD's detail decoder with its estimates corrected toward the end-to-end decoder's (module docstring).
 
     Called as the detail decoder is, (state, base, quality, scale, t) → r̃, so HFD's sampler, tiling and
-    padding run it unchanged. With strength 1 it returns r̂_e without calling the detail decoder.
+    padding run it unchanged. Where λ(t) = 1 it returns r̂_e without calling the detail decoder.
     """
 
-    def __init__(self, detail: DetailDecoder, end_to_end: EndToEndDecoder, strength: float):
+    def __init__(self, detail: DetailDecoder, end_to_end: EndToEndEstimates, strength: float):
         super().__init__()
         self.detail, self.end_to_end, self.strength = detail, end_to_end, strength
         self.config = detail.config  # the sampler reads the process (objective, σ, shift) from here
-        self._cached: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def multiple(self) -> int:
-        return max(self.detail.multiple, self.end_to_end.multiple)
-
-    def end_to_end_estimate(self, base, quality, scale) -> torch.Tensor:
-        """r̂_e for this base, computed once: the sampler passes the same base at every step."""
-        if self._cached is None or self._cached[0].shape != base.shape or not torch.equal(self._cached[0], base):
-            self._cached = (base, self.end_to_end(base, quality, scale).float())
-        return self._cached[1]
+        return max(self.detail.multiple, self.end_to_end.decoder.multiple)
 
     def forward(self, state, base, quality, scale, t) -> torch.Tensor:
-        estimate = self.end_to_end_estimate(base, quality, scale)
+        estimate = self.end_to_end(base, quality, scale)
         weight = correction_weight(self.strength, float(t.flatten()[0]))
         if weight == 1.0:
             return estimate
