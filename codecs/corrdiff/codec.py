@@ -39,11 +39,11 @@ import torch
 
 from ..base import Codec, DecodeCost, Param
 from ..container import Header, unpack
-from ..errors import BitstreamError, ModelError, ParameterError
+from ..errors import BitstreamError, ParameterError
 from ..hfd.codec import HfdCodec
 from ..parts.latents import tensor_to_images
 from ..parts.metrics import psnr
-from ..parts.models import check_safetensors, fingerprint, resolve_folder
+from ..parts.models import fingerprint, load_codec_model
 from .correction import CorrectedDetailDecoder, EndToEndEstimates
 from .nets import EndToEndDecoder
 
@@ -57,12 +57,7 @@ OWN_PARAMS = ("model", "detail_model", "perception", "max_psnr_loss")
 @functools.lru_cache(maxsize=4)
 def load_end_to_end_decoder(reference: str, device: str) -> tuple[EndToEndDecoder, Path, bytes]:
     """(decoder, folder, fingerprint) of an end-to-end decoder's save_pretrained folder, once per process."""
-    folder = resolve_folder(reference)
-    if folder is None or not (folder / "config.json").is_file():
-        raise ModelError(f"{reference!r} holds no CorrDiff end-to-end decoder; train one with `diffarc train corrdiff`")
-    check_safetensors(folder)
-    decoder = EndToEndDecoder.from_pretrained(str(folder), use_safetensors=True, low_cpu_mem_usage=False)
-    decoder.to(device).float().eval().requires_grad_(False)
+    decoder, folder = load_codec_model(reference, EndToEndDecoder, device, "train one with `diffarc train corrdiff`")
     return decoder, folder, fingerprint({"end_to_end": decoder})
 
 

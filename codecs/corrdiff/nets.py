@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from diffusers import UNet2DModel
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 
@@ -27,16 +26,17 @@ class EndToEndDecoder(ModelMixin, ConfigMixin):
     @register_to_config
     def __init__(self, widths: tuple[int, ...] = (48, 64, 96), layers_per_block: int = 1, space_to_depth: int = 4):
         super().__init__()
-        cells = 3 * space_to_depth**2
-        self.unet = UNet2DModel(
-            in_channels=cells + 2, out_channels=cells,
-            down_block_types=("DownBlock2D",) * len(widths), up_block_types=("UpBlock2D",) * len(widths),
-            block_out_channels=tuple(widths), layers_per_block=layers_per_block, add_attention=False,
-            norm_num_groups=16, time_embedding_dim=128,
-        )  # fmt: skip
-        # Zero output: an untrained decoder returns the base, as HFD's does.
-        torch.nn.init.zeros_(self.unet.conv_out.weight)
-        torch.nn.init.zeros_(self.unet.conv_out.bias)
+        # HFD's UNet (zero output layer included: an untrained decoder returns the base), its input
+        # convolution narrowed to [base, conditions].
+        self.unet = DetailDecoder(widths=widths, layers_per_block=layers_per_block, space_to_depth=space_to_depth).unet
+        wide = self.unet.conv_in
+        self.unet.conv_in = torch.nn.Conv2d(wide.in_channels - self.state_channels, wide.out_channels, wide.kernel_size,
+                                            padding=wide.padding)  # fmt: skip
+
+    @property
+    def state_channels(self) -> int:
+        """Input channels the detail decoder gives its sampler state, which this decoder does not have."""
+        return 3 * self.config.space_to_depth**2
 
     @classmethod
     def from_detail_decoder(cls, detail: DetailDecoder) -> "EndToEndDecoder":
@@ -44,8 +44,7 @@ class EndToEndDecoder(ModelMixin, ConfigMixin):
         config = detail.config
         decoder = cls(widths=tuple(config.widths), layers_per_block=config.layers_per_block, space_to_depth=config.space_to_depth)
         weights = dict(detail.unet.state_dict())
-        cells = 3 * config.space_to_depth**2
-        weights["conv_in.weight"] = weights["conv_in.weight"][:, cells:].clone()  # [state, base, conditions] → [base, conditions]
+        weights["conv_in.weight"] = weights["conv_in.weight"][:, decoder.state_channels :].clone()  # [state, base, conditions]
         decoder.unet.load_state_dict(weights)
         return decoder
 

@@ -11,7 +11,7 @@ from diffarc.codecs import container
 from diffarc.codecs.corrdiff.codec import LEVELS, strength
 from diffarc.codecs.corrdiff.correction import correction_weight
 from diffarc.codecs.corrdiff.nets import EndToEndDecoder
-from diffarc.codecs.errors import BitstreamError, ParameterError
+from diffarc.codecs.errors import BitstreamError, ModelError, ParameterError
 from diffarc.codecs.hfd.codec import HfdCodec
 from diffarc.codecs.parts.latents import tensor_to_images
 from diffarc.codecs.parts.metrics import psnr
@@ -135,3 +135,8 @@ def test_a_payload_without_a_valid_level_is_a_bitstream_error(models, image):
 def test_steps_0_is_refused():
     with pytest.raises(ParameterError, match="steps >= 1"):
         create_codec("corrdiff", {"steps": 0})
+
+
+def test_a_folder_without_an_end_to_end_decoder_is_refused_clearly(models):
+    with pytest.raises(ModelError, match="holds no EndToEndDecoder; train one with `diffarc train corrdiff`"):
+        create_codec("corrdiff", {"model": f"{models}/detail"})  # a detail decoder, not an end-to-end one
