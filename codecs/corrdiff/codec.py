@@ -11,9 +11,10 @@ them (Ma, Yang, Liu, ICML 2024; seed 003; `../shared/docs/methods.md` §4).
 The correction and its derivation are in correction.py; the end-to-end decoder in nets.py, its training
 in task.py. What this file decides:
 - **The privileged choice.** The encoder sees the original, so it decodes the image at a few strengths
-  and transmits one in 3 bits (a byte of the payload): the smallest g (the most realistic decode) whose
-  PSNR is within `max_psnr_loss` dB of the end-to-end decode's (g = 1). Binary search over the 8 levels
-  g = k/7, assuming PSNR grows with g; only a level that was decoded and met the bound is sent, and
+  and transmits one in 2 bits (a byte of the payload): the smallest g (the most realistic decode) whose
+  PSNR is within `max_psnr_loss` dB of the end-to-end decode's (g = 1). Binary search over the 4 levels
+  g = k/3 (an end-to-end pass and two sampler runs per image; every probe is a full decode on a CPU, so
+  a finer grid costs encode time), assuming PSNR grows with g; only a level that was decoded and met the bound is sent, and
   g = 1 always meets it. The criterion is PSNR only: no perceptual metric is needed, and LPIPS, the
   bench's metric, is never looked at.
 - **The knob.** `perception` ∈ [0, 1] maps to g piecewise linearly through (0, 1), (½, g*), (1, 0),
@@ -50,7 +51,7 @@ from .nets import EndToEndDecoder
 DEFAULT_MODEL = "builtin:corrdiff-small"
 DEFAULT_DETAIL_MODEL = "builtin:hfd-small"  # when the end-to-end decoder's folder holds no detail/
 DETAIL_FOLDER = "detail"
-LEVELS = 8  # transmitted strengths g = level / (LEVELS − 1): 3 bits
+LEVELS = 4  # transmitted strengths g = level / (LEVELS − 1): 2 bits
 OWN_PARAMS = ("model", "detail_model", "perception", "max_psnr_loss")
 
 
