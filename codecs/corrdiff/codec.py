@@ -13,9 +13,9 @@ in task.py. What this file decides:
 - **The privileged choice.** The encoder sees the original, so it decodes the image at a few strengths
   and transmits one in 2 bits (a byte of the payload): the smallest g (the most realistic decode) whose
   PSNR is within `max_psnr_loss` dB of the end-to-end decode's (g = 1). Binary search over the 4 levels
-  g = k/3 (an end-to-end pass and two sampler runs per image; every probe is a full decode on a CPU, so
-  a finer grid costs encode time), assuming PSNR grows with g; only a level that was decoded and met the bound is sent, and
-  g = 1 always meets it. The criterion is PSNR only: no perceptual metric is needed, and LPIPS, the
+  g = k/3 (an end-to-end pass and two sampler runs per image: every probe is a full decode, so a finer
+  grid costs encode time), assuming PSNR grows with g; only a level that was decoded and met the bound
+  is sent, and g = 1 always meets it. The criterion is PSNR only: no perceptual metric is needed, and LPIPS, the
   bench's metric, is never looked at.
 - **The knob.** `perception` ∈ [0, 1] maps to g piecewise linearly through (0, 1), (½, g*), (1, 0),
   g* the transmitted strength: 0 is the end-to-end decoder's output, 1 the plain HFD decode (same
@@ -119,11 +119,12 @@ class CorrDiffCodec(Codec):
         """HFD's cost for the base payload, plus the end-to-end decoder's pass."""
         _level(payload)
         config = self.resolve_params(header.params)
-        cost = self.hfd.decode_cost(self._hfd_header(header, config), payload[1:])
+        cost = self.hfd.decode_cost(self._hfd_header(header.height, header.width, config), payload[1:])
         return DecodeCost(cost.pixels, cost.passes + 1)
 
-    def _hfd_header(self, header: Header, config: dict) -> Header:
-        return Header(HfdCodec.name, self._hfd_params(config), b"", width=header.width, height=header.height)
+    def _hfd_header(self, height: int, width: int, config: dict) -> Header:
+        """The header of the hfd stream this codec's base payload would be: what HfdCodec reads it by."""
+        return Header(HfdCodec.name, self._hfd_params(config), b"", width=width, height=height)
 
     # ------------------------------------------------------------------ encode: the privileged choice
 
@@ -131,8 +132,7 @@ class CorrDiffCodec(Codec):
     def encode_payloads(self, images: list[np.ndarray]) -> list[bytes]:
         payloads = []
         for image, base_payload in zip(images, self.hfd.encode_payloads(images), strict=True):
-            header = Header(self.name, self.stream_params, b"", width=image.shape[1], height=image.shape[0])
-            base = self.hfd.base_picture(base_payload, self._hfd_header(header, self.config))
+            base = self.hfd.base_picture(base_payload, self._hfd_header(*image.shape[:2], self.config))
             payloads.append(bytes([self.choose_level(image, base, self.config)]) + base_payload)
             self.estimates.clear()
         return payloads
@@ -163,8 +163,9 @@ class CorrDiffCodec(Codec):
         images = []
         for payload, header in zip(payloads, headers, strict=True):
             config = self.stream_config(header)
-            base = self.hfd.base_picture(payload[1:], self._hfd_header(header, config))
-            images.append(self.decode_picture(base, config, strength(config["perception"], _level(payload) / (LEVELS - 1))))
+            base = self.hfd.base_picture(payload[1:], self._hfd_header(header.height, header.width, config))
+            chosen = _level(payload) / (LEVELS - 1)
+            images.append(self.decode_picture(base, config, strength(config["perception"], chosen)))
             self.estimates.clear()
         return images
 
@@ -184,5 +185,6 @@ class CorrDiffCodec(Codec):
 def _level(payload: bytes) -> int:
     """The transmitted level (the payload's first byte); BitstreamError when it cannot be one."""
     if len(payload) < 2 or payload[0] >= LEVELS:
-        raise BitstreamError(f"corrdiff payload must start with a level below {LEVELS} and hold a base; got {payload[:1].hex() or 'nothing'}")
+        found = payload[:1].hex() or "nothing"
+        raise BitstreamError(f"corrdiff payload must start with a level below {LEVELS} and hold a base; got {found}")
     return payload[0]

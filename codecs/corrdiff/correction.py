@@ -9,6 +9,7 @@ is an affine function of an estimate of r:
     ∇ log p(s_t | b)      = −(s_t − (1 − t)·E[r | s_t, b]) / (tσ)²      (the decoder's: r̂_d = the network's)
     ∇ log q(s_t | r, b)   = −(s_t − (1 − t)·r) / (tσ)²                  (the encoder's, which sees x: exact)
 
+(for HFD's variance-preserving diffusion, √ᾱ_t and 1 − ᾱ_t take the places of 1 − t and (tσ)²).
 At the encoder the original is visible, so the score that would reconstruct x is the second one; it
 differs from the decoder's only by replacing r̂_d with r. The decoder cannot know r, but the end-to-end
 decoder's r̂_e = E[r | b] was trained with x in view (MSE), so it carries the privileged information the
@@ -28,6 +29,8 @@ Choices the paper leaves open, made here:
   what the sampler commits to, and there HFD's own estimate is barely better than the base, while the
   end-to-end one restores; late estimates carry the texture that buys realism. So the start is corrected
   twice as much as the end: g = ½ replaces the first estimate entirely and keeps half of the last.
+- The correction wraps the detail decoder (`CorrectedDetailDecoder`), so HFD's own sampler, padding,
+  tiles and seeded noise run unchanged and the plain end is HFD's decode by construction.
 - The end-to-end estimate is computed once per (padded) base or tile and reused at every step.
 - The per-image strength (the privileged choice) and the user's knob are in codec.py.
 """
