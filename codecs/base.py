@@ -65,6 +65,9 @@ class Param:
     location: bool = False
     # Applied when the codec is built (its weights are cast to it): a decoder takes only its own value.
     build_time: bool = False
+    # A decoder may set it for every stream it decodes (`Codec.override`), the stream's value being the
+    # encoder's default: a knob of the decoded picture that changes nothing the encoder wrote.
+    decode_time: bool = False
 
     def parse(self, value: Any) -> Any:
         """Turn a user's value (often a command-line string) into a checked value of this parameter."""
@@ -96,6 +99,27 @@ class Codec(ABC):
     def __init__(self, device: str = "cpu", **params: Any):
         self.device = device
         self.config = self.resolve_params(params)
+        self.decode_overrides: dict[str, Any] = {}
+
+    @classmethod
+    def check_overrides(cls, params: Mapping[str, Any]) -> dict[str, Any]:
+        """Checked values of decode-time parameters (`decode --param`); ParameterError names any other."""
+        known = {p.name: p for p in cls.params if p.decode_time}
+        for name in params:
+            if name not in known:
+                raise ParameterError(
+                    f"codec {cls.name!r} has no parameter {name!r} that a decoder may set; it has "
+                    f"{sorted(known) or 'none'}"
+                )
+        return {name: known[name].parse(value) for name, value in params.items()}
+
+    def override(self, params: Mapping[str, Any]) -> None:
+        """Decode every stream with these values of decode-time parameters instead of the stream's own."""
+        self.decode_overrides = self.check_overrides(params)
+
+    def stream_config(self, header: Header) -> dict[str, Any]:
+        """The parameters one stream decodes with: its header's, overlaid by the decoder's overrides."""
+        return self.resolve_params({**header.params, **self.decode_overrides})
 
     @classmethod
     def resolve_params(cls, params: Mapping[str, Any], preset: str | None = None) -> dict[str, Any]:

@@ -25,6 +25,7 @@ _CODECS = {
     "latent-denoise": "diffarc.codecs.latent_denoise.codec:LatentDenoiseCodec",
     "hfd": "diffarc.codecs.hfd.codec:HfdCodec",
     "hyperprior": "diffarc.codecs.hyperprior.codec:HyperpriorCodec",
+    "corrdiff": "diffarc.codecs.corrdiff.codec:CorrDiffCodec",
 }
 
 _TRAINING_TASKS = {
@@ -33,6 +34,7 @@ _TRAINING_TASKS = {
     "latent-denoise": "diffarc.codecs.latent_denoise.task:PredictorsTask",
     "hfd": "diffarc.codecs.hfd.task:DetailDecoderTask",
     "hyperprior": "diffarc.codecs.hyperprior.task:HyperpriorTask",
+    "corrdiff": "diffarc.codecs.corrdiff.task:EndToEndDecoderTask",
 }
 
 # The codec `encode` uses when none is named: hfd, whose detail decoder ships with the package; on Kodak

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import click
 
-from .options import max_pixels_option, model_option, result_stream, storage_option
+from .options import decode_params_option, max_pixels_option, model_option, result_stream, storage_option
 
 
 @click.command("cat")
@@ -16,14 +16,16 @@ from .options import max_pixels_option, model_option, result_stream, storage_opt
               type=click.Choice(["png", "jpeg", "webp", "tiff", "bmp"]))
 @click.option("--stream", is_flag=True,
               help="Write KEY's standalone bitstream (codec, parameters, fingerprint; no archive needed) instead.")
+@decode_params_option
 @model_option
 @max_pixels_option
 @storage_option
-def cat(archive, key, output, image_format, stream, model, max_pixels, storage_options):
+def cat(archive, key, output, image_format, stream, params, model, max_pixels, storage_options):
     """Decode the single image KEY from ARCHIVE, reading only the row group that holds it."""
     from ..pipeline.decode import cat_item
 
-    data = cat_item(archive, key, image_format, storage_options, model=model, stream=stream, max_pixels=max_pixels)
+    data = cat_item(archive, key, image_format, storage_options, model=model, stream=stream, max_pixels=max_pixels,
+                    params=params)
     if output:
         with open(output, "wb") as handle:
             handle.write(data)

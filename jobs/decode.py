@@ -7,7 +7,7 @@ import sys
 import click
 
 from .options import (
-    EXIT_ITEMS_FAILED, Progress, decoding_options, emit,
+    EXIT_ITEMS_FAILED, Progress, decode_params_option, decoding_options, emit,
 )
 
 
@@ -22,9 +22,10 @@ from .options import (
 @click.option("--batch-size", type=click.IntRange(1), default=8, show_default=True)
 @click.option("--base-only", is_flag=True,
               help="Decode only the base layer (hfd: the AVIF picture), with no model weights at all.")
+@decode_params_option
 @decoding_options
-def decode(archive, dst, prefix, keys_file, image_format, overwrite, batch_size, base_only, model, max_pixels, actors,
-           address, storage_options, as_json):
+def decode(archive, dst, prefix, keys_file, image_format, overwrite, batch_size, base_only, params, model, max_pixels,
+           actors, address, storage_options, as_json):
     """Decode ARCHIVE (all, or a subset) to image files under DST, keys as relative paths."""
     from ..pipeline.decode import run_decode
 
@@ -34,6 +35,7 @@ def decode(archive, dst, prefix, keys_file, image_format, overwrite, batch_size,
             archive, dst, keys=keys, prefix=prefix, image_format=image_format, overwrite=overwrite,
             actors=actors, batch_size=batch_size, storage_options=storage_options,
             address=address, on_progress=progress, model=model, max_pixels=max_pixels, base_only=base_only,
+            params=params,
         )
     document = {**summary.__dict__, "failures": [f.__dict__ for f in summary.failures],
                 "images_per_second": summary.images_per_second}

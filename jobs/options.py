@@ -264,6 +264,10 @@ model_option = click.option(
     "--model", help="Weights to decode with (folder, builtin:NAME, URL), tried first; accepted only if their "
     "fingerprint is the archive's. Default: the archive's models/, the local model cache, the recorded location.",
 )
+decode_params_option = click.option(
+    "--param", "params", multiple=True, metavar="K=V", callback=parse_params,
+    help="A decode-time codec parameter, for every image (repeatable), e.g. corrdiff's perception=0.",
+)
 max_pixels_option = click.option(
     "--max-pixels", type=click.IntRange(1),
     help="Refuse streams declaring more pixels than this or costing more to decode than such an image (and, for "

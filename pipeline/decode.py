@@ -96,16 +96,20 @@ def pixel_limit(manifest: Manifest, max_pixels: int | None) -> int:
 
 
 def codec_for_archive(
-    archive: Location, manifest: Manifest, device: str = "cpu", model: str | None = None, base_only: bool = False
+    archive: Location, manifest: Manifest, device: str = "cpu", model: str | None = None, base_only: bool = False,
+    params: dict | None = None,
 ) -> Codec:  # fmt: skip
     """The archive's codec, with weights that have its fingerprint: from `model` (--model), the archive's
     models/<fingerprint>/, the local model cache, or the recorded location, in that order. With
-    `base_only`, the decoder of the streams' base layer, which needs no weights (`Codec.base_decoder`)."""
+    `base_only`, the decoder of the streams' base layer, which needs no weights (`Codec.base_decoder`).
+    `params` (decode --param) set decode-time parameters for every stream (`Codec.override`)."""
     spec = manifest.codec
     if base_only:
-        return codec_class(spec.name).base_decoder(spec.params, device)
+        codec = codec_class(spec.name).base_decoder(spec.params, device)
+        codec.override(params or {})
+        return codec
     embedded = manifest.embedded_model(spec.fingerprint)
-    return open_codec(
+    codec = open_codec(
         spec.name,
         spec.params,
         bytes.fromhex(spec.fingerprint),
@@ -114,6 +118,8 @@ def codec_for_archive(
         hint=spec.hint,
         device=device,
     )
+    codec.override(params or {})
+    return codec
 
 
 @dataclass
@@ -149,9 +155,11 @@ class DecodeSummary:
 class DecodeWorker:
     """A Ray actor: one codec, decoding shards of an archive to files under DST."""
 
-    def __init__(self, archive: Location, manifest: Manifest, model: str | None, max_pixels: int, base_only: bool):
+    def __init__(
+        self, archive: Location, manifest: Manifest, model: str | None, max_pixels: int, base_only: bool, params: dict
+    ):  # fmt: skip
         self.manifest = manifest
-        self.codec = codec_for_archive(archive, manifest, torch_device(), model, base_only)
+        self.codec = codec_for_archive(archive, manifest, torch_device(), model, base_only, params)
         self.max_pixels = max_pixels
 
     def decode_shard(
@@ -226,9 +234,11 @@ def run_decode(
     model: str | None = None,
     max_pixels: int | None = None,
     base_only: bool = False,
+    params: dict | None = None,
 ) -> DecodeSummary:
     """Decode the selected keys to files under `dst_url`; `max_pixels` defaults to the archive's own limit;
-    `base_only` decodes only the streams' base layer, without model weights (hfd)."""
+    `base_only` decodes only the streams' base layer, without model weights (hfd); `params` set the codec's
+    decode-time parameters (corrdiff's perception) for every stream."""
     started = time.perf_counter()
     if image_format not in OUTPUT_FORMATS:
         raise ParameterError(f"unknown output format {image_format!r}; choose from {sorted(OUTPUT_FORMATS)}")
@@ -237,12 +247,13 @@ def run_decode(
     manifest = check_decode(archive, dst)  # fails before Ray starts
     if base_only:
         codec_class(manifest.codec.name).base_decoder(manifest.codec.params)  # a codec without one: say so now
+    params = codec_class(manifest.codec.name).check_overrides(params or {})  # a parameter it lacks: say so now
     summary = DecodeSummary(0, 0)
     tasks, found = claim_outputs(archive, select_shards(manifest, keys, prefix), image_format, summary)
     if tasks:
         limit = pixel_limit(manifest, max_pixels)
         total = sum(task.entry.rows for task in tasks) if keys is None and not prefix else None
-        with actor_pool(DecodeWorker, archive, manifest, model, limit, base_only, actors=actors, address=address) as pool:
+        with actor_pool(DecodeWorker, archive, manifest, model, limit, base_only, params, actors=actors, address=address) as pool:
             for result in run_on_pool(
                 pool,
                 tasks,
@@ -309,11 +320,12 @@ def cat_item(
     model: str | None = None,
     stream: bool = False,
     max_pixels: int | None = None,
+    params: dict | None = None,
 ) -> bytes:
     """One image, decoded here — or, with `stream`, its standalone stream (full framing: codec,
     parameters, fingerprint), decodable without the archive. The manifest's key ranges and the shard's
     row-group statistics mean only the row group holding the key is read. `max_pixels` defaults to the
-    archive's own limit."""
+    archive's own limit; `params` set decode-time parameters, as for decode."""
     archive = Location(archive_url, storage_options)
     check_reachable(archive, "read the archive")
     manifest = require_manifest(archive)
@@ -323,6 +335,6 @@ def cat_item(
             full = manifest.expand(rows[0]["bitstream"])
             if stream:
                 return full
-            codec = codec_for_archive(archive, manifest, model=model)
+            codec = codec_for_archive(archive, manifest, model=model, params=params)
             return encode_image(codec.decode([full], pixel_limit(manifest, max_pixels))[0], image_format)
     raise ArchiveError(f"key {key!r} is not in the archive {archive_url}")

@@ -275,6 +275,19 @@ def check_safetensors(component_dir: Path) -> None:
     raise ModelError(f"{component_dir} holds no weights (*.safetensors)")
 
 
+def load_codec_model(reference: str, model_class: type, device: str, how_to_train: str) -> tuple[Any, Path]:
+    """(model in float32 eval mode without gradients, folder) of a codec's own one-model folder (config.json
+    naming `model_class` + safetensors); ModelError saying `how_to_train` when the folder holds no such model."""
+    folder = resolve_folder(reference)
+    config = folder / "config.json" if folder is not None else None
+    if config is None or not config.is_file() or json.loads(config.read_text()).get("_class_name") != model_class.__name__:
+        raise ModelError(f"{reference!r} holds no {model_class.__name__}; {how_to_train}")
+    check_safetensors(folder)
+    model = model_class.from_pretrained(str(folder), use_safetensors=True, low_cpu_mem_usage=False, torch_dtype=torch.float32)
+    model.to(device).eval().requires_grad_(False)
+    return model, folder
+
+
 def _load_component(folder: Path, component: str, allowed: tuple[str, ...], dtype: torch.dtype):
     directory = folder / component
     config_file = directory / "config.json"

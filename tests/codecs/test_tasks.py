@@ -27,7 +27,7 @@ def settings(what, **changes):
 
 
 def test_the_registry_names_each_task_by_its_own_name():
-    assert training_task_names() == ["autoencoder", "diffusion", "hfd", "hyperprior", "latent-denoise"]
+    assert training_task_names() == ["autoencoder", "corrdiff", "diffusion", "hfd", "hyperprior", "latent-denoise"]
     for name in training_task_names():
         task = training_task(name)
         assert issubclass(task, TrainingTask) and task.name == name
@@ -103,3 +103,11 @@ def test_the_hyperprior_task_trains_the_codecs_model_and_exports_its_folder(tmp_
     assert metrics["val_bpp_d0p5"] > metrics["val_bpp_d4"]  # a finer step costs more, even untrained
     codec = create_codec("hyperprior", {"model": str(tmp_path / "out")})  # the exported folder is a codec's model
     assert codec.decode(codec.encode([TRAIN[0]]))[0].shape == TRAIN[0].shape
+
+
+def test_the_corrdiff_task_trains_the_end_to_end_decoder_and_exports_a_codecs_model(tmp_path):
+    from diffarc.codecs.corrdiff.nets import EndToEndDecoder
+
+    metrics = run_one_step(training_task("corrdiff"), settings("corrdiff", batch_size=4, crop=32), tmp_path)
+    assert {"mse", "val_gain_s1", "val_gain_s2"} <= set(metrics)
+    assert isinstance(EndToEndDecoder.from_pretrained(str(tmp_path / "out")), EndToEndDecoder)

@@ -140,6 +140,7 @@ def _progress_lines(process: subprocess.Popen, pattern: str, timeout: float) -> 
     [
         ("autoencoder", ["--batch-size", "2", "--lpips-weight", "0"], "vae/config.json"),
         ("hfd", ["--batch-size", "4"], "config.json"),
+        ("corrdiff", ["--batch-size", "4"], "config.json"),
     ],
 )
 def test_a_killed_train_resumes_from_its_last_checkpoint(images, tmp_path, what, options, written):

@@ -1,0 +1,192 @@
+"""CorrDiff: HFD's diffusion decoder corrected by a privileged end-to-end MSE decoder, with a knob between
+them (Ma, Yang, Liu, ICML 2024; seed 003; `../shared/docs/methods.md` §4).
+
+    encoder: image ─► HFD's base payload (AVIF) ─► base b
+             for strengths g on a grid: decode(b, g); keep the smallest g within `max_psnr_loss` of g = 1
+             payload = [level of g: one byte] + the base payload
+    decoder: b ─► EndToEndDecoder ─► r̂_e
+             HFD's sampler on the corrected estimate lerp(r̂_d, r̂_e, λ(t)), λ(t) = min(1, g·(1 + t)),
+             g from the knob `perception` and the transmitted level ─► b + r̃ ─► image
+
+The correction and its derivation are in correction.py; the end-to-end decoder in nets.py, its training
+in task.py. What this file decides:
+- **The privileged choice.** The encoder sees the original, so it decodes the image at a few strengths
+  and transmits one in 2 bits (a byte of the payload): the smallest g (the most realistic decode) whose
+  PSNR is within `max_psnr_loss` dB of the end-to-end decode's (g = 1). Binary search over the 4 levels
+  g = k/3 (an end-to-end pass and two sampler runs per image: every probe is a full decode, so a finer
+  grid costs encode time), assuming PSNR grows with g; only a level that was decoded and met the bound
+  is sent, and g = 1 always meets it. The criterion is PSNR only: no perceptual metric is needed, and LPIPS, the
+  bench's metric, is never looked at.
+- **The knob.** `perception` ∈ [0, 1] maps to g piecewise linearly through (0, 1), (½, g*), (1, 0),
+  g* the transmitted strength: 0 is the end-to-end decoder's output, 1 the plain HFD decode (same
+  steps, detail and seed, bit for bit), ½ (the default) the encoder's choice. It is a decode-time
+  parameter: `diffarc decode --param perception=P` decodes one archive for fidelity or for realism.
+- HFD's parameters (quality, scale, steps, detail, seed, …) are this codec's, with the same meaning;
+  HFD's `model` is `detail_model` here, and `model` names the end-to-end decoder, whose folder may
+  hold the detail decoder as `detail/` (what `encode --embed-model` writes). The stream's fingerprint
+  is the SHA-256 of both models' fingerprints: a stream refuses other weights of either.
+- `steps` is at least 1: the correction acts inside the sampler.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..base import Codec, DecodeCost, Param
+from ..container import Header, unpack
+from ..errors import BitstreamError, ParameterError
+from ..hfd.codec import HfdCodec
+from ..parts.latents import tensor_to_images
+from ..parts.metrics import psnr
+from ..parts.models import fingerprint, load_codec_model
+from .correction import CorrectedDetailDecoder, EndToEndEstimates
+from .nets import EndToEndDecoder
+
+DEFAULT_MODEL = "builtin:corrdiff-small"
+DEFAULT_DETAIL_MODEL = "builtin:hfd-small"  # when the end-to-end decoder's folder holds no detail/
+DETAIL_FOLDER = "detail"
+LEVELS = 4  # transmitted strengths g = level / (LEVELS − 1): 2 bits
+OWN_PARAMS = ("model", "detail_model", "perception", "max_psnr_loss")
+
+
+@functools.lru_cache(maxsize=4)
+def load_end_to_end_decoder(reference: str, device: str) -> tuple[EndToEndDecoder, Path, bytes]:
+    """(decoder, folder, fingerprint) of an end-to-end decoder's save_pretrained folder, once per process."""
+    decoder, folder = load_codec_model(reference, EndToEndDecoder, device, "train one with `diffarc train corrdiff`")
+    return decoder, folder, fingerprint({"end_to_end": decoder})
+
+
+def strength(perception: float, chosen: float) -> float:
+    """g for the knob's value: piecewise linear through (0, 1), (½, the encoder's choice), (1, 0)."""
+    if perception <= 0.5:
+        return 1.0 - 2.0 * perception * (1.0 - chosen)
+    return 2.0 * (1.0 - perception) * chosen
+
+
+class CorrDiffCodec(Codec):
+    name = "corrdiff"
+    description = "HFD corrected by an end-to-end MSE decoder, with a perception knob (CorrDiff, Ma et al. 2024)."
+    params = (
+        Param("model", str, DEFAULT_MODEL, "end-to-end decoder: builtin:NAME, folder or URL", location=True),
+        Param("detail_model", str, "", "HFD detail decoder; default: the model's detail/, else builtin:hfd-small",
+              location=True),
+        *(p for p in HfdCodec.params if p.name != "model"),
+        Param("perception", float, 0.5, "0: the end-to-end (MSE) decode … ½: the encoder's choice … 1: plain hfd",
+              minimum=0.0, maximum=1.0, decode_time=True),
+        Param("max_psnr_loss", float, 0.3, "encoder: the most PSNR (dB) its choice may lose to the end-to-end decode",
+              minimum=0.0, maximum=20.0),
+    )  # fmt: skip
+    # Named by Kodak bpp, as hfd's presets of the same bases.
+    presets = {"0.05bpp": {"quality": 20, "scale": 2}, "0.17bpp": {"quality": 20}}
+
+    @classmethod
+    def check_config(cls, config: dict) -> None:
+        if config["steps"] < 1:
+            raise ParameterError("corrdiff needs steps >= 1: the correction acts inside the sampler")
+        if config["base"] != "avif":
+            raise ParameterError("corrdiff's end-to-end decoder is trained on hfd's avif bases: base must be avif")
+
+    def __init__(self, device: str = "cpu", **params):
+        super().__init__(device, **params)
+        self.end_to_end, self.folder, e2e_fingerprint = load_end_to_end_decoder(self.config["model"], str(device))
+        detail_model = self.config["detail_model"] or (
+            str(self.folder / DETAIL_FOLDER) if (self.folder / DETAIL_FOLDER).is_dir() else DEFAULT_DETAIL_MODEL
+        )
+        self.hfd = HfdCodec(device, **self._hfd_params(self.config), model=detail_model)
+        self._fingerprint = hashlib.sha256(self.hfd.fingerprint + e2e_fingerprint).digest()
+        self.estimates = EndToEndEstimates(self.end_to_end)
+
+    @staticmethod
+    def _hfd_params(config: dict) -> dict:
+        return {k: v for k, v in config.items() if k not in OWN_PARAMS}
+
+    @property
+    def fingerprint(self) -> bytes:
+        return self._fingerprint
+
+    def weights_folders(self) -> dict:
+        return {"": self.folder, DETAIL_FOLDER: self.hfd.folder}
+
+    def stream_stats(self, stream: bytes) -> dict[str, float]:
+        """The strength the encoder chose (the bench averages it)."""
+        return {"chosen_strength": _level(unpack(stream)[1]) / (LEVELS - 1)}
+
+    def decode_cost(self, header: Header, payload: bytes) -> DecodeCost:
+        """HFD's cost for the base payload, plus the end-to-end decoder's pass."""
+        _level(payload)
+        config = self.resolve_params(header.params)
+        cost = self.hfd.decode_cost(self._hfd_header(header.height, header.width, config), payload[1:])
+        return DecodeCost(cost.pixels, cost.passes + 1)
+
+    def _hfd_header(self, height: int, width: int, config: dict) -> Header:
+        """The header of the hfd stream this codec's base payload would be: what HfdCodec reads it by."""
+        return Header(HfdCodec.name, self._hfd_params(config), b"", width=width, height=height)
+
+    # ------------------------------------------------------------------ encode: the privileged choice
+
+    @torch.inference_mode()
+    def encode_payloads(self, images: list[np.ndarray]) -> list[bytes]:
+        payloads = []
+        for image, base_payload in zip(images, self.hfd.encode_payloads(images), strict=True):
+            base = self.hfd.base_picture(base_payload, self._hfd_header(*image.shape[:2], self.config))
+            payloads.append(bytes([self.choose_level(image, base, self.config)]) + base_payload)
+            self.estimates.clear()
+        return payloads
+
+    def choose_level(self, image: np.ndarray, base: torch.Tensor, config: dict) -> int:
+        """The smallest level whose decode is within max_psnr_loss dB of the end-to-end decode (docstring)."""
+        cache = {}
+
+        def quality(level: int) -> float:
+            if level not in cache:
+                cache[level] = psnr(image, self.decode_picture(base, config, level / (LEVELS - 1)))
+            return cache[level]
+
+        bound = quality(LEVELS - 1) - config["max_psnr_loss"]
+        low, high = 0, LEVELS - 1  # high always meets the bound
+        while low < high:
+            middle = (low + high) // 2
+            if quality(middle) >= bound:
+                high = middle
+            else:
+                low = middle + 1
+        return high
+
+    # ------------------------------------------------------------------ decode
+
+    @torch.inference_mode()
+    def decode_payloads(self, payloads: list[bytes], headers: list[Header]) -> list[np.ndarray]:
+        images = []
+        for payload, header in zip(payloads, headers, strict=True):
+            config = self.stream_config(header)
+            base = self.hfd.base_picture(payload[1:], self._hfd_header(header.height, header.width, config))
+            chosen = _level(payload) / (LEVELS - 1)
+            images.append(self.decode_picture(base, config, strength(config["perception"], chosen)))
+            self.estimates.clear()
+        return images
+
+    def decode_picture(self, base: torch.Tensor, config: dict, g: float) -> np.ndarray:
+        """The picture of a base at strength g: 0 is HFD's own decode, 1 the end-to-end decoder's."""
+        hfd_config = self.hfd.resolve_params(self._hfd_params(config))
+        base = base.to(self.device)
+        if g == 0.0:
+            residual = self.hfd.detail(base, hfd_config)
+        else:
+            corrected = copy.copy(self.hfd)  # HFD's sampler, tiling and noise, run on the corrected decoder
+            corrected.decoder = CorrectedDetailDecoder(self.hfd.decoder, self.estimates, g)
+            residual = corrected.detail(base, hfd_config)
+        return tensor_to_images((base + residual).clamp(-1, 1), [tuple(base.shape[2:])])[0]
+
+
+def _level(payload: bytes) -> int:
+    """The transmitted level (the payload's first byte); BitstreamError when it cannot be one."""
+    if len(payload) < 2 or payload[0] >= LEVELS:
+        found = payload[:1].hex() or "nothing"
+        raise BitstreamError(f"corrdiff payload must start with a level below {LEVELS} and hold a base; got {found}")
+    return payload[0]
