@@ -84,19 +84,25 @@ def test_killed_encode_resumes_with_no_key_lost_or_repeated(tmp_path):
     assert on_disk == listed  # shards of the killed run that were never committed are gone
 
 
-def encode_actor_pids(session: int) -> set[int]:
-    """The EncodeWorker actors' processes of one job. Ray titles an actor's process "ray::EncodeWorker…";
-    the job's session (it was started as a session leader) tells them from other jobs' on the machine."""
+def session_processes(session: int, title: bytes = b"") -> set[int]:
+    """The processes of one session whose command line starts with `title`. A job or `ray start` run as a
+    session leader keeps its Ray processes in its session, which tells them from other jobs' on the machine
+    (Ray titles an actor's process "ray::EncodeWorker…")."""
     pids = set()
     for entry in Path("/proc").iterdir():
         try:
-            if entry.name.isdigit() and (entry / "cmdline").read_bytes().startswith(b"ray::EncodeWorker"):
+            if entry.name.isdigit() and (entry / "cmdline").read_bytes().startswith(title):
                 stat = (entry / "stat").read_text()
                 if int(stat[stat.rindex(")") + 2 :].split()[3]) == session:
                     pids.add(int(entry.name))
         except OSError:  # the process ended while being looked at
             continue
     return pids
+
+
+def encode_actor_pids(session: int) -> set[int]:
+    """The EncodeWorker actors' processes of one job."""
+    return session_processes(session, b"ray::EncodeWorker")
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the actors' processes through /proc")

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from ..conftest import _free_port, cli_env
-from .test_kill_resume import committed_keys, encode_command, write_sources
+from .test_kill_resume import committed_keys, encode_command, session_processes, write_sources
 
 pytestmark = [
     pytest.mark.slow,
@@ -26,20 +26,6 @@ pytestmark = [
 RAY = str(Path(sys.executable).with_name("ray"))
 # A cluster started by `ray start` asks joiners for a token unless told not to; these nodes are local.
 ENV = cli_env(RAY_AUTH_MODE="disabled")
-
-
-def session_processes(session: int) -> list[int]:
-    """The processes of one `ray start`: it was made a session leader, and Ray's daemons keep its session."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        try:
-            if entry.name.isdigit():
-                stat = (entry / "stat").read_text()
-                if int(stat[stat.rindex(")") + 2 :].split()[3]) == session:
-                    pids.append(int(entry.name))
-        except OSError:  # the process ended while being looked at
-            continue
-    return pids
 
 
 def stop_node(session: int) -> None:
