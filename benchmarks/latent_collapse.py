@@ -1,9 +1,12 @@
 """Why latent-denoise collapses regions to flat colour: what its quantizer leaves of each latent channel.
 
-For each preset, on Kodak: the fraction of the quantized latent's values that are the mode (0) per
-channel, the fraction of latent positions where every channel is 0 (nothing but the per-channel shift b
-is sent there: a flat colour), the quantizer's step s_c·Δ against the channel's spread, and the PSNR
-of the plain dequantized decode (t = 0) and its colour error (the mean of the per-channel means' error).
+For each preset, on Kodak: the fraction of the quantized latent's values that are 0 per channel (the
+value decodes to its prediction: the hyperprior's local mean μ; before issue 13, the channel's shift b),
+the fraction of latent positions where every channel is 0, how much the decoded latent still varies over
+those positions (std of ẑ there over the channel's std, median over channels: 0 means one flat colour,
+which the per-channel entropy model gave by construction), the quantizer's step s_c·Δ against the
+channel's spread, and the PSNR of the plain dequantized decode (t = 0) and its colour error (the mean of
+the per-channel means' error).
 
     python benchmarks/latent_collapse.py                         # all presets, 24 Kodak images
     python benchmarks/latent_collapse.py --presets 0.1bpp --max-images 4
@@ -26,15 +29,20 @@ SHARED = Path(__file__).resolve().parents[2] / "shared"
 
 
 @torch.inference_mode()
-def quantized(codec: LatentDenoiseCodec, image: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(q, z, s·Δ) of one image: the integers the range coder sends, the latent, the per-channel step."""
+def quantized(codec: LatentDenoiseCodec, image: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(q, z, ẑ, s·Δ) of one image: the integers the range coder sends, the latent, its dequantized value,
+    the per-channel step."""
     _, h, w = codec.latent_shape(*image.shape[:2])
     z = encode_latents(codec.model, images_to_tensor([image], (h * VAE_DOWNSAMPLING, w * VAE_DOWNSAMPLING), "cpu", torch.float32)).float()
     step = codec.config["step"]
     shift, scale = codec.predictors.transform(z, torch.tensor([step]))
     shift, scale = shift.half().float(), scale.half().float().clamp_min(1e-4)
-    q = torch.round((z - shift[..., None, None]) / (scale[..., None, None] * step))
-    return q[0], z[0], (scale[0] * step)
+    y = (z - shift[..., None, None]) / scale[..., None, None]
+    y_hat = codec.latent_codec.compress(y, step)["y_hat"]
+    hyperprior = codec.latent_codec  # the means it predicts, as its ideal_bits computes them
+    means = torch.from_numpy(hyperprior._gaussians(torch.round(hyperprior._hyper_latent(y)), tuple(y.shape[2:]))[0]).float()
+    z_hat = y_hat * scale[..., None, None] + shift[..., None, None]
+    return torch.round((y_hat - means) / step)[0], z[0], z_hat[0], (scale[0] * step)
 
 
 def main() -> None:
@@ -46,15 +54,19 @@ def main() -> None:
     torch.set_num_threads(2)
     images = [load_rgb(p.read_bytes()) for p in sorted(Path(args.kodak).glob("*.png"))[: args.max_images]]
     print(f"{len(images)} Kodak images; per preset: channels sorted by their share of zeros")
-    print("preset   | zeros per channel (min / median / max) | all-zero positions | step / channel std (median, max) | PSNR t=0 | colour error")
+    print("preset   | zeros per channel (min / median / max) | all-zero positions | ẑ std there / channel std "
+          "| step / channel std (median, max) | PSNR t=0 | colour error")
     for preset in args.presets.split(","):
         codec = LatentDenoiseCodec(**LatentDenoiseCodec.resolve_params({}, preset))
         plain = LatentDenoiseCodec(**{**codec.config, "timestep": "off"})
-        zeros, dead, ratio, psnrs, colour = [], [], [], [], []
+        zeros, dead, alive, ratio, psnrs, colour = [], [], [], [], [], []
         for image in images:
-            q, z, step = quantized(codec, image)
+            q, z, z_hat, step = quantized(codec, image)
             zeros.append((q == 0).float().flatten(1).mean(1))
-            dead.append(float((q == 0).all(0).float().mean()))
+            empty = (q == 0).all(0)
+            dead.append(float(empty.float().mean()))
+            if empty.sum() > 1:
+                alive.append(float((z_hat[:, empty].std(1) / z.flatten(1).std(1)).median()))
             ratio.append(step / z.flatten(1).std(1))
             decoded = plain.decode(plain.encode([image]))[0]
             psnrs.append(psnr(image, decoded))
@@ -63,7 +75,8 @@ def main() -> None:
         spread = torch.stack(ratio).median(0).values
         print(
             f"{preset:8} | {share[0]:.2f} / {share.median():.2f} / {share[-1]:.2f}"
-            f"{'':18}| {np.mean(dead):.2f}{'':15}| {spread.median():.2f}, {spread.max():.2f}{'':22}"
+            f"{'':18}| {np.mean(dead):.2f}{'':15}| {np.mean(alive) if alive else float('nan'):.2f}{'':23}"
+            f"| {spread.median():.2f}, {spread.max():.2f}{'':22}"
             f"| {np.mean(psnrs):.2f}    | {np.mean(colour):.1f} /255"
         )
 
