@@ -10,6 +10,7 @@ the per-channel means' error).
 
     python benchmarks/latent_collapse.py                         # all presets, 24 Kodak images
     python benchmarks/latent_collapse.py --presets 0.1bpp --max-images 4
+    python benchmarks/latent_collapse.py --steps 2.4,1.6,1.0            # steps Δ of your choice, not presets
 """
 
 from __future__ import annotations
@@ -49,17 +50,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kodak", default=str(SHARED / "data" / "kodak"))
     parser.add_argument("--presets", default=",".join(LatentDenoiseCodec.presets))
+    parser.add_argument("--steps", default="", help="comma-separated steps Δ to measure instead of the presets")
     parser.add_argument("--max-images", type=int, default=24)
     args = parser.parse_args()
     torch.set_num_threads(2)
     images = [load_rgb(p.read_bytes()) for p in sorted(Path(args.kodak).glob("*.png"))[: args.max_images]]
     print(f"{len(images)} Kodak images; per preset: channels sorted by their share of zeros")
-    print("preset   | zeros per channel (min / median / max) | all-zero positions | ẑ std there / channel std "
+    print("preset   | bpp   | zeros per channel (min / median / max) | all-zero positions | ẑ std there / channel std "
           "| step / channel std (median, max) | PSNR t=0 | colour error")
-    for preset in args.presets.split(","):
-        codec = LatentDenoiseCodec(**LatentDenoiseCodec.resolve_params({}, preset))
+    settings = {f"Δ={v}": {"step": float(v)} for v in args.steps.split(",")} if args.steps else {
+        preset: LatentDenoiseCodec.resolve_params({}, preset) for preset in args.presets.split(",")
+    }
+    for preset, params in settings.items():
+        codec = LatentDenoiseCodec(**params)
         plain = LatentDenoiseCodec(**{**codec.config, "timestep": "off"})
-        zeros, dead, alive, ratio, psnrs, colour = [], [], [], [], [], []
+        zeros, dead, alive, ratio, psnrs, colour, bpp = [], [], [], [], [], [], []
         for image in images:
             q, z, z_hat, step = quantized(codec, image)
             zeros.append((q == 0).float().flatten(1).mean(1))
@@ -68,13 +73,15 @@ def main() -> None:
             if empty.sum() > 1:
                 alive.append(float((z_hat[:, empty].std(1) / z.flatten(1).std(1)).median()))
             ratio.append(step / z.flatten(1).std(1))
-            decoded = plain.decode(plain.encode([image]))[0]
+            stream = plain.encode([image])[0]
+            bpp.append(8 * len(stream) / (image.shape[0] * image.shape[1]))
+            decoded = plain.decode([stream])[0]
             psnrs.append(psnr(image, decoded))
             colour.append(float(np.abs(decoded.reshape(-1, 3).mean(0) - image.reshape(-1, 3).mean(0)).mean()))
         share = torch.stack(zeros).mean(0).sort().values
         spread = torch.stack(ratio).median(0).values
         print(
-            f"{preset:8} | {share[0]:.2f} / {share.median():.2f} / {share[-1]:.2f}"
+            f"{preset:8} | {np.mean(bpp):.3f} | {share[0]:.2f} / {share.median():.2f} / {share[-1]:.2f}"
             f"{'':18}| {np.mean(dead):.2f}{'':15}| {np.mean(alive) if alive else float('nan'):.2f}{'':23}"
             f"| {spread.median():.2f}, {spread.max():.2f}{'':22}"
             f"| {np.mean(psnrs):.2f}    | {np.mean(colour):.1f} /255"

@@ -45,7 +45,7 @@ def side_info(stream: bytes):
 
 
 def test_any_size_round_trips_and_the_decoder_rebuilds_the_latent(tiny_model):
-    codec = create_codec("latent-denoise", {"model": tiny_model, "step": 0.5})
+    codec = create_codec("latent-denoise", {"model": tiny_model, "step": 0.5, "timestep": "predict"})
     streams = codec.encode(IMAGES)
     decoded = codec.decode(streams)
     assert [d.shape for d in decoded] == [i.shape for i in IMAGES]
@@ -65,7 +65,7 @@ def test_timestep_off_is_plain_quantized_latent_decoding(tiny_model):
     codec = create_codec("latent-denoise", {"model": tiny_model, "step": 0.5, "timestep": "off"})
     stream = codec.encode([IMAGES[0]])[0]
     assert side_info(stream)[0] == 0
-    denoised = create_codec("latent-denoise", {"model": tiny_model, "step": 0.5}).encode([IMAGES[0]])[0]
+    denoised = create_codec("latent-denoise", {"model": tiny_model, "step": 0.5, "timestep": "predict"}).encode([IMAGES[0]])[0]
     # Same quantized latent either way: only t differs in the stream.
     assert container.unpack(stream)[1][2:] == container.unpack(denoised)[1][2:]
     assert not np.array_equal(codec.decode([stream])[0], codec.decode([denoised])[0])
@@ -86,7 +86,7 @@ def test_denoising_runs_the_promised_number_of_unet_calls(tiny_model):
 
 
 def test_a_stream_decodes_identically_in_another_process(tiny_model, tmp_path):
-    codec = create_codec("latent-denoise", {"model": tiny_model, "step": 0.5})
+    codec = create_codec("latent-denoise", {"model": tiny_model, "step": 0.5, "timestep": "predict"})
     stream = codec.encode([IMAGES[3]])[0]
     assert np.array_equal(decode_in_new_process(stream, tmp_path, tiny_model), codec.decode([stream])[0])
 
@@ -114,7 +114,7 @@ def test_damaged_payloads_are_bitstream_errors(tiny_model):
 def test_runs_on_a_stable_diffusion_2_1_architecture(tmp_path):
     folder = save_tiny_ldm(tmp_path / "sd", conditional=True)
     save_predictors(folder / PREDICTORS_FOLDER)
-    codec = create_codec("latent-denoise", {"model": str(folder), "step": 0.5})
+    codec = create_codec("latent-denoise", {"model": str(folder), "step": 0.5, "timestep": "predict"})
     stream = codec.encode([IMAGES[0]])[0]
     assert side_info(stream)[0] > 0
     assert codec.decode([stream])[0].shape == IMAGES[0].shape
@@ -128,7 +128,7 @@ def test_search_keeps_the_candidate_with_the_best_lpips(tiny_model, monkeypatch)
     image = photo_like(40, 56, 5)
     search = create_codec("latent-denoise", {"model": tiny_model, "step": 0.5, "timestep": "search"})
     chosen = side_info(search.encode([image])[0])[0]
-    predicted = side_info(create_codec("latent-denoise", {"model": tiny_model, "step": 0.5}).encode([image])[0])[0]
+    predicted = side_info(create_codec("latent-denoise", {"model": tiny_model, "step": 0.5, "timestep": "predict"}).encode([image])[0])[0]
     # Decode the same stream with each candidate t written in: the chosen one scores best.
     lpips, scores = LPIPS(LPIPS_WEIGHTS), {}
     header, payload = container.unpack(search.encode([image])[0])
