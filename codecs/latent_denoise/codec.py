@@ -5,8 +5,9 @@ noise of the diffusion forward process at a timestep t and removes it with a few
 frozen model. Only small predictors and the entropy model are trained; the backbone is untouched.
 
     image ─VAE─► z ─γ-net(per-channel stats of z, Δ)─► shift b_c, scale s_c     (fp16, side info)
-      FactorizedLatentCodec(density p_c, Δ): q = round((z − b) / (s·Δ)) ─range coder─► symbol range, words
-      ẑ = q·Δ·s + b ─t-net(stats of ẑ, Δ·s)─► t                                  (u16, side info)
+      y = (z − b) / s ─MeanScaleHyperpriorLatentCodec(Δ)─► ζ's and y's ranges and words
+        (ζ = hyper_analysis(y), factorized; y ≈ Gaussians of mean μ and scale σ = hyper_synthesis(ζ̂))
+      ẑ = (q·Δ + μ)·s + b ─t-net(stats of ẑ, Δ·s)─► t                           (u16, side info)
     decoder: q ─► ẑ ─► x_t = √ᾱ_t · ẑ ─► DDIM (η = 0), n = min(steps, t) UNet calls, t → 0 ─► x̂0 ─VAE─► image
 
 Why x_t = √ᾱ_t · ẑ: the forward process makes x_t = √ᾱ_t·z + √(1−ᾱ_t)·ε; scaling ẑ = z + e by √ᾱ_t
@@ -20,28 +21,37 @@ Choices made here:
   encoder, which has the original, try 0, ½, 1, 1½ and 2 times the prediction and keep the one with the
   best LPIPS; `timestep=off` decodes the quantized latent as it is (t = 0), the baseline the denoising
   is measured against.
-- The default is `predict`: the paper's method, 0.2 s per Kodak image to encode on 2 CPU cores, and no
-  LPIPS weights needed. `search` gives the best LPIPS with the built-in model but encodes 25× slower
-  (5–6 s per image) and needs $DIFFARC_LPIPS_WEIGHTS. On Kodak, its LPIPS BD-rate against AVIF is
-  +143 %, against +158 % for `off` and +180 % for `predict`. With this small UNet, denoising from the
-  predicted t raises PSNR by up to 0.2 dB, but it worsens LPIPS below 0.2 bpp: the t-net was trained on
-  latent MSE. Search then mostly picks t = 0 there.
+- The default is `off` (t = 0, no UNet call; issue 13's rule: the predicted t must improve LPIPS over
+  t = 0 at every preset to be the default). Before the hyperprior, on Kodak, LPIPS BD-rate against AVIF
+  was +180 % for `predict`, +158 % for `off`, +143 % for `search`: the t-net is trained on latent MSE,
+  not LPIPS. After it, the retrained t-net still makes the latent MSE worse at coarse steps (−0.7 dB at
+  Δ = 4 on held-out crops) and the ablation on Kodak (MODELS.md) has not shown `predict` better than
+  `off` in LPIPS at every preset. `predict` (the paper's method) and `search` (the best of 0, ½, 1, 1½,
+  2 × the prediction by LPIPS, 25× slower to encode, needs $DIFFARC_LPIPS_WEIGHTS) remain parameters.
 - γ and t come from pooled per-channel statistics, so they cost the same at any image size; the
   predicted γ is rounded to fp16 before the encoder uses it, so both sides quantize with one transform.
-- The entropy model is a learned density of y = (z − b) / s per channel (`parts/entropy.py`), one for all
-  step sizes Δ, used through `parts/latent_codecs.FactorizedLatentCodec`.
+- The entropy model is the mean-scale hyperprior (Minnen et al., NeurIPS 2018) over the γ-normalised
+  y = (z − b) / s, one for all step sizes Δ, coded by the shared `parts/latent_codecs.MeanScaleHyperpriorLatentCodec`.
+  It replaced a per-channel density (one logistic mixture per channel, the same at every position):
+  with a step several times a channel's spread, that density sent 0 at most positions, and a 0 decoded to
+  the channel's shift b everywhere — whole regions of one flat colour (benchmarks/latent_collapse.py,
+  MODELS.md). Now a 0 decodes to the local mean μ the hyperprior predicts, and σ puts the bits where the
+  content is. y rather than the raw z: Δ stays a step relative to each channel's spread.
+  Streams of the old predictors are refused (their fingerprint differs) with a message saying so.
 - Steps: n = min(`steps`, t) DDIM steps evenly spaced from t to 0 — a handful of UNet calls, far under
   10 % of the 1000-step process.
 - Any image size: edge-padded to what the VAE and UNet need, cropped after decoding.
 
-Payload: t (u16), the symbol range (2 × i16), C fp16 shifts, C fp16 scales, the range coder's 32-bit
-words. Rate: bits = 8 · (2 + 4 + 4·C) + 32 · words; bpp counts the whole stream, container header included.
+Payload: t (u16), C fp16 shifts, C fp16 scales, y's symbol range (2 × i16), ζ's symbol range (2 × i16),
+the length of ζ's words in bytes (u32), ζ's words, y's words (the range coder's 32-bit words). bpp counts
+the whole stream, container header included.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import struct
 from pathlib import Path
 
@@ -52,17 +62,26 @@ from ..base import Codec, DecodeCost, Param
 from ..container import Header
 from ..errors import BitstreamError, EntropyCodingError, ModelError
 from ..parts.denoisers import DiffusionDenoiser
-from ..parts.latent_codecs import FactorizedLatentCodec
+from ..parts.latent_codecs import MeanScaleHyperpriorLatentCodec
 from ..parts.latents import VAE_DOWNSAMPLING, decode_latents, encode_latents, images_to_tensor, latent_size, tensor_to_images
 from ..parts.models import (
     DEFAULT_MODEL, MODEL_PARAM_HELP, PRECISIONS, check_safetensors, fingerprint, load_model, resolve_folder,
 )
 from ..parts.samplers import ddim, linspace_schedule
-from .nets import LatentDenoisePredictors
+from .nets import HYPER_STRIDE, LatentDenoisePredictors
 
 PREDICTORS_FOLDER = "latent_denoise"  # where a model folder keeps its trained predictors
 SEARCH_FACTORS = (0.0, 0.5, 1.0, 1.5, 2.0)  # timestep=search tries these multiples of the predicted t
-TIMESTEP = struct.Struct("<H")  # the payload: t, the latent codec's symbol range, C fp16 shifts, C fp16 scales, words
+TIMESTEP = struct.Struct("<H")  # the payload: t, C fp16 shifts, C fp16 scales, CODED, ζ's words, y's words
+CODED = struct.Struct("<4s4sI")  # y's symbol range, ζ's symbol range, ζ's words in bytes
+
+# Fingerprints of predictors whose streams no current predictors decode, and why: a clearer refusal than a
+# mismatch of two hashes. builtin:ldm-small's latent-denoise before the hyperprior entropy model (issue 13):
+RETIRED_FINGERPRINTS = {
+    bytes.fromhex("823d583da226a3a79f7ccd0f7b22b9ac652d20ffd6d29e84aab1bd99f1b656b7"):
+        "builtin:ldm-small's old latent-denoise predictors, whose per-channel entropy model the mean-scale "
+        "hyperprior replaced",
+}  # fmt: skip
 
 
 def denoise(model, z_hat: torch.Tensor, t: int, steps: int, dtype: torch.dtype) -> torch.Tensor:
@@ -84,13 +103,19 @@ def load_predictors(folder: str, device: str) -> tuple[LatentDenoisePredictors, 
             f"--model MODEL --out {path}`"
         )
     check_safetensors(path)
+    if "hyper_channels" not in json.loads((path / "config.json").read_text()):
+        raise ModelError(
+            f"{path} holds latent-denoise predictors of the per-channel entropy model, replaced by the mean-scale "
+            f"hyperprior; retrain them with `diffarc train latent-denoise --model MODEL --out {path}`"
+        )
     predictors = LatentDenoisePredictors.from_pretrained(str(path), use_safetensors=True, low_cpu_mem_usage=False)
     predictors.to(device).eval().requires_grad_(False)
     return predictors, fingerprint({"predictors": predictors})
 
 
 def side_info_bytes(channels: int) -> int:
-    return TIMESTEP.size + FactorizedLatentCodec.RANGE.size + 4 * channels
+    """t, the shifts and scales, and the latent codec's fixed fields: what precedes ζ's words."""
+    return TIMESTEP.size + 4 * channels + CODED.size
 
 
 def predictors_folder(model_reference: str, predictors: str) -> str:
@@ -116,17 +141,20 @@ class LatentDenoiseCodec(Codec):
         Param("predictors", str, "", "trained γ/t/entropy predictors (folder or URL); default: the model's latent_denoise/",
               location=True),
         Param("step", float, 1.0, "quantization step Δ of the transformed latent: the rate knob", minimum=0.01, maximum=64),
-        Param("timestep", str, "predict", "t: predicted from the quantized latent, searched by LPIPS at the encoder, or off (t = 0)",
+        Param("timestep", str, "off", "t: predicted from the quantized latent, searched by LPIPS at the encoder, or off (t = 0)",
               choices=("predict", "search", "off")),
         Param("steps", int, 4, "most denoising UNet calls (fewer when t is smaller)", minimum=1, maximum=100),
         Param("precision", str, "fp32", "UNet and VAE arithmetic", choices=tuple(PRECISIONS), build_time=True),
     )  # fmt: skip
-    # Named by the mean bpp they give on Kodak with builtin:ldm-small (measured: 0.049, ≈0.1, 0.207, ≈0.4).
+    # Chosen by measured quality: none below 22 dB PSNR on Kodak (the autoencoder's own ceiling is 24.55 dB).
+    # Named by bpp with builtin:ldm-small, timestep=off, measured on the first Kodak images only (the full
+    # 24-image run did not fit the session; MODELS.md): Δ 0.9 0.156 bpp 22.37 dB (3 images), Δ 0.65
+    # 0.262 bpp 22.51 dB, Δ 0.45 0.363 bpp 22.95 dB, Δ 0.3 0.493 bpp 23.28 dB (8 images).
     presets = {
-        "0.05bpp": {"step": 2.0},
-        "0.1bpp": {"step": 1.5},
-        "0.2bpp": {"step": 1.0},
-        "0.4bpp": {"step": 0.55},
+        "0.15bpp": {"step": 0.9},
+        "0.25bpp": {"step": 0.65},
+        "0.35bpp": {"step": 0.45},
+        "0.5bpp": {"step": 0.3},
     }
 
     def __init__(self, device: str = "cpu", **params):
@@ -144,11 +172,25 @@ class LatentDenoiseCodec(Codec):
                 f"model {self.config['model']} has {channels}"
             )
         self._fingerprint = hashlib.sha256(self.model.fingerprint + predictors_fingerprint).digest()
+        self.latent_codec = MeanScaleHyperpriorLatentCodec(
+            self.predictors.hyper_analysis, self.predictors.hyper_synthesis, self.predictors.z_density, HYPER_STRIDE
+        )
 
     @property
     def fingerprint(self) -> bytes:
         """The model's and the predictors' weights together: the entropy tables depend on both."""
         return self._fingerprint
+
+    @classmethod
+    def check_header(cls, header: Header, fingerprint: bytes) -> None:
+        """Codec.check_header, naming what wrote a stream of retired predictors."""
+        retired = RETIRED_FINGERPRINTS.get(header.fingerprint)
+        if retired is not None and header.codec == cls.name and header.fingerprint != fingerprint:
+            raise BitstreamError(
+                f"stream was written with {retired}; it cannot be decoded with these predictors "
+                f"(decode it with a diffarc release from before that change)"
+            )
+        super().check_header(header, fingerprint)
 
     def weights_folders(self) -> dict:
         return {"": self.model.folder, PREDICTORS_FOLDER: self.predictors_dir}
@@ -170,20 +212,17 @@ class LatentDenoiseCodec(Codec):
         step = torch.tensor([config["step"]], device=self.device)
         shift, scale = self.predictors.transform(z, step)
         shift, scale = shift.half().float(), scale.half().float().clamp_min(1e-4)  # what the decoder will read
-        coded = FactorizedLatentCodec(self.predictors.density, config["step"]).compress(
-            z, shift[..., None, None], scale[..., None, None]
-        )
-        z_hat = coded["y_hat"]
+        coded = self.latent_codec.compress((z - shift[..., None, None]) / scale[..., None, None], config["step"])
+        z_hat = coded["y_hat"] * scale[..., None, None] + shift[..., None, None]
         if config["timestep"] == "off":
             t = 0
         else:
             t = int(round(float(self.predictors.timestep(z_hat, step, scale)[0])))
             if config["timestep"] == "search":
                 t = self._search_timestep(image, z_hat, t)
-        (symbol_range,), (words,) = coded["strings"]
-        side = TIMESTEP.pack(t) + symbol_range + shift[0].half().cpu().numpy().astype("<f2").tobytes() \
-            + scale[0].half().cpu().numpy().astype("<f2").tobytes()  # fmt: skip
-        return side + words
+        (y_range,), (y_words,), (z_range,), (z_words,) = coded["strings"]
+        gamma = torch.cat([shift[0], scale[0]]).half().cpu().numpy().astype("<f2").tobytes()
+        return TIMESTEP.pack(t) + gamma + CODED.pack(y_range, z_range, len(z_words)) + z_words + y_words
 
     def _search_timestep(self, image: np.ndarray, z_hat: torch.Tensor, predicted: int) -> int:
         """The candidate t whose decoded image is closest to the original in LPIPS."""
@@ -204,7 +243,9 @@ class LatentDenoiseCodec(Codec):
         header, payload = self.read(stream)
         (t,) = TIMESTEP.unpack_from(payload)
         steps = min(self.resolve_params(header.params)["steps"], t)
-        return {"t": t, "denoising_steps": steps, "side_info_bits": 8 * side_info_bytes(self.predictors.config.latent_channels)}
+        side = side_info_bytes(self.predictors.config.latent_channels)
+        z_bytes = CODED.unpack_from(payload, side - CODED.size)[2] if len(payload) >= side else 0
+        return {"t": t, "denoising_steps": steps, "side_info_bits": 8 * (side + z_bytes)}
 
     # ------------------------------------------------------------------ decode
 
@@ -227,8 +268,7 @@ class LatentDenoiseCodec(Codec):
         (t,) = TIMESTEP.unpack_from(payload)
         if t > self.predictors.config.max_timestep:
             raise BitstreamError(f"latent-denoise side info holds t {t}, beyond the predictors' {self.predictors.config.max_timestep}")
-        range_end = TIMESTEP.size + FactorizedLatentCodec.RANGE.size
-        halves = np.frombuffer(payload, dtype="<f2", count=2 * c, offset=range_end).astype(np.float32)
+        halves = np.frombuffer(payload, dtype="<f2", count=2 * c, offset=TIMESTEP.size).astype(np.float32)
         shift, scale = (torch.from_numpy(v.copy())[None].to(self.device) for v in (halves[:c], halves[c:]))
         if not torch.isfinite(shift).all() or not (scale > 0).all() or not torch.isfinite(scale).all():
             raise BitstreamError("latent-denoise side info holds a non-finite shift or a non-positive or infinite scale")
@@ -239,14 +279,16 @@ class LatentDenoiseCodec(Codec):
         config = self.resolve_params(header.params)
         c, h, w = self.latent_shape(header.height, header.width)
         t, shift, scale = self.side_info(payload, header)
-        range_end = TIMESTEP.size + FactorizedLatentCodec.RANGE.size
-        strings = [[payload[TIMESTEP.size : range_end]], [payload[side_info_bytes(c) :]]]
+        side = side_info_bytes(c)
+        y_range, z_range, z_bytes = CODED.unpack_from(payload, side - CODED.size)
+        if side + z_bytes > len(payload):
+            raise BitstreamError(f"latent-denoise payload says ζ takes {z_bytes} bytes; only {len(payload) - side} follow")
+        z_words, y_words = payload[side : side + z_bytes], payload[side + z_bytes :]
         try:
-            z_hat = FactorizedLatentCodec(self.predictors.density, config["step"]).decompress(
-                strings, (h, w), shift[..., None, None], scale[..., None, None]
-            )["y_hat"]
+            y_hat = self.latent_codec.decompress([[y_range], [y_words], [z_range], [z_words]], (h, w), config["step"])["y_hat"]
         except EntropyCodingError as exc:
             raise BitstreamError(f"latent-denoise payload: {exc}") from None
+        z_hat = y_hat.to(self.device) * scale[..., None, None] + shift[..., None, None]
         return self._pixels(z_hat, t, config, (header.height, header.width))
 
     def _pixels(self, z_hat: torch.Tensor, t: int, config: dict, size: tuple[int, int]) -> np.ndarray:

@@ -1,4 +1,11 @@
-"""The latent-denoise predictors (γ-net, t-net, entropy density) and the objective they are trained on."""
+"""The latent-denoise predictors (γ-net, t-net, mean-scale hyperprior) and the objective they are trained on.
+
+    z ──γ-net──► shift b, scale s (per channel) ──► y = (z − b) / s       (the γ-normalised latent)
+    y ──hyper_analysis──► ζ (hyper_channels × H/4 × W/4) ──round──► ζ̂ ──hyper_synthesis──► μ, σ of each value of y
+
+The hyperprior runs on the γ-normalised y rather than on the raw latent: Δ then keeps its meaning (a step
+relative to each channel's spread, for every image), so the t-net's features and λ(Δ) are unchanged.
+"""
 
 from __future__ import annotations
 
@@ -8,22 +15,25 @@ import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 
-from ..parts.entropy import LogisticMixtureDensity
-from ..parts.latent_codecs import dequantize
+from ..hyperprior.nets import down, up
 from ..parts.denoisers import DiffusionDenoiser
+from ..parts.entropy import LogisticMixtureDensity
+from ..parts.latent_codecs import gaussian_bits, mean_and_scale
 
 MAX_SCALE_LOG = 4.0  # γ's scale stays within e^±4 of the channel's std: fp16-safe, and no runaway
+HYPER_STRIDE = 4  # hyper_analysis: two stride-2 layers, so ζ is at 1/32 of the image
 
 
 class LatentDenoisePredictors(ModelMixin, ConfigMixin):
-    """The trained parts: γ-net (transform), t-net (timestep) and the entropy model's density."""
+    """The trained parts: γ-net (transform), t-net (timestep) and the mean-scale hyperprior (entropy model)."""
 
     config_name = "config.json"
 
     @register_to_config
-    def __init__(self, latent_channels: int = 4, hidden: int = 64, mixtures: int = 4, max_timestep: int = 999):
+    def __init__(self, latent_channels: int = 4, hidden: int = 64, hyper_channels: int = 16, mixtures: int = 4,
+                 max_timestep: int = 999):  # fmt: skip
         super().__init__()
-        c = latent_channels
+        c, h = latent_channels, hyper_channels
         self.gamma_net = torch.nn.Sequential(
             torch.nn.Linear(2 * c + 1, hidden), torch.nn.SiLU(), torch.nn.Linear(hidden, hidden), torch.nn.SiLU(),
             torch.nn.Linear(hidden, 2 * c),
@@ -35,7 +45,18 @@ class LatentDenoisePredictors(ModelMixin, ConfigMixin):
         torch.nn.init.zeros_(self.gamma_net[-1].weight)
         torch.nn.init.zeros_(self.gamma_net[-1].bias)
         torch.nn.init.constant_(self.t_net[-1].bias, -2.2)
-        self.density = LogisticMixtureDensity(c, mixtures)
+        self.hyper_analysis = torch.nn.Sequential(
+            torch.nn.Conv2d(c, hidden, 3, padding=1), torch.nn.LeakyReLU(), down(hidden, hidden), torch.nn.LeakyReLU(),
+            down(hidden, h),
+        )  # fmt: skip
+        self.hyper_synthesis = torch.nn.Sequential(
+            up(h, hidden), torch.nn.LeakyReLU(), up(hidden, hidden), torch.nn.LeakyReLU(), torch.nn.Conv2d(hidden, 2 * c, 3, padding=1)
+        )
+        # Start from the γ-normalised prior: mean 0 and σ = softplus(0.5413) = 1 everywhere.
+        torch.nn.init.zeros_(self.hyper_synthesis[-1].weight)
+        torch.nn.init.constant_(self.hyper_synthesis[-1].bias[:c], 0.0)
+        torch.nn.init.constant_(self.hyper_synthesis[-1].bias[c:], math.log(math.expm1(1.0)))
+        self.z_density = LogisticMixtureDensity(h, mixtures)
 
     def transform(self, z: torch.Tensor, step: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-channel (shift, scale), each (B, C), for latents z (B, C, H, W) and steps Δ (B,)."""
@@ -70,14 +91,24 @@ class LatentDenoiseObjective(torch.nn.Module):
         self.predictors = predictors
         self.denoiser = DiffusionDenoiser.from_model(model)
 
-    def forward(self, z: torch.Tensor, step: torch.Tensor, uniform: torch.Tensor | None):
-        """(bits, squared error after denoising, squared error at t = 0, t), per image; uniform=None rounds."""
-        shift, scale = self.predictors.transform(z, step)
+    def forward(self, z: torch.Tensor, step: torch.Tensor, noise: tuple[torch.Tensor, torch.Tensor] | None):
+        """(bits per latent value, squared error after denoising, squared error at t = 0, t), per image, for
+        latents whose sides are multiples of HYPER_STRIDE. noise: uniform [0, 1) of y's and ζ's shapes (the
+        rate relaxation, and y's quantization error as the decoder sees it); None rounds as the codec does."""
+        predictors = self.predictors
+        shift, scale = predictors.transform(z, step)
         y = (z - shift[..., None, None]) / scale[..., None, None]
         box = step.view(-1, 1, 1, 1)
-        y_q = y + box * (uniform - 0.5) if uniform is not None else torch.round(y / box) * box
-        bits = self.predictors.density.bits(y_q, step).flatten(1).mean(1)
-        z_hat = dequantize(y_q, shift[..., None, None], scale[..., None, None], 1.0)  # y_q is in units of y, not of Δ
+        zeta = predictors.hyper_analysis(y)
+        zeta_hat = zeta + (torch.round(zeta) - zeta).detach()  # the hyper-decoder sees ζ rounded (straight through)
+        zeta_rated = zeta + noise[1] - 0.5 if noise is not None else torch.round(zeta)
+        zeta_bits = predictors.z_density.bits(zeta_rated, torch.ones_like(step)).flatten(1).sum(1)
+        means, scales = mean_and_scale(predictors.hyper_synthesis(zeta_hat))
+        offsets = (y - means) / box
+        rated = offsets + noise[0] - 0.5 if noise is not None else torch.round(offsets)
+        y_bits = gaussian_bits(rated, scales / box).flatten(1).sum(1)
+        bits = (y_bits + zeta_bits) / y[0].numel()
+        z_hat = (means + box * rated) * scale[..., None, None] + shift[..., None, None]
         t = self.predictors.timestep(z_hat, step, scale)
         alpha_bar = self.denoiser.alpha_bar(t).view(-1, 1, 1, 1)
         x0_hat, _ = self.denoiser.predict(alpha_bar.sqrt() * z_hat, t, alpha_bar)

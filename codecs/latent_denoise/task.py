@@ -1,7 +1,8 @@
-"""Training latent-denoise's predictors (γ-net, t-net, entropy density) for a frozen latent diffusion model.
+"""Training latent-denoise's predictors (γ-net, t-net, mean-scale hyperprior) for a frozen latent diffusion model.
 
     image (and its mirror) ──frozen VAE──► latents (diffusion space) ──► random latent crop z
     Δ log-uniform in STEP_RANGE ──► LatentDenoiseObjective(z, Δ): bits + λ(Δ) · MSE after one denoising step
+    bits: y's and ζ's, from the hyperprior's own probabilities under uniform noise, per latent value
     output: the predictors' own folder (config.json + safetensors); MODEL/latent_denoise/ is found by default
 
 The VAE and the UNet stay frozen; only the predictors learn. Validation reports, at each Δ of
@@ -20,12 +21,12 @@ from ..parts.crops import latent_crops, training_latents
 from ..parts.latents import encode_latents
 from ..parts.models import load_model
 from ..task import SettingsError, TrainingTask, TrainSettings
-from .nets import LatentDenoiseObjective, LatentDenoisePredictors, lambda_for_step
+from .nets import HYPER_STRIDE, LatentDenoiseObjective, LatentDenoisePredictors, lambda_for_step
 
 PREDICTOR_CONFIGS: dict[str, dict[str, Any]] = {
-    "tiny": dict(hidden=16, mixtures=2),
-    "small": dict(hidden=64, mixtures=4),
-    "base": dict(hidden=128, mixtures=6),
+    "tiny": dict(hidden=16, hyper_channels=4, mixtures=2),
+    "small": dict(hidden=64, hyper_channels=16, mixtures=4),
+    "base": dict(hidden=128, hyper_channels=32, mixtures=6),
 }
 STEP_RANGE = (0.5, 8.0)  # Δ drawn log-uniformly: from about 1 bpp down to a few hundredths on Kodak
 VALIDATION_STEPS = (1.0, 2.0, 4.0)  # quantization steps Δ at which the predictors are validated
@@ -46,6 +47,7 @@ class PredictorsTask(TrainingTask):
         _per_step("t", "val_t", ".0f"),
     )
     required = {"model": "training latent-denoise needs the frozen model's reference"}
+    crop_multiple = 8 * HYPER_STRIDE  # whole hyper-latent positions of an 8× latent: no padding in training
 
     def __init__(self, settings: TrainSettings, train, validation, device):
         super().__init__(settings, train, validation, device)
@@ -71,8 +73,11 @@ class PredictorsTask(TrainingTask):
         z = latent_crops(self.train, self.settings.batch_size, self.latent_crop, rng)
         low, high = np.log(STEP_RANGE)
         step = torch.from_numpy(np.exp(rng.uniform(low, high, len(z)))).float().to(self.device)
-        uniform = torch.from_numpy(rng.random(z.shape, dtype=np.float32)).to(self.device)
-        bits, error, _, t = wrapped(z, step, uniform)
+        b, _, h, w = z.shape
+        hyper_channels = getattr(wrapped, "module", wrapped).predictors.config.hyper_channels  # DDP wraps it
+        zeta_shape = (b, hyper_channels, h // HYPER_STRIDE, w // HYPER_STRIDE)
+        noise = tuple(torch.from_numpy(rng.random(shape, dtype=np.float32)).to(self.device) for shape in (z.shape, zeta_shape))
+        bits, error, _, t = wrapped(z, step, noise)
         loss = (bits + lambda_for_step(step) * error).mean()  # λ(Δ) makes Δ the rate knob (see its docstring)
         shown = {"bits": bits.mean(), "mse": error.mean(), "t": t.mean()}
         return loss, {name: float(value.detach()) for name, value in shown.items()}

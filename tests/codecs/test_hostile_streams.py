@@ -245,7 +245,7 @@ def latent_denoise():
 
 def test_a_latent_denoise_stream_claiming_more_symbols_than_its_words_hold_is_refused(latent_denoise):
     stream = latent_denoise.encode([photo_like(16, 16, seed=1)])[0]
-    with pytest.raises(BitstreamError, match=r"words cannot hold 16×4800 symbols, which need at least \d+ bits"):
+    with pytest.raises(BitstreamError, match=r"words cannot hold \d+×\d+ symbols, which need at least \d+ bits"):
         latent_denoise.decode([reheader(stream, width=640, height=480)])
     assert latent_denoise.decode([stream])[0].shape == (16, 16, 3)
 
@@ -255,7 +255,7 @@ def test_latent_denoise_side_information_is_checked_before_decoding(latent_denoi
     header, payload = unpack(stream)
     with pytest.raises(BitstreamError, match="t 65535, beyond the predictors' 999"):
         latent_denoise.read(pack(header, b"\xff\xff" + payload[2:]))
-    side = 2 + 4 + 4 * 16  # t, the symbol range, 16 fp16 shifts and 16 fp16 scales: the last scale ends here
+    side = 2 + 4 * 16  # t, 16 fp16 shifts and 16 fp16 scales: the last scale ends here
     infinite_scale = payload[: side - 2] + struct.pack("<e", float("inf")) + payload[side:]
     with pytest.raises(BitstreamError, match="non-positive or infinite scale"):
         latent_denoise.read(pack(header, infinite_scale))

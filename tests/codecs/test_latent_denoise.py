@@ -8,10 +8,10 @@ import torch
 
 from diffarc.codecs import container
 from diffarc.codecs.errors import BitstreamError
-from diffarc.codecs.parts.entropy import decode_symbols, symbol_tables
-from diffarc.codecs.latent_denoise.codec import PREDICTORS_FOLDER, denoise
+from diffarc.codecs.latent_denoise.codec import CODED, PREDICTORS_FOLDER, denoise
 from diffarc.codecs.latent_denoise.nets import LatentDenoisePredictors
-from diffarc.codecs.parts.latents import decode_latents, tensor_to_images
+from diffarc.codecs.parts.latent_codecs import MeanScaleHyperpriorLatentCodec
+from diffarc.codecs.parts.latents import decode_latents, encode_latents, images_to_tensor, tensor_to_images
 from diffarc.codecs.errors import ModelError
 from diffarc.codecs.registry import create_codec
 
@@ -22,9 +22,11 @@ IMAGES = [photo_like(40, 56, 1), photo_like(17, 9, 2), photo_like(1, 100, 3), ph
 
 def save_predictors(folder, seed=0):
     torch.manual_seed(seed)
-    predictors = LatentDenoisePredictors(latent_channels=4, hidden=8, mixtures=2, max_timestep=300)
+    predictors = LatentDenoisePredictors(latent_channels=4, hidden=8, hyper_channels=2, mixtures=2, max_timestep=300)
     with torch.no_grad():  # a t-net that predicts clearly more than 0, so denoising runs
         predictors.t_net[-1].bias.fill_(0.5)
+        # A hyper-synthesis whose means and scales vary with ζ, as a trained one's do (it starts constant).
+        torch.nn.init.normal_(predictors.hyper_synthesis[-1].weight, std=0.2)
     predictors.save_pretrained(folder)
     return folder
 
@@ -37,19 +39,21 @@ def tiny_model(tmp_path_factory):
 
 
 def side_info(stream: bytes):
+    """(t, y's lowest symbol, y's highest symbol) of a stream of 4-channel latents."""
     payload = container.unpack(stream)[1]
-    return struct.unpack_from("<Hhh", payload)
+    return struct.unpack_from("<H", payload) + struct.unpack_from("<hh", payload, 2 + 4 * 4)
 
 
 def test_any_size_round_trips_and_the_decoder_rebuilds_the_latent(tiny_model):
-    codec = create_codec("latent-denoise", {"model": tiny_model, "step": 0.5})
+    codec = create_codec("latent-denoise", {"model": tiny_model, "step": 0.5, "timestep": "predict"})
     streams = codec.encode(IMAGES)
     decoded = codec.decode(streams)
     assert [d.shape for d in decoded] == [i.shape for i in IMAGES]
     t, lo, hi = side_info(streams[0])
     assert 0 < t <= 300 and lo <= hi
     # What the codec reports about a stream (the bench prints it) is what the stream holds.
-    assert codec.stream_stats(streams[0]) == {"t": t, "denoising_steps": min(4, t), "side_info_bits": 8 * (6 + 4 * 4)}
+    z_bytes = CODED.unpack_from(container.unpack(streams[0])[1], 2 + 4 * 4)[2]
+    assert codec.stream_stats(streams[0]) == {"t": t, "denoising_steps": min(4, t), "side_info_bits": 8 * (2 + 4 * 4 + 12 + z_bytes)}
 
 
 def test_a_coarser_step_costs_fewer_bits(tiny_model):
@@ -61,7 +65,7 @@ def test_timestep_off_is_plain_quantized_latent_decoding(tiny_model):
     codec = create_codec("latent-denoise", {"model": tiny_model, "step": 0.5, "timestep": "off"})
     stream = codec.encode([IMAGES[0]])[0]
     assert side_info(stream)[0] == 0
-    denoised = create_codec("latent-denoise", {"model": tiny_model, "step": 0.5}).encode([IMAGES[0]])[0]
+    denoised = create_codec("latent-denoise", {"model": tiny_model, "step": 0.5, "timestep": "predict"}).encode([IMAGES[0]])[0]
     # Same quantized latent either way: only t differs in the stream.
     assert container.unpack(stream)[1][2:] == container.unpack(denoised)[1][2:]
     assert not np.array_equal(codec.decode([stream])[0], codec.decode([denoised])[0])
@@ -82,7 +86,7 @@ def test_denoising_runs_the_promised_number_of_unet_calls(tiny_model):
 
 
 def test_a_stream_decodes_identically_in_another_process(tiny_model, tmp_path):
-    codec = create_codec("latent-denoise", {"model": tiny_model, "step": 0.5})
+    codec = create_codec("latent-denoise", {"model": tiny_model, "step": 0.5, "timestep": "predict"})
     stream = codec.encode([IMAGES[3]])[0]
     assert np.array_equal(decode_in_new_process(stream, tmp_path, tiny_model), codec.decode([stream])[0])
 
@@ -100,7 +104,9 @@ def test_damaged_payloads_are_bitstream_errors(tiny_model):
     codec = create_codec("latent-denoise", {"model": tiny_model, "step": 0.5})
     stream = codec.encode([IMAGES[0]])[0]
     header, payload = container.unpack(stream)
-    for bad in (payload[:5], payload[:-3], struct.pack("<Hhh", 9999, 0, 0) + payload[6:]):
+    z_bytes = CODED.unpack_from(payload, 2 + 4 * 4)[2]
+    too_long = payload[:26] + struct.pack("<I", z_bytes + 10**6) + payload[30:]
+    for bad in (payload[:5], payload[:29], payload[:-3], struct.pack("<H", 9999) + payload[2:], too_long):
         with pytest.raises(BitstreamError):
             codec.decode([container.pack(header, bad)])
 
@@ -108,7 +114,7 @@ def test_damaged_payloads_are_bitstream_errors(tiny_model):
 def test_runs_on_a_stable_diffusion_2_1_architecture(tmp_path):
     folder = save_tiny_ldm(tmp_path / "sd", conditional=True)
     save_predictors(folder / PREDICTORS_FOLDER)
-    codec = create_codec("latent-denoise", {"model": str(folder), "step": 0.5})
+    codec = create_codec("latent-denoise", {"model": str(folder), "step": 0.5, "timestep": "predict"})
     stream = codec.encode([IMAGES[0]])[0]
     assert side_info(stream)[0] > 0
     assert codec.decode([stream])[0].shape == IMAGES[0].shape
@@ -122,7 +128,7 @@ def test_search_keeps_the_candidate_with_the_best_lpips(tiny_model, monkeypatch)
     image = photo_like(40, 56, 5)
     search = create_codec("latent-denoise", {"model": tiny_model, "step": 0.5, "timestep": "search"})
     chosen = side_info(search.encode([image])[0])[0]
-    predicted = side_info(create_codec("latent-denoise", {"model": tiny_model, "step": 0.5}).encode([image])[0])[0]
+    predicted = side_info(create_codec("latent-denoise", {"model": tiny_model, "step": 0.5, "timestep": "predict"}).encode([image])[0])[0]
     # Decode the same stream with each candidate t written in: the chosen one scores best.
     lpips, scores = LPIPS(LPIPS_WEIGHTS), {}
     header, payload = container.unpack(search.encode([image])[0])
@@ -135,14 +141,55 @@ def test_search_keeps_the_candidate_with_the_best_lpips(tiny_model, monkeypatch)
 def test_decoding_matches_the_vae_on_the_dequantized_latent_when_t_is_0(tiny_model):
     codec = create_codec("latent-denoise", {"model": tiny_model, "step": 0.5, "timestep": "off"})
     stream = codec.encode([IMAGES[0]])[0]
-    # The stream's parts, read by hand as docs/FORMAT.md describes them: t, symbol range, γ, coded symbols.
+    # The stream's parts, read by hand as docs/FORMAT.md describes them: t, γ, the hyperprior's strings.
     payload = container.unpack(stream)[1]
-    t, lo, hi = struct.unpack_from("<Hhh", payload)
-    shift, scale = np.frombuffer(payload, dtype="<f2", count=8, offset=6).astype(np.float32).reshape(2, 1, 4, 1, 1)
+    (t,) = struct.unpack_from("<H", payload)
+    shift, scale = np.frombuffer(payload, dtype="<f2", count=8, offset=2).astype(np.float32).reshape(2, 1, 4, 1, 1)
+    y_range, z_range, z_bytes = struct.unpack_from("<4s4sI", payload, 18)
     c, h, w = codec.latent_shape(40, 56)  # padded to 48 × 64 px for the UNet
-    tables = symbol_tables(codec.predictors.density, 0.5, lo, hi)
-    q = decode_symbols(payload[6 + 16 :], tables, lo, h * w).reshape(1, c, h, w)
-    latent = torch.from_numpy((q * scale * 0.5 + shift).astype(np.float32))
+    p = codec.predictors
+    hyperprior = MeanScaleHyperpriorLatentCodec(p.hyper_analysis, p.hyper_synthesis, p.z_density, 4)
+    strings = [[y_range], [payload[30 + z_bytes :]], [z_range], [payload[30 : 30 + z_bytes]]]
+    y_hat = hyperprior.decompress(strings, (h, w), 0.5)["y_hat"]
+    assert t == 0 and y_hat.shape == (1, c, h, w)
+    latent = y_hat * torch.from_numpy(scale) + torch.from_numpy(shift)
     with torch.no_grad():
         expected = tensor_to_images(decode_latents(codec.model, latent), [(40, 56)])[0]
     assert np.array_equal(codec.decode([stream])[0], expected)
+
+
+def test_the_hyperprior_codes_within_one_percent_of_its_ideal_code_length(tiny_model):
+    codec = create_codec("latent-denoise", {"model": tiny_model, "step": 0.25})
+    image = photo_like(256, 320, 6)
+    stream = codec.encode([image])[0]
+    payload = container.unpack(stream)[1]
+    coded_bits = 8 * (len(payload) - 30)  # ζ's and y's words
+    # The same y the encoder coded: γ-normalised with the fp16 shift and scale the stream carries.
+    with torch.no_grad():
+        z = encode_latents(codec.model, images_to_tensor([image], (256, 320), "cpu", torch.float32)).float()
+    shift, scale = (torch.from_numpy(v.astype(np.float32)).view(1, 4, 1, 1) for v in np.frombuffer(payload, "<f2", 8, 2).reshape(2, 4))
+    (ideal,) = codec.latent_codec.ideal_bits((z - shift) / scale, 0.25)
+    assert ideal > 2000  # enough symbols that a few words of coder overhead are under 1 %
+    assert ideal <= coded_bits <= 1.01 * ideal
+
+
+# A 16 × 16 stream of builtin:ldm-small written before the hyperprior, by its per-channel entropy model.
+OLD_BUILTIN_STREAM = bytes.fromhex(
+    "44464152010e6c6174656e742d64656e6f697365003e7b22707265636973696f6e223a2266703332222c2273746570223a312e302c22737465707322"
+    "3a342c2274696d6573746570223a2270726564696374227d20823d583da226a3a79f7ccd0f7b22b9ac652d20ffd6d29e84aab1bd99f1b656b7000000"
+    "100000001000000072a900feff0200603651b04cb645b812b1d1beaa3de1b50a3c14ba7eb74a3a69377a3985badc3a803f35402e3c30405440ca3f04"
+    "41df3d193f0f40b3417b3d103d403dd440db3e13f1c4c76598a732ffac22ed692b262d44340fdf0b0b0058ab39fb3c4eeea3a5c68ea7c01336125a51fd7fadddad6cc2"
+)
+
+
+def test_streams_of_the_retired_predictors_are_refused_saying_why():
+    with pytest.raises(BitstreamError, match="per-channel entropy model the mean-scale hyperprior replaced"):
+        create_codec("latent-denoise").decode([OLD_BUILTIN_STREAM])
+
+
+def test_predictors_of_the_per_channel_entropy_model_are_refused_saying_why(tiny_model, tmp_path):
+    folder = save_predictors(tmp_path / "old")
+    config = folder / "config.json"
+    config.write_text(config.read_text().replace('"hyper_channels": 2,', ""))
+    with pytest.raises(ModelError, match="per-channel entropy model, replaced by the mean-scale hyperprior; retrain"):
+        create_codec("latent-denoise", {"model": tiny_model, "predictors": str(folder)})
