@@ -22,7 +22,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
 from ..parts.entropy import LogisticMixtureDensity
-from ..parts.latent_codecs import gaussian_bits, mean_and_scale
+from ..parts.latent_codecs import down, gaussian_bits, mean_and_scale, up
 
 IMAGE_STRIDE = 16  # g_a: four stride-2 layers
 HYPER_STRIDE = 4  # h_a: two more
@@ -44,14 +44,6 @@ class GDN(nn.Module):
         gamma = F.softplus(self.gamma)[:, :, None, None]
         norm = torch.sqrt(F.conv2d(x * x, gamma, F.softplus(self.beta) + 1e-6))
         return x * norm if self.inverse else x / norm
-
-
-def down(c_in: int, c_out: int, kernel: int = 5) -> nn.Conv2d:
-    return nn.Conv2d(c_in, c_out, kernel, stride=2, padding=kernel // 2)
-
-
-def up(c_in: int, c_out: int, kernel: int = 5) -> nn.ConvTranspose2d:
-    return nn.ConvTranspose2d(c_in, c_out, kernel, stride=2, padding=kernel // 2, output_padding=1)
 
 
 class HyperpriorModel(ModelMixin, ConfigMixin):

@@ -15,10 +15,9 @@ import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 
-from ..hyperprior.nets import down, up
 from ..parts.denoisers import DiffusionDenoiser
 from ..parts.entropy import LogisticMixtureDensity
-from ..parts.latent_codecs import gaussian_bits, mean_and_scale
+from ..parts.latent_codecs import down, gaussian_bits, mean_and_scale, up
 
 MAX_SCALE_LOG = 4.0  # γ's scale stays within e^±4 of the channel's std: fp16-safe, and no runaway
 HYPER_STRIDE = 4  # hyper_analysis: two stride-2 layers, so ζ is at 1/32 of the image

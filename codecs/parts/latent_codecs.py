@@ -106,6 +106,16 @@ SCALE_LEVELS = np.exp(np.linspace(np.log(0.11), np.log(256.0), 64))
 _LOG_LEVEL_STEP = float(np.log(SCALE_LEVELS[1] / SCALE_LEVELS[0]))
 
 
+def down(c_in: int, c_out: int, kernel: int = 5) -> torch.nn.Conv2d:
+    """A stride-2 convolution: the step of analysis and hyper-analysis transforms."""
+    return torch.nn.Conv2d(c_in, c_out, kernel, stride=2, padding=kernel // 2)
+
+
+def up(c_in: int, c_out: int, kernel: int = 5) -> torch.nn.ConvTranspose2d:
+    """A stride-2 transposed convolution that exactly doubles the size: the step of synthesis transforms."""
+    return torch.nn.ConvTranspose2d(c_in, c_out, kernel, stride=2, padding=kernel // 2, output_padding=1)
+
+
 def mean_and_scale(hyper_output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A hyper-decoder's (B, 2C, H, W) output as the Gaussians' means and scales σ > 0, (B, C, H, W) each."""
     means, raw = hyper_output.chunk(2, dim=1)
