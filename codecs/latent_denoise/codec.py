@@ -147,9 +147,8 @@ class LatentDenoiseCodec(Codec):
         Param("precision", str, "fp32", "UNet and VAE arithmetic", choices=tuple(PRECISIONS), build_time=True),
     )  # fmt: skip
     # Chosen by measured quality: none below 22 dB PSNR on Kodak (the autoencoder's own ceiling is 24.55 dB).
-    # Named by bpp with builtin:ldm-small, timestep=off, measured on the first Kodak images only (the full
-    # 24-image run did not fit the session; MODELS.md): Δ 0.9 0.156 bpp 22.37 dB (3 images), Δ 0.65
-    # 0.262 bpp 22.51 dB, Δ 0.45 0.363 bpp 22.95 dB, Δ 0.3 0.493 bpp 23.28 dB (8 images).
+    # Named by bpp with builtin:ldm-small, timestep=off; Kodak 24 (`diffarc bench`, MODELS.md), bpp, PSNR /
+    # LPIPS-squeeze: 0.149 22.68 / 0.337, 0.220 23.28 / 0.296, 0.316 23.80 / 0.265, 0.441 24.20 / 0.237.
     presets = {
         "0.15bpp": {"step": 0.9},
         "0.25bpp": {"step": 0.65},
