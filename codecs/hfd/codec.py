@@ -45,7 +45,7 @@ from ..base import Codec, DecodeCost, Param
 from ..container import Header
 from ..errors import ModelError, ParameterError
 from ..parts.latents import padded_size, tensor_to_images
-from ..parts.models import check_safetensors, fingerprint, resolve_folder
+from ..parts.models import fingerprint, load_codec_model
 from ..parts.noise import gaussian
 from .bases import BASES, HYPERPRIOR_FOLDER, STEP_RANGE, AvifBase, HyperpriorBase
 from .nets import DetailDecoder, sample_residual
@@ -59,18 +59,13 @@ TILE, OVERLAP = 512, 64  # tile side and overlap in pixels, multiples of the dec
 def load_detail_decoder(reference: str, base: str, device: str) -> tuple[DetailDecoder, AvifBase | HyperpriorBase, Path, bytes]:
     """(decoder, base layer, folder, fingerprint) of a detail decoder's folder for a `base`, once per process.
     A decoder trained on hyperprior bases holds that model in its HYPERPRIOR_FOLDER; one for AVIF has none."""
-    folder = resolve_folder(reference)
-    if folder is None or not (folder / "config.json").is_file():
-        raise ModelError(f"{reference!r} holds no HFD detail decoder; train one with `diffarc train hfd --out FOLDER`")
+    decoder, folder = load_codec_model(reference, DetailDecoder, device, "train one with `diffarc train hfd --out FOLDER`")
     trained_on = "hyperprior" if (folder / HYPERPRIOR_FOLDER).is_dir() else "avif"
     if trained_on != base:
         raise ModelError(
             f"the detail decoder {reference} was trained on {trained_on} bases, not {base}; "
             f"use model={DEFAULT_DETAIL_MODELS[base]} or one trained with `diffarc train hfd --config {'small-hyperprior' if base == 'hyperprior' else 'small'}`"
         )
-    check_safetensors(folder)
-    decoder = DetailDecoder.from_pretrained(str(folder), use_safetensors=True, low_cpu_mem_usage=False)
-    decoder.to(device).float().eval().requires_grad_(False)
     # The objective and its constants change what the weights mean: they are part of the identity.
     meaning = json.dumps({k: decoder.config[k] for k in ("objective", "sigma", "shift", "space_to_depth")}, sort_keys=True)
     modules = {"detail": decoder}

@@ -32,7 +32,6 @@ Payload: y's symbol range (2 × i16), z's symbol range (2 × i16), the length of
 from __future__ import annotations
 
 import functools
-import json
 import struct
 from pathlib import Path
 
@@ -41,10 +40,10 @@ import torch
 
 from ..base import Codec, Param
 from ..container import Header
-from ..errors import BitstreamError, EntropyCodingError, ModelError
+from ..errors import BitstreamError, EntropyCodingError
 from ..parts.latent_codecs import MeanScaleHyperpriorLatentCodec
 from ..parts.latents import images_to_tensor, padded_size, tensor_to_images
-from ..parts.models import canonical_reference, check_safetensors, fingerprint, resolve_folder
+from ..parts.models import canonical_reference, fingerprint, load_codec_model
 from .nets import HYPER_STRIDE, IMAGE_STRIDE, HyperpriorModel
 
 DEFAULT_HYPERPRIOR = "builtin:hyperprior-small"
@@ -54,15 +53,7 @@ SIDE = struct.Struct("<4s4sI")  # y's symbol range, z's symbol range, z's words 
 @functools.lru_cache(maxsize=8)
 def load_hyperprior(reference: str, device: str) -> tuple[HyperpriorModel, bytes, Path]:
     """(model in eval mode without gradients, fingerprint, folder) of a hyperprior model reference."""
-    folder = resolve_folder(reference)
-    if folder is None:
-        raise ModelError(f"hyperprior model {reference!r} must be builtin:NAME, a folder or an fsspec URL of one")
-    config = folder / "config.json"
-    if not config.is_file() or json.loads(config.read_text()).get("_class_name") != HyperpriorModel.__name__:
-        raise ModelError(f"{folder} holds no hyperprior model; train one with `diffarc train hyperprior --out {folder}`")
-    check_safetensors(folder)
-    model = HyperpriorModel.from_pretrained(str(folder), use_safetensors=True, low_cpu_mem_usage=False, torch_dtype=torch.float32)
-    model.to(device).eval().requires_grad_(False)
+    model, folder = load_codec_model(reference, HyperpriorModel, device, "train one with `diffarc train hyperprior --out FOLDER`")
     return model, fingerprint({"hyperprior": model}), folder
 
 
