@@ -28,7 +28,7 @@ import ray
 from ray.exceptions import ActorDiedError, RayActorError
 
 from ..codecs.errors import DiffarcError
-from .storage import RETRY_SECONDS_ENV
+from .storage import SETTINGS_ENV
 
 logger = logging.getLogger("diffarc.cluster")
 _connected_here = False
@@ -50,8 +50,9 @@ def connect(address: str | None = None, worker_output: bool = False) -> None:
         "logging_level": logging.INFO if verbose else logging.ERROR, "log_to_driver": verbose or worker_output,
     }
     if address:
-        if RETRY_SECONDS_ENV in os.environ:  # a local cluster's workers inherit it; a joined one's are told
-            settings["runtime_env"] = {"env_vars": {RETRY_SECONDS_ENV: os.environ[RETRY_SECONDS_ENV]}}
+        told = {name: os.environ[name] for name in SETTINGS_ENV if name in os.environ}
+        if told:  # a local cluster's workers inherit them; a joined one's are told
+            settings["runtime_env"] = {"env_vars": told}
         ray.init(address=address, **settings)
     else:
         ray.init(include_dashboard=False, **settings)

@@ -31,7 +31,7 @@ from urllib.parse import parse_qsl, urlsplit
 import fsspec
 
 from ..codecs.errors import SourceError
-from .storage import Location, relative_path_problem, retry_transient
+from .storage import Location, call, relative_path_problem, retry_transient
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".jpe", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff", ".avif", ".ppm", ".pgm", ".tga"}
@@ -195,11 +195,12 @@ def _refuse_undecodable(items: list[SourceItem], skipped: int, refused: dict[str
 
 
 def fetch(item: SourceItem, storage_options: dict | None = None) -> bytes:
-    """The item's bytes; transient storage failures are retried (`storage.retry_transient`)."""
+    """The item's bytes; transient storage failures are retried (`storage.retry_transient`), and an attempt
+    that gets no answer is abandoned (`storage.call`)."""
 
     def read() -> bytes:
-        with fsspec.open(item.url, "rb", **(storage_options or {})) as handle:
-            return handle.read()
+        fs, path = fsspec.core.url_to_fs(item.url, **(storage_options or {}))
+        return call(fs, "cat_file", path)
 
     return retry_transient(read, f"fetch {item.key}")  # not the URL: it may hold credentials
 

@@ -11,6 +11,11 @@ Every path below a Location goes through `Location.path`, which refuses any that
 Transient failures (connection refused or reset, timeouts, HTTP 5xx, throttling) are retried with
 backoff for up to DIFFARC_STORAGE_RETRY_SECONDS (60 s) per operation; permanent ones (not found, access
 denied) are raised at once. Every `Location` operation and `sources.fetch` go through `retry_transient`.
+
+Each attempt on an object store also has a deadline (`call`): DIFFARC_STORAGE_TIMEOUT_SECONDS (300 s)
+plus one second per MB it sends. Without one, a connection that stops answering without being closed (a
+NAT or load balancer that forgot it) would hold a worker forever: aiohttp's read timeout does not cover
+the wait for an upload's answer. An attempt past its deadline is abandoned and counts as transient.
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ import uuid
 from typing import Any, Callable, TypeVar
 
 import fsspec
+from fsspec.asyn import AsyncFileSystem, sync
+from fsspec.exceptions import FSTimeoutError
 from fsspec.implementations.local import LocalFileSystem
 
 from ..codecs.errors import DiffarcError, StorageError
@@ -36,6 +43,10 @@ logger = logging.getLogger("diffarc.storage")
 
 RETRY_SECONDS_ENV = "DIFFARC_STORAGE_RETRY_SECONDS"
 DEFAULT_RETRY_SECONDS = 60.0
+TIMEOUT_SECONDS_ENV = "DIFFARC_STORAGE_TIMEOUT_SECONDS"
+DEFAULT_TIMEOUT_SECONDS = 300.0
+# Each worker process reads these from its environment; a cluster it joins is told them (cluster.connect).
+SETTINGS_ENV = (RETRY_SECONDS_ENV, TIMEOUT_SECONDS_ENV)
 
 # What a client raises when the store is briefly away, by qualified class name (anywhere in the class's
 # MRO), so that botocore, aiohttp and fsspec need not be importable to be recognised.
@@ -66,16 +77,45 @@ class StorageUnavailableError(StorageError):
 
 def retry_seconds() -> float:
     """The retry budget of one storage operation: DIFFARC_STORAGE_RETRY_SECONDS, else 60 s."""
-    value = os.environ.get(RETRY_SECONDS_ENV)
+    return _seconds_from_env(RETRY_SECONDS_ENV, DEFAULT_RETRY_SECONDS)
+
+
+def attempt_seconds(sending: int = 0) -> float:
+    """How long one attempt on an object store may take: DIFFARC_STORAGE_TIMEOUT_SECONDS (else 300 s), plus
+    a second per MB of `sending`, so that a large upload on a slow link is not cut short."""
+    return _seconds_from_env(TIMEOUT_SECONDS_ENV, DEFAULT_TIMEOUT_SECONDS) + sending / 1e6
+
+
+def _seconds_from_env(name: str, default: float) -> float:
+    value = os.environ.get(name)
     if not value:
-        return DEFAULT_RETRY_SECONDS
+        return default
     try:
         seconds = float(value)
     except ValueError:
         seconds = -1.0
     if not seconds >= 0:  # also refuses NaN
-        raise StorageError(f"{RETRY_SECONDS_ENV}={value!r} is not a number of seconds")
+        raise StorageError(f"{name}={value!r} is not a number of seconds")
     return seconds
+
+
+def call(fs, method: str, *args, sending: int = 0, **kwargs):
+    """`fs.<method>(*args, **kwargs)`, abandoned with a TimeoutError (transient, so retried) once it has
+    taken `attempt_seconds(sending)`, when `fs` is an asynchronous (network) filesystem. Its synchronous
+    methods run the coroutine on fsspec's event loop and take `timeout` for themselves; the coroutine is
+    cancelled, which closes its connection."""
+    if not isinstance(fs, AsyncFileSystem):
+        return getattr(fs, method)(*args, **kwargs)
+    return _before_deadline(lambda seconds: getattr(fs, method)(*args, timeout=seconds, **kwargs), sending)
+
+
+def _before_deadline(run: Callable[[float], T], sending: int = 0) -> T:
+    """`run(seconds)`, which gives up after `seconds`, with fsspec's timeout turned into a plain TimeoutError."""
+    seconds = attempt_seconds(sending)
+    try:
+        return run(seconds)
+    except FSTimeoutError:
+        raise TimeoutError(f"no answer in {seconds:.0f} s ({TIMEOUT_SECONDS_ENV})") from None
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -206,28 +246,28 @@ class Location:
 
     @_retried("read")
     def read(self, relative: str) -> bytes:
-        return self.fs.cat_file(self.path(relative))
+        return call(self.fs, "cat_file", self.path(relative))
 
     @_retried("look for")
     def exists(self, relative: str) -> bool:
-        return self.fs.exists(self.path(relative))
+        return call(self.fs, "exists", self.path(relative))
 
     @_retried("read the size of")
     def size(self, relative: str) -> int:
-        return self.fs.size(self.path(relative))
+        return call(self.fs, "size", self.path(relative))
 
     @_retried("delete")
     def delete(self, relative: str) -> None:
-        if self.fs.exists(self.path(relative)):
-            self.fs.rm_file(self.path(relative))
+        if call(self.fs, "exists", self.path(relative)):
+            call(self.fs, "rm_file", self.path(relative))
 
     @_retried("list")
     def list_files(self, relative: str = "") -> list[str]:
         """Relative paths of all files below `relative`, sorted."""
         base = self.path(relative)
-        if not self.fs.exists(base):
+        if not call(self.fs, "exists", base):
             return []
-        found = self.fs.find(base)
+        found = call(self.fs, "find", base)
         prefix = self.root.rstrip("/") + "/"
         return sorted(p[len(prefix):] if p.startswith(prefix) else p for p in found)
 
@@ -259,7 +299,7 @@ class Location:
         if self.has_conditional_writes:
             condition = {"IfMatch": expected} if expected else {"mode": "create"}
             try:
-                return self.fs.pipe_file(target, data, **condition)["ETag"]
+                return call(self.fs, "pipe_file", target, data, sending=len(data), **condition)["ETag"]
             except FileExistsError:
                 raise WriteConflict(f"{self.url}: {relative} was created by someone else") from None
             except FileNotFoundError:
@@ -272,7 +312,7 @@ class Location:
         if expected is None:
             if self.is_local:
                 self._create_local(target, data)
-            elif self.fs.exists(target):
+            elif call(self.fs, "exists", target):
                 raise WriteConflict(f"{self.url}: {relative} was created by someone else")
             else:
                 self.write_atomic(relative, data)
@@ -305,7 +345,7 @@ class Location:
         """
         target = self.path(relative)
         if not self.is_local:
-            self.fs.pipe_file(target, data)
+            call(self.fs, "pipe_file", target, data, sending=len(data))
             return
         os.makedirs(os.path.dirname(target) or ".", exist_ok=True)
         temporary = self._write_temporary(target, data)
@@ -348,8 +388,6 @@ def _precondition_failed(exc: OSError) -> bool:
 
 def _s3_get(fs, path: str) -> tuple[bytes, str]:
     """One GET: the object's bytes and the ETag of exactly those bytes (a HEAD then a GET could straddle a write)."""
-    from fsspec.asyn import sync
-
     bucket, key, _ = fs.split_path(path)
 
     async def get():
@@ -359,4 +397,4 @@ def _s3_get(fs, path: str) -> tuple[bytes, str]:
         finally:
             response["Body"].close()
 
-    return sync(fs.loop, get)
+    return _before_deadline(lambda seconds: sync(fs.loop, get, timeout=seconds))

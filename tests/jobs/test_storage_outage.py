@@ -64,9 +64,11 @@ def committed_keys(direct: s3fs.S3FileSystem, archive: str) -> list[str]:
     return keys
 
 
-def run_with_outage(direct, switch, command, archive, seconds: float | None, **env) -> subprocess.CompletedProcess:
-    """Run the encode; once it has committed two shards, switch the endpoint off for `seconds` (None: until
-    the job ends)."""
+def run_with_outage(
+    direct, switch, command, archive, seconds: float | None, silently: bool = False, **env
+) -> subprocess.CompletedProcess:
+    """Run the encode; once it has committed two shards, switch the endpoint off (`silently`: connections
+    stop answering but stay open) for `seconds` (None: until the job ends)."""
     job = subprocess.Popen(command, env=cli_env(**env), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 600
@@ -74,7 +76,7 @@ def run_with_outage(direct, switch, command, archive, seconds: float | None, **e
             assert job.poll() is None, job.stderr.read().decode()[-3000:]
             assert time.monotonic() < deadline, "the encode committed nothing"
             time.sleep(0.1)
-        switch.off()
+        switch.off(silently)
         assert job.poll() is None and len(found["shards"]) < ITEMS, "the encode ended before the outage"
         try:
             job.wait(timeout=seconds or 600)
@@ -97,6 +99,19 @@ def test_a_short_outage_costs_no_item(s3_job):
     assert summary["encoded"] == ITEMS and summary["failed"] == 0 and summary["deferred"] == 0
     after = manifest(direct, archive)
     assert after["complete"] and after["failures"] is None  # nothing recorded as failed
+    assert sorted(committed_keys(direct, archive)) == [f"img{i:03d}.png" for i in range(ITEMS)]
+
+
+def test_a_silent_outage_costs_no_item(s3_job):
+    """Connections that stop answering, without being closed, hold no worker for ever: each attempt has a
+    deadline (DIFFARC_STORAGE_TIMEOUT_SECONDS), after which it is retried like any transient failure."""
+    direct, switch, command, archive = s3_job
+    result = run_with_outage(direct, switch, command, archive, seconds=5, silently=True,
+                             DIFFARC_STORAGE_TIMEOUT_SECONDS="4")
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout)
+    assert summary["encoded"] == ITEMS and summary["failed"] == 0 and summary["deferred"] == 0
+    assert manifest(direct, archive)["complete"]
     assert sorted(committed_keys(direct, archive)) == [f"img{i:03d}.png" for i in range(ITEMS)]
 
 

@@ -12,7 +12,8 @@ import s3fs
 
 from diffarc.codecs.errors import StorageError
 from diffarc.pipeline.storage import (
-    RETRY_SECONDS_ENV, Location, StorageUnavailableError, WriteConflict, is_transient, retry_transient,
+    RETRY_SECONDS_ENV, TIMEOUT_SECONDS_ENV, Location, StorageUnavailableError, WriteConflict, is_transient,
+    retry_transient,
 )
 
 from ..tcp_switch import TcpSwitch
@@ -205,3 +206,30 @@ def test_a_read_during_a_short_outage_waits_for_the_server(s3_server, monkeypatc
     assert Location("s3://retry-outage/a", options).read("manifest.json") == b"{}"
     assert time.monotonic() - started >= 2.5  # it waited out the outage instead of failing
     assert retry_transient(lambda: "first try", seconds=0) == "first try"
+
+
+@pytest.mark.slow
+def test_a_write_that_gets_no_answer_is_abandoned_at_its_deadline_and_retried(s3_server, monkeypatch):
+    """A connection that stops answering without closing: aiohttp would wait for the PUT's answer forever."""
+    fs = s3fs.S3FileSystem(**s3_server["storage_options"])
+    fs.mkdir("deadline")
+    switch = TcpSwitch(int(s3_server["endpoint"].rsplit(":", 1)[1]))
+    location = Location("s3://deadline/a", {**s3_server["storage_options"], "config_kwargs": NO_CLIENT_RETRIES,
+                                            "client_kwargs": {"endpoint_url": switch.endpoint}})
+    monkeypatch.setenv(TIMEOUT_SECONDS_ENV, "1")
+    monkeypatch.setenv(RETRY_SECONDS_ENV, "30")
+    location.write_atomic("before.bin", b"1")  # a pooled connection, which the outage leaves hanging
+    switch.off(silently=True)
+    threading.Timer(4.0, switch.on).start()
+    started = time.monotonic()
+    location.write_atomic("during.bin", b"2" * 100_000)
+    assert time.monotonic() - started >= 3.5 and fs.cat_file("deadline/a/during.bin") == b"2" * 100_000
+
+    switch.off(silently=True)
+    monkeypatch.setenv(RETRY_SECONDS_ENV, "2")
+    with pytest.raises(StorageUnavailableError, match=r"cannot write s3://deadline/a/x.bin: .*no answer in 1 s "
+                       rf"\({TIMEOUT_SECONDS_ENV}\)"):
+        location.write_atomic("x.bin", b"3")
+    monkeypatch.setenv(TIMEOUT_SECONDS_ENV, "soon")
+    with pytest.raises(StorageError, match=f"{TIMEOUT_SECONDS_ENV}='soon' is not a number of seconds"):
+        location.write_atomic("x.bin", b"3")
