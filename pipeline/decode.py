@@ -10,7 +10,8 @@ and the others fail naming it.
 The codec's weights are found by fingerprint (`codec_for_archive`): --model, then the archive's own
 models/ folder, the local cache, and the location recorded when encoding.
 Outputs are written atomically, and an output that already exists is skipped, so a killed decode is
-resumed by running it again.
+resumed by running it again. The driver lists the destination once for that (one LIST per 1000 files on
+S3), rather than each worker asking after each file (a request per image).
 """
 
 from __future__ import annotations
@@ -129,6 +130,8 @@ class DecodeTask:
     prefix: str
     # key → the earlier key whose output file it would overwrite: such keys are not written.
     taken: dict[str, str] = field(default_factory=dict)
+    # keys whose output file exists already: skipped unless overwriting.
+    present: set[str] = field(default_factory=set)
 
 
 @dataclass
@@ -185,7 +188,7 @@ class DecodeWorker:
                 earlier = task.taken[row["key"]]
                 failures.append(Failure(row["key"], "write", f"decodes to {name}, the file of {earlier!r}; not written"))
                 continue
-            if not overwrite and dst.exists(name):
+            if not overwrite and row["key"] in task.present:
                 skipped += 1
                 continue
             try:
@@ -249,7 +252,8 @@ def run_decode(
         codec_class(manifest.codec.name).base_decoder(manifest.codec.params)  # a codec without one: say so now
     params = codec_class(manifest.codec.name).check_overrides(params or {})  # a parameter it lacks: say so now
     summary = DecodeSummary(0, 0)
-    tasks, found = claim_outputs(archive, select_shards(manifest, keys, prefix), image_format, summary)
+    existing = set() if overwrite else set(dst.list_files())
+    tasks, found = claim_outputs(archive, select_shards(manifest, keys, prefix), image_format, existing, summary)
     if tasks:
         limit = pixel_limit(manifest, max_pixels)
         total = sum(task.entry.rows for task in tasks) if keys is None and not prefix else None
@@ -273,12 +277,13 @@ def run_decode(
 
 
 def claim_outputs(
-    archive: Location, tasks: list[DecodeTask], image_format: str, summary: DecodeSummary
+    archive: Location, tasks: list[DecodeTask], image_format: str, existing: set[str], summary: DecodeSummary
 ) -> tuple[list[DecodeTask], set[str]]:
-    """The tasks whose shards' keys can be read, each with `taken` set, and every key found.
+    """The tasks whose shards' keys can be read, each with `taken` and `present` set, and every key found.
 
     Each output file is claimed by the first key, in key order, that decodes to it; a later key that would
-    write the same file is marked taken. A shard whose keys cannot be read is an archive problem (in
+    write the same file is marked taken. A key whose file is among the `existing` output names is marked
+    present. A shard whose keys cannot be read is an archive problem (in
     `summary`), and its task is dropped. Keys are read a few shards at a time: on an object store each
     read waits on the network.
     """
@@ -309,6 +314,8 @@ def claim_outputs(
             kept[index].taken[key] = owner[name]
         else:
             owner[name] = key
+            if name in existing:
+                kept[index].present.add(key)
     return kept, found
 
 

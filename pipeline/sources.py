@@ -31,7 +31,7 @@ from urllib.parse import parse_qsl, urlsplit
 import fsspec
 
 from ..codecs.errors import SourceError
-from .storage import Location, call, relative_path_problem, retry_transient
+from .storage import Location, read_file, relative_path_problem, retry_transient
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".jpe", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff", ".avif", ".ppm", ".pgm", ".tga"}
@@ -200,7 +200,7 @@ def fetch(item: SourceItem, storage_options: dict | None = None) -> bytes:
 
     def read() -> bytes:
         fs, path = fsspec.core.url_to_fs(item.url, **(storage_options or {}))
-        return call(fs, "cat_file", path)
+        return read_file(fs, path)
 
     return retry_transient(read, f"fetch {item.key}")  # not the URL: it may hold credentials
 
