@@ -7,7 +7,7 @@ synthetic manifest entries: no image data is written), and is left unfinished, a
 job leaves it; then a reader loads the manifest. "before" is the writer as it was at BEFORE (its
 archive.py, read from git, run against today's storage and lease code): one manifest.json rewritten
 at each commit. "after" is the writer of this tree: one commit file each, a checkpoint every
---checkpoint-every commits. On S3 (a moto server on 127.0.0.1, started here) the same, for the
+--checkpoint-every commits, whose shard list is in parts that are written once each (ARCHIVE/_log/shards-*). On S3 (a moto server on 127.0.0.1, started here) the same, for the
 --s3-sizes. Columns:
 
     last ms      mean wall time of the job's last 100 commits (10 % below 1000; the archive at ~N shards)

@@ -5,6 +5,8 @@
                                           before the log, the whole manifest); written once
       _log/<20 digits>.json               one small file per commit: what it changed and the shards it added
       _log/<20 digits>.checkpoint.json    every CHECKPOINT_EVERY commits (and at the end), the whole manifest
+                                          but its shard list, which it names in parts:
+      _log/shards-<12 digits>-<12 digits>.json  the shard list's entries [start, end): immutable parts
       _log/_last_checkpoint.json          the newest checkpoint's number, size and SHA-256
       shards/part-<uuid>.parquet          one row per image, keys sorted; listed by a commit once committed
       failures/failures-<n>-<hex>.parquet every item that could not be encoded, with stage and reason
@@ -66,10 +68,16 @@ ARCHIVE_FORMAT_VERSION = 3
 MANIFEST = "manifest.json"
 LOG_DIR = "_log"
 LAST_CHECKPOINT = f"{LOG_DIR}/_last_checkpoint.json"
-# A checkpoint (the whole manifest, O(shards)) is written once per this many commits, so each commit's share
-# is 1/100 of one; a reader reads at most this many small commit files after the checkpoint.
+# A checkpoint is written once per this many commits; a reader reads at most this many small commit files
+# after it.
 CHECKPOINT_EVERY = 100
+# A checkpoint's shard list is cut into parts at multiples of PART_SHARDS · 2^k (`shard_parts`). A part, once
+# whole, never changes, so a checkpoint rewrites only the parts that grew: about PART_SHARDS entries, plus
+# one merged part each time the count crosses a boundary. Every entry is written O(log shards) times in a
+# job, instead of once per checkpoint (O(shards²) bytes for a job), and a reader reads O(log shards) parts.
+PART_SHARDS = 128
 LOG_COMMIT = re.compile(r"_log/(\d{20})\.json")
+LOG_PART = re.compile(r"_log/shards-(\d{12})-(\d{12})\.json")
 SHARD_DIR = "shards"
 FAILURE_DIR = "failures"
 MODEL_DIR = "models"
@@ -103,6 +111,31 @@ def commit_path(number: int) -> str:
 
 def checkpoint_path(number: int) -> str:
     return f"{LOG_DIR}/{number:020d}.checkpoint.json"
+
+
+def part_path(start: int, end: int) -> str:
+    return f"{LOG_DIR}/shards-{start:012d}-{end:012d}.json"
+
+
+def shard_parts(count: int, block: int = PART_SHARDS) -> list[tuple[int, int]]:
+    """[start, end) ranges cutting a shard list of `count` entries into checkpoint parts: the largest runs
+    of `block` · 2^k entries aligned to their own size, then what is left (fewer than `block` entries).
+    The same count always gives the same parts, and a part of a shorter list either reappears whole in a
+    longer one or is merged into a bigger block there."""
+    blocks, parts, start = count // block, [], 0
+    for k in reversed(range(blocks.bit_length())):
+        if blocks >> k & 1:
+            end = start + block * (1 << k)
+            parts.append((start, end))
+            start = end
+    if start < count:
+        parts.append((start, count))
+    return parts
+
+
+def part_document(start: int, shards: list[ShardEntry]) -> bytes:
+    return json.dumps({"format": "diffarc-archive-shards", "format_version": ARCHIVE_FORMAT_VERSION,
+                       "start": start, "shards": [asdict(s) for s in shards]}).encode("utf-8")  # fmt: skip
 
 
 def codec_mismatch(url: str, existing: CodecSpec, requested: CodecSpec) -> ArchiveError:
@@ -257,8 +290,9 @@ class Manifest:
             "models": [asdict(m) for m in self.models],
         }
 
-    def to_json(self) -> bytes:
-        """The whole manifest: a checkpoint of the log (and, before the log, all of manifest.json)."""
+    def to_json(self, shard_parts: list[dict] | None = None) -> bytes:
+        """The whole manifest (before the log, all of manifest.json); with `shard_parts`, a checkpoint of the
+        log, which names the parts its shard list is written in instead of listing it."""
         document = {
             "format": "diffarc-archive",
             "format_version": ARCHIVE_FORMAT_VERSION,
@@ -267,8 +301,11 @@ class Manifest:
             "updated": self.updated,
             "commits": self.commits,
             "totals": self.totals,
-            "shards": [asdict(s) for s in self.shards],
         }
+        if shard_parts is None:
+            document["shards"] = [asdict(s) for s in self.shards]
+        else:
+            document["shard_parts"] = shard_parts
         return json.dumps(document).encode("utf-8")
 
     @classmethod
@@ -552,15 +589,49 @@ def _newest_checkpoint(archive: Location, first: int) -> Manifest | None:
             data = archive.read(checkpoint_path(pointer["commit"]))
         except FileNotFoundError:
             continue
+        path = checkpoint_path(pointer["commit"])
         if len(data) != pointer["bytes"] or hashlib.sha256(data).hexdigest() != pointer["sha256"]:
-            logger.warning("%s: not the checkpoint its pointer describes; reading the whole log", checkpoint_path(pointer["commit"]))
+            logger.warning("%s: not the checkpoint its pointer describes; reading the whole log", path)
             return None
         manifest = Manifest.from_json(data)
         if manifest.commits != pointer["commit"]:
-            raise ArchiveError(f"{checkpoint_path(pointer['commit'])}: manifest field commits is {manifest.commits}, "
-                               f"not the number in its name")  # fmt: skip
+            raise ArchiveError(f"{path}: manifest field commits is {manifest.commits}, not the number in its name")
+        try:
+            top = _Fields(_parse_json(data), "")
+            if "shard_parts" in top.value:  # else the checkpoint lists its shards itself (as before parts)
+                if manifest.shards:
+                    raise top.error("shards", "and shard_parts are both given")
+                manifest.shards = _checkpoint_shards(archive, top)
+        except FileNotFoundError:
+            continue  # deleted since: a newer checkpoint has replaced it
+        except ArchiveError as exc:
+            logger.warning("%s: %s; reading the whole log", path, exc)
+            return None
         return manifest
     return None
+
+
+def _checkpoint_shards(archive: Location, top: _Fields) -> list[ShardEntry]:
+    """The shard list a checkpoint names in parts (`shard_parts`), each part checked against the size and
+    SHA-256 the checkpoint gives for it, and its entries as a manifest's are."""
+    shards: list[ShardEntry] = []
+    for f in top.each("shard_parts"):
+        start, end, path = f.count("start"), f.count("end"), f.path("path", LOG_PART)
+        if start != len(shards) or end <= start or path != part_path(start, end):
+            raise f.error("path", f"does not continue the parts before it: {_show(path)}")
+        data = archive.read(path)
+        if len(data) != f.count("bytes") or hashlib.sha256(data).hexdigest() != f.text("sha256", SHA256_HEX):
+            raise ArchiveError(f"{path}: not the part its checkpoint describes")
+        document = _parse_json(data)
+        if not isinstance(document, dict) or document.get("format") != "diffarc-archive-shards":
+            raise ArchiveError(f"{path}: not a part of a checkpoint's shard list")
+        part = _Fields(document, f"{path}: ")
+        entries = [_shard_entry(g) for g in part.each("shards")]
+        if part.count("start") != start or len(entries) != end - start:
+            raise part.error("shards", f"are not entries {start} to {end} of the list")
+        shards += entries
+    _unique(top, "shards", [e.path for e in shards], "path")
+    return shards
 
 
 def _apply_commit(manifest: Manifest, data: bytes, number: int, first: bool, paths: set[str]) -> None:
@@ -884,7 +955,8 @@ class ArchiveWriter:
     It holds the archive's writer lease (`lease`, or one it takes itself) until `finish` or `close`, and
     creates commit N only if no commit N exists: a writer that lost a race for a number (one whose lease
     failed it) stops with an ArchiveError and writes nothing more, and the commit that won stands.
-    Every `checkpoint_every` commits, and at `finish`, it writes the whole manifest as a checkpoint.
+    Every `checkpoint_every` commits, and at `finish`, it writes a checkpoint: the whole manifest, its
+    shard list in immutable parts (`shard_parts`), of which it writes only those that are new.
 
     Opening an existing archive resumes it: the keys it already holds are `done`, its failures are
     known, and a request for a different codec, parameters or weights is refused rather than mixed in.
@@ -897,10 +969,10 @@ class ArchiveWriter:
 
     def __init__(
         self, archive: Location, codec: CodecSpec, source: str, max_pixels: int | None = None,
-        lease: WriterLease | None = None, checkpoint_every: int = CHECKPOINT_EVERY,
+        lease: WriterLease | None = None, checkpoint_every: int = CHECKPOINT_EVERY, part_shards: int = PART_SHARDS,
     ):  # fmt: skip
         self.archive = archive
-        self.checkpoint_every = checkpoint_every
+        self.checkpoint_every, self.part_shards = checkpoint_every, part_shards
         self._own_lease = lease is None
         self.lease = lease or WriterLease(archive)
         try:
@@ -920,11 +992,14 @@ class ArchiveWriter:
         # What the log already says: the next commit writes only what differs from it.
         self._logged_header = existing.header() if self._in_log else {}
         self._logged_shards = len(existing.shards) if self._in_log else 0
-        self._checkpoints: list[int] = []  # this log's checkpoints, oldest first; two are kept
+        # This log's checkpoints, oldest first, with the parts each names; two are kept.
+        self._checkpoints: dict[int, set[str]] = {}
+        self._parts_written: dict[str, dict] = {}  # this run's parts: path → its entry in a checkpoint
         self._stale_commits: list[str] = []
         if self._in_log:
             pointer = _checkpoint_pointer(self.archive, 1)
-            self._checkpoints = [pointer["commit"]] if pointer else []
+            if pointer:
+                self._checkpoints[pointer["commit"]] = self._parts_named_by(pointer["commit"])
         if existing is not None:
             existing.specs[-1] = replace(existing.codec, hint=codec.hint)
         self.manifest = existing or Manifest(specs=[replace(codec, id=1)], source=source)
@@ -1031,22 +1106,51 @@ class ArchiveWriter:
             self.archive.delete(previous["path"])
 
     def _checkpoint(self) -> None:
-        """The whole manifest as of the last commit, written whole before the pointer names it. The one before
-        stays for readers that read the older pointer; older ones are deleted."""
+        """The whole manifest as of the last commit, its shard list in parts, all written before the pointer
+        names them. The checkpoint before stays (with its parts) for readers that read the older pointer;
+        older ones, and parts only they named, are deleted."""
         number = self.manifest.commits
-        data = self.manifest.to_json()
+        parts = []
+        for start, end in shard_parts(len(self.manifest.shards), self.part_shards):
+            path = part_path(start, end)
+            if path not in self._parts_written:  # a part is immutable: once written by this run, it stays
+                data = part_document(start, self.manifest.shards[start:end])
+                self.archive.write_atomic(path, data)
+                self._parts_written[path] = {"path": path, "start": start, "end": end, "bytes": len(data),
+                                             "sha256": hashlib.sha256(data).hexdigest()}  # fmt: skip
+            parts.append(self._parts_written[path])
+        data = self.manifest.to_json(shard_parts=parts)
         self.archive.write_atomic(checkpoint_path(number), data)
         pointer = {"commit": number, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
         self.archive.write_atomic(LAST_CHECKPOINT, json.dumps(pointer).encode())
-        self._checkpoints = [n for n in self._checkpoints if n != number] + [number]
+        self._checkpoints.pop(number, None)
+        self._checkpoints[number] = {part["path"] for part in parts}
         while len(self._checkpoints) > 2:
-            self.archive.delete(checkpoint_path(self._checkpoints.pop(0)))
+            oldest = next(iter(self._checkpoints))
+            named = self._checkpoints.pop(oldest)
+            self.archive.delete(checkpoint_path(oldest))
+            for path in named - set().union(*self._checkpoints.values()):
+                self.archive.delete(path)
+                self._parts_written.pop(path, None)
+
+    def _parts_named_by(self, number: int) -> set[str]:
+        """The part files checkpoint `number` (written by an earlier run) names; none if it cannot be read."""
+        try:
+            document = _parse_json(self.archive.read(checkpoint_path(number)))
+        except (FileNotFoundError, ArchiveError):
+            return set()
+        named = document.get("shard_parts") if isinstance(document, dict) else None
+        return {p["path"] for p in named or [] if isinstance(p, dict) and LOG_PART.fullmatch(str(p.get("path")))}
 
     def _remove_orphans(self) -> None:
         """Shards, failure tables or model files from a killed run that no manifest lists: nobody trusts them.
         Only names diffarc could have written are removed."""
         for path in self._stale_commits:  # before the log's first commit: no pointer leads to them
             self.archive.delete(path)
+        named = set().union(*self._checkpoints.values())
+        for path in self.archive.list_files(LOG_DIR):
+            if LOG_PART.fullmatch(path) and path not in named:  # parts of checkpoints a killed run left
+                self.archive.delete(path)
         listed = {s.path for s in self.manifest.shards}
         if self.manifest.failures:
             listed.add(self.manifest.failures["path"])

@@ -425,9 +425,12 @@ def test_a_commit_is_one_small_file_whatever_the_archive_holds(tmp_path):
     assert max(sizes) - min(sizes) < 20 and max(sizes) < 1000  # the 24th shard's commit costs what the 1st's did
     assert (tmp_path / MANIFEST).read_bytes() == pointer  # written once
     assert log_files(tmp_path) == sorted([*[f"{n:020d}.checkpoint.json" for n in (10, 20)], "_last_checkpoint.json",
-                                          *[f"{n:020d}.json" for n in range(1, 26)]])  # fmt: skip
-    writer.finish()  # checkpoints the end; only the newest two are kept
+                                          *[f"{n:020d}.json" for n in range(1, 26)],
+                                          "shards-000000000000-000000000010.json", "shards-000000000000-000000000020.json"])  # fmt: skip
+    writer.finish()  # checkpoints the end; only the newest two are kept, with the parts they name
     assert [n for n in log_files(tmp_path) if n.endswith(".checkpoint.json")] == [f"{n:020d}.checkpoint.json" for n in (20, 26)]
+    assert [n for n in log_files(tmp_path) if n.startswith("shards-")] == [
+        "shards-000000000000-000000000020.json", "shards-000000000000-000000000025.json"]  # fmt: skip
     manifest = load_manifest(archive)
     assert manifest.complete and manifest.commits == 26 and [e.first_key for e in manifest.shards] == [
         f"k{i:03d}" for i in range(25)]  # fmt: skip
@@ -469,6 +472,40 @@ def test_a_reader_starts_at_the_newest_checkpoint_and_passes_over_one_it_cannot_
     assert resumed.finish().commits == 12
     manifest = load_manifest(archive)
     assert len(manifest.shards) == 11 and set(read_failures(archive, manifest)) == {f"f{i}" for i in range(1, 10)}
+
+
+def test_a_checkpoint_writes_only_the_parts_of_its_shard_list_that_are_new(tmp_path, caplog):
+    """Parts are aligned runs of 2·2^k entries (part_shards=2) plus a tail: a checkpoint after every commit
+    rewrites the tail and, when the count crosses a boundary, one merged run; never a whole part again."""
+    archive = Location(str(tmp_path))
+    writer = ArchiveWriter(archive, SPEC, source="src", checkpoint_every=1, part_shards=2)
+    written = {}  # part → its file's identity when first seen
+    for index in range(11):
+        writer.commit(write_shard(archive, items([f"k{index:02d}"]), SPEC), [f"k{index:02d}"], [])
+        for name in log_files(tmp_path):
+            if name.startswith("shards-"):
+                stat = (tmp_path / "_log" / name).stat()
+                assert written.setdefault(name, (stat.st_ino, stat.st_mtime_ns)) == (stat.st_ino, stat.st_mtime_ns)
+    checkpoint = json.loads((tmp_path / checkpoint_path(11)).read_text())
+    assert "shards" not in checkpoint
+    assert [(p["start"], p["end"]) for p in checkpoint["shard_parts"]] == [(0, 8), (8, 10), (10, 11)]
+    # Eleven checkpoints wrote 1 + 2 + 1 + 4 + 1 + 2 + 1 + 8 + … entries, not 1 + 2 + … + 11:
+    assert sum(int(n[20:32]) - int(n[7:19]) for n in written) == 24 < sum(range(1, 12))
+    manifest = load_manifest(archive)
+    assert [e.first_key for e in manifest.shards] == [f"k{i:02d}" for i in range(11)]
+
+    # A part that is not what its checkpoint says is passed over, as a damaged checkpoint is: the log is read.
+    (tmp_path / commit_path(2)).rename(tmp_path / "aside")  # (prove the checkpoint is what is read)
+    assert load_manifest(archive).shards == manifest.shards
+    (tmp_path / "aside").rename(tmp_path / commit_path(2))
+    part = tmp_path / "_log" / "shards-000000000000-000000000008.json"
+    part.write_bytes(part.read_bytes().replace(b"k03", b"k3x"))
+    assert load_manifest(archive).shards == manifest.shards
+    assert "not the part its checkpoint describes; reading the whole log" in caplog.text
+    part.unlink()
+    assert load_manifest(archive).shards == manifest.shards
+    writer.finish()
+    assert load_manifest(archive).shards == manifest.shards and load_manifest(archive).complete
 
 
 def test_a_single_manifest_archive_reads_as_it_is_and_resuming_it_starts_a_log(tmp_path):
