@@ -46,6 +46,7 @@ import re
 import tempfile
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from importlib.metadata import version
 from pathlib import Path
@@ -1014,8 +1015,13 @@ class ArchiveWriter:
         self.failures = read_failures(self.archive, self.manifest)
         self._failures_changed = False
         self.done: set[str] = set()
-        for entry in self.manifest.shards:
-            self.done.update(read_shard(self.archive, entry, columns=["key"]).column("key").to_pylist())
+
+        def keys_of(entry: ShardEntry) -> list[str]:
+            return read_shard(self.archive, entry, columns=["key"]).column("key").to_pylist()
+
+        with ThreadPoolExecutor(8) as pool:  # on an object store each read mostly waits on the network
+            for keys in pool.map(keys_of, self.manifest.shards):
+                self.done.update(keys)
 
     def __enter__(self) -> ArchiveWriter:
         return self
