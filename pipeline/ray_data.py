@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import Counter
 from contextlib import ExitStack
 from dataclasses import asdict, replace
 from typing import Any, Iterator
@@ -35,7 +36,7 @@ import ray.data
 from ..codecs.base import Codec
 from ..codecs.errors import ArchiveError, BitstreamError, ParameterError
 from ..codecs.registry import codec_class, create_codec
-from .archive import ArchiveWriter, EncodedItem, Failure, Manifest, ShardEntry, read_shard, write_shard
+from .archive import ArchiveWriter, CodecSpec, EncodedItem, Failure, Manifest, ShardEntry, read_shard, write_shard
 from .batches import map_batch
 from .cluster import connect, pool_shape, torch_device
 from .decode import codec_for_archive, decode_streams, pixel_limit
@@ -55,9 +56,9 @@ def read_archive(
 ) -> ray.data.Dataset:  # fmt: skip
     """The archive's images as a dataset with columns key, image (height × width × 3 uint8), width, height.
 
-    Streams are decoded by an actor pool (Ray Data may fuse the shard reads into it): one actor per GPU, each with `num_gpus=1`, where
-    the cluster has GPUs, else CPU actors (from one up to one per CPU, as Ray Data scales them);
-    `actors` fixes the count. `model` and `max_pixels` are decode's --model and --max-pixels.
+    Streams are decoded by an actor pool (Ray Data may fuse the shard reads into it): one actor per GPU,
+    each with `num_gpus=1`, where the cluster has GPUs, else CPU actors (from one up to one per CPU, as Ray
+    Data scales them); `actors` fixes the count. `model` and `max_pixels` are decode's --model and --max-pixels.
     """
     archive, manifest = _open_archive(url, storage_options)
     header = replace(manifest, shards=[])  # what a worker needs: the spec table and the models, not the shard list
@@ -111,7 +112,7 @@ def shard_streams(archive: Location, manifest: Manifest, entry: ShardEntry) -> t
     return keys, streams
 
 
-def decode_or_raise(codec: Codec, keys: list[str], streams: list[bytes], max_pixels: int) -> list[tuple[str, np.ndarray]]:
+def decode_or_raise(codec: Codec, keys: list[str], streams: list[bytes], max_pixels: int) -> list[tuple[str, Any]]:
     """(key, pixels) for every stream; any stream that does not decode stops the read, named."""
     failures: list[Failure] = []
     decoded = decode_streams(codec, keys, streams, failures, max_pixels)
@@ -158,7 +159,8 @@ def _actor_pool(actors: int | None) -> dict[str, Any]:
     shape = pool_shape(actors)
     if shape.gpus_per_actor:
         return {"compute": ray.data.ActorPoolStrategy(size=shape.actors), "num_gpus": shape.gpus_per_actor}
-    pool = ray.data.ActorPoolStrategy(size=actors) if actors else ray.data.ActorPoolStrategy(min_size=1, max_size=shape.actors)
+    sizes = {"size": actors} if actors else {"min_size": 1, "max_size": shape.actors}
+    pool = ray.data.ActorPoolStrategy(**sizes)
     return {"compute": pool, "num_cpus": shape.cpus_per_actor}
 
 
@@ -191,7 +193,8 @@ def write_archive(
         skip = writer.done | (set() if retry_failed else set(writer.failures))
         results = ds.map_batches(
             ShardEncoder, batch_size=shard_size, batch_format="numpy",
-            fn_constructor_args=(archive, codec, params, skip, batch_size, max_pixels), **_actor_pool(actors),
+            fn_constructor_args=(archive, writer.manifest.codec, params, skip, batch_size, max_pixels),
+            **_actor_pool(actors),
         )  # fmt: skip
         for row in results.iter_rows():
             keys, failures = json.loads(row["keys"]), [Failure(**f) for f in json.loads(row["failures"])]
@@ -208,19 +211,22 @@ def _codec_spec(codec: str, params: dict):
 class ShardEncoder:
     """An actor of `write_archive`'s pool: one codec, loaded once, writing each batch of rows as a shard."""
 
-    def __init__(self, archive: Location, codec: str, params: dict, skip: set[str], batch_size: int, max_pixels: int):
-        self.archive = archive
-        self.codec = create_codec(codec, params, device=torch_device())
-        self.spec = codec_spec(self.codec)
+    def __init__(
+        self, archive: Location, spec: CodecSpec, params: dict, skip: set[str], batch_size: int, max_pixels: int
+    ):  # fmt: skip
+        self.archive, self.spec = archive, spec  # the manifest's spec: shards refer to its id in the spec table
+        self.codec = create_codec(spec.name, params, device=torch_device())
+        if self.codec.fingerprint.hex() != spec.fingerprint:  # weights changed since the driver asked
+            raise ArchiveError(f"the {spec.name} weights on this worker are not the ones the archive records")
         self.skip, self.batch_size, self.max_pixels = skip, batch_size, max_pixels
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[str]]:
         if "key" not in batch or not {"image", "bytes"} & batch.keys():
             raise ParameterError(f"rows to archive need a key column and an image or bytes column, not {sorted(batch)}")
         keys = [str(k) for k in batch["key"]]
-        repeated = {k for k in keys if keys.count(k) > 1}
+        repeated = sorted(key for key, count in Counter(keys).items() if count > 1)
         if repeated:  # two rows of one key: archiving either would break "every key exactly once"
-            raise ArchiveError(f"the dataset holds the key {sorted(repeated)[0]!r} more than once")
+            raise ArchiveError(f"the dataset holds the key {repeated[0]!r} more than once")
         failures: list[Failure] = []
         loaded = [item for index, key in enumerate(keys) if key not in self.skip
                   if (item := self._load(key, batch, index, failures)) is not None]  # fmt: skip
