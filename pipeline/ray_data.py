@@ -196,11 +196,12 @@ def write_archive(
             fn_constructor_args=(archive, writer.manifest.codec, params, skip, batch_size, max_pixels),
             **_actor_pool(actors),
         )  # fmt: skip
-        for row in results.iter_rows():
-            keys, failures = json.loads(row["keys"]), [Failure(**f) for f in json.loads(row["failures"])]
-            entry = ShardEntry(**json.loads(row["entry"])) if row["entry"] else None
-            if entry is not None or failures:
-                writer.commit(entry, keys, failures)
+        # No prefetching: it would hold each finished shard back until the next one is done, uncommitted.
+        for batch in results.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0):
+            for entry, keys, failures in zip(batch["entry"], batch["keys"], batch["failures"]):
+                failures = [Failure(**f) for f in json.loads(failures)]
+                if entry or failures:
+                    writer.commit(ShardEntry(**json.loads(entry)) if entry else None, json.loads(keys), failures)
         return writer.finish()
 
 

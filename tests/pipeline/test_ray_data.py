@@ -2,6 +2,11 @@
 feeding a 2-worker TorchTrainer, and write_archive committing a Ray Data pipeline's output as encode does."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +22,7 @@ from diffarc.pipeline.encode import codec_spec
 from diffarc.codecs.registry import create_codec
 from diffarc.pipeline.storage import Location
 
-from ..conftest import photo_like
+from ..conftest import REPO, cli_env, photo_like
 
 pytestmark = pytest.mark.slow
 
@@ -142,26 +147,56 @@ def test_a_ray_data_pipeline_is_written_as_an_archive_that_verify_and_decode_acc
     assert {k: v["image"].shape for k, v in back.items()} == {r["key"]: r["image"].shape for r in rows}
 
 
-def test_write_archive_resumes_and_archives_every_key_exactly_once(ray_four_cpus, tmp_path):
+def noise_rows(count: int) -> list[dict]:
+    return [{"key": f"p{i:02d}", "image": np.random.default_rng(i).integers(0, 256, (24, 32, 3), np.uint8)}
+            for i in range(count)]  # fmt: skip
+
+
+# A user's job in its own process: its pipeline is quick for the first two rows and then stalls, so the
+# first shard is committed while the rest are still on their way. Its own local Ray, as a user's would be.
+KILLED_JOB = """
+import sys, time
+import ray
+import diffarc
+from tests.pipeline.test_ray_data import noise_rows
+
+def stall_after_two(batch):
+    if batch["key"][0] not in ("p00", "p01"):
+        time.sleep(300)
+    return batch
+
+ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+rows = ray.data.from_items(noise_rows(8), override_num_blocks=8).map_batches(stall_after_two, batch_size=1)
+diffarc.write_archive(rows, sys.argv[1], codec="jpeg", shard_size=2)
+"""
+
+
+def test_a_killed_write_archive_resumes_and_archives_every_key_exactly_once(ray_four_cpus, tmp_path):
     import ray
 
     url = str(tmp_path / "arc")
-    rows = source_rows(8)
+    archive = Location(url)
+    job = subprocess.Popen([sys.executable, "-c", KILLED_JOB, url], cwd=REPO, env=cli_env(), start_new_session=True,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 240
+        while not (archive.exists("manifest.json") and require_manifest(archive).shards):
+            assert job.poll() is None, job.stderr.read().decode()[-2000:]
+            assert time.monotonic() < deadline, "the job committed no shard"
+            time.sleep(0.2)
+    finally:
+        os.killpg(job.pid, signal.SIGKILL)
+        job.wait()
+    killed = require_manifest(archive)
+    assert not killed.complete and sorted(archive_keys(url)) == ["p00", "p01"]
 
-    def stop_at_p07(batch):  # a pipeline that dies partway: what was committed stays, nothing else counts
-        if "p07" in list(batch["key"]):
-            raise RuntimeError("the pipeline died")
-        return batch
-
-    with pytest.raises(Exception, match="the pipeline died"):
-        diffarc.write_archive(ray.data.from_items(rows).map_batches(stop_at_p07, batch_size=1), url, codec="jpeg",
-                              shard_size=2)  # fmt: skip
-    assert not require_manifest(Location(url)).complete
+    rows = noise_rows(8)
     resumed = diffarc.write_archive(ray.data.from_items(rows), url, codec="jpeg", shard_size=2)
-    assert resumed.complete and sorted(archive_keys(url)) == [r["key"] for r in rows]
-    shards = len(resumed.shards)
+    assert resumed.complete and sorted(archive_keys(url)) == [r["key"] for r in rows]  # none lost, none twice
+    assert resumed.shards[0] == killed.shards[0]  # the killed job's committed shard stands, not encoded again
     again = diffarc.write_archive(ray.data.from_items(rows), url, codec="jpeg", shard_size=2)
-    assert len(again.shards) == shards and sorted(archive_keys(url)) == [r["key"] for r in rows]  # nothing twice
+    assert again.shards == resumed.shards and sorted(archive_keys(url)) == [r["key"] for r in rows]
+    assert "INTACT: 8 items" in cli("verify", url)
     with pytest.raises(ArchiveError, match="was encoded with jpeg"):
         diffarc.write_archive(ray.data.from_items(rows), url, codec="webp")
 
