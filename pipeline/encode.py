@@ -96,6 +96,16 @@ class LoadedImage:
     source_sha256: str
 
 
+def codec_spec(codec: Codec) -> CodecSpec:
+    """What an archive records about the codec its streams are written with (ArchiveWriter compares it)."""
+    hint = codec.locations
+    if hint:  # an absolute path is still a good hint when decoding from another working directory
+        from ..codecs.parts.models import canonical_reference
+
+        hint = {k: canonical_reference(v) for k, v in hint.items()}
+    return CodecSpec(codec.name, codec.stream_params, codec.fingerprint.hex(), hint=hint)
+
+
 class EncodeWorker:
     """A Ray actor: one codec, loaded once, encoding whole shards."""
 
@@ -107,12 +117,7 @@ class EncodeWorker:
         self.fetcher = ThreadPoolExecutor(fetch_threads)
 
     def codec_spec(self) -> CodecSpec:
-        hint = self.codec.locations
-        if hint:  # an absolute path is still a good hint when decoding from another working directory
-            from ..codecs.parts.models import canonical_reference
-
-            hint = {k: canonical_reference(v) for k, v in hint.items()}
-        return CodecSpec(self.codec.name, self.codec.stream_params, self.codec.fingerprint.hex(), hint=hint)
+        return codec_spec(self.codec)
 
     def embed_weights(self, archive: Location) -> EmbeddedModel:
         return embed_weights(archive, self.codec)

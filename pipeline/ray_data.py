@@ -1,0 +1,267 @@
+"""Archives in Ray Data, both ways: read an archive as a dataset of images, write a dataset as an archive.
+
+    read_archive:  manifest ─► one row per listed shard ─► read + expand its streams ─► decode on an actor
+                   pool holding the codec (one per GPU, else CPU actors) ─► rows of key, image, width, height
+    iter_archive:  the same rows, shard after shard, decoded in this process (no Ray)
+    write_archive: the user's rows (key + image, or key + file bytes) ─► encode a shard per batch (actor pool)
+                   ─► the driver commits each shard as it arrives (ArchiveWriter), as `diffarc encode` does
+
+Only the shards the manifest lists are read (nothing is listed in the bucket), each checked against its entry
+(`read_shard`), and streams are decoded by `decode.decode_streams`, the function `diffarc decode` uses, so
+a row's image is the pixel array `diffarc decode` writes to its PNG.
+
+Choices:
+- An archive that is not complete (an encode still running, or stopped) is read as far as it is committed,
+  with a warning: commits are the archive's truth, and what they name is whole (docs/FORMAT.md).
+- A shard or stream that cannot be read or decoded stops the read with an ArchiveError naming it, where
+  `diffarc decode` reports it and goes on: a dataset has no report to put it in, and a training run that
+  silently lost images would not know it.
+- Items of a written dataset that cannot be encoded (a row that is not an RGB image, bytes that are no
+  image) go to the archive's failure table, as with `diffarc encode`; a key that repeats stops the job.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from contextlib import ExitStack
+from dataclasses import asdict, replace
+from typing import Any, Iterator
+
+import numpy as np
+import ray
+import ray.data
+
+from ..codecs.base import Codec
+from ..codecs.errors import ArchiveError, BitstreamError, ParameterError
+from ..codecs.registry import codec_class, create_codec
+from .archive import ArchiveWriter, CodecSpec, EncodedItem, Failure, Manifest, ShardEntry, read_shard, write_shard
+from .batches import map_batch
+from .cluster import connect, pool_shape, torch_device
+from .decode import codec_for_archive, decode_streams, pixel_limit
+from .encode import codec_spec
+from .images import DEFAULT_MAX_PIXELS, load_rgb
+from .lease import WriterLease
+from .preflight import check_archive, check_model_reference, check_writable
+from .sources import sha256_hex
+from .storage import Location
+
+logger = logging.getLogger("diffarc.ray_data")
+
+
+def read_archive(
+    url: str, storage_options: dict | None = None, *, actors: int | None = None, batch_size: int = 8,
+    model: str | None = None, max_pixels: int | None = None,
+) -> ray.data.Dataset:  # fmt: skip
+    """The archive's images as a dataset with columns key, image (height × width × 3 uint8), width, height.
+
+    Streams are decoded by an actor pool (Ray Data may fuse the shard reads into it): one actor per GPU,
+    each with `num_gpus=1`, where the cluster has GPUs, else CPU actors (from one up to one per CPU, as Ray
+    Data scales them); `actors` fixes the count. `model` and `max_pixels` are decode's --model and --max-pixels.
+    """
+    archive, manifest = _open_archive(url, storage_options)
+    header = replace(manifest, shards=[])  # what a worker needs: the spec table and the models, not the shard list
+    limit = pixel_limit(manifest, max_pixels)
+    connect()
+    entries = [{"shard": json.dumps(asdict(entry))} for entry in manifest.shards]
+    shards = ray.data.from_items(entries, override_num_blocks=max(1, len(entries)))  # a shard a block: read in parallel
+    streams = shards.map_batches(_read_streams, batch_size=1, batch_format="numpy", fn_args=(archive, header))
+    return streams.map_batches(
+        ArchiveDecoder, batch_size=batch_size, batch_format="numpy",
+        fn_constructor_args=(archive, header, model, limit), **_actor_pool(actors),
+    )  # fmt: skip
+
+
+def iter_archive(
+    url: str, storage_options: dict | None = None, *, batch_size: int = 8, model: str | None = None,
+    max_pixels: int | None = None, device: str = "cpu",
+) -> Iterator[dict[str, Any]]:  # fmt: skip
+    """The rows of `read_archive`, shard after shard in manifest order, decoded here on `device`."""
+    archive, manifest = _open_archive(url, storage_options)
+    codec = codec_for_archive(archive, manifest, device, model)
+    limit = pixel_limit(manifest, max_pixels)
+    for entry in manifest.shards:
+        keys, streams = shard_streams(archive, manifest, entry)
+        for start in range(0, len(keys), batch_size):
+            batch = decode_or_raise(codec, keys[start : start + batch_size], streams[start : start + batch_size], limit)
+            for key, pixels in batch:
+                yield {"key": key, "image": pixels, "width": pixels.shape[1], "height": pixels.shape[0]}
+
+
+def _open_archive(url: str, storage_options: dict | None) -> tuple[Location, Manifest]:
+    archive = Location(url, storage_options)
+    manifest = check_archive(archive)  # one sentence when it is no archive, or one of a codec we lack
+    if not manifest.complete:
+        logger.warning("%s is not complete (an encode is running or stopped): reading its %d committed shards",
+                       url, len(manifest.shards))  # fmt: skip
+    return archive, manifest
+
+
+def shard_streams(archive: Location, manifest: Manifest, entry: ShardEntry) -> tuple[list[str], list[bytes]]:
+    """A shard's keys and its streams as the codec wrote them (standalone framing); the file is read whole
+    and checked against the manifest's size and SHA-256."""
+    table = read_shard(archive, entry, ["key", "bitstream"], whole=True)
+    keys = table.column("key").to_pylist()
+    streams = []
+    for key, stream in zip(keys, table.column("bitstream").to_pylist()):
+        try:
+            streams.append(manifest.expand(stream))
+        except BitstreamError as exc:
+            raise ArchiveError(f"{entry.path}: the stream of {key!r} does not parse ({exc})") from None
+    return keys, streams
+
+
+def decode_or_raise(codec: Codec, keys: list[str], streams: list[bytes], max_pixels: int) -> list[tuple[str, Any]]:
+    """(key, pixels) for every stream; any stream that does not decode stops the read, named."""
+    failures: list[Failure] = []
+    decoded = decode_streams(codec, keys, streams, failures, max_pixels)
+    if failures:
+        first = failures[0]
+        more = f" (and {len(failures) - 1} more in its batch)" if len(failures) > 1 else ""
+        raise ArchiveError(f"{first.key!r} cannot be decoded ({first.stage}: {first.reason}){more}")
+    return decoded
+
+
+def _read_streams(batch: dict[str, np.ndarray], archive: Location, header: Manifest) -> dict[str, list]:
+    keys, streams = [], []
+    for shard in batch["shard"]:
+        more_keys, more_streams = shard_streams(archive, header, ShardEntry(**json.loads(shard)))
+        keys += more_keys
+        streams += more_streams
+    return {"key": keys, "stream": streams}
+
+
+def _image_rows(decoded: list[tuple[str, np.ndarray]]) -> dict[str, Any]:
+    return {
+        "key": [key for key, _ in decoded],
+        "image": [pixels for _, pixels in decoded],  # a column of tensors, of one or of varying shapes
+        "width": np.array([pixels.shape[1] for _, pixels in decoded], dtype=np.int32),
+        "height": np.array([pixels.shape[0] for _, pixels in decoded], dtype=np.int32),
+    }
+
+
+class ArchiveDecoder:
+    """An actor of `read_archive`'s pool: the archive's codec, loaded once, decoding batches of streams."""
+
+    def __init__(self, archive: Location, header: Manifest, model: str | None, max_pixels: int):
+        self.codec = codec_for_archive(archive, header, torch_device(), model)
+        self.max_pixels = max_pixels
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        keys, streams = [str(k) for k in batch["key"]], [bytes(s) for s in batch["stream"]]
+        return _image_rows(decode_or_raise(self.codec, keys, streams, self.max_pixels))
+
+
+def _actor_pool(actors: int | None) -> dict[str, Any]:
+    """map_batches' pool arguments: one actor per GPU (each `num_gpus=1`), else CPU actors, `actors` of them
+    if given, else as many as Ray Data finds CPUs for (so the reading tasks are never starved of CPUs)."""
+    shape = pool_shape(actors)
+    if shape.gpus_per_actor:
+        return {"compute": ray.data.ActorPoolStrategy(size=shape.actors), "num_gpus": shape.gpus_per_actor}
+    sizes = {"size": actors} if actors else {"min_size": 1, "max_size": shape.actors}
+    pool = ray.data.ActorPoolStrategy(**sizes)
+    return {"compute": pool, "num_cpus": shape.cpus_per_actor}
+
+
+def write_archive(
+    ds: ray.data.Dataset, url: str, codec: str, params: dict | None = None, preset: str | None = None,
+    storage_options: dict | None = None, *, shard_size: int = 512, batch_size: int = 8, actors: int | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS, retry_failed: bool = False, source: str = "a Ray Data dataset",
+) -> Manifest:  # fmt: skip
+    """Write the rows of `ds` (a `key` column, and `image`: height × width × 3 uint8 arrays, or `bytes`:
+    image files) to the archive at `url`, encoded with `codec`; returns the archive's manifest.
+
+    A function, not a `ray.data.Datasink`: a datasink's writes are committed together, once, at the end
+    (`on_write_complete`), so a job killed after hours would keep nothing. Here each batch of `shard_size`
+    rows is encoded and written as a shard by an actor (`num_gpus=1` each where there are GPUs), and the
+    driver commits each shard as its result streams back, through the same `ArchiveWriter` (and writer
+    lease) as `diffarc encode`: a killed job keeps every committed shard, and running it again skips the
+    keys the archive holds (and, unless `retry_failed`, those in its failure table), so every key is
+    archived exactly once. Resuming with another codec, parameters or weights is refused.
+    """
+    params = codec_class(codec).resolve_params(params or {}, preset)
+    check_model_reference(params)
+    archive = Location(url, storage_options)
+    check_writable(archive, "the archive")
+    with ExitStack() as held:
+        lease = held.enter_context(WriterLease(archive))  # a second writer is refused before any work
+        connect()
+        # The spec (with the weights' fingerprint) needs the codec loaded: once, in a worker, not in the driver.
+        spec = ray.get(ray.remote(_codec_spec).remote(codec, params))
+        writer = held.enter_context(ArchiveWriter(archive, spec, source, max_pixels, lease))
+        skip = writer.done | (set() if retry_failed else set(writer.failures))
+        results = ds.map_batches(
+            ShardEncoder, batch_size=shard_size, batch_format="numpy",
+            fn_constructor_args=(archive, writer.manifest.codec, params, skip, batch_size, max_pixels),
+            **_actor_pool(actors),
+        )  # fmt: skip
+        # No prefetching: it would hold each finished shard back until the next one is done, uncommitted.
+        for batch in results.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0):
+            for entry, keys, failures in zip(batch["entry"], batch["keys"], batch["failures"]):
+                failures = [Failure(**f) for f in json.loads(failures)]
+                if entry or failures:
+                    writer.commit(ShardEntry(**json.loads(entry)) if entry else None, json.loads(keys), failures)
+        return writer.finish()
+
+
+def _codec_spec(codec: str, params: dict):
+    return codec_spec(create_codec(codec, params))
+
+
+class ShardEncoder:
+    """An actor of `write_archive`'s pool: one codec, loaded once, writing each batch of rows as a shard."""
+
+    def __init__(
+        self, archive: Location, spec: CodecSpec, params: dict, skip: set[str], batch_size: int, max_pixels: int
+    ):  # fmt: skip
+        self.archive, self.spec = archive, spec  # the manifest's spec: shards refer to its id in the spec table
+        self.codec = create_codec(spec.name, params, device=torch_device())
+        if self.codec.fingerprint.hex() != spec.fingerprint:  # weights changed since the driver asked
+            raise ArchiveError(f"the {spec.name} weights on this worker are not the ones the archive records")
+        self.skip, self.batch_size, self.max_pixels = skip, batch_size, max_pixels
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[str]]:
+        if "key" not in batch or not {"image", "bytes"} & batch.keys():
+            raise ParameterError(f"rows to archive need a key column and an image or bytes column, not {sorted(batch)}")
+        keys = [str(k) for k in batch["key"]]
+        repeated = sorted(key for key, count in Counter(keys).items() if count > 1)
+        if repeated:  # two rows of one key: archiving either would break "every key exactly once"
+            raise ArchiveError(f"the dataset holds the key {repeated[0]!r} more than once")
+        failures: list[Failure] = []
+        loaded = [item for index, key in enumerate(keys) if key not in self.skip
+                  if (item := self._load(key, batch, index, failures)) is not None]  # fmt: skip
+        encoded: list[EncodedItem] = []
+        for start in range(0, len(loaded), self.batch_size):
+            pairs = map_batch(
+                loaded[start : start + self.batch_size],
+                lambda items: self.codec.encode([pixels for _, pixels in items]),
+                lambda item, reason: failures.append(Failure(item[0].key, "encode", reason)),
+            )
+            encoded += [replace(item, bitstream=stream) for (item, _), stream in pairs]
+        entry = write_shard(self.archive, encoded, self.spec) if encoded else None
+        return {
+            "entry": [json.dumps(asdict(entry)) if entry else ""],
+            "keys": [json.dumps([item.key for item in encoded])],
+            "failures": [json.dumps([asdict(f) for f in failures])],
+        }
+
+    def _load(self, key: str, batch: dict[str, np.ndarray], index: int, failures: list[Failure]):
+        """(the item to encode, without its stream yet; its pixels), or None with the failure recorded.
+        Rows of pixels are their own source: their raw bytes are what source_bytes and source_sha256 describe."""
+        try:
+            if "image" in batch:
+                pixels = np.ascontiguousarray(batch["image"][index])
+                if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[2] != 3:
+                    raise ValueError(f"image must be height × width × 3 uint8, not {pixels.shape} {pixels.dtype}")
+                if pixels.shape[0] * pixels.shape[1] > self.max_pixels:
+                    raise ValueError(f"image has {pixels.shape[0] * pixels.shape[1]} pixels, over {self.max_pixels}")
+                source = pixels.tobytes()
+            else:
+                source = bytes(batch["bytes"][index])
+                pixels = load_rgb(source, self.max_pixels)
+        except Exception as exc:
+            failures.append(Failure(key, "load", str(exc)))
+            return None
+        height, width = pixels.shape[:2]
+        return EncodedItem(key, b"", width, height, len(source), sha256_hex(source)), pixels
