@@ -26,6 +26,9 @@ def archive_info(archive_url: str, price_per_gb_month: float = 0.023, storage_op
     """
     archive = Location(archive_url, storage_options)
     check_reachable(archive, "read the archive")  # exists() alone would call a missing bucket no archive
+    # The writer is looked up before the manifest is read: an encode that finishes in between then shows
+    # as complete, never as stopped (incomplete, with nobody writing).
+    writer = current_writer(archive)
     manifest = require_manifest(archive)
     totals = {"items": 0, "shards": 0, "source_bytes": 0, "bitstream_bytes": 0, "archive_bytes": 0}
     bpp, problems = [], []
@@ -59,7 +62,7 @@ def archive_info(archive_url: str, price_per_gb_month: float = 0.023, storage_op
     return {
         "archive": archive_url,
         "complete": manifest.complete,
-        "writing": None if manifest.complete else current_writer(archive),  # the encode writing it now
+        "writing": None if manifest.complete else writer,  # the encode writing it now
         "codec": manifest.codec.name,
         "params": manifest.codec.params,
         "model_fingerprint": manifest.codec.fingerprint or None,

@@ -44,6 +44,7 @@ from ..codecs.registry import codec_class
 from ..codecs.parts.metrics import LPIPS, LPIPS_MIN_SIDE, ms_ssim, psnr
 from .archive import (
     FAILURE_SCHEMA, Failure, Manifest, ShardEntry, check_embedded_weights, read_failure_table, read_parquet, read_shard,
+    require_manifest,
 )
 from .batches import failure_reason
 from .cluster import actor_pool, run_on_pool, torch_device
@@ -234,10 +235,14 @@ def run_verify(
 ) -> VerifyReport:
     started = time.perf_counter()
     archive = Location(archive_url, storage_options)
-    manifest = check_verify(archive, against, storage_options)  # fails before Ray starts
+    check_verify(archive, against, storage_options)  # fails before Ray starts
+    # The writer is looked up before the manifest is read: an encode that finishes in between then shows
+    # as complete, never as stopped.
+    writer = current_writer(archive)
+    manifest = require_manifest(archive)
     report = VerifyReport(shards=len(manifest.shards), lpips_used=bool(lpips_weights and against))
     if not manifest.complete:
-        report.writing = current_writer(archive)
+        report.writing = writer
         if report.writing is None:
             report.problems.append("manifest is not marked complete: the encode job stopped before it finished")
     report.problems += check_embedded_weights(archive, manifest)
