@@ -209,21 +209,23 @@ SHORTEST_TAIL_SHARD = 32  # items: below this, a shard's fixed costs (a task, a 
 def cut_into_shards(items: list[SourceItem], actors: int, shard_size: int) -> Iterator[list[SourceItem]]:
     """`items` in consecutive shards of at most `shard_size`, shorter towards the end, so the actors finish together.
 
-    Each shard is cut when `run_on_pool` has room for it and holds at most an equal part of what is left
-    for every place in the actors' queues: while there is much left, shards are `shard_size` long; at the
-    end they shrink, so that no actor sits idle while another still works through a full shard (at 512
-    jpeg images a shard, that was up to 6 s of one core). Never shorter than SHORTEST_TAIL_SHARD, nor than
-    an even split of the job over the actors (a job smaller than a shard per actor gives each one part).
+    Shards are cut in rounds of one per actor, each round when `run_on_pool` asks for it, of an equal part
+    of what is left for every place in the actors' queues: while much is left, shards are `shard_size`
+    long; then they halve each round (never below SHORTEST_TAIL_SHARD), so that no actor sits idle at the
+    end while another works through a whole shard (with 512 jpeg images a shard, up to 6 s of one core).
+    A round that would leave less than a round of SHORTEST_TAIL_SHARD shares what is left equally: a job
+    smaller than a shard per actor gives each actor one equal part.
     """
-    shortest = max(1, min(shard_size, SHORTEST_TAIL_SHARD, -(-len(items) // actors)))
     start = 0
     while start < len(items):
         left = len(items) - start
-        size = max(shortest, min(shard_size, -(-left // (actors * IN_FLIGHT_PER_ACTOR))))
-        if left - size < shortest // 2 and left <= shard_size:
-            size = left  # rather than a last shard of a few items
-        yield items[start : start + size]
-        start += size
+        size = min(shard_size, max(SHORTEST_TAIL_SHARD, -(-left // (actors * IN_FLIGHT_PER_ACTOR))))
+        if left - actors * size < actors * SHORTEST_TAIL_SHARD:  # this round and a few: one round
+            size = min(shard_size, -(-left // actors))
+        for _ in range(actors):
+            if start < len(items):
+                yield items[start : start + size]
+                start += size
 
 
 def run_encode(

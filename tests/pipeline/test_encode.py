@@ -29,6 +29,7 @@ def test_the_last_shards_are_short_so_no_actor_waits_on_a_full_one():
 def test_a_job_smaller_than_a_shard_per_actor_gives_each_actor_an_equal_part():
     assert [len(s) for s in cut_into_shards(list(range(6)), 2, 512)] == [3, 3]
     assert [len(s) for s in cut_into_shards(list(range(40)), 4, 512)] == [10, 10, 10, 10]
+    assert [len(s) for s in cut_into_shards(list(range(96)), 2, 512)] == [48, 48]
 
 
 def test_decoding_on_threads_ahead_gives_what_decoding_in_turn_gives(ray_cluster, bad_inputs, tmp_path):
