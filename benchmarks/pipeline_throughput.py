@@ -1,13 +1,15 @@
 """Images/s of the full `encode` pipeline next to a bare single-process loop, and the driver's memory as jobs grow.
 
-    python benchmarks/pipeline_throughput.py [FOLDER] [--codec jpeg] [--repeat 40] [--memory-images 1000,10000]
+    python benchmarks/pipeline_throughput.py [FOLDER] [--codec jpeg] [--repeat 40] [--runs 3] [--memory-images 1000,10000]
 
 Throughput. The bare loop reads, loads and encodes each image in this process, one at a time: what a
 user's own script would do. The pipeline figure is `run_encode` into a fresh archive (listing, actor
 start-up, Ray tasks, Parquet shards, commits), with the default shard size and one actor per CPU; Ray's
 own start-up is reported beside it, not in it. `--repeat` copies the folder's images N times under
-distinct keys, so that the job is long enough for a steady state, as real jobs are. Other processes on
-the machine slow both figures: the CPU-seconds they took during each phase are printed beside it.
+distinct keys, so that the job is long enough for a steady state, as real jobs are (at 96 images the
+actors' start-up, about a second, is most of the job). Other processes on the machine slow both figures:
+the CPU-seconds they took during each phase are printed beside it, and `--runs` pairs are measured, each
+on a Ray started for it, and the median ratio reported.
 
 Driver memory. For each of `--memory-images` (a small synthetic PNG linked under that many keys, so the
 count is all that changes), a fresh process starts Ray and encodes them with the same codec. Its peak
@@ -24,6 +26,7 @@ import argparse
 import os
 import resource
 import shutil
+import statistics
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -90,6 +93,8 @@ class OtherLoad:
 
 
 def throughput(src: Path, files: list[Path], args) -> dict:
+    """One bare loop, then one encode into a fresh archive on a Ray started for it (and stopped after, so the
+    bare loop never shares the machine with Ray's idle processes)."""
     load = OtherLoad()
     load.start()
     bare = bare_loop(files, args.codec)
@@ -101,12 +106,11 @@ def throughput(src: Path, files: list[Path], args) -> dict:
     options = EncodeOptions(args.codec, shard_size=args.shard_size) if args.shard_size else EncodeOptions(args.codec)
 
     def on_progress(done: int, total: int, failed: int) -> None:
-        if done == 0:
-            load.start()
-        elif done == total:
+        if done == total:
             load.stop()  # before run_encode ends its actors, whose CPU time would leave the sum with them
 
     with tempfile.TemporaryDirectory() as scratch:
+        load.start()
         summary = run_encode(str(src), str(Path(scratch) / "archive"), options, on_progress=on_progress)
     ray.shutdown()
     return {"bare": bare, "bare_other": bare_other, "summary": summary, "startup": startup, "other": load.seconds}
@@ -143,6 +147,7 @@ def main() -> None:
     parser.add_argument("folder", nargs="?", default=str(DEFAULT_FOLDER))
     parser.add_argument("--codec", default="jpeg")
     parser.add_argument("--repeat", type=int, default=40, help="copies of the folder's images (24 × 40 = 960 for Kodak)")
+    parser.add_argument("--runs", type=int, default=3, help="bare-loop / pipeline pairs (the median ratio is reported)")
     parser.add_argument("--shard-size", type=int, default=None, help="default: encode's own")
     parser.add_argument("--memory-images", default="1000,10000", help="image counts for the driver-memory runs ('' skips them)")
     parser.add_argument("--memory-image-size", type=int, default=64, help="side of the synthetic PNG, pixels")
@@ -156,17 +161,21 @@ def main() -> None:
             for path in originals:
                 shutil.copy(path, src / f"copy{copy}" / path.name)
         files = sorted(p for p in src.rglob("*") if p.is_file())
-        measured = throughput(src, files, args)
-
-    summary, bare = measured["summary"], measured["bare"]
-    print(f"{len(files)} images ({len(originals)} × {args.repeat}) from {args.folder}, codec {args.codec}, "
-          f"{os.cpu_count()} CPUs")  # fmt: skip
-    print(f"{'bare single-process loop':<34}{bare:8.2f} images/s  "
-          f"({len(files) / bare:.1f} s; other processes took {measured['bare_other']:.1f} CPU-s meanwhile)")
-    print(f"{'diffarc encode pipeline (Ray)':<34}{summary.images_per_second:8.2f} images/s  "
-          f"({len(summary.workers)} actors; {summary.seconds:.1f} s, plus {measured['startup']:.1f} s Ray start-up; "
-          f"other processes took {measured['other']:.1f} CPU-s meanwhile)")
-    print(f"{'pipeline / bare':<34}{summary.images_per_second / bare:8.2f}×")
+        print(f"{len(files)} images ({len(originals)} × {args.repeat}) from {args.folder}, codec {args.codec}, "
+              f"{os.cpu_count()} CPUs; {args.runs} runs, each a bare loop then an encode")  # fmt: skip
+        ratios = []
+        for run in range(1, args.runs + 1):
+            measured = throughput(src, files, args)
+            summary, bare = measured["summary"], measured["bare"]
+            ratios.append(summary.images_per_second / bare)
+            print(f"run {run}: {'bare single-process loop':<32}{bare:8.2f} images/s  ({len(files) / bare:.1f} s; "
+                  f"other processes took {measured['bare_other']:.1f} CPU-s meanwhile)")  # fmt: skip
+            print(f"       {'diffarc encode pipeline (Ray)':<32}{summary.images_per_second:8.2f} images/s  "
+                  f"({len(summary.workers)} actors; {summary.seconds:.1f} s, plus {measured['startup']:.1f} s Ray "
+                  f"start-up; other processes took {measured['other']:.1f} CPU-s meanwhile)")  # fmt: skip
+            print(f"       {'pipeline / bare':<32}{ratios[-1]:8.2f}×")
+    print(f"pipeline / bare, median of {len(ratios)} runs: {statistics.median(ratios):.2f}× "
+          f"(from {min(ratios):.2f}× to {max(ratios):.2f}×)")
 
     counts = [int(n) for n in args.memory_images.split(",") if n]
     if not counts:
