@@ -9,7 +9,9 @@ own start-up is reported beside it, not in it. `--repeat` copies the folder's im
 distinct keys, so that the job is long enough for a steady state, as real jobs are (at 96 images the
 actors' start-up, about a second, is most of the job). Other processes on the machine slow both figures:
 the CPU-seconds they took during each phase are printed beside it, and `--runs` pairs are measured, each
-on a Ray started for it, and the median ratio reported.
+on a Ray started for it, and the median ratio reported. So is each side's own CPU time per image (the
+pipeline's: driver, Ray's processes and actors), which other load hardly changes: what the pipeline costs
+beyond the codec, however busy the machine.
 
 Driver memory. For each of `--memory-images` (a small synthetic PNG linked under that many keys, so the
 count is all that changes), a fresh process starts Ray and encodes them with the same codec. Its peak
@@ -82,24 +84,24 @@ def own_cpu_seconds() -> float:
     return sum(cpu[pid] for pid in ours if pid in cpu)
 
 
-class OtherLoad:
-    """CPU-seconds that processes outside this benchmark took between `start` and `stop`."""
+class CpuMeter:
+    """CPU-seconds between `start` and `stop`: `own`, this process and its descendants'; `others`, everyone else's."""
 
     def start(self) -> None:
-        self.machine, self.own = machine_cpu_seconds(), own_cpu_seconds()
+        self._machine, self._own = machine_cpu_seconds(), own_cpu_seconds()
 
     def stop(self) -> None:
-        self.seconds = machine_cpu_seconds() - self.machine - (own_cpu_seconds() - self.own)
+        self.own = own_cpu_seconds() - self._own
+        self.others = machine_cpu_seconds() - self._machine - self.own
 
 
 def throughput(src: Path, files: list[Path], args) -> dict:
     """One bare loop, then one encode into a fresh archive on a Ray started for it (and stopped after, so the
     bare loop never shares the machine with Ray's idle processes)."""
-    load = OtherLoad()
-    load.start()
+    bare_cpu, pipeline_cpu = CpuMeter(), CpuMeter()
+    bare_cpu.start()
     bare = bare_loop(files, args.codec)
-    load.stop()
-    bare_other = load.seconds
+    bare_cpu.stop()
     started = time.perf_counter()
     connect()
     startup = time.perf_counter() - started
@@ -107,13 +109,13 @@ def throughput(src: Path, files: list[Path], args) -> dict:
 
     def on_progress(done: int, total: int, failed: int) -> None:
         if done == total:
-            load.stop()  # before run_encode ends its actors, whose CPU time would leave the sum with them
+            pipeline_cpu.stop()  # before run_encode ends its actors, whose CPU time would leave the sum with them
 
     with tempfile.TemporaryDirectory() as scratch:
-        load.start()
+        pipeline_cpu.start()
         summary = run_encode(str(src), str(Path(scratch) / "archive"), options, on_progress=on_progress)
     ray.shutdown()
-    return {"bare": bare, "bare_other": bare_other, "summary": summary, "startup": startup, "other": load.seconds}
+    return {"bare": bare, "bare_cpu": bare_cpu, "summary": summary, "startup": startup, "pipeline_cpu": pipeline_cpu}
 
 
 def synthetic_png(path: Path, size: int) -> None:
@@ -168,11 +170,14 @@ def main() -> None:
             measured = throughput(src, files, args)
             summary, bare = measured["summary"], measured["bare"]
             ratios.append(summary.images_per_second / bare)
+            bare_cpu, pipeline_cpu = measured["bare_cpu"], measured["pipeline_cpu"]
             print(f"run {run}: {'bare single-process loop':<32}{bare:8.2f} images/s  ({len(files) / bare:.1f} s; "
-                  f"other processes took {measured['bare_other']:.1f} CPU-s meanwhile)")  # fmt: skip
+                  f"{1000 * bare_cpu.own / len(files):.1f} CPU-ms/image; other processes took {bare_cpu.others:.1f} "
+                  "CPU-s meanwhile)")  # fmt: skip
             print(f"       {'diffarc encode pipeline (Ray)':<32}{summary.images_per_second:8.2f} images/s  "
                   f"({len(summary.workers)} actors; {summary.seconds:.1f} s, plus {measured['startup']:.1f} s Ray "
-                  f"start-up; other processes took {measured['other']:.1f} CPU-s meanwhile)")  # fmt: skip
+                  f"start-up; {1000 * pipeline_cpu.own / len(files):.1f} CPU-ms/image, driver and Ray included; "
+                  f"other processes took {pipeline_cpu.others:.1f} CPU-s meanwhile)")  # fmt: skip
             print(f"       {'pipeline / bare':<32}{ratios[-1]:8.2f}×")
     print(f"pipeline / bare, median of {len(ratios)} runs: {statistics.median(ratios):.2f}× "
           f"(from {min(ratios):.2f}× to {max(ratios):.2f}×)")

@@ -33,16 +33,15 @@ def test_a_job_smaller_than_a_shard_per_actor_gives_each_actor_an_equal_part():
 
 
 def test_decoding_on_threads_ahead_gives_what_decoding_in_turn_gives(ray_cluster, bad_inputs, tmp_path):
-    # CPU actors decode in turn; GPU actors on threads ahead of the codec. This machine has no GPU, so the
-    # second way is run here by hand: both must encode, fail and record the same items the same way.
+    # A CPU actor with one core decodes in turn; a GPU actor, or one with cores to spare, on threads ahead
+    # of the codec. Both must encode, fail and record the same items the same way.
     folder, expected = bad_inputs
     items = list_sources(str(folder)).items
     results = []
-    for decode_ahead in (False, True):
-        worker = EncodeWorker("jpeg", {}, None, DEFAULT_MAX_PIXELS, 4)
-        assert worker.decode_ahead is False  # a CPU actor
-        worker.decode_ahead = decode_ahead
-        results.append(worker.encode_shard(Location(str(tmp_path / f"arc{decode_ahead}")), items, 3))
+    for spare_cores in (False, True):
+        worker = EncodeWorker("jpeg", {}, None, DEFAULT_MAX_PIXELS, 4, spare_cores)
+        assert worker.decode_ahead is spare_cores  # on a CPU
+        results.append(worker.encode_shard(Location(str(tmp_path / f"arc{spare_cores}")), items, 3))
     in_turn, ahead = results
     good = sorted(key for key, shape in expected.items() if shape is not None)
     assert sorted(in_turn.keys) == good and in_turn.keys == ahead.keys
