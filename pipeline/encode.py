@@ -1,13 +1,14 @@
 """The encode job: source collection → archive, on a pool of Ray actors that each hold the codec.
 
     driver: list sources ─► skip keys the archive holds ─► chunk into shards ─► run_on_pool
-    actor:  fetch + load images (thread pool, ahead of the codec) ─► codec.encode in batches
+    actor:  fetch images (thread pool, ahead of the codec) ─► load ─► codec.encode in batches
             ─► write the shard (Parquet) ─► return its manifest entry, keys and failures
     driver: commit each returned shard to the manifest as it arrives
 
-Fetching and image decoding run on threads inside the actor while the codec works on the previous
-batch, and the next shard is already queued on the actor, so the codec (and its GPU) does not wait.
-Memory is bounded per actor by the shard size, not by the collection.
+Fetching runs on threads inside the actor while the codec works on the previous batch (image decoding
+too, for a GPU or where the pool leaves cores free), and the next shard is already queued on the actor,
+so the codec (and its GPU) does not wait. Shards shrink towards the end of the job, so the actors finish
+together. Memory is bounded per actor by the shard size, not by the collection.
 
 With `embed_model`, one actor first copies the codec's weights into the archive's models/ folder, and
 the driver commits a manifest naming them before any shard: the archive then decodes anywhere.
