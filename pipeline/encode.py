@@ -118,7 +118,7 @@ class EncodeWorker:
         self.fetcher = ThreadPoolExecutor(fetch_threads)
         # A GPU must never wait for pixels, so threads decode images ahead of it; so they do where the pool
         # leaves cores free (`spare_cores`). Otherwise a CPU actor has one core, which its codec already keeps
-        # busy: decoding on other threads would only add thread switches (5-10 % more CPU per image, measured
+        # busy: decoding on other threads would only add thread switches (5-15 % more CPU per image, measured
         # for jpeg on Kodak), so fetches still run ahead and each image is decoded in its turn.
         self.decode_ahead = self.device != "cpu" or spare_cores
 
