@@ -21,7 +21,7 @@ from .options import (
 @click.option("--param", "params", multiple=True, metavar="K=V", callback=parse_params,
               help="Codec parameter; repeatable.")
 @click.option("--shard-size", type=click.IntRange(1), default=512, show_default=True,
-              help="Most images per shard (a small job is split evenly across actors).")
+              help="Most images per shard (shorter at the end of a job, so the actors finish together).")
 @click.option("--batch-size", type=click.IntRange(1), default=8, show_default=True, help="Images per codec call.")
 @click.option("--max-pixels", type=click.IntRange(1), default=DEFAULT_MAX_PIXELS, show_default=True)
 @click.option("--retry-failed", is_flag=True, help="Re-run only the items in the failure table.")

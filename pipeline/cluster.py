@@ -32,6 +32,7 @@ from .storage import SETTINGS_ENV
 
 logger = logging.getLogger("diffarc.cluster")
 _connected_here = False
+IN_FLIGHT_PER_ACTOR = 2  # tasks queued on each actor by run_on_pool
 
 
 def connect(address: str | None = None, worker_output: bool = False) -> None:
@@ -166,7 +167,7 @@ def run_on_pool(
     pool: ActorPool,
     tasks: Iterable[Any],
     submit: Callable[[Any, Any], ray.ObjectRef],
-    in_flight_per_actor: int = 2,
+    in_flight_per_actor: int = IN_FLIGHT_PER_ACTOR,
     max_losses: int = 3,
 ) -> Iterator[Any]:
     """Feed tasks to actors, at most `in_flight_per_actor` queued on each, yielding results as they finish.
