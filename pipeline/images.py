@@ -17,6 +17,8 @@ Anything else that fails is an ImageLoadError whose message is the reason record
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 from PIL import Image, ImageOps
 
@@ -35,7 +37,8 @@ def load_rgb(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     except Image.DecompressionBombError as exc:
         raise ImageLoadError(f"over Pillow's own limit for this format: {exc}") from None
     except (OSError, SyntaxError, ValueError) as exc:
-        raise ImageLoadError(f"not a readable image: {exc}") from None
+        # Pillow names the buffer by its memory address: dropped, so one bad file gives one reason every run.
+        raise ImageLoadError(f"not a readable image: {re.sub(r' at 0x[0-9a-fA-F]+', '', str(exc))}") from None
     with image:
         try:
             image.seek(0)
