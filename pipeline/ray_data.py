@@ -161,7 +161,10 @@ def _actor_pool(actors: int | None) -> dict[str, Any]:
         return {"compute": ray.data.ActorPoolStrategy(size=shape.actors), "num_gpus": shape.gpus_per_actor}
     sizes = {"size": actors} if actors else {"min_size": 1, "max_size": shape.actors}
     pool = ray.data.ActorPoolStrategy(**sizes)
-    return {"compute": pool, "num_cpus": shape.cpus_per_actor}
+    # The tasks upstream (a dataset's reads) need CPUs too: actors holding every CPU would leave them none and
+    # the job would wait for ever (2 actors on 2 CPUs did). The actors share all but one CPU, or half of one.
+    cpus = ray.cluster_resources().get("CPU", 1)
+    return {"compute": pool, "num_cpus": min(shape.cpus_per_actor, max(cpus - 1, cpus / 2) / shape.actors)}
 
 
 def write_archive(
