@@ -144,6 +144,15 @@ def driver_memory(images: int, codec: str, size: int) -> dict:
     return {"before": before, "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "seconds": seconds}
 
 
+def copy_images(originals: list[Path], repeat: int, src: Path) -> list[Path]:
+    """`repeat` copies of the images under distinct keys (src/copy<i>/<name>), so a job is long enough to time."""
+    for copy in range(repeat):
+        (src / f"copy{copy}").mkdir(parents=True)
+        for path in originals:
+            shutil.copy(path, src / f"copy{copy}" / path.name)
+    return sorted(p for p in src.rglob("*") if p.is_file())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("folder", nargs="?", default=str(DEFAULT_FOLDER))
@@ -158,11 +167,7 @@ def main() -> None:
     originals = sorted(p for p in Path(args.folder).iterdir() if is_image_name(p.name))
     with tempfile.TemporaryDirectory() as scratch:
         src = Path(scratch) / "src"
-        for copy in range(args.repeat):
-            (src / f"copy{copy}").mkdir(parents=True)
-            for path in originals:
-                shutil.copy(path, src / f"copy{copy}" / path.name)
-        files = sorted(p for p in src.rglob("*") if p.is_file())
+        files = copy_images(originals, args.repeat, src)
         print(f"{len(files)} images ({len(originals)} × {args.repeat}) from {args.folder}, codec {args.codec}, "
               f"{os.cpu_count()} CPUs; {args.runs} runs, each a bare loop then an encode")  # fmt: skip
         ratios = []

@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import resource
-import shutil
 import signal
 import subprocess
 import sys
@@ -32,7 +31,10 @@ import threading
 import time
 from pathlib import Path
 
-DEFAULT_FOLDER = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "kodak"
+from pipeline_throughput import DEFAULT_FOLDER, copy_images  # this folder is on the path of a script run here
+
+from diffarc.pipeline.sources import is_image_name
+
 ACTOR_CLASS = {"pool": "EncodeWorker", "ray data": "ShardEncoder"}  # Ray Data's is MapWorker(…ShardEncoder)
 
 
@@ -107,16 +109,12 @@ def main() -> None:
         print(json.dumps(run_one(**job, codec=args.codec, shard_size=args.shard_size, actors=args.actors)))
         return
 
-    originals = sorted(p for p in Path(args.folder).iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+    originals = sorted(p for p in Path(args.folder).iterdir() if is_image_name(p.name))
     if not originals:
         raise SystemExit(f"no images in {args.folder}")
     with tempfile.TemporaryDirectory() as scratch:
         src = Path(scratch) / "src"
-        for copy in range(args.repeat):
-            (src / f"copy{copy}").mkdir(parents=True)
-            for path in originals:
-                shutil.copy(path, src / f"copy{copy}" / path.name)
-        total = len(originals) * args.repeat
+        total = len(copy_images(originals, args.repeat, src))
         print(f"{total} images ({args.repeat} × {args.folder}), codec {args.codec}, shard size {args.shard_size}, "
               f"{args.actors} actors, {os.cpu_count()} CPUs")
         print(f"{'mode':9} {'actor killed':>12} {'images/s':>9} {'seconds':>8} {'driver MB':>9}  every key once")
