@@ -1093,9 +1093,9 @@ class ArchiveWriter:
             "add_shards": [asdict(s) for s in self.manifest.shards[self._logged_shards:]],
         }  # fmt: skip
         try:
-            self.archive.write_versioned(commit_path(number), json.dumps(record).encode("utf-8"), None)
+            self._write_once(commit_path(number), json.dumps(record).encode("utf-8"), None)
             if not self._in_log:  # the first commit of the log; the archive's manifest.json names it from now on
-                self.archive.write_versioned(MANIFEST, log_pointer(number), self._manifest_version)
+                self._write_once(MANIFEST, log_pointer(number), self._manifest_version)
                 self._in_log = True
         except WriteConflict:
             raise ArchiveError(
@@ -1110,6 +1110,19 @@ class ArchiveWriter:
             self._checkpoint()
         if previous and previous["path"] != (self.manifest.failures or {}).get("path"):
             self.archive.delete(previous["path"])
+
+    def _write_once(self, relative: str, data: bytes, expected: str | None) -> None:
+        """`write_versioned`, where a conflict with exactly these bytes is this writer's own write: a write
+        whose answer was lost (a connection cut after the store had it) is retried, and then finds itself."""
+        try:
+            self.archive.write_versioned(relative, data, expected)
+        except WriteConflict:
+            try:
+                if self.archive.read(relative) == data:
+                    return
+            except FileNotFoundError:
+                pass
+            raise
 
     def _checkpoint(self) -> None:
         """The whole manifest as of the last commit, its shard list in parts, all written before the pointer

@@ -474,7 +474,7 @@ def test_a_reader_starts_at_the_newest_checkpoint_and_passes_over_one_it_cannot_
     assert len(manifest.shards) == 11 and set(read_failures(archive, manifest)) == {f"f{i}" for i in range(1, 10)}
 
 
-def test_a_checkpoint_writes_only_the_parts_of_its_shard_list_that_are_new(tmp_path, caplog):
+def test_a_checkpoint_writes_only_the_parts_of_its_shard_list_that_are_new(tmp_path):
     """Parts are aligned runs of 2·2^k entries (part_shards=2) plus a tail: a checkpoint after every commit
     rewrites the tail and, when the count crosses a boundary, one merged run; never a whole part again."""
     archive = Location(str(tmp_path))
@@ -499,9 +499,8 @@ def test_a_checkpoint_writes_only_the_parts_of_its_shard_list_that_are_new(tmp_p
     assert load_manifest(archive).shards == manifest.shards
     (tmp_path / "aside").rename(tmp_path / commit_path(2))
     part = tmp_path / "_log" / "shards-000000000000-000000000008.json"
-    part.write_bytes(part.read_bytes().replace(b"k03", b"k3x"))
+    part.write_bytes(part.read_bytes().replace(b"k03", b"k3x"))  # trusted, it would rename a shard's first key
     assert load_manifest(archive).shards == manifest.shards
-    assert "not the part its checkpoint describes; reading the whole log" in caplog.text
     part.unlink()
     assert load_manifest(archive).shards == manifest.shards
     writer.finish()
