@@ -16,6 +16,7 @@ second account of errors the job reports itself stay quiet.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 from collections import deque
@@ -64,6 +65,10 @@ def disconnect() -> None:
     """Leave the Ray that `connect` started or joined; a Ray the caller had started is left alone."""
     global _connected_here
     if _connected_here and ray.is_initialized():
+        # Actor handles and object refs caught in reference cycles (an exception's traceback holds them) are
+        # freed by whichever later collection finds them, in any thread; after the shutdown that ends the
+        # process ("the core worker has already been shutdown"). Freed now, while Ray is up, they cannot.
+        gc.collect()
         ray.shutdown()
     _connected_here = False
 

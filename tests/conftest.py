@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import shutil
 import socket
@@ -40,6 +41,7 @@ def ray_cluster():
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
+    gc.collect()  # see cluster.disconnect: handles caught in reference cycles are freed while Ray is up
     ray.shutdown()
 
 
