@@ -1,13 +1,14 @@
 """Images/s of the full `encode` pipeline next to a bare single-process loop, and the driver's memory as jobs grow.
 
-    python benchmarks/pipeline_throughput.py [FOLDER] [--codec jpeg] [--repeat 40] [--runs 3] [--memory-images 1000,10000]
+    python benchmarks/pipeline_throughput.py [FOLDER] [--codec jpeg] [--repeat 120] [--runs 3] [--memory-images 1000,10000]
 
 Throughput. The bare loop reads, loads and encodes each image in this process, one at a time: what a
 user's own script would do. The pipeline figure is `run_encode` into a fresh archive (listing, actor
 start-up, Ray tasks, Parquet shards, commits), with the default shard size and one actor per CPU; Ray's
 own start-up is reported beside it, not in it. `--repeat` copies the folder's images N times under
-distinct keys, so that the job is long enough for a steady state, as real jobs are (at 96 images the
-actors' start-up, about a second, is most of the job). Other processes on the machine slow both figures:
+distinct keys, so that the job is long enough for a steady state, as real jobs are: each job pays about
+1 CPU-s per actor to start it (Ray's worker, the imports), which is most of a 96-image job and 10 % of
+a 960-image one (2 880 by default). Other processes on the machine slow both figures:
 the CPU-seconds they took during each phase are printed beside it, and `--runs` pairs are measured, each
 on a Ray started for it, and the median ratio reported. So is each side's own CPU time per image (the
 pipeline's: driver, Ray's processes and actors): what the pipeline costs beyond the codec. Other load
@@ -157,7 +158,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("folder", nargs="?", default=str(DEFAULT_FOLDER))
     parser.add_argument("--codec", default="jpeg")
-    parser.add_argument("--repeat", type=int, default=40, help="copies of the folder's images (24 × 40 = 960 for Kodak)")
+    parser.add_argument("--repeat", type=int, default=120, help="copies of the folder's images (24 × 120 = 2 880 for Kodak)")
     parser.add_argument("--runs", type=int, default=3, help="bare-loop / pipeline pairs (the median ratio is reported)")
     parser.add_argument("--shard-size", type=int, default=None, help="default: encode's own")
     parser.add_argument("--memory-images", default="1000,10000", help="image counts for the driver-memory runs ('' skips them)")
@@ -168,6 +169,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         src = Path(scratch) / "src"
         files = copy_images(originals, args.repeat, src)
+        os.sync()  # else the copies' writeback lands in the first bare loop (run 1 measured 30 % slower)
         print(f"{len(files)} images ({len(originals)} × {args.repeat}) from {args.folder}, codec {args.codec}, "
               f"{os.cpu_count()} CPUs; {args.runs} runs, each a bare loop then an encode")  # fmt: skip
         ratios = []
