@@ -26,6 +26,7 @@ _CODECS = {
     "hfd": "diffarc.codecs.hfd.codec:HfdCodec",
     "hyperprior": "diffarc.codecs.hyperprior.codec:HyperpriorCodec",
     "corrdiff": "diffarc.codecs.corrdiff.codec:CorrDiffCodec",
+    "corrdiff-latent": "diffarc.codecs.corrdiff.latent:LatentCorrDiffCodec",
 }
 
 _TRAINING_TASKS = {
@@ -35,6 +36,7 @@ _TRAINING_TASKS = {
     "hfd": "diffarc.codecs.hfd.task:DetailDecoderTask",
     "hyperprior": "diffarc.codecs.hyperprior.task:HyperpriorTask",
     "corrdiff": "diffarc.codecs.corrdiff.task:EndToEndDecoderTask",
+    "corrdiff-latent": "diffarc.codecs.corrdiff.latent_task:LatentRestorerTask",
 }
 
 # The codec `encode` uses when none is named: hfd, whose detail decoder ships with the package; on Kodak

@@ -40,18 +40,17 @@ import torch
 
 from ..base import Codec, DecodeCost, Param
 from ..container import Header, unpack
-from ..errors import BitstreamError, ParameterError
+from ..errors import ParameterError
 from ..hfd.codec import HfdCodec
 from ..parts.latents import tensor_to_images
 from ..parts.metrics import psnr
 from ..parts.models import fingerprint, load_codec_model
-from .correction import CorrectedDetailDecoder, EndToEndEstimates
+from .correction import LEVELS, CorrectedDetailDecoder, EndToEndEstimates, privileged_level, split_level, strength
 from .nets import EndToEndDecoder
 
 DEFAULT_MODEL = "builtin:corrdiff-small"
 DEFAULT_DETAIL_MODEL = "builtin:hfd-small"  # when the end-to-end decoder's folder holds no detail/
 DETAIL_FOLDER = "detail"
-LEVELS = 4  # transmitted strengths g = level / (LEVELS − 1): 2 bits
 OWN_PARAMS = ("model", "detail_model", "perception", "max_psnr_loss")
 
 
@@ -60,13 +59,6 @@ def load_end_to_end_decoder(reference: str, device: str) -> tuple[EndToEndDecode
     """(decoder, folder, fingerprint) of an end-to-end decoder's save_pretrained folder, once per process."""
     decoder, folder = load_codec_model(reference, EndToEndDecoder, device, "train one with `diffarc train corrdiff`")
     return decoder, folder, fingerprint({"end_to_end": decoder})
-
-
-def strength(perception: float, chosen: float) -> float:
-    """g for the knob's value: piecewise linear through (0, 1), (½, the encoder's choice), (1, 0)."""
-    if perception <= 0.5:
-        return 1.0 - 2.0 * perception * (1.0 - chosen)
-    return 2.0 * (1.0 - perception) * chosen
 
 
 class CorrDiffCodec(Codec):
@@ -115,13 +107,13 @@ class CorrDiffCodec(Codec):
 
     def stream_stats(self, stream: bytes) -> dict[str, float]:
         """The strength the encoder chose (the bench averages it)."""
-        return {"chosen_strength": _level(unpack(stream)[1]) / (LEVELS - 1)}
+        return {"chosen_strength": split_level(unpack(stream)[1])[0]}
 
     def decode_cost(self, header: Header, payload: bytes) -> DecodeCost:
         """HFD's cost for the base payload, plus the end-to-end decoder's pass."""
-        _level(payload)
+        base_payload = split_level(payload)[1]
         config = self.resolve_params(header.params)
-        cost = self.hfd.decode_cost(self._hfd_header(header.height, header.width, config), payload[1:])
+        cost = self.hfd.decode_cost(self._hfd_header(header.height, header.width, config), base_payload)
         return DecodeCost(cost.pixels, cost.passes + 1)
 
     def _hfd_header(self, height: int, width: int, config: dict) -> Header:
@@ -141,22 +133,9 @@ class CorrDiffCodec(Codec):
 
     def choose_level(self, image: np.ndarray, base: torch.Tensor, config: dict) -> int:
         """The smallest level whose decode is within max_psnr_loss dB of the end-to-end decode (docstring)."""
-        cache = {}
-
-        def quality(level: int) -> float:
-            if level not in cache:
-                cache[level] = psnr(image, self.decode_picture(base, config, level / (LEVELS - 1)))
-            return cache[level]
-
-        bound = quality(LEVELS - 1) - config["max_psnr_loss"]
-        low, high = 0, LEVELS - 1  # high always meets the bound
-        while low < high:
-            middle = (low + high) // 2
-            if quality(middle) >= bound:
-                high = middle
-            else:
-                low = middle + 1
-        return high
+        return privileged_level(
+            lambda level: psnr(image, self.decode_picture(base, config, level / (LEVELS - 1))), config["max_psnr_loss"]
+        )
 
     # ------------------------------------------------------------------ decode
 
@@ -165,8 +144,8 @@ class CorrDiffCodec(Codec):
         images = []
         for payload, header in zip(payloads, headers, strict=True):
             config = self.stream_config(header)
-            base = self.hfd.base_picture(payload[1:], self._hfd_header(header.height, header.width, config))
-            chosen = _level(payload) / (LEVELS - 1)
+            chosen, base_payload = split_level(payload)
+            base = self.hfd.base_picture(base_payload, self._hfd_header(header.height, header.width, config))
             images.append(self.decode_picture(base, config, strength(config["perception"], chosen)))
             self.estimates.clear()
         return images
@@ -183,10 +162,3 @@ class CorrDiffCodec(Codec):
             residual = corrected.detail(base, hfd_config)
         return tensor_to_images((base + residual).clamp(-1, 1), [tuple(base.shape[2:])])[0]
 
-
-def _level(payload: bytes) -> int:
-    """The transmitted level (the payload's first byte); BitstreamError when it cannot be one."""
-    if len(payload) < 2 or payload[0] >= LEVELS:
-        found = payload[:1].hex() or "nothing"
-        raise BitstreamError(f"corrdiff payload must start with a level below {LEVELS} and hold a base; got {found}")
-    return payload[0]

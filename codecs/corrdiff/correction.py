@@ -32,20 +32,64 @@ Choices the paper leaves open, made here:
 - The correction wraps the detail decoder (`CorrectedDetailDecoder`), so HFD's own sampler, padding,
   tiles and seeded noise run unchanged and the plain end is HFD's decode by construction.
 - The end-to-end estimate is computed once per (padded) base or tile and reused at every step.
-- The per-image strength (the privileged choice) and the user's knob are in codec.py.
+- The per-image strength is the encoder's privileged choice (`privileged_level`), and the user's knob
+  maps onto it (`strength`); both are shared by the codecs that correct HFD (codec.py) and
+  latent-denoise (latent.py).
 """
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
+from ..errors import BitstreamError
 from ..hfd.nets import DetailDecoder
 from .nets import EndToEndDecoder
+
+LEVELS = 4  # transmitted strengths g = level / (LEVELS − 1): 2 bits of the payload's first byte
 
 
 def correction_weight(strength: float, t: float) -> float:
     """λ(t) = min(1, g·(1 + t)) at noise level t ∈ [0, 1] (1: the start)."""
     return min(1.0, strength * (1.0 + t))
+
+
+def strength(perception: float, chosen: float) -> float:
+    """g for the knob's value: piecewise linear through (0, 1), (½, the encoder's choice), (1, 0)."""
+    if perception <= 0.5:
+        return 1.0 - 2.0 * perception * (1.0 - chosen)
+    return 2.0 * (1.0 - perception) * chosen
+
+
+def privileged_level(quality: Callable[[int], float], max_psnr_loss: float) -> int:
+    """The smallest level (the most realistic decode) whose PSNR, `quality(level)`, is within
+    `max_psnr_loss` dB of the end-to-end decode's (the top level). Binary search, assuming PSNR grows with
+    the level; only a level that was decoded and met the bound is returned, and the top level always does."""
+    cache: dict[int, float] = {}
+
+    def measured(level: int) -> float:
+        if level not in cache:
+            cache[level] = quality(level)
+        return cache[level]
+
+    bound = measured(LEVELS - 1) - max_psnr_loss
+    low, high = 0, LEVELS - 1
+    while low < high:
+        middle = (low + high) // 2
+        if measured(middle) >= bound:
+            high = middle
+        else:
+            low = middle + 1
+    return high
+
+
+def split_level(payload: bytes) -> tuple[float, bytes]:
+    """(the transmitted strength, the wrapped codec's payload); BitstreamError when there is none."""
+    if len(payload) < 2 or payload[0] >= LEVELS:
+        found = payload[:1].hex() or "nothing"
+        raise BitstreamError(f"corrdiff payload must start with a level below {LEVELS} and hold the corrected codec's payload; got {found}")
+    return payload[0] / (LEVELS - 1), payload[1:]
 
 
 class EndToEndEstimates:
@@ -91,3 +135,29 @@ class CorrectedDetailDecoder(torch.nn.Module):
         if weight == 1.0:
             return estimate
         return torch.lerp(self.detail(state, base, quality, scale, t).float(), estimate, weight)
+
+
+class CorrectedDenoiser:
+    """A latent diffusion denoiser whose x̂0 is pulled toward the end-to-end latent ẑ_e (latent-denoise's
+    correction; the derivation above with r replaced by the latent z and r̂_e by ẑ_e).
+
+    Called as `parts.denoisers.DiffusionDenoiser` is, (x_t, t) → (x̂0, ε̂), so latent-denoise's own DDIM
+    loop runs it. ε̂ is recomputed from the corrected x̂0 and x_t, which is what makes the DDIM step the
+    one of the corrected score; where λ(t) = 0 the network's own pair is returned untouched, where
+    λ(t) = 1 the network is not called. τ = t / T maps the integer timestep to the schedule's [0, 1).
+    """
+
+    def __init__(self, denoiser, estimate: torch.Tensor, strength: float):
+        self.denoiser, self.estimate, self.strength = denoiser, estimate, strength
+        self.alphas_cumprod = denoiser.alphas_cumprod  # the sampler's schedule reads it
+
+    def __call__(self, x: torch.Tensor, t: int, cond: torch.Tensor | None = None):
+        weight = correction_weight(self.strength, t / len(self.alphas_cumprod))
+        if weight == 0.0:
+            return self.denoiser(x, t, cond)
+        if weight == 1.0:
+            x0 = self.estimate
+        else:
+            x0 = torch.lerp(self.denoiser(x, t, cond)[0], self.estimate, weight)
+        alpha_bar = self.denoiser.alpha_bar(t)
+        return x0, (x - alpha_bar**0.5 * x0) / (1.0 - alpha_bar) ** 0.5

@@ -84,11 +84,10 @@ RETIRED_FINGERPRINTS = {
 }  # fmt: skip
 
 
-def denoise(model, z_hat: torch.Tensor, t: int, steps: int, dtype: torch.dtype) -> torch.Tensor:
+def denoise(denoiser: DiffusionDenoiser, z_hat: torch.Tensor, t: int, steps: int) -> torch.Tensor:
     """Treat ẑ as the clean part of x_t at timestep t and run min(steps, t) DDIM (η = 0) steps to 0."""
     if t == 0:
         return z_hat
-    denoiser = DiffusionDenoiser.from_model(model, dtype)
     # The schedule ends at timestep 0: the UNet runs at every step before it (see samplers.ddim).
     schedule = linspace_schedule(denoiser.alphas_cumprod, min(steps, t) + 1, first=t)
     return ddim(denoiser, schedule.alpha_bar[0] ** 0.5 * z_hat, schedule)
@@ -275,6 +274,13 @@ class LatentDenoiseCodec(Codec):
 
     @torch.inference_mode()
     def _decode_one(self, payload: bytes, header: Header) -> np.ndarray:
+        z_hat, t, _ = self.dequantized(payload, header)
+        return self._pixels(z_hat, t, self.resolve_params(header.params), (header.height, header.width))
+
+    @torch.inference_mode()
+    def dequantized(self, payload: bytes, header: Header) -> tuple[torch.Tensor, int, torch.Tensor]:
+        """(ẑ, t, Δ·s) of a payload: the latent the decoder denoises, the timestep the encoder sent, and
+        each channel's quantization step in latent units (B, C)."""
         config = self.resolve_params(header.params)
         c, h, w = self.latent_shape(header.height, header.width)
         t, shift, scale = self.side_info(payload, header)
@@ -287,12 +293,16 @@ class LatentDenoiseCodec(Codec):
             y_hat = self.latent_codec.decompress([[y_range], [y_words], [z_range], [z_words]], (h, w), config["step"])["y_hat"]
         except EntropyCodingError as exc:
             raise BitstreamError(f"latent-denoise payload: {exc}") from None
-        z_hat = y_hat.to(self.device) * scale[..., None, None] + shift[..., None, None]
-        return self._pixels(z_hat, t, config, (header.height, header.width))
+        return y_hat.to(self.device) * scale[..., None, None] + shift[..., None, None], t, config["step"] * scale
 
     def _pixels(self, z_hat: torch.Tensor, t: int, config: dict, size: tuple[int, int]) -> np.ndarray:
         dtype = PRECISIONS[config["precision"]]
-        latent = denoise(self.model, z_hat, t, config["steps"], dtype)
+        latent = denoise(DiffusionDenoiser.from_model(self.model, dtype), z_hat, t, config["steps"])
+        return self.pixels(latent, config, size)
+
+    def pixels(self, latent: torch.Tensor, config: dict, size: tuple[int, int]) -> np.ndarray:
+        """The picture of a (denoised) latent: the VAE decoder, cropped to the image's size."""
+        dtype = PRECISIONS[config["precision"]]
         return tensor_to_images(decode_latents(self.model, latent.to(dtype)), [size])[0]
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from diffarc.codecs import container
-from diffarc.codecs.corrdiff.codec import LEVELS, strength
+from diffarc.codecs.corrdiff.correction import LEVELS, strength
 from diffarc.codecs.corrdiff.correction import correction_weight
 from diffarc.codecs.corrdiff.nets import EndToEndDecoder
 from diffarc.codecs.errors import BitstreamError, ModelError, ParameterError

@@ -11,6 +11,7 @@ from diffarc.codecs.errors import BitstreamError
 from diffarc.codecs.latent_denoise.codec import CODED, PREDICTORS_FOLDER, denoise
 from diffarc.codecs.latent_denoise.nets import LatentDenoisePredictors
 from diffarc.codecs.parts.latent_codecs import MeanScaleHyperpriorLatentCodec
+from diffarc.codecs.parts.denoisers import DiffusionDenoiser
 from diffarc.codecs.parts.latents import decode_latents, encode_latents, images_to_tensor, tensor_to_images
 from diffarc.codecs.errors import ModelError
 from diffarc.codecs.registry import create_codec
@@ -79,7 +80,7 @@ def test_denoising_runs_the_promised_number_of_unet_calls(tiny_model):
         z = torch.zeros(1, 4, 6, 8)
         for t, steps, expected in [(0, 4, 0), (3, 4, 3), (250, 4, 4), (250, 1, 1)]:
             calls.clear()
-            denoise(codec.model, z, t, steps, torch.float32)
+            denoise(DiffusionDenoiser.from_model(codec.model), z, t, steps)
             assert len(calls) == expected
     finally:
         hook.remove()

@@ -27,7 +27,7 @@ def settings(what, **changes):
 
 
 def test_the_registry_names_each_task_by_its_own_name():
-    assert training_task_names() == ["autoencoder", "corrdiff", "diffusion", "hfd", "hyperprior", "latent-denoise"]
+    assert training_task_names() == ["autoencoder", "corrdiff", "corrdiff-latent", "diffusion", "hfd", "hyperprior", "latent-denoise"]
     for name in training_task_names():
         task = training_task(name)
         assert issubclass(task, TrainingTask) and task.name == name
@@ -44,6 +44,8 @@ def test_the_registry_names_each_task_by_its_own_name():
         ("latent-denoise", {"crop": 20, "model": "m"}, "crop"),
         ("latent-denoise", {}, "model"),
         ("hyperprior", {"crop": 96}, "crop"),  # whole hyper-latent positions: multiples of 64
+        ("corrdiff-latent", {}, "model"),
+        ("corrdiff-latent", {"crop": 48, "model": "m"}, "crop"),  # whole hyper-latent positions: multiples of 32
     ],
 )
 def test_check_names_the_setting_a_task_cannot_run_without(what, changes, setting):
@@ -111,3 +113,17 @@ def test_the_corrdiff_task_trains_the_end_to_end_decoder_and_exports_a_codecs_mo
     metrics = run_one_step(training_task("corrdiff"), settings("corrdiff", batch_size=4, crop=32), tmp_path)
     assert {"mse", "val_gain_s1", "val_gain_s2"} <= set(metrics)
     assert isinstance(EndToEndDecoder.from_pretrained(str(tmp_path / "out")), EndToEndDecoder)
+
+
+def test_the_corrdiff_latent_task_trains_a_restorer_the_codec_then_loads(tmp_path):
+    from diffarc.codecs.registry import create_codec
+
+    from .test_latent_denoise import save_predictors
+
+    folder = save_tiny_ldm(tmp_path / "ldm")
+    save_predictors(folder / "latent_denoise")
+    metrics = run_one_step(training_task("corrdiff-latent"), settings("corrdiff-latent", model=str(folder)), tmp_path)
+    assert {"mse", "val_gain_d0p3", "val_gain_d0p9", "val_gain_d2"} <= set(metrics)
+    assert all(p.grad is None for p in load_model(str(folder)).vae.parameters())  # the decoder stays frozen
+    codec = create_codec("corrdiff-latent", {"model": str(folder), "restorer": str(tmp_path / "out")})
+    assert codec.decode(codec.encode([TRAIN[0]]))[0].shape == TRAIN[0].shape

@@ -1,0 +1,169 @@
+"""CorrDiff for latent-denoise: its few-step latent sampler corrected by a privileged end-to-end restorer of
+the dequantized latent, with the same knob as CorrDiff for HFD (codec.py; the paper's §4 says the
+correction applies to any diffusion decoder of a transmitted representation).
+
+    encoder: image ─► latent-denoise's payload (ẑ's words, t, γ) ─► ẑ, t, Δ·s as its decoder reads them
+             for strengths g on a grid: decode(ẑ, g); keep the smallest g within `max_psnr_loss` of g = 1
+             payload = [level of g: one byte] + latent-denoise's payload
+    decoder: ẑ ─► LatentRestorer(ẑ, Δ·s) ─► ẑ_e
+             DDIM from t on the corrected x̂0 = lerp(x̂0, ẑ_e, λ(τ)), λ(τ) = min(1, g·(1 + τ)), τ = t/T
+             ─► VAE decoder ─► image
+
+What this file decides (the correction and its derivation are in correction.py, the restorer in
+restorer.py, its training in latent_task.py):
+- latent-denoise's parameters are this codec's, with their meaning; `timestep` defaults to `predict`
+  here (with `off`, t = 0: there is no sampler to correct, and the picture is that of
+  lerp(ẑ, ẑ_e, min(1, g)), the correction's last estimate). `search` is not offered: its LPIPS choice
+  of t and this encoder's PSNR choice of g would pull two ways.
+- `restorer` defaults to the model folder's `corrdiff_latent/`, beside latent-denoise's predictors in
+  `latent_denoise/` (builtin:ldm-small ships both): one folder holds every weight of a stream, which is
+  what `encode --embed-model` copies. The fingerprint is SHA-256(latent-denoise's ‖ the restorer's).
+- The privileged level and the knob are CorrDiff's (correction.py): PSNR only, 2 bits, `perception`
+  0 = the end-to-end decode VAE(ẑ_e), 1 = latent-denoise's own decode bit for bit, ½ = the encoder's choice.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..base import Codec, DecodeCost, Param
+from ..container import Header, unpack
+from ..errors import ModelError
+from ..latent_denoise.codec import LatentDenoiseCodec, denoise
+from ..parts.denoisers import DiffusionDenoiser
+from ..parts.metrics import psnr
+from ..parts.models import PRECISIONS, fingerprint, load_codec_model, resolve_folder
+from .correction import LEVELS, CorrectedDenoiser, correction_weight, privileged_level, split_level, strength
+from .restorer import LatentRestorer
+
+RESTORER_FOLDER = "corrdiff_latent"  # where a model folder keeps its end-to-end restorer
+OWN_PARAMS = ("restorer", "perception", "max_psnr_loss")
+
+
+@functools.lru_cache(maxsize=4)
+def load_restorer(folder: str, device: str) -> tuple[LatentRestorer, bytes]:
+    restorer, _ = load_codec_model(
+        folder, LatentRestorer, device, f"train one with `diffarc train corrdiff-latent --model MODEL --out {folder}`"
+    )
+    return restorer, fingerprint({"restorer": restorer})
+
+
+def restorer_folder(model_reference: str, restorer: str) -> str:
+    """The restorer's folder: the explicit reference, else `corrdiff_latent/` inside the model's folder."""
+    folder = resolve_folder(restorer or model_reference)
+    if folder is None:
+        raise ModelError(f"{restorer or model_reference!r} is not a folder or an fsspec URL of one; pass restorer=FOLDER")
+    if restorer:
+        return str(folder)
+    if not (folder / RESTORER_FOLDER).is_dir():
+        raise ModelError(
+            f"{folder} holds no LatentRestorer in {RESTORER_FOLDER}/; train one with `diffarc train corrdiff-latent "
+            f"--model {model_reference} --out {folder / RESTORER_FOLDER}`"
+        )
+    return str(folder / RESTORER_FOLDER)
+
+
+class LatentCorrDiffCodec(Codec):
+    name = "corrdiff-latent"
+    description = "latent-denoise corrected by an end-to-end MSE restorer of its latent, with a perception knob (CorrDiff)."
+    params = (
+        *(
+            p if p.name != "timestep" else Param(
+                "timestep", str, "predict", "t: predicted from the quantized latent, or off (t = 0)", choices=("predict", "off")
+            )
+            for p in LatentDenoiseCodec.params
+        ),
+        Param("restorer", str, "", "end-to-end latent restorer (folder or URL); default: the model's corrdiff_latent/",
+              location=True),
+        Param("perception", float, 0.5, "0: the end-to-end (MSE) decode … ½: the encoder's choice … 1: plain latent-denoise",
+              minimum=0.0, maximum=1.0, decode_time=True),
+        Param("max_psnr_loss", float, 0.3, "encoder: the most PSNR (dB) its choice may lose to the end-to-end decode",
+              minimum=0.0, maximum=20.0),
+    )  # fmt: skip
+    presets = LatentDenoiseCodec.presets
+
+    def __init__(self, device: str = "cpu", **params):
+        super().__init__(device, **params)
+        self.latent = LatentDenoiseCodec(device, **self._latent_params(self.config))
+        self.restorer_dir = Path(restorer_folder(self.config["model"], self.config["restorer"]))
+        self.restorer, restorer_fingerprint = load_restorer(str(self.restorer_dir), str(device))
+        self._fingerprint = hashlib.sha256(self.latent.fingerprint + restorer_fingerprint).digest()
+
+    @staticmethod
+    def _latent_params(config: dict) -> dict:
+        return {k: v for k, v in config.items() if k not in OWN_PARAMS}
+
+    @property
+    def fingerprint(self) -> bytes:
+        return self._fingerprint
+
+    def weights_folders(self) -> dict:
+        return {**self.latent.weights_folders(), RESTORER_FOLDER: self.restorer_dir}
+
+    def _latent_header(self, height: int, width: int, config: dict) -> Header:
+        """The header of the latent-denoise stream this codec's inner payload would be."""
+        return Header(LatentDenoiseCodec.name, self.latent.split_params(self._latent_params(config))[0], b"",
+                      width=width, height=height)  # fmt: skip
+
+    def stream_stats(self, stream: bytes) -> dict[str, float]:
+        header, payload = unpack(stream)
+        chosen, inner = split_level(payload)
+        inner_header = self._latent_header(header.height, header.width, self.resolve_params(header.params))
+        t = self.latent.side_info(inner, inner_header)[0]
+        return {"chosen_strength": chosen, "t": t}
+
+    def decode_cost(self, header: Header, payload: bytes) -> DecodeCost:
+        """latent-denoise's cost for its payload, plus the restorer's pass."""
+        inner = split_level(payload)[1]
+        cost = self.latent.decode_cost(self._latent_header(header.height, header.width, self.resolve_params(header.params)), inner)
+        return DecodeCost(cost.pixels, cost.passes + 1)
+
+    # ------------------------------------------------------------------ encode: the privileged choice
+
+    @torch.inference_mode()
+    def encode_payloads(self, images: list[np.ndarray]) -> list[bytes]:
+        payloads = []
+        for image, inner in zip(images, self.latent.encode_payloads(images), strict=True):
+            size = image.shape[:2]
+            z_hat, t, estimate = self._restored(inner, self._latent_header(*size, self.config))
+            level = privileged_level(
+                lambda lv: psnr(image, self.picture(z_hat, t, estimate, self.config, lv / (LEVELS - 1), size)),
+                self.config["max_psnr_loss"],
+            )  # fmt: skip
+            payloads.append(bytes([level]) + inner)
+        return payloads
+
+    def _restored(self, inner: bytes, header: Header) -> tuple[torch.Tensor, int, torch.Tensor]:
+        """(ẑ, t, ẑ_e): what latent-denoise's decoder reads from its payload, and the restorer's estimate."""
+        z_hat, t, channel_step = self.latent.dequantized(inner, header)
+        return z_hat, t, self.restorer(z_hat, channel_step).float()
+
+    # ------------------------------------------------------------------ decode
+
+    @torch.inference_mode()
+    def decode_payloads(self, payloads: list[bytes], headers: list[Header]) -> list[np.ndarray]:
+        images = []
+        for payload, header in zip(payloads, headers, strict=True):
+            config = self.stream_config(header)
+            chosen, inner = split_level(payload)
+            z_hat, t, estimate = self._restored(inner, self._latent_header(header.height, header.width, config))
+            g = strength(config["perception"], chosen)
+            images.append(self.picture(z_hat, t, estimate, config, g, (header.height, header.width)))
+        return images
+
+    def picture(self, z_hat: torch.Tensor, t: int, estimate: torch.Tensor, config: dict, g: float,
+                size: tuple[int, int]) -> np.ndarray:  # fmt: skip
+        """The picture at strength g: 0 is latent-denoise's own decode, 1 the end-to-end decode VAE(ẑ_e)."""
+        denoiser = DiffusionDenoiser.from_model(self.latent.model, PRECISIONS[config["precision"]])
+        if g == 0.0:
+            latent = denoise(denoiser, z_hat, t, config["steps"])
+        elif t == 0:  # no sampler: the correction of its only estimate, ẑ itself
+            latent = torch.lerp(z_hat, estimate, correction_weight(g, 0.0))
+        else:
+            latent = denoise(CorrectedDenoiser(denoiser, estimate, g), z_hat, t, config["steps"])
+        return self.latent.pixels(latent, config, size)
