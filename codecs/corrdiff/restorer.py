@@ -1,7 +1,7 @@
 """CorrDiff's end-to-end decoder for latent-denoise: the MSE restoration of a dequantized latent.
 
     ẑ (dequantized latent), Δ·s (each channel's quantization step in latent units)
-    [ẑ, log(Δ·s) per channel] ─conv─► residual blocks ─conv─► h;   ẑ_e = ẑ + (Δ·s)·h
+    [ẑ, log(Δ·s) per channel] ─conv─► residual blocks ─conv─► h;   ẑ_e = ẑ + (Δ·s / 2)·tanh(h)
     end-to-end decode: x̂_e = VAE decoder(ẑ_e)          (the latent diffusion model's own decoder, frozen)
 
 Trained (latent_task.py) for the MSE of x̂_e against the original pixels, with the VAE decoder frozen: ẑ_e
@@ -13,8 +13,11 @@ Choices:
 - It works in the latent, not in pixels: the correction acts on x̂0 of the latent sampler, and one
   decoder (the model's VAE) makes every picture along the knob, so its two ends and the middle differ
   only in the latent.
-- The residual is scaled by each channel's step Δ·s: the quantization error |z − ẑ| is at most Δ·s/2
-  per value, so h has one scale at every rate; the output layer starts at zero (ẑ_e = ẑ untrained).
+- ẑ_e stays inside the quantization cell the stream names: the encoder rounded (y − μ)/Δ, so the true
+  z lies within Δ·s/2 of ẑ in every value, and so does E[z | ẑ]. The bound also keeps a restorer from
+  ever moving a latent further than the quantizer did (a first run without it, the residual scaled by
+  Δ·s but unbounded, lost 1.6 dB at Δ 0.9 on held-out crops after 650 steps). h has one scale at every
+  rate; the output layer starts at zero (ẑ_e = ẑ untrained).
 - Δ·s reaches the network as log(Δ·s) per channel (a constant plane each), as the t-net's features do.
 """
 
@@ -37,7 +40,7 @@ class ResidualBlock(torch.nn.Module):
 
 
 class LatentRestorer(ModelMixin, ConfigMixin):
-    """ẑ_e = ẑ + (Δ·s)·network(ẑ, log Δ·s); see the module docstring."""
+    """ẑ_e = ẑ + (Δ·s / 2)·tanh(network(ẑ, log Δ·s)); see the module docstring."""
 
     config_name = "config.json"
 
@@ -57,4 +60,4 @@ class LatentRestorer(ModelMixin, ConfigMixin):
         """ẑ_e for dequantized latents (B, C, H, W) quantized with per-channel steps Δ·s (B, C)."""
         step = channel_step[..., None, None].to(z_hat.dtype)
         features = torch.cat([z_hat, torch.log(step).expand_as(z_hat)], 1)
-        return z_hat + step * self.body(features)
+        return z_hat + step / 2 * torch.tanh(self.body(features))
