@@ -24,9 +24,9 @@ Choices made here:
 - The default is `off` (t = 0, no UNet call; issue 13's rule: the predicted t must improve LPIPS over
   t = 0 at every preset to be the default). Before the hyperprior, on Kodak, LPIPS BD-rate against AVIF
   was +180 % for `predict`, +158 % for `off`, +143 % for `search`: the t-net is trained on latent MSE,
-  not LPIPS. After it, the retrained t-net still makes the latent MSE worse at coarse steps (−0.7 dB at
-  Δ = 4 on held-out crops) and the ablation on Kodak (MODELS.md) has not shown `predict` better than
-  `off` in LPIPS at every preset. `predict` (the paper's method) and `search` (the best of 0, ½, 1, 1½,
+  not LPIPS. After it, on Kodak 24 (MODELS.md), `predict` gains 0.01–0.05 dB of PSNR but loses LPIPS at
+  every preset (0.364 against 0.337 at 0.15bpp; BD-rate +99 % against `off`'s +88 %); `search` gains
+  0.003–0.004 LPIPS over `off` at 18× the encode time. `predict` (the paper's method) and `search` (the best of 0, ½, 1, 1½,
   2 × the prediction by LPIPS, 25× slower to encode, needs $DIFFARC_LPIPS_WEIGHTS) remain parameters.
 - γ and t come from pooled per-channel statistics, so they cost the same at any image size; the
   predicted γ is rounded to fp16 before the encoder uses it, so both sides quantize with one transform.
