@@ -37,7 +37,7 @@ from ..errors import ModelError
 from ..latent_denoise.codec import LatentDenoiseCodec, denoise
 from ..parts.denoisers import DiffusionDenoiser
 from ..parts.metrics import psnr
-from ..parts.models import PRECISIONS, fingerprint, load_codec_model, resolve_folder
+from ..parts.models import PRECISIONS, fingerprint, load_codec_model, part_folder
 from .correction import LEVELS, CorrectedDenoiser, correction_weight, privileged_level, split_level, strength
 from .restorer import LatentRestorer
 
@@ -53,19 +53,15 @@ def load_restorer(folder: str, device: str) -> tuple[LatentRestorer, bytes]:
     return restorer, fingerprint({"restorer": restorer})
 
 
-def restorer_folder(model_reference: str, restorer: str) -> str:
+def restorer_folder(model_reference: str, restorer: str) -> Path:
     """The restorer's folder: the explicit reference, else `corrdiff_latent/` inside the model's folder."""
-    folder = resolve_folder(restorer or model_reference)
-    if folder is None:
-        raise ModelError(f"{restorer or model_reference!r} is not a folder or an fsspec URL of one; pass restorer=FOLDER")
-    if restorer:
-        return str(folder)
-    if not (folder / RESTORER_FOLDER).is_dir():
+    folder = part_folder(model_reference, restorer, RESTORER_FOLDER, "restorer")
+    if not restorer and not folder.is_dir():
         raise ModelError(
-            f"{folder} holds no LatentRestorer in {RESTORER_FOLDER}/; train one with `diffarc train corrdiff-latent "
-            f"--model {model_reference} --out {folder / RESTORER_FOLDER}`"
+            f"{folder.parent} holds no LatentRestorer in {RESTORER_FOLDER}/; train one with `diffarc train "
+            f"corrdiff-latent --model {model_reference} --out {folder}`"
         )
-    return str(folder / RESTORER_FOLDER)
+    return folder
 
 
 class LatentCorrDiffCodec(Codec):
@@ -90,7 +86,7 @@ class LatentCorrDiffCodec(Codec):
     def __init__(self, device: str = "cpu", **params):
         super().__init__(device, **params)
         self.latent = LatentDenoiseCodec(device, **self._latent_params(self.config))
-        self.restorer_dir = Path(restorer_folder(self.config["model"], self.config["restorer"]))
+        self.restorer_dir = restorer_folder(self.config["model"], self.config["restorer"])
         self.restorer, restorer_fingerprint = load_restorer(str(self.restorer_dir), str(device))
         self._fingerprint = hashlib.sha256(self.latent.fingerprint + restorer_fingerprint).digest()
 

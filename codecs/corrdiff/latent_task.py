@@ -27,13 +27,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..latent_denoise.codec import load_predictors, predictors_folder
+from ..latent_denoise.codec import PREDICTORS_FOLDER, load_predictors
 from ..latent_denoise.nets import HYPER_STRIDE
 from ..parts.crops import fit_crop
 from ..parts.latent_codecs import dequantize, mean_and_scale
 from ..parts.latents import decode_latents, encode_latents
 from ..parts.metrics import psnr
-from ..parts.models import load_model
+from ..parts.models import load_model, part_folder
 from ..task import SettingsError, TrainingTask
 from .restorer import LatentRestorer
 
@@ -71,7 +71,7 @@ class LatentRestorerTask(TrainingTask):
         super().__init__(settings, train, validation, device)
         self.model = load_model(settings.model, str(device))
         self.model.vae.requires_grad_(False)
-        self.predictors, _ = load_predictors(predictors_folder(settings.model, ""), str(device))
+        self.predictors, _ = load_predictors(str(part_folder(settings.model, "", PREDICTORS_FOLDER, "predictors")), str(device))
         self.side = settings.crop // 8
         self.train = [self._prepared(image) for image in train]
         self.validation = [self._prepared(image) for image in validation[:16]]

@@ -65,7 +65,7 @@ from ..parts.denoisers import DiffusionDenoiser
 from ..parts.latent_codecs import MeanScaleHyperpriorLatentCodec
 from ..parts.latents import VAE_DOWNSAMPLING, decode_latents, encode_latents, images_to_tensor, latent_size, tensor_to_images
 from ..parts.models import (
-    DEFAULT_MODEL, MODEL_PARAM_HELP, PRECISIONS, check_safetensors, fingerprint, load_model, resolve_folder,
+    DEFAULT_MODEL, MODEL_PARAM_HELP, PRECISIONS, check_safetensors, fingerprint, load_model, part_folder,
 )
 from ..parts.samplers import ddim, linspace_schedule
 from .nets import HYPER_STRIDE, LatentDenoisePredictors
@@ -117,21 +117,6 @@ def side_info_bytes(channels: int) -> int:
     return TIMESTEP.size + 4 * channels + CODED.size
 
 
-def predictors_folder(model_reference: str, predictors: str) -> str:
-    """The predictors' folder: the explicit reference, else `latent_denoise/` inside the model's folder."""
-    if predictors:
-        folder = resolve_folder(predictors)
-        if folder is None:
-            raise ModelError(f"predictors {predictors!r} must be a folder or an fsspec URL of one")
-        return str(folder)
-    folder = resolve_folder(model_reference)
-    if folder is None:
-        raise ModelError(
-            f"model {model_reference!r} is a hub id; pass predictors=FOLDER (trained with `diffarc train latent-denoise`)"
-        )
-    return str(folder / PREDICTORS_FOLDER)
-
-
 class LatentDenoiseCodec(Codec):
     name = "latent-denoise"
     description = "Quantized latent, denoised by the frozen diffusion model from a predicted timestep (ECCV 2024)."
@@ -160,7 +145,7 @@ class LatentDenoiseCodec(Codec):
         self.model = load_model(self.config["model"], device, PRECISIONS[self.config["precision"]])
         if self.model.unet is None:
             raise ModelError(f"model {self.config['model']} has no diffusion UNet; latent-denoise needs one")
-        folder = predictors_folder(self.config["model"], self.config["predictors"])
+        folder = str(part_folder(self.config["model"], self.config["predictors"], PREDICTORS_FOLDER, "predictors"))
         self.predictors_dir = Path(folder)
         self.predictors, predictors_fingerprint = load_predictors(folder, str(device))
         channels = self.model.unet.config.in_channels

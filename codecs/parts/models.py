@@ -275,6 +275,17 @@ def check_safetensors(component_dir: Path) -> None:
     raise ModelError(f"{component_dir} holds no weights (*.safetensors)")
 
 
+def part_folder(model_reference: str, explicit: str, inside: str, param: str) -> Path:
+    """The folder of a part trained for a model (latent-denoise's predictors, corrdiff-latent's restorer):
+    `explicit` when given, else the sub-folder `inside` of the model's own folder. ModelError when neither
+    names a folder (a hub id has no sub-folders: the part must then be named with `param`=FOLDER)."""
+    folder = resolve_folder(explicit or model_reference)
+    if folder is None:
+        named = f"{param} {explicit!r}" if explicit else f"model {model_reference!r}"
+        raise ModelError(f"{named} is not a folder or an fsspec URL of one; pass {param}=FOLDER")
+    return folder if explicit else folder / inside
+
+
 def load_codec_model(reference: str, model_class: type, device: str, how_to_train: str) -> tuple[Any, Path]:
     """(model in float32 eval mode without gradients, folder) of a codec's own one-model folder (config.json
     naming `model_class` + safetensors); ModelError saying `how_to_train` when the folder holds no such model."""
