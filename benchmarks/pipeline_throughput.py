@@ -169,7 +169,6 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         src = Path(scratch) / "src"
         files = copy_images(originals, args.repeat, src)
-        os.sync()  # else the copies' writeback lands in the first bare loop (run 1 measured 30 % slower)
         print(f"{len(files)} images ({len(originals)} × {args.repeat}) from {args.folder}, codec {args.codec}, "
               f"{os.cpu_count()} CPUs; {args.runs} runs, each a bare loop then an encode")  # fmt: skip
         ratios = []
