@@ -49,8 +49,7 @@ def _gain_key(step: float) -> str:
 
 def quantize(predictors, z: torch.Tensor, step: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(ẑ, Δ·s) of latents z (B, C, H, W) at steps Δ (B,), as latent-denoise's encoder quantizes them."""
-    shift, scale = predictors.transform(z, step)
-    shift, scale = shift.half().float(), scale.half().float().clamp_min(1e-4)  # what the stream carries
+    shift, scale = predictors.sent_transform(z, step)
     y = (z - shift[..., None, None]) / scale[..., None, None]
     means, _ = mean_and_scale(predictors.hyper_synthesis(torch.round(predictors.hyper_analysis(y))))
     box = step.view(-1, 1, 1, 1)

@@ -145,8 +145,8 @@ class LatentDenoiseCodec(Codec):
         self.model = load_model(self.config["model"], device, PRECISIONS[self.config["precision"]])
         if self.model.unet is None:
             raise ModelError(f"model {self.config['model']} has no diffusion UNet; latent-denoise needs one")
-        folder = str(part_folder(self.config["model"], self.config["predictors"], PREDICTORS_FOLDER, "predictors"))
-        self.predictors_dir = Path(folder)
+        self.predictors_dir = part_folder(self.config["model"], self.config["predictors"], PREDICTORS_FOLDER, "predictors")
+        folder = str(self.predictors_dir)
         self.predictors, predictors_fingerprint = load_predictors(folder, str(device))
         channels = self.model.unet.config.in_channels
         if self.predictors.config.latent_channels != channels:
@@ -193,8 +193,7 @@ class LatentDenoiseCodec(Codec):
         x = images_to_tensor([image], (h * VAE_DOWNSAMPLING, w * VAE_DOWNSAMPLING), self.device, dtype)
         z = encode_latents(self.model, x).float()
         step = torch.tensor([config["step"]], device=self.device)
-        shift, scale = self.predictors.transform(z, step)
-        shift, scale = shift.half().float(), scale.half().float().clamp_min(1e-4)  # what the decoder will read
+        shift, scale = self.predictors.sent_transform(z, step)
         coded = self.latent_codec.compress((z - shift[..., None, None]) / scale[..., None, None], config["step"])
         z_hat = coded["y_hat"] * scale[..., None, None] + shift[..., None, None]
         if config["timestep"] == "off":

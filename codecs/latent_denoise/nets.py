@@ -65,6 +65,12 @@ class LatentDenoisePredictors(ModelMixin, ConfigMixin):
         std = log_std.exp()
         return mean + std * out[:, :c], std * torch.exp(MAX_SCALE_LOG * torch.tanh(out[:, c:] / MAX_SCALE_LOG))
 
+    def sent_transform(self, z: torch.Tensor, step: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`transform` as the stream carries it: fp16-rounded, the scale kept positive, so the encoder
+        quantizes with exactly the (shift, scale) the decoder will read."""
+        shift, scale = self.transform(z, step)
+        return shift.half().float(), scale.half().float().clamp_min(1e-4)
+
     def timestep(self, z_hat: torch.Tensor, step: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """Predicted (continuous) timestep (B,) of dequantized latents quantized with step Δ·scale."""
         mean, log_std = channel_stats(z_hat)
