@@ -31,6 +31,7 @@ _CODECS = {
 
 _TRAINING_TASKS = {
     "autoencoder": "diffarc.codecs.ldm.task:AutoencoderTask",
+    "decoder": "diffarc.codecs.ldm.task:DecoderTask",
     "diffusion": "diffarc.codecs.ldm.task:DiffusionTask",
     "latent-denoise": "diffarc.codecs.latent_denoise.task:PredictorsTask",
     "hfd": "diffarc.codecs.hfd.task:DetailDecoderTask",
@@ -139,9 +140,11 @@ def open_codec(
         if codec.fingerprint == fingerprint:
             return codec
         tried.append(f"{origin} (weights {codec.fingerprint.hex()[:12]}…)")
+    from .base import retired_weights
+
     raise ModelError(
         f"no model weights with fingerprint {fingerprint.hex()} found for {name}; tried {'; '.join(tried)}. "
-        "Pass --model FOLDER with those weights."
+        + (retired_weights(fingerprint) or "Pass --model FOLDER with those weights.")
     )
 
 

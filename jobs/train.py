@@ -36,7 +36,8 @@ def _check_crop(ctx, param, value: int) -> int:
 @click.option("--report-seconds", type=click.FloatRange(min=0), default=30.0, help="Seconds between progress lines.")
 @click.option("--autoencoder", default=None, help="diffusion: model reference of the frozen autoencoder (folder, URL, builtin:NAME).")
 @click.option("--model", default=None,
-              help="latent-denoise: the frozen latent diffusion model whose predictors are trained; hfd: the hyperprior base model "
+              help="latent-denoise: the frozen latent diffusion model whose predictors are trained; decoder: the model whose "
+              "autoencoder's decoder is fine-tuned (its encoder stays frozen); hfd: the hyperprior base model "
               "of a hyperprior config (default builtin:hyperprior-small). Folder, URL or builtin:NAME.")
 @click.option("--init", default=None,
               help="Start a new run from these weights (folder, URL, builtin:NAME) of the same --config: fine-tuning.")
@@ -50,7 +51,9 @@ def _check_crop(ctx, param, value: int) -> int:
 def train(what, data, out, work_dir, config_name, steps, batch_size, crop, lr, workers, gpu, checkpoint_minutes,
           report_seconds, autoencoder, model, init, lpips_weights, lpips_weight, save_dtype, max_images, seed, address):  # fmt: skip
     """Train a model. WHAT names a training task of the codec registry: `autoencoder` and `diffusion`
-    (on an --autoencoder's latents) build the built-in latent diffusion model; `latent-denoise` trains
+    (on an --autoencoder's latents) build the built-in latent diffusion model; `decoder` fine-tunes a
+    --model's autoencoder decoder in the same latent space, which every latent codec then decodes with;
+    `latent-denoise` trains
     that codec's predictors and entropy model for a frozen --model (written to MODEL/latent_denoise/
     they are found without naming them)."""
     from ..codecs.registry import training_task

@@ -75,14 +75,6 @@ SEARCH_FACTORS = (0.0, 0.5, 1.0, 1.5, 2.0)  # timestep=search tries these multip
 TIMESTEP = struct.Struct("<H")  # the payload: t, C fp16 shifts, C fp16 scales, CODED, ζ's words, y's words
 CODED = struct.Struct("<4s4sI")  # y's symbol range, ζ's symbol range, ζ's words in bytes
 
-# Fingerprints of predictors whose streams no current predictors decode, and why: a clearer refusal than a
-# mismatch of two hashes. builtin:ldm-small's latent-denoise before the hyperprior entropy model (issue 13):
-RETIRED_FINGERPRINTS = {
-    bytes.fromhex("823d583da226a3a79f7ccd0f7b22b9ac652d20ffd6d29e84aab1bd99f1b656b7"):
-        "builtin:ldm-small's old latent-denoise predictors, whose per-channel entropy model the mean-scale "
-        "hyperprior replaced",
-}  # fmt: skip
-
 
 def denoise(denoiser: DiffusionDenoiser, z_hat: torch.Tensor, t: int, steps: int) -> torch.Tensor:
     """Treat ẑ as the clean part of x_t at timestep t and run min(steps, t) DDIM (η = 0) steps to 0."""
@@ -163,17 +155,6 @@ class LatentDenoiseCodec(Codec):
     def fingerprint(self) -> bytes:
         """The model's and the predictors' weights together: the entropy tables depend on both."""
         return self._fingerprint
-
-    @classmethod
-    def check_header(cls, header: Header, fingerprint: bytes) -> None:
-        """Codec.check_header, naming what wrote a stream of retired predictors."""
-        retired = RETIRED_FINGERPRINTS.get(header.fingerprint)
-        if retired is not None and header.codec == cls.name and header.fingerprint != fingerprint:
-            raise BitstreamError(
-                f"stream was written with {retired}; it cannot be decoded with these predictors "
-                f"(decode it with a diffarc release from before that change)"
-            )
-        super().check_header(header, fingerprint)
 
     def weights_folders(self) -> dict:
         return {"": self.model.folder, PREDICTORS_FOLDER: self.predictors_dir}

@@ -1,6 +1,7 @@
 """Training the built-in latent diffusion model: the autoencoder, then a diffusion UNet on its latents.
 
     autoencoder:  random crop + flip ──► AutoencoderKL ──► L1 + λ·LPIPS-squeeze (+ tiny KL)
+    decoder:      the same, from a trained model's autoencoder with its encoder frozen: only the decoder learns
     diffusion:    image (and its mirror) ──frozen VAE──► latents × scaling ──► random latent crop
                   ──► UNet2DModel, ε-prediction, the DDIM/DDPM noise schedule of Stable Diffusion
     output:       autoencoder: vae/;   diffusion: vae/ (with the learnt scaling) + unet/ + scheduler/
@@ -10,6 +11,9 @@ Choices:
   on exactly what it will see. A KL weight of 1e-6 only keeps the latents from drifting in scale.
 - The latent scaling factor is 1 / std of the training latents (SD's recipe), stored in vae/config.json.
 - The diffusion model's latents are computed once, before the loop: the autoencoder is frozen.
+- `decoder` leaves the latent space exactly as it was, so everything trained on the latents (the UNet,
+  latent-denoise's predictors, corrdiff-latent's restorer, which only stays inside the quantization
+  cell) stays valid: a better decoder raises every latent codec's ceiling without retraining them.
 """
 
 from __future__ import annotations
@@ -81,6 +85,22 @@ class AutoencoderTask(TrainingTask):
     def validate(self, model) -> dict:
         reconstruction = model.decode(model.encode(self.validation).latent_dist.mode()).sample
         return {"val_psnr": psnr_batch(self.validation, reconstruction)}
+
+
+class DecoderTask(AutoencoderTask):
+    name = "decoder"
+    required = {"model": "fine-tuning a decoder needs the model whose autoencoder it comes from (--model)"}
+
+    def new_model(self):
+        return copy.deepcopy(load_model(self.settings.model).vae).float()  # loaded models come frozen
+
+    def wrap(self, model):
+        # Frozen here rather than in new_model, so that a resumed run (whose model comes from a checkpoint)
+        # freezes it too; parameters without gradients are skipped by AdamW and by the clipping.
+        model.requires_grad_(True)
+        model.encoder.requires_grad_(False)
+        model.quant_conv.requires_grad_(False)
+        return super().wrap(model)
 
 
 class DiffusionTask(TrainingTask):

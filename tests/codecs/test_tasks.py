@@ -27,7 +27,7 @@ def settings(what, **changes):
 
 
 def test_the_registry_names_each_task_by_its_own_name():
-    assert training_task_names() == ["autoencoder", "corrdiff", "corrdiff-latent", "diffusion", "hfd", "hyperprior", "latent-denoise"]
+    assert training_task_names() == ["autoencoder", "corrdiff", "corrdiff-latent", "decoder", "diffusion", "hfd", "hyperprior", "latent-denoise"]
     for name in training_task_names():
         task = training_task(name)
         assert issubclass(task, TrainingTask) and task.name == name
@@ -41,6 +41,7 @@ def test_the_registry_names_each_task_by_its_own_name():
         ("autoencoder", {"crop": 36}, "crop"),
         ("autoencoder", {"lpips_weight": 0.5}, "lpips_weights"),
         ("diffusion", {}, "autoencoder"),
+        ("decoder", {}, "model"),
         ("latent-denoise", {"crop": 20, "model": "m"}, "crop"),
         ("latent-denoise", {}, "model"),
         ("hyperprior", {"crop": 96}, "crop"),  # whole hyper-latent positions: multiples of 64
@@ -77,6 +78,30 @@ def test_the_autoencoder_task_trains_and_exports_a_vae_folder(tmp_path):
     metrics = run_one_step(training_task("autoencoder"), settings("autoencoder"), tmp_path)
     assert metrics["val_psnr"] > 0 and "l1" in metrics
     assert (tmp_path / "out" / "vae" / "config.json").is_file()
+
+
+def test_the_decoder_task_trains_only_the_decoder_so_the_latent_space_stays(ldm, tmp_path):
+    from diffusers import AutoencoderKL
+
+    task_class, task_settings = training_task("decoder"), settings("decoder", model=ldm)
+    task = task_class(task_settings, TRAIN, VALIDATION, torch.device("cpu"))
+    model = task.new_model()
+    loss, _ = task.loss(task.wrap(model), np.random.default_rng(0))
+    loss.backward()
+    assert all(p.grad is None for p in [*model.encoder.parameters(), *model.quant_conv.parameters()])
+    assert all(p.grad is not None for p in model.decoder.parameters())
+    torch.optim.AdamW(model.parameters(), lr=1e-2).step()  # as the loop's optimizer, over every parameter
+
+    source = load_model(ldm).vae
+    model.save_pretrained(str(tmp_path / "trained"))
+    task_class.export(task_settings, tmp_path / "trained", {}, tmp_path / "out")
+    exported = AutoencoderKL.from_pretrained(str(tmp_path / "out" / "vae"))
+    assert exported.config.scaling_factor == source.config.scaling_factor
+    x = torch.from_numpy(TRAIN[0]).permute(2, 0, 1)[None].float() / 127.5 - 1
+    with torch.no_grad():
+        latent = source.encode(x).latent_dist.mode()
+        assert torch.equal(exported.encode(x).latent_dist.mode(), latent)  # the same latent space
+        assert not torch.equal(exported.decode(latent).sample, source.decode(latent).sample)  # a new decoder
 
 
 def test_the_diffusion_task_trains_on_frozen_latents_and_exports_a_model_folder(ldm, tmp_path):
