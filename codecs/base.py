@@ -43,16 +43,11 @@ MIN_PASS_PIXELS = 128 * 128  # a network pass on a tiny latent still costs about
 
 # Fingerprints of shipped weights that were replaced, and by what: a stream naming one is refused with the
 # reason and the way back, which is clearer than a mismatch of two hashes. Keyed by what a stream records
-# (latent-denoise and corrdiff-latent record the model's and their own parts' weights together).
-_OLD_LDM_SMALL = ("builtin:ldm-small before its decoder was fine-tuned (issue 13; the latent space is unchanged, "
-                  "the decoded pixels are not)")  # fmt: skip
+# (latent-denoise records the model's and its predictors' weights together).
 RETIRED_FINGERPRINTS = {
     bytes.fromhex("823d583da226a3a79f7ccd0f7b22b9ac652d20ffd6d29e84aab1bd99f1b656b7"):
         "builtin:ldm-small's old latent-denoise predictors, whose per-channel entropy model the mean-scale "
         "hyperprior replaced",
-    bytes.fromhex("c61e02a66fb54a7fa48608520d36979d2670605926122aac4e65001271157279"): _OLD_LDM_SMALL,
-    bytes.fromhex("805cb92041cdeffe42fd6e4e982f6312489cb58517bfacdf201fc4f42d16b832"): _OLD_LDM_SMALL,
-    bytes.fromhex("b968222cc87ca6463375609ecd2525d39be8b91ae4ed1adce5617ccce0a12132"): _OLD_LDM_SMALL,
 }  # fmt: skip
 RETIRED_HELP = ("decode it with a diffarc release from before that change, or pass --model a folder of those "
                 "weights (an archive written with --embed-model carries them)")  # fmt: skip

@@ -23,6 +23,10 @@ AUTOENCODER_CONFIGS: dict[str, dict[str, Any]] = {
     # Sized for a CPU: about 1 M parameters, trainable on 2 shared cores in an hour. 16 latent channels:
     # with 8 the bottleneck held reconstructions near 22 dB on Kodak (see MODELS.md).
     "small": dict(block_out_channels=(16, 32, 64, 64), layers_per_block=1, norm_num_groups=8, latent_channels=16),
+    # Controls of the compute ablation (benchmarks/autoencoder_compute.py, MODELS.md): small's latent at 8
+    # channels, and small at twice the width (about 4× the work per step).
+    "small-8ch": dict(block_out_channels=(16, 32, 64, 64), layers_per_block=1, norm_num_groups=8, latent_channels=8),
+    "wide": dict(block_out_channels=(32, 64, 128, 128), layers_per_block=1, norm_num_groups=8, latent_channels=16),
     # For a GPU run: SD's VAE layout at a quarter of its width.
     "base": dict(block_out_channels=(32, 64, 128, 128), layers_per_block=2, norm_num_groups=16, latent_channels=16),
 }

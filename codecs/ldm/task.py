@@ -29,7 +29,7 @@ from diffusers import AutoencoderKL, UNet2DModel
 from ..parts.crops import center_crops, latent_crops, random_crops, training_latents
 from ..parts.models import load_model
 from ..task import SettingsError, TrainingTask, TrainSettings
-from .nets import AutoencoderPass, new_autoencoder, new_scheduler, new_unet
+from .nets import AUTOENCODER_CONFIGS, AutoencoderPass, new_autoencoder, new_scheduler, new_unet
 
 KL_WEIGHT = 1e-6
 NOISE_LEVELS = (50, 250, 500, 750, 950)  # timesteps at which the diffusion validation loss is reported
@@ -47,6 +47,7 @@ class AutoencoderTask(TrainingTask):
     model_class = AutoencoderKL
     progress = ("val PSNR {val_psnr:.2f} dB",)
     export_folder = "vae"
+    configs = tuple(AUTOENCODER_CONFIGS)
 
     @classmethod
     def check(cls, settings: TrainSettings) -> None:

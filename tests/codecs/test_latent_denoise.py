@@ -14,7 +14,7 @@ from diffarc.codecs.parts.latent_codecs import MeanScaleHyperpriorLatentCodec
 from diffarc.codecs.parts.denoisers import DiffusionDenoiser
 from diffarc.codecs.parts.latents import decode_latents, encode_latents, images_to_tensor, tensor_to_images
 from diffarc.codecs.errors import ModelError
-from diffarc.codecs.registry import create_codec
+from diffarc.codecs.registry import create_codec, open_codec
 
 from ..conftest import decode_in_new_process, LPIPS_WEIGHTS, photo_like, save_tiny_ldm
 
@@ -186,6 +186,9 @@ OLD_BUILTIN_STREAM = bytes.fromhex(
 def test_streams_of_the_retired_predictors_are_refused_saying_why():
     with pytest.raises(BitstreamError, match="per-channel entropy model the mean-scale hyperprior replaced"):
         create_codec("latent-denoise").decode([OLD_BUILTIN_STREAM])
+    header = container.unpack(OLD_BUILTIN_STREAM)[0]  # as `diffarc decode` looks for the weights
+    with pytest.raises(ModelError, match="no model weights with fingerprint 823d583d.*hyperprior replaced; decode it with"):
+        open_codec("latent-denoise", header.params, header.fingerprint)
 
 
 def test_predictors_of_the_per_channel_entropy_model_are_refused_saying_why(tiny_model, tmp_path):

@@ -80,6 +80,16 @@ def test_the_autoencoder_task_trains_and_exports_a_vae_folder(tmp_path):
     assert (tmp_path / "out" / "vae" / "config.json").is_file()
 
 
+@pytest.mark.parametrize("config, channels", [("small", 16), ("small-8ch", 8), ("wide", 16), ("base", 16)])
+def test_the_autoencoder_configs_of_the_compute_ablation_are_accepted(config, channels):
+    from diffarc.codecs.ldm.nets import new_autoencoder
+
+    training_task("autoencoder").check(settings("autoencoder", config=config))
+    with torch.no_grad():
+        latent = new_autoencoder(config).encode(torch.zeros(1, 3, 32, 32)).latent_dist.mode()
+    assert latent.shape == (1, channels, 4, 4)
+
+
 def test_the_decoder_task_trains_only_the_decoder_so_the_latent_space_stays(ldm, tmp_path):
     from diffusers import AutoencoderKL
 
