@@ -85,6 +85,9 @@ class Param:
     # A decoder may set it for every stream it decodes (`Codec.override`), the stream's value being the
     # encoder's default: a knob of the decoded picture that changes nothing the encoder wrote.
     decode_time: bool = False
+    # What a stream that does not name this parameter was written with: it was added after such streams
+    # (None: every stream names it). The default is what new streams get.
+    absent: Any = None
 
     def parse(self, value: Any) -> Any:
         """Turn a user's value (often a command-line string) into a checked value of this parameter."""
@@ -136,7 +139,8 @@ class Codec(ABC):
 
     def stream_config(self, header: Header) -> dict[str, Any]:
         """The parameters one stream decodes with: its header's, overlaid by the decoder's overrides."""
-        return self.resolve_params({**header.params, **self.decode_overrides})
+        older = {p.name: p.absent for p in self.params if p.absent is not None}
+        return self.resolve_params({**older, **header.params, **self.decode_overrides})
 
     @classmethod
     def resolve_params(cls, params: Mapping[str, Any], preset: str | None = None) -> dict[str, Any]:

@@ -73,6 +73,7 @@ class LatentCorrDiffCodec(Codec):
                 "timestep", str, "predict", "t: predicted from the quantized latent, or off (t = 0)", choices=("predict", "off")
             )
             for p in LatentDenoiseCodec.params
+            if p.name != "colour"  # its payload wraps latent-denoise's without one (_latent_params)
         ),
         Param("restorer", str, "", "end-to-end latent restorer (folder or URL); default: the model's corrdiff_latent/",
               location=True),
@@ -92,7 +93,7 @@ class LatentCorrDiffCodec(Codec):
 
     @staticmethod
     def _latent_params(config: dict) -> dict:
-        return {k: v for k, v in config.items() if k not in OWN_PARAMS}
+        return {**{k: v for k, v in config.items() if k not in OWN_PARAMS}, "colour": "off"}
 
     @property
     def fingerprint(self) -> bytes:

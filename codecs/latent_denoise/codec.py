@@ -67,6 +67,7 @@ from ..parts.latents import VAE_DOWNSAMPLING, decode_latents, encode_latents, im
 from ..parts.models import (
     DEFAULT_MODEL, MODEL_PARAM_HELP, PRECISIONS, check_safetensors, fingerprint, load_model, part_folder,
 )
+from ..parts.colour import COLOUR_BYTES, apply_colour, fit_colour
 from ..parts.samplers import ddim, linspace_schedule
 from .nets import HYPER_STRIDE, LatentDenoisePredictors
 
@@ -120,6 +121,9 @@ class LatentDenoiseCodec(Codec):
         Param("timestep", str, "off", "t: predicted from the quantized latent, searched by LPIPS at the encoder, or off (t = 0)",
               choices=("predict", "search", "off")),
         Param("steps", int, 4, "most denoising UNet calls (fewer when t is smaller)", minimum=1, maximum=100),
+        Param("colour", str, "affine", "affine: the encoder sends a 24-byte colour transform that undoes the autoencoder's "
+              "colour casts (parts/colour.py); off: none, as in streams from before it", choices=("affine", "off"),
+              absent="off"),
         Param("precision", str, "fp32", "UNet and VAE arithmetic", choices=tuple(PRECISIONS), build_time=True),
     )  # fmt: skip
     # Chosen by measured quality: none below 22 dB PSNR on Kodak (the autoencoder's own ceiling is 24.55 dB).
@@ -185,7 +189,10 @@ class LatentDenoiseCodec(Codec):
                 t = self._search_timestep(image, z_hat, t)
         (y_range,), (y_words,), (z_range,), (z_words,) = coded["strings"]
         gamma = torch.cat([shift[0], scale[0]]).half().cpu().numpy().astype("<f2").tobytes()
-        return TIMESTEP.pack(t) + gamma + CODED.pack(y_range, z_range, len(z_words)) + z_words + y_words
+        payload = TIMESTEP.pack(t) + gamma + CODED.pack(y_range, z_range, len(z_words)) + z_words + y_words
+        if config["colour"] == "affine":  # fitted to the decoder's own picture, which the encoder computes exactly
+            payload += fit_colour(image, self._pixels(z_hat, t, config, image.shape[:2]))
+        return payload
 
     def _search_timestep(self, image: np.ndarray, z_hat: torch.Tensor, predicted: int) -> int:
         """The candidate t whose decoded image is closest to the original in LPIPS."""
@@ -205,10 +212,11 @@ class LatentDenoiseCodec(Codec):
     def stream_stats(self, stream: bytes) -> dict[str, float]:
         header, payload = self.read(stream)
         (t,) = TIMESTEP.unpack_from(payload)
-        steps = min(self.resolve_params(header.params)["steps"], t)
+        config = self.stream_config(header)
         side = side_info_bytes(self.predictors.config.latent_channels)
         z_bytes = CODED.unpack_from(payload, side - CODED.size)[2] if len(payload) >= side else 0
-        return {"t": t, "denoising_steps": steps, "side_info_bits": 8 * (side + z_bytes)}
+        colour_bytes = COLOUR_BYTES if config["colour"] == "affine" else 0
+        return {"t": t, "denoising_steps": min(config["steps"], t), "side_info_bits": 8 * (side + z_bytes + colour_bytes)}
 
     # ------------------------------------------------------------------ decode
 
@@ -217,9 +225,9 @@ class LatentDenoiseCodec(Codec):
 
     def decode_cost(self, header: Header, payload: bytes) -> DecodeCost:
         """min(steps, t) UNet calls and the VAE over the padded image, after checking the side information."""
-        config = self.resolve_params(header.params)
+        config = self.stream_config(header)
         _, h, w = self.latent_shape(header.height, header.width)
-        t = self.side_info(payload, header)[0]
+        t = self.side_info(self.split_colour(payload, config)[0], header)[0]
         return DecodeCost(h * w * VAE_DOWNSAMPLING**2, min(config["steps"], t) + 1)
 
     def side_info(self, payload: bytes, header: Header) -> tuple[int, torch.Tensor, torch.Tensor]:
@@ -237,16 +245,29 @@ class LatentDenoiseCodec(Codec):
             raise BitstreamError("latent-denoise side info holds a non-finite shift or a non-positive or infinite scale")
         return t, shift, scale
 
+    @staticmethod
+    def split_colour(payload: bytes, config: dict) -> tuple[bytes, bytes | None]:
+        """(the latent's payload, the colour transform or None): the transform is the payload's last bytes."""
+        if config["colour"] == "off":
+            return payload, None
+        if len(payload) < COLOUR_BYTES:
+            raise BitstreamError(f"latent-denoise payload is {len(payload)} bytes, too short for its colour transform")
+        return payload[:-COLOUR_BYTES], payload[-COLOUR_BYTES:]
+
     @torch.inference_mode()
     def _decode_one(self, payload: bytes, header: Header) -> np.ndarray:
+        config = self.stream_config(header)
+        payload, colour = self.split_colour(payload, config)
         z_hat, t, _ = self.dequantized(payload, header)
-        return self._pixels(z_hat, t, self.resolve_params(header.params), (header.height, header.width))
+        image = self._pixels(z_hat, t, config, (header.height, header.width))
+        return image if colour is None else apply_colour(image, colour)
 
     @torch.inference_mode()
     def dequantized(self, payload: bytes, header: Header) -> tuple[torch.Tensor, int, torch.Tensor]:
         """(ẑ, t, Δ·s) of a payload: the latent the decoder denoises, the timestep the encoder sent, and
-        each channel's quantization step in latent units (B, C)."""
-        config = self.resolve_params(header.params)
+        each channel's quantization step in latent units (B, C). `payload` is the latent's: without the colour
+        transform (split_colour)."""
+        config = self.stream_config(header)
         c, h, w = self.latent_shape(header.height, header.width)
         t, shift, scale = self.side_info(payload, header)
         side = side_info_bytes(c)

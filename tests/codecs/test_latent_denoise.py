@@ -1,5 +1,6 @@
 """latent-denoise on tiny diffusers models saved by the test, with predictors saved beside them."""
 
+import dataclasses
 import struct
 
 import numpy as np
@@ -10,8 +11,10 @@ from diffarc.codecs import container
 from diffarc.codecs.errors import BitstreamError
 from diffarc.codecs.latent_denoise.codec import CODED, PREDICTORS_FOLDER, denoise
 from diffarc.codecs.latent_denoise.nets import LatentDenoisePredictors
+from diffarc.codecs.parts.colour import COLOUR_BYTES, apply_colour
 from diffarc.codecs.parts.latent_codecs import MeanScaleHyperpriorLatentCodec
 from diffarc.codecs.parts.denoisers import DiffusionDenoiser
+from diffarc.codecs.parts.metrics import psnr
 from diffarc.codecs.parts.latents import decode_latents, encode_latents, images_to_tensor, tensor_to_images
 from diffarc.codecs.errors import ModelError
 from diffarc.codecs.registry import create_codec, open_codec
@@ -54,7 +57,8 @@ def test_any_size_round_trips_and_the_decoder_rebuilds_the_latent(tiny_model):
     assert 0 < t <= 300 and lo <= hi
     # What the codec reports about a stream (the bench prints it) is what the stream holds.
     z_bytes = CODED.unpack_from(container.unpack(streams[0])[1], 2 + 4 * 4)[2]
-    assert codec.stream_stats(streams[0]) == {"t": t, "denoising_steps": min(4, t), "side_info_bits": 8 * (2 + 4 * 4 + 12 + z_bytes)}
+    side_bytes = 2 + 4 * 4 + 12 + z_bytes + COLOUR_BYTES
+    assert codec.stream_stats(streams[0]) == {"t": t, "denoising_steps": min(4, t), "side_info_bits": 8 * side_bytes}
 
 
 def test_a_coarser_step_costs_fewer_bits(tiny_model):
@@ -67,8 +71,8 @@ def test_timestep_off_is_plain_quantized_latent_decoding(tiny_model):
     stream = codec.encode([IMAGES[0]])[0]
     assert side_info(stream)[0] == 0
     denoised = create_codec("latent-denoise", {"model": tiny_model, "step": 0.5, "timestep": "predict"}).encode([IMAGES[0]])[0]
-    # Same quantized latent either way: only t differs in the stream.
-    assert container.unpack(stream)[1][2:] == container.unpack(denoised)[1][2:]
+    # Same quantized latent either way: only t differs in the stream (and the colour transform fitted to each picture).
+    assert container.unpack(stream)[1][2:-COLOUR_BYTES] == container.unpack(denoised)[1][2:-COLOUR_BYTES]
     assert not np.array_equal(codec.decode([stream])[0], codec.decode([denoised])[0])
 
 
@@ -127,7 +131,8 @@ def test_search_keeps_the_candidate_with_the_best_lpips(tiny_model, monkeypatch)
 
     monkeypatch.setenv("DIFFARC_LPIPS_WEIGHTS", str(LPIPS_WEIGHTS))
     image = photo_like(40, 56, 5)
-    search = create_codec("latent-denoise", {"model": tiny_model, "step": 0.5, "timestep": "search"})
+    # Without a colour transform, which the encoder fits after choosing t.
+    search = create_codec("latent-denoise", {"model": tiny_model, "step": 0.5, "timestep": "search", "colour": "off"})
     chosen = side_info(search.encode([image])[0])[0]
     predicted = side_info(create_codec("latent-denoise", {"model": tiny_model, "step": 0.5, "timestep": "predict"}).encode([image])[0])[0]
     # Decode the same stream with each candidate t written in: the chosen one scores best.
@@ -140,7 +145,7 @@ def test_search_keeps_the_candidate_with_the_best_lpips(tiny_model, monkeypatch)
 
 
 def test_decoding_matches_the_vae_on_the_dequantized_latent_when_t_is_0(tiny_model):
-    codec = create_codec("latent-denoise", {"model": tiny_model, "step": 0.5, "timestep": "off"})
+    codec = create_codec("latent-denoise", {"model": tiny_model, "step": 0.5, "timestep": "off", "colour": "off"})
     stream = codec.encode([IMAGES[0]])[0]
     # The stream's parts, read by hand as docs/FORMAT.md describes them: t, γ, the hyperprior's strings.
     payload = container.unpack(stream)[1]
@@ -164,7 +169,7 @@ def test_the_hyperprior_codes_within_one_percent_of_its_ideal_code_length(tiny_m
     image = photo_like(256, 320, 6)
     stream = codec.encode([image])[0]
     payload = container.unpack(stream)[1]
-    coded_bits = 8 * (len(payload) - 30)  # ζ's and y's words
+    coded_bits = 8 * (len(payload) - 30 - COLOUR_BYTES)  # ζ's and y's words
     # The same y the encoder coded: γ-normalised with the fp16 shift and scale the stream carries.
     with torch.no_grad():
         z = encode_latents(codec.model, images_to_tensor([image], (256, 320), "cpu", torch.float32)).float()
@@ -172,6 +177,37 @@ def test_the_hyperprior_codes_within_one_percent_of_its_ideal_code_length(tiny_m
     (ideal,) = codec.latent_codec.ideal_bits((z - shift) / scale, 0.25)
     assert ideal > 2000  # enough symbols that a few words of coder overhead are under 1 %
     assert ideal <= coded_bits <= 1.01 * ideal
+
+
+def test_the_colour_transform_is_fitted_to_the_decoders_picture_and_applied_last(tiny_model):
+    image = photo_like(48, 64, 7)
+    params = {"model": tiny_model, "step": 0.5, "timestep": "predict"}
+    [plain] = create_codec("latent-denoise", {**params, "colour": "off"}).encode([image])
+    codec = create_codec("latent-denoise", params)  # colour=affine: the default
+    [corrected] = codec.encode([image])
+    latent_part, colour = container.unpack(corrected)[1][:-COLOUR_BYTES], container.unpack(corrected)[1][-COLOUR_BYTES:]
+    assert latent_part == container.unpack(plain)[1]  # the same latent and t, then 24 bytes
+    before, after = codec.decode([plain])[0], codec.decode([corrected])[0]
+    np.testing.assert_array_equal(after, apply_colour(before, colour))
+    assert psnr(image, after) > psnr(image, before)  # least squares on this very picture
+
+
+def test_streams_from_before_the_colour_transform_decode_as_they_did(tiny_model):
+    codec = create_codec("latent-denoise", {"model": tiny_model, "step": 0.5, "colour": "off"})
+    [stream] = codec.encode([IMAGES[0]])
+    header, payload = container.unpack(stream)
+    older = dataclasses.replace(header, params={k: v for k, v in header.params.items() if k != "colour"})
+    np.testing.assert_array_equal(codec.decode([container.pack(older, payload)])[0], codec.decode([stream])[0])
+
+
+def test_a_damaged_colour_transform_is_refused(tiny_model):
+    codec = create_codec("latent-denoise", {"model": tiny_model, "step": 0.5})
+    header, payload = container.unpack(codec.encode([IMAGES[0]])[0])
+    not_a_number = payload[:-2] + np.array([np.nan], dtype="<f2").tobytes()
+    with pytest.raises(BitstreamError, match="colour transform holds a non-finite value"):
+        codec.decode([container.pack(header, not_a_number)])
+    with pytest.raises(BitstreamError, match="too short for its colour transform"):
+        codec.decode([container.pack(header, payload[:10])])
 
 
 # A 16 × 16 stream of builtin:ldm-small written before the hyperprior, by its per-channel entropy model.
