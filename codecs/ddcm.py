@@ -32,7 +32,8 @@ Choices the paper leaves open, made here:
 
 Rate: bits = (steps − 1) · tiles · b, tiles = ⌈h/t⌉·⌈w/t⌉ for the padded latent h×w and tile side t
 (1 tile when t = 0), with b = log2 K (argmax), log2 K + (M − 1)(log2 K + C) (mp), or
-⌈log2 C(K, M)⌉ + M (turbo). bpp = 8·(⌈bits/8⌉ + container header bytes) / (H·W).
+⌈log2 C(K, M)⌉ + M (turbo). bpp = 8·(⌈bits/8⌉ + 24 + container header bytes) / (H·W), the 24 bytes
+being the colour transform (`colour=affine`, the default; parts/colour.py) that follows the bits.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ import numpy as np
 import torch
 
 from .base import Codec, DecodeCost, Param
+from .parts.colour import COLOUR_PARAM, apply_colour, fit_colour, split_colour
 from .parts.bitpack import BitReader, BitWriter, combination_bits, rank_combination, unrank_combination
 from .container import Header
 from .errors import BitstreamError, ModelError, ParameterError
@@ -76,6 +78,7 @@ class DdcmCodec(Codec):
         Param("selection", str, "argmax", "how noise is picked", choices=("argmax", "mp", "turbo")),
         Param("tile", int, 8, "latent tile side sharing one codebook; 0: whole latent (paper)", minimum=0, maximum=256),
         Param("seed", int, 0, "seed of x_T and of the codebooks", minimum=0, maximum=0xFFFFFFFF),
+        COLOUR_PARAM,
         Param("precision", str, "fp32", "UNet and VAE arithmetic", choices=tuple(PRECISIONS), build_time=True),
     )
     presets = {
@@ -152,13 +155,13 @@ class DdcmCodec(Codec):
     def decode_cost(self, header: Header, payload: bytes) -> DecodeCost:
         """UNet steps and the VAE over the padded image, plus the replay's noise draws made one tile at a
         time (mp, turbo), after checking that an encoder can have written the stream and its length."""
-        config = self.resolve_params(header.params)
+        config = self.stream_config(header)
         latent = self.latent_shape(header.height, header.width, config)
         try:
             self.check_geometry(latent, config)
         except ParameterError as exc:
             raise BitstreamError(f"no ddcm encoder writes this stream: {exc}") from None
-        self.checked_payload_bits(payload, header, config)
+        self.checked_payload_bits(split_colour(payload, config, self.name)[0], header, config)
         down, across, _ = self.tile_grid(latent, config["tile"])
         pixels = latent[1] * latent[2] * VAE_DOWNSAMPLING**2
         draws = (config["steps"] - 1) * down * across * self.replay_draws(config)
@@ -190,8 +193,14 @@ class DdcmCodec(Codec):
         for latent in groups:
             self.check_geometry(latent, self.config)
         payloads: list[bytes] = [b""] * len(images)
+        dtype = PRECISIONS[self.config["precision"]]
         for latent, indices in groups.items():
-            for index, payload in zip(indices, self.encode_group([images[i] for i in indices], latent)[0]):
+            group_payloads, final = self.encode_group([images[i] for i in indices], latent)
+            if self.config["colour"] == "affine":  # fitted to the picture of the latent the decoder replays
+                with torch.inference_mode():
+                    pictures = tensor_to_images(decode_latents(self.model, final.to(dtype)), [images[i].shape[:2] for i in indices])
+                group_payloads = [p + fit_colour(images[i], picture) for p, i, picture in zip(group_payloads, indices, pictures)]
+            for index, payload in zip(indices, group_payloads):
                 payloads[index] = payload
         return payloads
 
@@ -291,14 +300,17 @@ class DdcmCodec(Codec):
 
     @torch.inference_mode()
     def _decode_one(self, payload: bytes, header: Header) -> np.ndarray:
-        config = self.resolve_params(header.params)
+        config = self.stream_config(header)
+        payload, colour = split_colour(payload, config, self.name)
         pixels = decode_latents(self.model, self.decode_latent(payload, header).to(PRECISIONS[config["precision"]]))
-        return tensor_to_images(pixels, [(header.height, header.width)])[0]
+        image = tensor_to_images(pixels, [(header.height, header.width)])[0]
+        return image if colour is None else apply_colour(image, colour)
 
     @torch.inference_mode()
     def decode_latent(self, payload: bytes, header: Header) -> torch.Tensor:
-        """Replay the recorded choices: the final latent (1, C, h, w) of the padded image."""
-        config = self.resolve_params(header.params)
+        """Replay the recorded choices: the final latent (1, C, h, w) of the padded image. `payload` is the
+        choices' bits, without the colour transform (split_colour)."""
+        config = self.stream_config(header)
         latent = self.latent_shape(header.height, header.width, config)
         reader = BitReader(payload, self.checked_payload_bits(payload, header, config))
         return self._sample(1, latent, config, lambda step, _: self._replay(step, reader, latent, config))

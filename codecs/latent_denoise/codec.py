@@ -67,7 +67,7 @@ from ..parts.latents import VAE_DOWNSAMPLING, decode_latents, encode_latents, im
 from ..parts.models import (
     DEFAULT_MODEL, MODEL_PARAM_HELP, PRECISIONS, check_safetensors, fingerprint, load_model, part_folder,
 )
-from ..parts.colour import COLOUR_BYTES, apply_colour, fit_colour
+from ..parts.colour import COLOUR_BYTES, COLOUR_PARAM, apply_colour, fit_colour, split_colour
 from ..parts.samplers import ddim, linspace_schedule
 from .nets import HYPER_STRIDE, LatentDenoisePredictors
 
@@ -121,9 +121,7 @@ class LatentDenoiseCodec(Codec):
         Param("timestep", str, "off", "t: predicted from the quantized latent, searched by LPIPS at the encoder, or off (t = 0)",
               choices=("predict", "search", "off")),
         Param("steps", int, 4, "most denoising UNet calls (fewer when t is smaller)", minimum=1, maximum=100),
-        Param("colour", str, "affine", "affine: the encoder sends a 24-byte colour transform that undoes the autoencoder's "
-              "colour casts (parts/colour.py); off: none, as in streams from before it", choices=("affine", "off"),
-              absent="off"),
+        COLOUR_PARAM,
         Param("precision", str, "fp32", "UNet and VAE arithmetic", choices=tuple(PRECISIONS), build_time=True),
     )  # fmt: skip
     # Chosen by measured quality: none below 22 dB PSNR on Kodak (the autoencoder's own ceiling is 24.55 dB).
@@ -227,7 +225,7 @@ class LatentDenoiseCodec(Codec):
         """min(steps, t) UNet calls and the VAE over the padded image, after checking the side information."""
         config = self.stream_config(header)
         _, h, w = self.latent_shape(header.height, header.width)
-        t = self.side_info(self.split_colour(payload, config)[0], header)[0]
+        t = self.side_info(split_colour(payload, config, self.name)[0], header)[0]
         return DecodeCost(h * w * VAE_DOWNSAMPLING**2, min(config["steps"], t) + 1)
 
     def side_info(self, payload: bytes, header: Header) -> tuple[int, torch.Tensor, torch.Tensor]:
@@ -245,19 +243,10 @@ class LatentDenoiseCodec(Codec):
             raise BitstreamError("latent-denoise side info holds a non-finite shift or a non-positive or infinite scale")
         return t, shift, scale
 
-    @staticmethod
-    def split_colour(payload: bytes, config: dict) -> tuple[bytes, bytes | None]:
-        """(the latent's payload, the colour transform or None): the transform is the payload's last bytes."""
-        if config["colour"] == "off":
-            return payload, None
-        if len(payload) < COLOUR_BYTES:
-            raise BitstreamError(f"latent-denoise payload is {len(payload)} bytes, too short for its colour transform")
-        return payload[:-COLOUR_BYTES], payload[-COLOUR_BYTES:]
-
     @torch.inference_mode()
     def _decode_one(self, payload: bytes, header: Header) -> np.ndarray:
         config = self.stream_config(header)
-        payload, colour = self.split_colour(payload, config)
+        payload, colour = split_colour(payload, config, self.name)
         z_hat, t, _ = self.dequantized(payload, header)
         image = self._pixels(z_hat, t, config, (header.height, header.width))
         return image if colour is None else apply_colour(image, colour)

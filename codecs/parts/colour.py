@@ -18,9 +18,14 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..base import Param
 from ..errors import BitstreamError
 
-COLOUR_BYTES = 24  # A's rows for R, G, B, then b: 12 little-endian fp16
+COLOUR_BYTES = 24  # A's rows for R, G, B, then b: 12 little-endian fp16, the last bytes of a payload
+COLOUR_PARAM = Param(
+    "colour", str, "affine", "affine: the encoder sends a 24-byte colour transform that undoes the autoencoder's colour "
+    "casts (parts/colour.py); off: none, as in streams from before it", choices=("affine", "off"), absent="off",
+)  # fmt: skip
 
 
 def fit_colour(original: np.ndarray, decoded: np.ndarray) -> bytes:
@@ -32,6 +37,15 @@ def fit_colour(original: np.ndarray, decoded: np.ndarray) -> bytes:
     # The offset refitted to the matrix as rounded, so fp16 rounding of A costs no mean colour.
     offset = (y - x @ matrix).mean(axis=0)
     return np.concatenate([matrix, offset[None]]).astype("<f2").tobytes()
+
+
+def split_colour(payload: bytes, config: dict, codec: str) -> tuple[bytes, bytes | None]:
+    """(the rest of the payload, its colour transform or None, as the stream's `colour` parameter says)."""
+    if config["colour"] == "off":
+        return payload, None
+    if len(payload) < COLOUR_BYTES:
+        raise BitstreamError(f"{codec} payload is {len(payload)} bytes, too short for its colour transform")
+    return payload[:-COLOUR_BYTES], payload[-COLOUR_BYTES:]
 
 
 def apply_colour(decoded: np.ndarray, colour: bytes) -> np.ndarray:

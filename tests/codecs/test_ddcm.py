@@ -1,5 +1,6 @@
 """DDCM on tiny diffusers models saved by the test: the path a user with real weights takes."""
 
+import dataclasses
 import math
 
 import numpy as np
@@ -8,6 +9,8 @@ import torch
 
 from diffarc.codecs import container
 from diffarc.codecs.errors import BitstreamError
+from diffarc.codecs.parts.colour import COLOUR_BYTES, apply_colour
+from diffarc.codecs.parts.metrics import psnr
 from diffarc.codecs.registry import create_codec
 
 from ..conftest import decode_in_new_process, photo_like, save_tiny_ldm
@@ -37,13 +40,29 @@ def test_decoder_replays_the_encoders_trajectory(tiny_model, params):
     assert [d.shape for d in decoded] == [i.shape for i in IMAGES]
     for image, stream in zip(IMAGES, streams):
         header, payload = container.unpack(stream)
-        assert len(payload) == math.ceil(codec.payload_bits(*image.shape[:2], codec.config) / 8)
+        assert len(payload) == math.ceil(codec.payload_bits(*image.shape[:2], codec.config) / 8) + COLOUR_BYTES
     # The decoder, replaying a stream alone, ends on the latent the encoder ended on.
     same_size = [IMAGES[0], IMAGES[3]]
     payloads, encoder_final = codec.encode_group(same_size, codec.latent_shape(40, 56, codec.config))
     header = container.unpack(streams[0])[0]
-    for payload, final in zip(payloads, encoder_final):
+    for payload, final in zip(payloads, encoder_final):  # the choices' bits: the transform comes after
         assert torch.allclose(codec.decode_latent(payload, header), final.unsqueeze(0), atol=1e-3)
+
+
+def test_the_colour_transform_follows_the_choices_and_streams_from_before_it_decode_as_they_did(tiny_model):
+    params = {"model": tiny_model, "steps": 5, "codebook": 16, "tile": 2}
+    image = IMAGES[0]
+    [plain] = create_codec("ddcm", {**params, "colour": "off"}).encode([image])
+    codec = create_codec("ddcm", params)  # colour=affine: the default
+    [corrected] = codec.encode([image])
+    header, payload = container.unpack(corrected)
+    assert payload[:-COLOUR_BYTES] == container.unpack(plain)[1]  # the same choices, then 24 bytes
+    before, after = codec.decode([plain])[0], codec.decode([corrected])[0]
+    np.testing.assert_array_equal(after, apply_colour(before, payload[-COLOUR_BYTES:]))
+    assert psnr(image, after) > psnr(image, before)
+    plain_header, plain_payload = container.unpack(plain)
+    older = dataclasses.replace(plain_header, params={k: v for k, v in plain_header.params.items() if k != "colour"})
+    np.testing.assert_array_equal(codec.decode([container.pack(older, plain_payload)])[0], before)
 
 
 def test_rate_follows_the_documented_formula(tiny_model):

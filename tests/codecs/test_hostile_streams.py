@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from diffarc.codecs.base import MAX_PASSES, Param
+from diffarc.codecs.parts.colour import COLOUR_BYTES
 from diffarc.codecs.container import pack, unpack
 from diffarc.codecs.errors import BitstreamError, ParameterError
 from diffarc.codecs.registry import create_codec
@@ -94,12 +95,12 @@ def test_a_latent_denoise_stream_claiming_2147483647_squared_pixels_is_refused_n
 
 
 def test_a_ddcm_stream_claiming_4096_squared_in_one_whole_latent_tile_is_refused_at_once(tmp_path):
-    # tile=0 codes one codebook entry per step for the whole latent: the payload (19 bytes for 20 steps)
-    # does not grow with the image, so 217 bytes could claim 4096² and run for minutes. No encoder can
-    # write it: its codebook would hold 256 × 16·512·512 values per step.
+    # tile=0 codes one codebook entry per step for the whole latent: the payload (19 bytes for 20 steps,
+    # then the 24-byte colour transform) does not grow with the image, so 241 bytes could claim 4096² and
+    # run for minutes. No encoder can write it: its codebook would hold 256 × 16·512·512 values per step.
     stream = create_codec("ddcm", {"tile": 0}).encode([photo_like(64, 64, seed=1)])[0]
     hostile = reheader(stream, width=4096, height=4096)
-    assert len(unpack(hostile)[1]) == 19
+    assert len(unpack(hostile)[1]) == 19 + COLOUR_BYTES
     result = decode_alone(hostile, tmp_path)
     assert result["outcome"] == "refused", result
     assert "no ddcm encoder writes this stream" in result["message"] and "use tiles" in result["message"]
@@ -217,7 +218,7 @@ def with_payload_for(codec, stream: bytes, **params) -> bytes:
     header, _ = unpack(stream)
     header = dataclasses.replace(header, params={**header.params, **params})
     bits = codec.payload_bits(header.height, header.width, codec.resolve_params(header.params))
-    return pack(header, bytes(-(-bits // 8)))
+    return pack(header, bytes(-(-bits // 8) + COLOUR_BYTES))
 
 
 @pytest.mark.parametrize(
