@@ -37,12 +37,15 @@ from ..errors import ModelError
 from ..latent_denoise.codec import LatentDenoiseCodec, denoise
 from ..parts.denoisers import DiffusionDenoiser
 from ..parts.metrics import psnr
+from ..parts.colour import apply_colour, fit_colour, split_colour
 from ..parts.models import PRECISIONS, fingerprint, load_codec_model, part_folder
 from .correction import LEVELS, CorrectedDenoiser, correction_weight, privileged_level, split_level, strength
 from .restorer import LatentRestorer
 
 RESTORER_FOLDER = "corrdiff_latent"  # where a model folder keeps its end-to-end restorer
-OWN_PARAMS = ("restorer", "perception", "max_psnr_loss")
+# Not latent-denoise's: the colour transform too, which follows the whole payload and is fitted to this
+# codec's picture (the inner latent-denoise payload carries none).
+OWN_PARAMS = ("restorer", "perception", "max_psnr_loss", "colour")
 
 
 @functools.lru_cache(maxsize=4)
@@ -73,7 +76,6 @@ class LatentCorrDiffCodec(Codec):
                 "timestep", str, "predict", "t: predicted from the quantized latent, or off (t = 0)", choices=("predict", "off")
             )
             for p in LatentDenoiseCodec.params
-            if p.name != "colour"  # its payload wraps latent-denoise's without one (_latent_params)
         ),
         Param("restorer", str, "", "end-to-end latent restorer (folder or URL); default: the model's corrdiff_latent/",
               location=True),
@@ -109,15 +111,17 @@ class LatentCorrDiffCodec(Codec):
 
     def stream_stats(self, stream: bytes) -> dict[str, float]:
         header, payload = unpack(stream)
-        chosen, inner = split_level(payload)
-        inner_header = self._latent_header(header.height, header.width, self.resolve_params(header.params))
+        config = self.stream_config(header)
+        chosen, inner = split_level(split_colour(payload, config, self.name)[0])
+        inner_header = self._latent_header(header.height, header.width, config)
         t = self.latent.side_info(inner, inner_header)[0]
         return {"chosen_strength": chosen, "t": t}
 
     def decode_cost(self, header: Header, payload: bytes) -> DecodeCost:
         """latent-denoise's cost for its payload, plus the restorer's pass."""
-        inner = split_level(payload)[1]
-        cost = self.latent.decode_cost(self._latent_header(header.height, header.width, self.resolve_params(header.params)), inner)
+        config = self.stream_config(header)
+        inner = split_level(split_colour(payload, config, self.name)[0])[1]
+        cost = self.latent.decode_cost(self._latent_header(header.height, header.width, config), inner)
         return DecodeCost(cost.pixels, cost.passes + 1)
 
     # ------------------------------------------------------------------ encode: the privileged choice
@@ -128,11 +132,12 @@ class LatentCorrDiffCodec(Codec):
         for image, inner in zip(images, self.latent.encode_payloads(images), strict=True):
             size = image.shape[:2]
             z_hat, t, estimate = self._restored(inner, self._latent_header(*size, self.config))
-            level = privileged_level(
-                lambda lv: psnr(image, self.picture(z_hat, t, estimate, self.config, lv / (LEVELS - 1), size)),
-                self.config["max_psnr_loss"],
-            )  # fmt: skip
-            payloads.append(bytes([level]) + inner)
+            picture = lambda level: self.picture(z_hat, t, estimate, self.config, level / (LEVELS - 1), size)  # noqa: E731
+            level = privileged_level(lambda lv: psnr(image, picture(lv)), self.config["max_psnr_loss"])
+            payload = bytes([level]) + inner
+            if self.config["colour"] == "affine":  # fitted at the strength chosen; the casts are the autoencoder's at any
+                payload += fit_colour(image, picture(level))
+            payloads.append(payload)
         return payloads
 
     def _restored(self, inner: bytes, header: Header) -> tuple[torch.Tensor, int, torch.Tensor]:
@@ -147,10 +152,12 @@ class LatentCorrDiffCodec(Codec):
         images = []
         for payload, header in zip(payloads, headers, strict=True):
             config = self.stream_config(header)
+            payload, colour = split_colour(payload, config, self.name)
             chosen, inner = split_level(payload)
             z_hat, t, estimate = self._restored(inner, self._latent_header(header.height, header.width, config))
             g = strength(config["perception"], chosen)
-            images.append(self.picture(z_hat, t, estimate, config, g, (header.height, header.width)))
+            image = self.picture(z_hat, t, estimate, config, g, (header.height, header.width))
+            images.append(image if colour is None else apply_colour(image, colour))
         return images
 
     def picture(self, z_hat: torch.Tensor, t: int, estimate: torch.Tensor, config: dict, g: float,

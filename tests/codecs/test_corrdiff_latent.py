@@ -17,13 +17,14 @@ from diffarc.codecs.errors import BitstreamError, ModelError, ParameterError
 from diffarc.codecs.latent_denoise.codec import PREDICTORS_FOLDER
 from diffarc.codecs.parts.denoisers import DiffusionDenoiser
 from diffarc.codecs.parts.latents import decode_latents, encode_latents, images_to_tensor, tensor_to_images
+from diffarc.codecs.parts.colour import COLOUR_BYTES, apply_colour
 from diffarc.codecs.parts.metrics import psnr
 from diffarc.codecs.registry import create_codec
 
 from ..conftest import decode_in_new_process, photo_like, save_tiny_ldm
 from .test_latent_denoise import save_predictors
 
-PARAMS = {"step": 0.5, "steps": 3}
+PARAMS = {"step": 0.5, "steps": 3, "colour": "off"}  # the knob's end points, then the colour transform on its own
 
 
 def save_restorer(folder, seed: int = 0) -> None:
@@ -108,6 +109,16 @@ def test_decoding_in_a_fresh_process_gives_the_same_pixels(model, image, tmp_pat
     np.testing.assert_array_equal(decode_in_new_process(stream, tmp_path, model=model), codec.decode([stream])[0])
 
 
+def test_the_colour_transform_follows_the_payload_and_is_applied_to_the_picture_at_any_perception(model, image):
+    [plain] = create_codec("corrdiff-latent", {"model": model, **PARAMS}).encode([image])
+    [corrected] = create_codec("corrdiff-latent", {"model": model, **PARAMS, "colour": "affine"}).encode([image])
+    payload = container.unpack(corrected)[1]
+    assert payload[:-COLOUR_BYTES] == container.unpack(plain)[1]  # the same level and latent, then 24 bytes
+    for perception in (0.0, 0.5, 1.0):
+        expected = apply_colour(decode_at(model, plain, perception), payload[-COLOUR_BYTES:])
+        np.testing.assert_array_equal(decode_at(model, corrected, perception), expected)
+
+
 @pytest.mark.parametrize("other", ["restorer", "predictors"])
 def test_a_stream_refuses_other_weights_of_the_restorer_or_of_latent_denoise(model, image, tmp_path, other):
     [stream] = create_codec("corrdiff-latent", {"model": model, **PARAMS}).encode([image])
@@ -181,7 +192,7 @@ def test_the_shipped_restorer_decodes_a_photo_closer_than_latent_denoise_and_the
     from PIL import Image
 
     image = np.asarray(Image.open(kodak / "kodim23.png").convert("RGB"))
-    codec = create_codec("corrdiff-latent", preset="0.15bpp")
+    codec = create_codec("corrdiff-latent", {"colour": "off"}, preset="0.15bpp")  # the restorer's own gain
     [stream] = codec.encode([image])
     end_to_end, plain = decode_at("builtin:ldm-small", stream, 0.0), decode_at("builtin:ldm-small", stream, 1.0)
     off = create_codec("latent-denoise", {"colour": "off"}, preset="0.15bpp")  # the same latent, decoded by the VAE alone
