@@ -9,6 +9,7 @@ frozen model. Only small predictors and the entropy model are trained; the backb
         (ζ = hyper_analysis(y), factorized; y ≈ Gaussians of mean μ and scale σ = hyper_synthesis(ζ̂))
       ẑ = (q·Δ + μ)·s + b ─t-net(stats of ẑ, Δ·s)─► t                           (u16, side info)
     decoder: q ─► ẑ ─► x_t = √ᾱ_t · ẑ ─► DDIM (η = 0), n = min(steps, t) UNet calls, t → 0 ─► x̂0 ─VAE─► image
+             ─► colour transform (colour=affine: 24 bytes the encoder fitted to this picture, parts/colour.py)
 
 Why x_t = √ᾱ_t · ẑ: the forward process makes x_t = √ᾱ_t·z + √(1−ᾱ_t)·ε; scaling ẑ = z + e by √ᾱ_t
 gives √ᾱ_t·z + √ᾱ_t·e, the same thing when the quantization error has the noise's variance,
@@ -41,10 +42,14 @@ Choices made here:
 - Steps: n = min(`steps`, t) DDIM steps evenly spaced from t to 0 — a handful of UNet calls, far under
   10 % of the 1000-step process.
 - Any image size: edge-padded to what the VAE and UNet need, cropped after decoding.
+- `colour=affine` (the default): the autoencoder turns hues (a red hat decodes orange) whatever the rate;
+  the encoder decodes its own stream, fits a 3×3 matrix and an offset from that picture to the original,
+  and sends them (24 bytes). Streams from before it name no `colour` and decode as they did.
 
 Payload: t (u16), C fp16 shifts, C fp16 scales, y's symbol range (2 × i16), ζ's symbol range (2 × i16),
-the length of ζ's words in bytes (u32), ζ's words, y's words (the range coder's 32-bit words). bpp counts
-the whole stream, container header included.
+the length of ζ's words in bytes (u32), ζ's words, y's words (the range coder's 32-bit words), then with
+`colour=affine` the 12 fp16 values of the colour transform. bpp counts the whole stream, container
+header included.
 """
 
 from __future__ import annotations
