@@ -29,6 +29,8 @@ Choices the paper leaves open, made here:
 - Schedule: `steps` timesteps evenly spaced from the model's last training step down to 0 (linspace),
   DDPM posterior noise (DDIM with η = 1); the last step adds no noise, so steps − 1 carry indices.
 - Images of any size are edge-padded to what the VAE and UNet need (and to whole tiles), then cropped.
+- `colour=affine` (the default): the encoder fits a colour transform from the picture of the final latent
+  (which it has) to the original and appends it (24 bytes, parts/colour.py): the autoencoder turns hues.
 
 Rate: bits = (steps − 1) · tiles · b, tiles = ⌈h/t⌉·⌈w/t⌉ for the padded latent h×w and tile side t
 (1 tile when t = 0), with b = log2 K (argmax), log2 K + (M − 1)(log2 K + C) (mp), or
