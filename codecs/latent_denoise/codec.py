@@ -129,9 +129,10 @@ class LatentDenoiseCodec(Codec):
         COLOUR_PARAM,
         Param("precision", str, "fp32", "UNet and VAE arithmetic", choices=tuple(PRECISIONS), build_time=True),
     )  # fmt: skip
-    # Chosen by measured quality: none below 22 dB PSNR on Kodak (the autoencoder's own ceiling is 24.55 dB).
-    # Named by bpp with builtin:ldm-small, timestep=off; Kodak 24 (`diffarc bench`, MODELS.md), bpp, PSNR /
-    # LPIPS-squeeze: 0.149 22.68 / 0.337, 0.220 23.28 / 0.296, 0.316 23.80 / 0.265, 0.441 24.20 / 0.237.
+    # Chosen by measured quality: none below 22 dB PSNR on Kodak (the autoencoder's own ceiling is 24.55 dB,
+    # 25.26 with the colour transform). Named by bpp with builtin:ldm-small, timestep=off, colour=affine; Kodak
+    # 24 (`diffarc bench`, MODELS.md), bpp, PSNR / LPIPS-squeeze: 0.150 23.30 / 0.323, 0.220 23.93 / 0.283,
+    # 0.317 24.48 / 0.252, 0.442 24.89 / 0.226.
     presets = {
         "0.15bpp": {"step": 0.9},
         "0.25bpp": {"step": 0.65},
