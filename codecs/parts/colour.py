@@ -6,8 +6,8 @@
 Why: builtin:ldm-small's autoencoder turns hues per image, even with no quantization at all: a red hat
 decodes orange, green foliage beige; a channel's mean over a whole Kodak image moves by up to 15 levels,
 on its training images as well. Every latent codec inherits that. Fine-tuning the decoder alone did not
-bring the colour back (MODELS.md). The encoder, which sees both pictures, can. On Kodak's unquantized reconstructions it gains 0.7 dB on average and 2.9 dB on
-kodim04.
+bring the colour back (MODELS.md). The encoder, which sees both pictures, can. On Kodak's unquantized
+reconstructions it gains 0.7 dB on average and 2.9 dB on kodim04.
 
 Deterministic on every machine: the decoder forms each output as four float64 products of exact values
 (fp16 coefficients, 8-bit pixels) summed in one fixed order, without BLAS, then rounds.
