@@ -56,7 +56,7 @@ MODEL_CACHE_ENV = "DIFFARC_MODEL_CACHE"
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 
 # Only these diffusers classes are instantiated from a folder's config: a config cannot name arbitrary code.
-VAE_CLASSES = ("AutoencoderKL", "AutoencoderTiny")
+VAE_CLASSES = ("AutoencoderKL", "AutoencoderTiny", "Taef2Autoencoder")
 UNET_CLASSES = ("UNet2DModel", "UNet2DConditionModel")
 COMPONENTS = ("vae", "unet")
 # The `model` parameter of every codec that decodes with a latent diffusion model: a location, not identity.
@@ -305,7 +305,12 @@ def _load_component(folder: Path, component: str, allowed: tuple[str, ...], dtyp
     if not config_file.is_file():
         raise ModelError(f"{directory} has no config.json")
     check_safetensors(directory)
-    cls = _diffusers_class(json.loads(config_file.read_text()).get("_class_name", ""), allowed, directory)
+    class_name = json.loads(config_file.read_text()).get("_class_name", "")
+    if class_name == "Taef2Autoencoder" and "Taef2Autoencoder" in allowed:  # our own module, not a diffusers class
+        from .taef2 import Taef2Autoencoder
+
+        return Taef2Autoencoder.from_folder(directory, dtype)
+    cls = _diffusers_class(class_name, allowed, directory)
     # low_cpu_mem_usage=False: the default path wants `accelerate`, and only warns without it.
     return cls.from_pretrained(str(directory), use_safetensors=True, torch_dtype=dtype, low_cpu_mem_usage=False)
 
