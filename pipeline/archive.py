@@ -42,6 +42,7 @@ import io
 import json
 import logging
 import math
+import os
 import re
 import tempfile
 import time
@@ -58,7 +59,7 @@ import pyarrow.parquet as pq
 from ..codecs import container
 from ..codecs.errors import ArchiveError, ModelError
 from .lease import WriterLease
-from .storage import Location, WriteConflict, relative_path_problem, retry_transient
+from .storage import LinkRefused, Location, WriteConflict, relative_path_problem, retry_transient
 
 logger = logging.getLogger("diffarc.archive")
 
@@ -100,10 +101,26 @@ FAILURE_SCHEMA = pa.schema([("key", pa.string()), ("stage", pa.string()), ("reas
 # What a manifest may name: one file directly in its folder, with a name diffarc could have written.
 SHARD_PATH = re.compile(r"shards/[A-Za-z0-9][A-Za-z0-9._-]*\.parquet")
 FAILURE_PATH = re.compile(r"failures/[A-Za-z0-9][A-Za-z0-9._-]*\.parquet")
+# The names this diffarc gives the files it writes: orphan cleanup deletes nothing else.
+WRITTEN_SHARD = re.compile(r"shards/part-[0-9a-f]{32}\.parquet")
+WRITTEN_FAILURES = re.compile(r"failures/failures-\d{6,}-[0-9a-f]{8}\.parquet")
+WRITTEN_WEIGHTS = re.compile(r"models/([0-9a-f]+)/(?:[A-Za-z0-9_.-]+/)*[A-Za-z0-9_.-]+\.(?:json|safetensors)")
+# What an archive holds at its top: none of it may be a link (`check_layout`).
+LAYOUT = ("manifest.json", "_log", "shards", "failures", "models", "writer.lock")
 SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 FINGERPRINT_HEX = re.compile(r"(?:[0-9a-f]{2}){0,255}")  # the container's fingerprint is at most 255 bytes
 CODEC_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,254}")
 INT64_MAX = 2**63 - 1
+
+
+def check_layout(archive: Location) -> None:
+    """Refuse (ArchiveError) an archive whose top-level entries include a symbolic link: a writer that
+    followed one would write or delete outside the archive."""
+    for name in LAYOUT:
+        try:
+            archive.confined().path(name)
+        except LinkRefused as exc:
+            raise ArchiveError(str(exc)) from None
 
 
 def commit_path(number: int) -> str:
@@ -521,11 +538,14 @@ def log_pointer(first_commit: int) -> bytes:
 
 def load_manifest(archive: Location) -> Manifest | None:
     """The archive's manifest as of its newest commit, or None when there is no archive."""
+    archive = archive.confined()
     try:
         data = archive.read(MANIFEST)
+        return _manifest_from(archive, data)[0]
     except FileNotFoundError:
         return None
-    return _manifest_from(archive, data)[0]
+    except LinkRefused as exc:
+        raise ArchiveError(str(exc)) from None
 
 
 def require_manifest(archive: Location) -> Manifest:
@@ -760,10 +780,13 @@ def read_shard(
                 )
             return _read_shard_rows(handle, entry, columns, keys)
 
+    archive = archive.confined()
     try:  # transient storage failures are retried; what the file itself says is final
         return retry_transient(read, f"read {archive.url}/{entry.path}")
     except FileNotFoundError:
         raise ArchiveError(f"{entry.path}: listed in the manifest but missing") from None
+    except LinkRefused as exc:
+        raise ArchiveError(f"{entry.path}: {exc}") from None
     except pa.ArrowException as exc:
         raise ArchiveError(f"{entry.path}: not a readable Parquet file ({exc})") from None
 
@@ -851,8 +874,19 @@ def embed_weights(archive: Location, codec) -> EmbeddedModel:
 def local_weights_folder(archive: Location, model: EmbeddedModel) -> str:
     """A local folder holding an embedded model: the archive's own on local disk; for a remote archive,
     the model cache's folder for its fingerprint, fetched once."""
+    archive = archive.confined()
     if archive.is_local:
-        return archive.path(model.folder)
+        try:
+            folder = archive.path(model.folder)
+        except LinkRefused as exc:
+            raise ArchiveError(str(exc)) from None
+        for parent, folders, files in os.walk(folder):  # the loaders read any file in it: none may be a link
+            for name in folders + files:
+                if os.path.islink(os.path.join(parent, name)):
+                    relative = os.path.relpath(os.path.join(parent, name), archive.root)
+                    raise ArchiveError(f"{relative} in {archive.url} is a symbolic link; diffarc loads no weights "
+                                       "through a link inside an archive")  # fmt: skip
+        return folder
     from ..codecs.parts.models import cached_weights_folder, copy_folder
 
     files = [f["path"] for f in model.files]
@@ -868,6 +902,7 @@ def check_embedded_weights(archive: Location, manifest: Manifest) -> list[str]:
     """
     from ..codecs.registry import codec_class, create_codec
 
+    archive = archive.confined()
     problems = []
     for model in manifest.models:
         spec = next((s for s in manifest.specs if s.fingerprint == model.fingerprint), None)
@@ -882,6 +917,10 @@ def check_embedded_weights(archive: Location, manifest: Manifest) -> list[str]:
                     data = archive.read(path)
                 except FileNotFoundError:
                     problems.append(f"{path}: listed in the manifest but missing")
+                    damaged = True
+                    continue
+                except LinkRefused as exc:
+                    problems.append(str(exc))
                     damaged = True
                     continue
                 if len(data) != file["bytes"] or hashlib.sha256(data).hexdigest() != file["sha256"]:
@@ -924,11 +963,14 @@ def read_failure_table(archive: Location, manifest: Manifest) -> tuple[dict | No
     older manifest may find its table gone: it is then read through the manifest that replaced it.
     """
     entry = manifest.failures
+    archive = archive.confined()
     for _ in range(10):
         if not entry:
             return None, b""
         try:
             return entry, archive.read(entry["path"])
+        except LinkRefused as exc:
+            raise ArchiveError(str(exc)) from None
         except FileNotFoundError:
             newer = load_manifest(archive)
             if newer is None or newer.failures == entry:
@@ -972,7 +1014,8 @@ class ArchiveWriter:
         self, archive: Location, codec: CodecSpec, source: str, max_pixels: int | None = None,
         lease: WriterLease | None = None, checkpoint_every: int = CHECKPOINT_EVERY, part_shards: int = PART_SHARDS,
     ):  # fmt: skip
-        self.archive = archive
+        self.archive = archive = archive.confined()
+        check_layout(archive)  # before the lease: writer.lock may be the link
         self.checkpoint_every, self.part_shards = checkpoint_every, part_shards
         self._own_lease = lease is None
         self.lease = lease or WriterLease(archive)
@@ -1163,7 +1206,9 @@ class ArchiveWriter:
 
     def _remove_orphans(self) -> None:
         """Shards, failure tables or model files from a killed run that no manifest lists: nobody trusts them.
-        Only names diffarc could have written are removed."""
+        Only regular files inside the archive (its listing follows no link) with the names this diffarc
+        gives what it writes are removed: model files only in the folder of one of the archive's own
+        fingerprints."""
         for path in self._stale_commits:  # before the log's first commit: no pointer leads to them
             self.archive.delete(path)
         named = set().union(*self._checkpoints.values())
@@ -1173,11 +1218,13 @@ class ArchiveWriter:
         listed = {s.path for s in self.manifest.shards}
         if self.manifest.failures:
             listed.add(self.manifest.failures["path"])
-        for directory, pattern in ((SHARD_DIR, SHARD_PATH), (FAILURE_DIR, FAILURE_PATH)):
+        for directory, pattern in ((SHARD_DIR, WRITTEN_SHARD), (FAILURE_DIR, WRITTEN_FAILURES)):
             for path in self.archive.list_files(directory):
                 if path not in listed and pattern.fullmatch(path):
                     self.archive.delete(path)
         model_files = {f"{m.folder}/{f['path']}" for m in self.manifest.models for f in m.files}
+        ours = {spec.fingerprint for spec in self.manifest.specs if spec.fingerprint}
         for path in self.archive.list_files(MODEL_DIR):
-            if path not in model_files and relative_path_problem(path) is None:
+            written = WRITTEN_WEIGHTS.fullmatch(path)
+            if path not in model_files and written and written.group(1) in ours:
                 self.archive.delete(path)

@@ -245,7 +245,7 @@ def run_decode(
     started = time.perf_counter()
     if image_format not in OUTPUT_FORMATS:
         raise ParameterError(f"unknown output format {image_format!r}; choose from {sorted(OUTPUT_FORMATS)}")
-    archive = Location(archive_url, storage_options)
+    archive = Location(archive_url, storage_options, follow_links=False)
     dst = Location(dst_url, storage_options)
     manifest = check_decode(archive, dst)  # fails before Ray starts
     if base_only:
@@ -333,7 +333,7 @@ def cat_item(
     parameters, fingerprint), decodable without the archive. The manifest's key ranges and the shard's
     row-group statistics mean only the row group holding the key is read. `max_pixels` defaults to the
     archive's own limit; `params` set decode-time parameters, as for decode."""
-    archive = Location(archive_url, storage_options)
+    archive = Location(archive_url, storage_options, follow_links=False)
     check_reachable(archive, "read the archive")
     manifest = require_manifest(archive)
     for task in select_shards(manifest, [key], ""):

@@ -253,7 +253,7 @@ def run_encode(
     """
     started = time.perf_counter()
     params = check_encode(src, archive_url, options, storage_options)  # fails before Ray starts
-    archive = Location(archive_url, storage_options)
+    archive = Location(archive_url, storage_options, follow_links=False)
     encoded = failed = deferred = source_bytes = bitstream_bytes = 0
     workers: dict[tuple[str, int], dict] = {}
     with ExitStack() as held:

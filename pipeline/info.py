@@ -24,7 +24,7 @@ def archive_info(archive_url: str, price_per_gb_month: float = 0.023, storage_op
 
     The default price is S3 Standard's first tier in us-east-1 (USD per GB-month).
     """
-    archive = Location(archive_url, storage_options)
+    archive = Location(archive_url, storage_options, follow_links=False)
     check_reachable(archive, "read the archive")  # exists() alone would call a missing bucket no archive
     # The writer is looked up before the manifest is read: an encode that finishes in between then shows
     # as complete, never as stopped (incomplete, with nobody writing).

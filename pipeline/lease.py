@@ -20,6 +20,7 @@ its lease before it commits.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -143,7 +144,7 @@ class WriterLease:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         deadline = time.monotonic() + LOCAL_ATTEMPT_SECONDS
         while True:
-            descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            descriptor = _open_lock(path, os.O_RDWR | os.O_CREAT)
             try:
                 fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -290,10 +291,25 @@ def lease_expired(holder: dict) -> bool:
     return time.time() > renewed + min(expires, MAX_EXPIRE_SECONDS)
 
 
+def _open_lock(path: str, flags: int) -> int:
+    """The lock file's descriptor, refused (ArchiveError) when the path is a symbolic link or a file with
+    other names too (a hard link): writing the lease there would write outside the archive."""
+    try:
+        descriptor = os.open(path, flags | os.O_NOFOLLOW, 0o644)
+    except OSError as exc:
+        if exc.errno != errno.ELOOP:
+            raise
+        raise ArchiveError(f"{path} is a symbolic link; diffarc writes its lock only to a file of the archive's own") from None
+    if os.fstat(descriptor).st_nlink > 1:
+        os.close(descriptor)
+        raise ArchiveError(f"{path} has other names (a hard link); diffarc writes its lock only to a file of the archive's own")
+    return descriptor
+
+
 def _local_writer(path: str) -> dict | None:
     import fcntl
 
-    descriptor = os.open(path, os.O_RDONLY)
+    descriptor = _open_lock(path, os.O_RDONLY)
     try:
         try:
             fcntl.flock(descriptor, fcntl.LOCK_SH | fcntl.LOCK_NB)

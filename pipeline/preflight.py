@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Iterator
 
 from ..codecs.errors import ArchiveError, DiffarcError, ParameterError, StorageError
 from ..codecs.registry import codec_class
-from .archive import CodecSpec, Manifest, codec_mismatch, load_manifest, require_manifest
+from .archive import CodecSpec, Manifest, check_layout, codec_mismatch, load_manifest, require_manifest
 from .sources import Listing, list_sources, without_credentials
 from .storage import Location
 
@@ -43,8 +43,9 @@ def check_encode(src: str, archive_url: str, options: EncodeOptions, storage_opt
     params = codec_class(options.codec).resolve_params(options.params, options.preset)
     check_model_reference(params)
     check_reachable(Location(src, storage_options), "read the source")
-    archive = Location(archive_url, storage_options)
+    archive = Location(archive_url, storage_options, follow_links=False)
     check_writable(archive, "the archive")
+    check_layout(archive)
     with storage_errors("read the archive", archive.url):
         existing = load_manifest(archive)
     if existing is not None:

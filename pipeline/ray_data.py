@@ -90,7 +90,7 @@ def iter_archive(
 
 
 def _open_archive(url: str, storage_options: dict | None) -> tuple[Location, Manifest]:
-    archive = Location(url, storage_options)
+    archive = Location(url, storage_options, follow_links=False)
     manifest = check_archive(archive)  # one sentence when it is no archive, or one of a codec we lack
     if not manifest.complete:
         logger.warning("%s is not complete (an encode is running or stopped): reading its %d committed shards",
@@ -185,7 +185,7 @@ def write_archive(
     """
     params = codec_class(codec).resolve_params(params or {}, preset)
     check_model_reference(params)
-    archive = Location(url, storage_options)
+    archive = Location(url, storage_options, follow_links=False)
     check_writable(archive, "the archive")
     with ExitStack() as held:
         lease = held.enter_context(WriterLease(archive))  # a second writer is refused before any work

@@ -6,7 +6,11 @@ AWS_ENDPOINT_URL for an S3-compatible server, or config files) or from --storage
 prints them.
 
 Every path below a Location goes through `Location.path`, which refuses any that could leave it (absolute,
-`..`, empty or `.` components, backslashes): paths read from an archive's manifest may be hostile.
+`..`, empty or `.` components, backslashes): paths read from an archive's manifest may be hostile. An
+archive's Location also follows no link (`follow_links=False`): on local disk a path through a symbolic
+link is refused (`LinkRefused`) and listing skips links, so a link planted in an archive can make diffarc
+neither read, write nor delete anything outside it. Object stores have no links: there a key prefix is
+the whole rule.
 
 Transient failures (connection refused or reset, timeouts, HTTP 5xx, throttling) are retried with
 backoff for up to DIFFARC_STORAGE_RETRY_SECONDS (60 s) per operation; permanent ones (not found, access
@@ -27,6 +31,7 @@ import logging
 import os
 import posixpath
 import random
+import stat
 import time
 import uuid
 from typing import Any, Callable, TypeVar
@@ -203,6 +208,10 @@ class WriteConflict(StorageError):
     """A conditional write found the file at another version than expected: someone else wrote it."""
 
 
+class LinkRefused(StorageError):
+    """A path below a Location that follows no links passes through a symbolic link."""
+
+
 def relative_path_problem(relative: str) -> str | None:
     """Why `relative` could name something outside the folder it is relative to, or None when it cannot."""
     if not isinstance(relative, str):
@@ -221,15 +230,20 @@ def relative_path_problem(relative: str) -> str | None:
 class Location:
     """A folder on some filesystem, with the file operations the pipeline needs under it."""
 
-    def __init__(self, url: str, storage_options: dict[str, Any] | None = None):
+    def __init__(self, url: str, storage_options: dict[str, Any] | None = None, follow_links: bool = True):
         self.url = url
         self.storage_options = dict(storage_options or {})
+        self.follow_links = follow_links
         self.fs, root = fsspec.core.url_to_fs(url, **self.storage_options)
         self.root = root.rstrip("/") or "/"
 
     def __reduce__(self):
         # Ship the URL, not the live filesystem object, to Ray workers: each opens its own connection.
-        return (Location, (self.url, self.storage_options))
+        return (Location, (self.url, self.storage_options, self.follow_links))
+
+    def confined(self) -> Location:
+        """This location, following no links (module docstring): how an archive is opened."""
+        return self if not self.follow_links else Location(self.url, self.storage_options, follow_links=False)
 
     @property
     def is_local(self) -> bool:
@@ -242,7 +256,26 @@ class Location:
         problem = relative_path_problem(relative)
         if problem:
             raise StorageError(f"refusing the path {relative!r} under {self.url}: it {problem}")
+        if not self.follow_links and self.is_local:
+            self._refuse_links(relative)
         return posixpath.join(self.root, relative)
+
+    def _refuse_links(self, relative: str) -> None:
+        """Raise LinkRefused when a component of `relative` that exists is a symbolic link (the location's
+        own root may be one: that is where its user put it)."""
+        current = self.root
+        for part in relative.split("/"):
+            current = posixpath.join(current, part)
+            try:
+                mode = os.lstat(current).st_mode
+            except (FileNotFoundError, NotADirectoryError):
+                return
+            if stat.S_ISLNK(mode):
+                shown = current[len(self.root) :].lstrip("/")
+                raise LinkRefused(
+                    f"refusing {self._name(relative)}: {shown} is a symbolic link, and diffarc follows no link "
+                    "inside an archive (it could lead outside it)"
+                )
 
     @_retried("read")
     def read(self, relative: str) -> bytes:
@@ -265,11 +298,26 @@ class Location:
     def list_files(self, relative: str = "") -> list[str]:
         """Relative paths of all files below `relative`, sorted."""
         base = self.path(relative)
+        if not self.follow_links and self.is_local:
+            return self._list_local_files(base)
         if not call(self.fs, "exists", base):
             return []
         found = call(self.fs, "find", base)
+        if not self.follow_links:  # a store's listing by prefix: only keys below `relative` itself
+            found = [p for p in found if p.startswith(base.rstrip("/") + "/")]
         prefix = self.root.rstrip("/") + "/"
         return sorted(p[len(prefix):] if p.startswith(prefix) else p for p in found)
+
+    def _list_local_files(self, base: str) -> list[str]:
+        """The regular files below `base`, walked without entering or listing symbolic links."""
+        prefix = self.root.rstrip("/") + "/"
+        found = []
+        for folder, _, files in os.walk(base, followlinks=False):
+            for name in files:
+                path = os.path.join(folder, name)
+                if stat.S_ISREG(os.lstat(path).st_mode):
+                    found.append(path[len(prefix):])
+        return sorted(found)
 
     @property
     def has_conditional_writes(self) -> bool:

@@ -234,7 +234,7 @@ def run_verify(
     model: str | None = None,
 ) -> VerifyReport:
     started = time.perf_counter()
-    archive = Location(archive_url, storage_options)
+    archive = Location(archive_url, storage_options, follow_links=False)
     check_verify(archive, against, storage_options)  # fails before Ray starts
     # The writer is looked up before the manifest is read: an encode that finishes in between then shows
     # as complete, never as stopped.

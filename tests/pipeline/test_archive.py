@@ -179,8 +179,13 @@ def test_embedded_weights_are_whole_before_the_manifest_names_them_and_checked_b
     archive = Location(str(tmp_path / "arc"))
     spec = CodecSpec(codec.name, codec.stream_params, fingerprint, hint=codec.locations)
     writer = ArchiveWriter(archive, spec, source="src")
-    (tmp_path / "arc" / "models" / ("ee" * 32)).mkdir(parents=True)  # a killed run's partial copy
+    (tmp_path / "arc" / "models" / fingerprint / "vae").mkdir(parents=True)  # a killed run's partial copy
+    (tmp_path / "arc" / "models" / fingerprint / "vae" / "half.safetensors").write_bytes(b"...")
+    # Files this archive's writer cannot prove it wrote (another fingerprint's folder, a name it never
+    # gives) are left alone.
+    (tmp_path / "arc" / "models" / ("ee" * 32)).mkdir(parents=True)
     (tmp_path / "arc" / "models" / ("ee" * 32) / "half.safetensors").write_bytes(b"...")
+    (tmp_path / "arc" / "models" / fingerprint / "notes.txt").write_bytes(b"mine")
 
     embedded = embed_weights(archive, codec)
     assert load_manifest(archive) is None  # files first; a manifest names them only once committed
@@ -192,7 +197,10 @@ def test_embedded_weights_are_whole_before_the_manifest_names_them_and_checked_b
         "vae/config.json", "vae/diffusion_pytorch_model.safetensors",
     ]  # fmt: skip
     writer.finish()
-    assert sorted(archive.list_files("models")) == [f"models/{fingerprint}/{p}" for p in listed]
+    assert sorted(archive.list_files("models")) == sorted(
+        [f"models/{'ee' * 32}/half.safetensors", f"models/{fingerprint}/notes.txt"]
+        + [f"models/{fingerprint}/{p}" for p in listed]
+    )
     manifest = load_manifest(archive)
     assert manifest.totals["model_bytes"] == sum(f["bytes"] for f in manifest.models[0].files) > 0
     assert check_embedded_weights(archive, manifest) == []

@@ -12,7 +12,7 @@ import s3fs
 
 from diffarc.codecs.errors import StorageError
 from diffarc.pipeline.storage import (
-    RETRY_SECONDS_ENV, TIMEOUT_SECONDS_ENV, Location, StorageUnavailableError, WriteConflict, is_transient,
+    RETRY_SECONDS_ENV, TIMEOUT_SECONDS_ENV, LinkRefused, Location, StorageUnavailableError, WriteConflict, is_transient,
     retry_transient,
 )
 
@@ -74,6 +74,28 @@ def test_paths_that_could_leave_the_location_are_refused(location, hostile, tmp_
         with pytest.raises(StorageError, match="refusing the path"):
             operation(hostile)
     assert (tmp_path / "other.arc" / "shards" / "part-1.parquet").exists()
+
+
+def test_a_location_that_follows_no_links_neither_reads_writes_deletes_nor_lists_through_one(tmp_path):
+    outside = tmp_path / "outside"
+    (outside / "folder").mkdir(parents=True)
+    (outside / "folder" / "secret.txt").write_bytes(b"secret")
+    (tmp_path / "arc").mkdir()
+    (tmp_path / "arc" / "folder").symlink_to(outside / "folder")
+    (tmp_path / "arc" / "file.txt").symlink_to(outside / "folder" / "secret.txt")
+    (tmp_path / "arc" / "own.txt").write_bytes(b"own")
+    archive = Location(str(tmp_path / "arc"), follow_links=False)
+    assert pickle.loads(pickle.dumps(archive)).follow_links is False
+    for path in ("folder/secret.txt", "file.txt", "folder/new.txt"):
+        for operation in (archive.read, archive.exists, archive.delete, lambda p: archive.write_atomic(p, b"x")):
+            with pytest.raises(LinkRefused, match="is a symbolic link"):
+                operation(path)
+    assert archive.list_files() == ["own.txt"]
+    with pytest.raises(LinkRefused):
+        archive.list_files("folder")
+    assert sorted(p.name for p in (outside / "folder").iterdir()) == ["secret.txt"]
+    assert (outside / "folder" / "secret.txt").read_bytes() == b"secret"
+    assert Location(str(tmp_path / "arc")).read("file.txt") == b"secret"  # a plain Location (SRC) follows them
 
 
 @pytest.fixture(params=["local", "memory", "s3"])
