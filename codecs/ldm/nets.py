@@ -1,18 +1,31 @@
-"""The built-in latent diffusion model's networks: diffusers classes at sizes for a CPU or a GPU.
+"""The built-in latent diffusion models' networks: diffusers classes at sizes for a CPU or a GPU.
 
-    image ─AutoencoderKL (8× down, 4 levels, no mid-block attention)─► latent ×scaling ─UNet2DModel (ε)─►
-    noise schedule: DDIM config, Stable Diffusion's (1000 steps, scaled-linear β 0.00085 → 0.012)
+    builtin:ldm-small  image ─AutoencoderKL (8× down, 4 levels, no mid-block attention)─► latent ×scaling
+                       ─UNet2DModel (ε)─►  DDIM config, Stable Diffusion's (1000 steps, scaled-linear β)
+    builtin:taef2      image ─taef2 (frozen, pretrained; parts/taef2.py)─► 32-ch latent ×1.19
+                       ─UNet2DModel (objective of the config: rectified flow or v)─►
+
+A diffusion config (`DIFFUSION_CONFIGS`, `diffarc train diffusion --config`) names a UNet size and an
+objective; an objective is what the UNet predicts and the noise schedule it is trained under:
+- `epsilon`: ε under SD's scaled-linear DDIM schedule (ldm-small);
+- `v`: v = √ᾱ·ε − √(1−ᾱ)·x0 under the cosine schedule (Nichol & Dhariwal), whose log-SNR spread under
+  uniform t is close to the flow's below, so the ablation compares objectives rather than schedules;
+- `flow`: rectified flow, v = ε − x0 on x_σ = (1 − σ)·x0 + σ·ε, σ uniform in (0, 1], a diffusers
+  FlowMatchEulerDiscreteScheduler; the codecs run it as a diffusion denoiser (parts/denoisers.py).
 
 Choices:
 - No attention in the autoencoder's middle block: a full-size image (Kodak: 96×64 latents) would make
   it the slowest layer on a CPU, and convolutions alone run on any size.
-- ε-prediction with Stable Diffusion's schedule, so the codecs drive the built-in model and an SD
+- ε-prediction with Stable Diffusion's schedule for ldm-small, so the codecs drive it and an SD
   2.1-base mirror through the same code path.
+- The taef2 UNet has attention only at its lowest level (1/4 of the latent: 24 × 16 positions for a Kodak
+  image): the codecs call it tens of times per picture on 2 CPU cores.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -45,12 +58,47 @@ UNET_CONFIGS: dict[str, dict[str, Any]] = {
         down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
         up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
     ),
+    # For taef2's 32-channel latent on 2 CPU cores (MODELS.md: what a step and a Kodak call cost).
+    "taef2": dict(
+        block_out_channels=(64, 128, 256), layers_per_block=1, norm_num_groups=32, attention_head_dim=32,
+        down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+    ),
 }  # fmt: skip
 SCHEDULER_CONFIG = dict(
     num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
     prediction_type="epsilon", clip_sample=False, set_alpha_to_one=False, steps_offset=1,
     timestep_spacing="leading",
 )  # fmt: skip
+OBJECTIVE_SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "epsilon": ("DDIMScheduler", SCHEDULER_CONFIG),
+    "v": ("DDIMScheduler", dict(
+        num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction",
+        clip_sample=False, set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading",
+    )),
+    "flow": ("FlowMatchEulerDiscreteScheduler", dict(num_train_timesteps=1000, shift=1.0)),
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class DiffusionConfig:
+    """What `diffarc train diffusion --config NAME` trains: a UNet size and an objective, and whether the
+    latent scaling is learnt (a fresh autoencoder) or the autoencoder's own (taef2's, with its latent cache)."""
+
+    unet: str
+    objective: str
+    own_scaling: bool = False
+
+
+DIFFUSION_CONFIGS = {
+    "tiny": DiffusionConfig("tiny", "epsilon"),
+    "small": DiffusionConfig("small", "epsilon"),
+    "base": DiffusionConfig("base", "epsilon"),
+    "taef2-flow": DiffusionConfig("taef2", "flow", own_scaling=True),
+    "taef2-v": DiffusionConfig("taef2", "v", own_scaling=True),
+    "taef2-tiny-flow": DiffusionConfig("tiny", "flow", own_scaling=True),
+    "taef2-tiny-v": DiffusionConfig("tiny", "v", own_scaling=True),
+}
 
 
 def new_autoencoder(config: str):
@@ -70,10 +118,11 @@ def new_unet(config: str, latent_channels: int):
     return UNet2DModel(in_channels=latent_channels, out_channels=latent_channels, **UNET_CONFIGS[config])
 
 
-def new_scheduler():
-    from diffusers import DDIMScheduler
+def new_scheduler(objective: str = "epsilon"):
+    import diffusers
 
-    return DDIMScheduler(**SCHEDULER_CONFIG)
+    name, config = OBJECTIVE_SCHEDULERS[objective]
+    return getattr(diffusers, name)(**config)
 
 
 class AutoencoderPass(torch.nn.Module):
@@ -89,19 +138,20 @@ class AutoencoderPass(torch.nn.Module):
 
 
 def sample_grid(model, path: str | os.PathLike, rows: int = 4, side: int = 256, steps: int = 50, seed: int = 0) -> None:
-    """Unconditional DDIM samples of a LatentDiffusionModel (diffusers' own DDIM steps), as one PNG grid (rows × rows)."""
+    """Unconditional deterministic DDIM samples of a LatentDiffusionModel (for a flow model: Euler steps of
+    the flow, parts/denoisers.py), as one PNG grid (rows × rows)."""
     from PIL import Image
 
+    from ..parts.denoisers import DiffusionDenoiser
     from ..parts.latents import decode_latents, tensor_to_images
+    from ..parts.samplers import ddim, linspace_schedule
 
-    scheduler = model.make_scheduler()
-    scheduler.set_timesteps(steps)
+    denoiser = DiffusionDenoiser.from_model(model)
     generator = torch.Generator().manual_seed(seed)
     channels = model.unet.config.in_channels
     z = torch.randn((rows * rows, channels, side // 8, side // 8), generator=generator)
     with torch.no_grad():
-        for t in scheduler.timesteps:
-            z = scheduler.step(model.unet(z, t).sample, t, z).prev_sample
+        z = ddim(denoiser, z, linspace_schedule(denoiser.alphas_cumprod, steps + 1))
         images = np.stack(tensor_to_images(decode_latents(model, z), [(side, side)] * (rows * rows)))
     grid = images.reshape(rows, rows, side, side, 3).transpose(0, 2, 1, 3, 4).reshape(rows * side, rows * side, 3)
     Image.fromarray(grid).save(path)

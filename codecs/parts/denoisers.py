@@ -10,6 +10,12 @@ Noise conventions:
 - Rectified flow: x_t = (1 − t)·x0 + t·ε with t ∈ [0, 1] (t = 1 is pure noise, diffusers' flow-matching
   convention), velocity v = dx_t/dt = ε − x0. The network sees t·`timestep_scale` as its timestep, so a
   UNet2DModel's sinusoidal embedding gets the range it was built for.
+- A flow model as a diffusion denoiser (prediction type `flow`, a diffusers FlowMatchEulerDiscreteScheduler):
+  the flow's x_σ = (1 − σ)·x0 + σ·ε is the diffusion's x_t scaled by k = 1/(√ᾱ + √(1−ᾱ)), with
+  σ = k·√(1−ᾱ), i.e. ᾱ(σ) = (1−σ)² / ((1−σ)² + σ²). So the flow's σ grid becomes an ᾱ table
+  (`noise_schedule`), and every diffusion sampler (DDIM, DDPM, DDCM's codebooks, latent-denoise's start at a
+  predicted t) runs a flow model unchanged: the denoiser scales x_t by k, asks for v at σ and returns
+  x̂0 = x_σ − σ·v, ε̂ = x_σ + (1 − σ)·v. A DDIM step with these is the flow's Euler step.
 
 Conditioning: `cond` (B, C_cond, H, W) is concatenated to x_t on the channel axis, so the network's
 `in_channels` is C + C_cond (a decoder conditioned on a base image, as HFD-style codecs need). A
@@ -23,9 +29,28 @@ are formed in that dtype and returned as float32, so samplers step in float32 wh
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow")
+FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler",)
+
+
+def noise_schedule(scheduler) -> tuple[torch.Tensor, str]:
+    """(ᾱ table over the integer timesteps, float64; prediction type) of a diffusers scheduler object.
+
+    A diffusion scheduler's own `alphas_cumprod`; a flow-matching scheduler's σ_t = (t + 1)/T, shifted as
+    its config says (σ' = s·σ / (1 + (s − 1)·σ)), as the equivalent ᾱ (module docstring), prediction `flow`.
+    """
+    if type(scheduler).__name__ in FLOW_SCHEDULERS:
+        config = scheduler.config
+        if config.get("use_dynamic_shifting"):
+            raise ValueError("a flow schedule with dynamic shifting depends on the image size; diffarc needs a fixed one")
+        steps, shift = int(config["num_train_timesteps"]), float(config.get("shift", 1.0))
+        sigma = torch.arange(1, steps + 1, dtype=torch.float64) / steps
+        sigma = shift * sigma / (1 + (shift - 1) * sigma)
+        return (1 - sigma) ** 2 / ((1 - sigma) ** 2 + sigma**2), "flow"
+    return scheduler.alphas_cumprod.to(torch.float64), scheduler.config.get("prediction_type", "epsilon")
 
 
 def run_network(network, x: torch.Tensor, timesteps: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
@@ -55,6 +80,12 @@ def x0_eps_from_output(output: torch.Tensor, x: torch.Tensor, alpha_bar, predict
     raise ValueError(f"unsupported prediction type {prediction_type!r}")
 
 
+def timestep_at(table: torch.Tensor, alpha_bar: float) -> float:
+    """The (fractional) timestep where a decreasing ᾱ table, linear between its entries, equals `alpha_bar`."""
+    values = table.double().numpy()
+    return float(np.interp(alpha_bar, values[::-1], np.arange(len(values), dtype=np.float64)[::-1]))
+
+
 def alpha_bar_at(table: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """ᾱ at continuous timesteps, linear between the integer entries (differentiable in t)."""
     t = t.clamp(0, len(table) - 1)
@@ -70,17 +101,22 @@ class DiffusionDenoiser:
     schedules in `samplers` do, so sampler arithmetic and predictions agree bit for bit on any device.
     """
 
-    def __init__(self, network, alphas_cumprod: torch.Tensor, prediction_type: str, dtype: torch.dtype = torch.float32):
+    def __init__(
+        self, network, alphas_cumprod: torch.Tensor, prediction_type: str, dtype: torch.dtype = torch.float32,
+        timestep_scale: float = 1000.0,
+    ):  # fmt: skip
         if prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"unsupported prediction type {prediction_type!r}")
         self.network, self.prediction_type, self.dtype = network, prediction_type, dtype
         self.alphas_cumprod = alphas_cumprod.detach().to("cpu", torch.float64)
+        self.timestep_scale = timestep_scale  # a flow network's timestep is σ·timestep_scale
 
     @classmethod
     def from_model(cls, model, dtype: torch.dtype = torch.float32) -> "DiffusionDenoiser":
         """The UNet of a loaded latent diffusion model (parts/models.py), with its scheduler's ᾱ table."""
         scheduler = model.make_scheduler()
-        return cls(model.unet, scheduler.alphas_cumprod, scheduler.config.prediction_type, dtype)
+        table, prediction_type = noise_schedule(scheduler)
+        return cls(model.unet, table, prediction_type, dtype, float(scheduler.config["num_train_timesteps"]))
 
     def alpha_bar(self, t):
         """ᾱ_t: a float for an integer t; for a tensor of (possibly fractional) t, float32 on t's device,
@@ -94,11 +130,19 @@ class DiffusionDenoiser:
         return self.predict(x, t, self.alpha_bar(t), cond)
 
     def predict(self, x: torch.Tensor, t, alpha_bar, cond: torch.Tensor | None = None):
-        """(x̂0, ε̂) with ᾱ_t given: t a number or a (B,) tensor, ᾱ_t a number or a tensor broadcastable to x."""
+        """(x̂0, ε̂) with ᾱ_t given: t a number or a (B,) tensor, ᾱ_t a number or a tensor broadcastable to x.
+        A flow network's timestep is σ(ᾱ_t)·timestep_scale: there t is not used."""
         x = x.to(self.dtype)
+        if self.prediction_type == "flow":
+            a, s = alpha_bar**0.5, (1 - alpha_bar) ** 0.5
+            x, sigma = x / (a + s), s / (a + s)  # x_t on the flow's line, and its σ
+            t = (sigma.reshape(-1).expand(x.shape[0]) if torch.is_tensor(sigma) else sigma) * self.timestep_scale
         timesteps = t if torch.is_tensor(t) else torch.full((x.shape[0],), t, device=x.device)
         output = run_network(self.network, x, timesteps, cond)
-        x0, eps = x0_eps_from_output(output, x, alpha_bar, self.prediction_type)
+        if self.prediction_type == "flow":
+            x0, eps = VelocityField.x0_eps(x, sigma, output)
+        else:
+            x0, eps = x0_eps_from_output(output, x, alpha_bar, self.prediction_type)
         return x0.float(), eps.float()
 
 

@@ -78,6 +78,9 @@ class LatentDiffusionModel:
     fingerprint: bytes
     folder: Path | None = None
     extras: dict = field(default_factory=dict)
+    # The autoencoder's alone (vae + latent scaling): what codecs that use no UNet, and the latent cache,
+    # key on, so that training a UNet into the same folder changes nothing for them.
+    autoencoder_fingerprint: bytes = b""
 
     @property
     def scaling_factor(self) -> float:
@@ -118,9 +121,11 @@ def schedule_signature(scheduler_config: dict | None) -> bytes:
     """What a sampler takes from the scheduler: its prediction type and ᾱ_t table, as bytes to hash."""
     if scheduler_config is None:
         return b""
-    scheduler = _scheduler_class(scheduler_config).from_config(scheduler_config)
-    prediction = scheduler.config.get("prediction_type", "epsilon").encode("utf-8")
-    table = scheduler.alphas_cumprod.to(torch.float64).numpy().astype("<f8").tobytes()
+    from .denoisers import noise_schedule  # a flow scheduler's σ grid, as the ᾱ table its samplers use
+
+    alphas_cumprod, prediction_type = noise_schedule(_scheduler_class(scheduler_config).from_config(scheduler_config))
+    prediction = prediction_type.encode("utf-8")
+    table = alphas_cumprod.numpy().astype("<f8").tobytes()
     return struct.pack("<I", len(prediction)) + prediction + table
 
 
@@ -354,6 +359,7 @@ def _load_cached(reference: str, device: str, dtype: torch.dtype) -> LatentDiffu
         module.to(device).eval().requires_grad_(False)
     model = LatentDiffusionModel(reference, vae, unet, scheduler, b"", folder)
     model.fingerprint = fingerprint(modules, (model.scaling_factor, model.shift_factor), schedule_signature(scheduler))
+    model.autoencoder_fingerprint = fingerprint({"vae": vae}, (model.scaling_factor, model.shift_factor))
     return model
 
 

@@ -2,9 +2,10 @@
 
 import pytest
 import torch
-from diffusers import DDIMScheduler, UNet2DConditionModel, UNet2DModel
+from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler, UNet2DConditionModel, UNet2DModel
 
-from diffarc.codecs.parts.denoisers import DiffusionDenoiser, VelocityField
+from diffarc.codecs.parts.denoisers import DiffusionDenoiser, VelocityField, noise_schedule
+from diffarc.codecs.parts.samplers import ddim, euler, linspace_schedule
 
 TABLE = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).alphas_cumprod
 
@@ -37,7 +38,33 @@ def test_x0_eps_and_v_are_consistent_for_every_prediction_type(unet, prediction_
 
 def test_an_unknown_prediction_type_is_refused(unet):
     with pytest.raises(ValueError, match="prediction type"):
-        DiffusionDenoiser(unet, TABLE, "flow")
+        DiffusionDenoiser(unet, TABLE, "rectified")
+
+
+def test_a_flow_model_is_a_diffusion_denoiser_on_its_own_line(unet):
+    """A flow scheduler's σ grid becomes an ᾱ table; the denoiser asks the network for v at σ(ᾱ) on the
+    flow's line, and a DDIM run over that table is the flow's Euler integration over the same σ."""
+    table, prediction_type = noise_schedule(FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0))
+    assert prediction_type == "flow" and table[-1] == 0 and table[0] > 0.99
+    denoiser = DiffusionDenoiser(unet, table, "flow")
+    x0, eps, t = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8), 599
+    sigma = (t + 1) / 1000
+    x_vp = table[t].sqrt().float() * x0 + (1 - table[t]).sqrt().float() * eps
+    with torch.no_grad():
+        x0_hat, eps_hat = denoiser(x_vp, t)
+        x_flow = (1 - sigma) * x0 + sigma * eps
+        v = unet(x_flow, torch.full((2,), sigma * 1000)).sample
+        assert torch.allclose(x0_hat, x_flow - sigma * v, atol=1e-4) and torch.allclose(eps_hat, x_flow + (1 - sigma) * v, atol=1e-4)
+        # Per-image ᾱ as a tensor (latent-denoise's predicted t) gives each image its own σ.
+        per_image = denoiser.predict(x_vp, torch.tensor([t, t]), torch.full((2, 1, 1, 1), float(table[t])))
+        assert torch.allclose(per_image[0], x0_hat, atol=1e-4)
+        schedule = linspace_schedule(table, 6)
+        start = torch.randn(1, 4, 8, 8)
+        sampled = ddim(denoiser, start, schedule)
+        sigmas = [(step + 1) / 1000 for step in schedule.timesteps]
+        flowed = euler(VelocityField(unet), start, sigmas[:-1])  # σ_first = 1: the same start point
+        x0_last = flowed - sigmas[-2] * VelocityField(unet)(flowed, sigmas[-2])
+        assert torch.allclose(sampled, x0_last, atol=1e-4)
 
 
 def test_conditioning_is_concatenated_to_the_input_channels():

@@ -6,6 +6,7 @@ import torch
 
 from diffarc.codecs.errors import ParameterError
 from diffarc.codecs.parts import models
+from diffarc.codecs.parts.denoisers import DiffusionDenoiser
 from diffarc.codecs.parts.models import load_model
 from diffarc.codecs.registry import training_task, training_task_names
 from diffarc.codecs.task import SettingsError, TrainingTask, TrainSettings
@@ -122,6 +123,23 @@ def test_the_diffusion_task_trains_on_frozen_latents_and_exports_a_model_folder(
     exported = load_model(str(tmp_path / "out"))
     assert exported.scaling_factor == pytest.approx(metrics["scaling_factor"], rel=1e-6)
     assert exported.unet is not None and exported.scheduler_config["prediction_type"] == "epsilon"
+
+
+@pytest.mark.parametrize("config, prediction_type", [("taef2-tiny-flow", "flow"), ("taef2-tiny-v", "v_prediction")])
+def test_a_taef2_diffusion_config_trains_in_taef2s_own_space_and_exports_a_loadable_model(config, prediction_type, tmp_path, monkeypatch):
+    from diffarc.codecs.parts import crops
+
+    monkeypatch.setenv(crops.LATENT_CACHE_ENV, str(tmp_path / "latents"))
+    task_settings = settings("diffusion", autoencoder="builtin:taef2", config=config)
+    metrics = run_one_step(training_task("diffusion"), task_settings, tmp_path)
+    taef2 = load_model("builtin:taef2")
+    assert metrics["scaling_factor"] == taef2.scaling_factor == 1.19  # taef2's own, not learnt
+    assert {"val_x0_mse", "val_x0_mse_lsnr-4", "val_x0_mse_lsnr+6"} <= set(metrics) and "val_eps_mse" not in metrics
+    # Latents were read through the disk cache of taef2's autoencoder alone.
+    assert len(list((tmp_path / "latents" / taef2.autoencoder_fingerprint.hex()).glob("*.safetensors"))) == len(TRAIN + VALIDATION)
+    exported = load_model(str(tmp_path / "out"))
+    assert exported.unet.config.in_channels == 32 and exported.autoencoder_fingerprint == taef2.autoencoder_fingerprint
+    assert DiffusionDenoiser.from_model(exported).prediction_type == prediction_type
 
 
 def test_the_latent_denoise_task_trains_predictors_for_a_frozen_model(ldm, tmp_path):
