@@ -1,17 +1,20 @@
-"""The one image loader: bytes of any common image file → an H×W×3 uint8 RGB array, within limits.
+"""The one image loader: bytes of any common image file → its picture in sRGB, within limits.
+
+Formats: JPEG, PNG, WebP, AVIF, HEIF/HEIC, JPEG XL, TIFF, BMP, GIF and the rest Pillow reads (the HEIF
+and JPEG XL plugins are registered in codecs/parts/imagefile.py).
 
 Choices (also in README's guarantees):
 - Pixels per image are bounded (`max_pixels`, default 100 MP) and checked from the header, before any
   pixel is decoded, so a decompression bomb costs nothing. The bound is this call's own, not Pillow's
   process-wide one, which stays as Pillow set it (see codecs/parts/imagefile.py for how a limit above
   Pillow's is honoured without touching it, and the formats for which it cannot be).
-- EXIF orientation is applied, so the archive stores the picture as people see it.
-- Animated images (GIF, APNG, WebP): the first frame.
-- Alpha (RGBA, LA, palette with transparency) is composited over white: diffusion codecs model RGB
-  only, and white is what most viewers show behind a transparent area. The source's checksum is kept,
-  so an alpha image can be found in the archive and re-fetched if its alpha matters.
-- 16-bit images keep their 8 most significant bits; CMYK is converted by Pillow's profile-free
-  conversion; palette and greyscale images are expanded to RGB.
+- What the picture is, `srgb_picture` in codecs/parts/imagefile.py decides, for the loader and for the
+  codecs that keep a source file alike: EXIF orientation applied; an embedded ICC profile converted to
+  sRGB (none: taken as sRGB); alpha composited over white (diffusion codecs model RGB only, and white is
+  what most viewers show behind a transparent area; the source's checksum is kept, so an alpha image can
+  be found in the archive and re-fetched if its alpha matters); 16-bit images keep their 8 most
+  significant bits.
+- Animated images (GIF, APNG, WebP): the first frame; a HEIF file with several images: its primary one.
 Anything else that fails is an ImageLoadError whose message is the reason recorded in the failure table.
 """
 
@@ -20,14 +23,14 @@ from __future__ import annotations
 import re
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
 from ..codecs.errors import ImageLoadError
-from ..codecs.parts.imagefile import DEFAULT_MAX_PIXELS, TooManyPixels, open_image
+from ..codecs.parts.imagefile import DEFAULT_MAX_PIXELS, Picture, TooManyPixels, open_image, srgb_picture
 
 
-
-def load_rgb(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+def load_picture(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Picture:
+    """The picture in an image file, in sRGB, with its format and what was done to its colours."""
     if not data:
         raise ImageLoadError("empty file (0 bytes)")
     try:
@@ -40,25 +43,16 @@ def load_rgb(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
         # Pillow names the buffer by its memory address: dropped, so one bad file gives one reason every run.
         raise ImageLoadError(f"not a readable image: {re.sub(r' at 0x[0-9a-fA-F]+', '', str(exc))}") from None
     with image:
+        # No seek(0): Pillow opens at the first frame, and pillow-heif at the primary image, which need not be the first.
         try:
-            image.seek(0)
             image.load()
-            return _to_rgb(ImageOps.exif_transpose(image))
+            return srgb_picture(image)
         except Image.DecompressionBombError as exc:
             raise ImageLoadError(f"over Pillow's own limit for {image.format} images: {exc}") from None
         except (OSError, SyntaxError, ValueError, EOFError) as exc:
             raise ImageLoadError(f"image data is damaged or truncated: {exc}") from None
 
 
-def _to_rgb(image: Image.Image) -> np.ndarray:
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        # Pillow stores 16-bit greyscale as 'I;16' or 'I'; its RGB conversion clips instead of scaling.
-        grey = (np.asarray(image, dtype=np.uint32) >> 8).clip(0, 255).astype(np.uint8)
-        return np.repeat(grey[:, :, None], 3, axis=2)
-    if image.mode == "P" and "transparency" in image.info:
-        image = image.convert("RGBA")
-    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(background, rgba)
-    return np.ascontiguousarray(np.asarray(image.convert("RGB"), dtype=np.uint8))
+def load_rgb(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """The pixels alone of `load_picture`: H×W×3 uint8 sRGB."""
+    return load_picture(data, max_pixels).pixels

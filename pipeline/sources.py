@@ -34,7 +34,8 @@ from ..codecs.errors import SourceError
 from .storage import Location, read_file, relative_path_problem, retry_transient
 
 IMAGE_EXTENSIONS = frozenset(
-    {".jpg", ".jpeg", ".jpe", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff", ".avif", ".ppm", ".pgm", ".tga"}
+    {".jpg", ".jpeg", ".jpe", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff", ".avif", ".ppm", ".pgm", ".tga",
+     ".heic", ".heif", ".hif", ".jxl"}  # fmt: skip  (HEIF and JPEG XL: plugins registered in codecs/parts/imagefile.py)
 )
 MAX_KEY_BYTES = 1024  # S3's limit on an object key
 MAX_NAME_BYTES = 255  # a file name on every common filesystem

@@ -17,16 +17,31 @@ What this leaves: Pillow still warns (DecompressionBombWarning) for images betwe
 twice it. Some plugins apply Pillow's limit themselves, in their header parser (WebP) or while
 decoding (TIFF, GIF frames, ICO, MPO); those formats stay within twice Pillow's limit (about 179 MP),
 and `open_image` or `load()` raises Pillow's `DecompressionBombError` for larger ones. JPEG, PNG,
-BMP, AVIF and the other formats go as high as the caller's limit.
+BMP, AVIF, HEIF and the other formats go as high as the caller's limit. The JPEG XL plugin decodes the
+whole image while Pillow reads its header, so a JPEG XL file's size is read here from its own header
+first (`jxl_size`) and checked before Pillow sees the file.
+
+HEIF/HEIC (pillow-heif, over libheif) and JPEG XL (pillow-jxl-plugin, over libjxl) are registered with
+Pillow when this module is imported, so every caller of `open_image` reads them.
+
+`srgb_picture` turns an opened image into the picture a colour-managed viewer shows, in sRGB: the one
+conversion the loader (pipeline/images.py) and any codec that decodes a kept source file (jxl) share, so
+both give the same pixels for the same file.
 """
 
 from __future__ import annotations
 
 import io
 import struct
+from dataclasses import dataclass
 from typing import Sequence
 
-from PIL import Image, UnidentifiedImageError
+import numpy as np
+import pillow_heif
+import pillow_jxl  # noqa: F401  (registers the JPEG XL plugin with Pillow)
+from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
+
+pillow_heif.register_heif_opener(thumbnails=False)
 
 
 class TooManyPixels(ValueError):
@@ -47,10 +62,20 @@ def open_image(data: bytes, max_pixels: int, formats: Sequence[str] | None = Non
     Raises TooManyPixels; Pillow's DecompressionBombError for a format that applies Pillow's limit
     itself (above); or what Pillow raises for a file it cannot identify (OSError and kin).
     """
+    is_jxl = data[:2] == JXL_CODESTREAM or data[:12] == JXL_CONTAINER
+    if is_jxl:
+        width, height = jxl_size(data)
+        if width * height > max_pixels:
+            raise TooManyPixels(width, height, max_pixels)
     try:
         image = Image.open(io.BytesIO(data), formats=list(formats) if formats else None)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         image = _open_without_pillow_limit(data, formats)
+    except RuntimeError:
+        if not is_jxl:
+            raise
+        # The JPEG XL plugin decodes while opening and says only "Generic Error" for any bad data.
+        raise SyntaxError("JPEG XL data is damaged or truncated (libjxl cannot decode it)") from None
     if image.width * image.height > max_pixels:
         image.close()
         raise TooManyPixels(image.width, image.height, max_pixels)
@@ -70,3 +95,134 @@ def _open_without_pillow_limit(data: bytes, formats: Sequence[str] | None) -> Im
         except (SyntaxError, IndexError, TypeError, struct.error):
             continue
     raise UnidentifiedImageError("cannot identify image file")
+
+
+JXL_CODESTREAM = b"\xff\x0a"
+JXL_CONTAINER = b"\x00\x00\x00\x0cJXL \r\n\x87\n"
+# xsize = ysize × ratio for the SizeHeader's 3-bit ratio code (ISO/IEC 18181-1, SizeHeader).
+_JXL_RATIOS = {1: (1, 1), 2: (12, 10), 3: (4, 3), 4: (3, 2), 5: (16, 9), 6: (5, 4), 7: (2, 1)}
+
+
+def jxl_size(data: bytes) -> tuple[int, int]:
+    """(width, height) a JPEG XL file declares in its codestream's SizeHeader, read without decoding;
+    SyntaxError when the bytes hold no readable one. Orientation may swap the two in the decoded picture."""
+    codestream = _jxl_codestream_start(data)
+    if codestream[:2] != JXL_CODESTREAM:
+        raise SyntaxError("JPEG XL file has no codestream")
+    bits = int.from_bytes(codestream[2:18], "little")  # the SizeHeader fits in 9 bytes; bits are read LSB first
+    position = 0
+
+    def read(count: int) -> int:
+        nonlocal position
+        value = (bits >> position) & ((1 << count) - 1)
+        position += count
+        return value
+
+    def size() -> int:
+        return read((9, 13, 18, 30)[read(2)]) + 1
+
+    small = read(1)
+    height = (read(5) + 1) * 8 if small else size()
+    ratio = read(3)
+    if ratio:
+        numerator, denominator = _JXL_RATIOS[ratio]
+        width = height * numerator // denominator
+    else:
+        width = (read(5) + 1) * 8 if small else size()
+    if len(codestream) < 2 + -(-position // 8):
+        raise SyntaxError("JPEG XL header is truncated")
+    return width, height
+
+
+def _jxl_codestream_start(data: bytes) -> bytes:
+    """The first bytes of the codestream: the file itself, or gathered from the boxes of the container
+    (one `jxlc` box, or `jxlp` parts, each after a 4-byte index)."""
+    if data[:2] == JXL_CODESTREAM:
+        return data[:18]
+    gathered, offset = b"", 0
+    while offset + 8 <= len(data) and len(gathered) < 18:
+        size, kind = struct.unpack_from(">I4s", data, offset)
+        start = offset + 8
+        if size == 1:
+            if offset + 16 > len(data):
+                break
+            size, start = struct.unpack_from(">Q", data, offset + 8)[0], offset + 16
+        end = len(data) if size == 0 else offset + size
+        if end < start:
+            break
+        if kind == b"jxlc":
+            gathered += data[start:end]
+        elif kind == b"jxlp":
+            gathered += data[start + 4 : end]
+        offset = end
+    return gathered[:18]
+
+
+@dataclass(frozen=True)
+class Picture:
+    """An image file's picture as the archive stores it, and what was done to its colours on the way."""
+
+    pixels: np.ndarray  # H×W×3 uint8, sRGB
+    format: str  # the file's format as Pillow names it: "JPEG", "PNG", "HEIF", "JXL", …
+    profile: str | None = None  # the embedded ICC profile's description; None: the file has none (taken as sRGB)
+    converted: bool = False  # the pixels were converted from that profile to sRGB (False with a profile: unusable)
+
+
+_SRGB = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
+_PROFILE_MODES = {"RGB": "RGB", "GRAY": "L", "CMYK": "CMYK"}  # an ICC colour space → the Pillow mode it describes
+_ALPHA_MODES = {"RGBA": "RGB", "RGBa": "RGB", "PA": "RGB", "LA": "L", "La": "L"}  # … and the mode without it
+
+
+def srgb_picture(image: Image.Image) -> Picture:
+    """The picture a colour-managed viewer shows for an opened image (its current frame), as sRGB pixels.
+
+    - EXIF orientation is applied.
+    - An embedded ICC profile (RGB, greyscale or CMYK) is applied with littleCMS (Pillow's ImageCms), to
+      sRGB, perceptual intent (matrix-shaper profiles, such as Display P3 or Adobe RGB, have only the
+      colorimetric one, which littleCMS then uses). A profile that littleCMS cannot read, or that does
+      not describe the image's colour space, is left unused and the pixels are taken as sRGB, as
+      browsers do. Without a profile the pixels are taken as sRGB (CMYK: Pillow's profile-free formula).
+    - Alpha is composited over white, after the conversion; 16-bit greyscale keeps its 8 most
+      significant bits; palette and greyscale images are expanded to RGB.
+    Pillow's decoding errors (OSError, ValueError, …) pass through to the caller.
+    """
+    image_format = image.format or ""
+    icc = image.info.get("icc_profile")
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # Pillow stores 16-bit greyscale as 'I;16' or 'I'; its conversions clip instead of scaling.
+        image = Image.fromarray((np.asarray(image, dtype=np.uint32) >> 8).clip(0, 255).astype(np.uint8), "L")
+    if image.mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    alpha = None
+    if image.mode in _ALPHA_MODES:
+        alpha = image.convert("RGBA").getchannel("A")
+        image = image.convert(_ALPHA_MODES[image.mode])
+    profile, converted = None, False
+    if icc:
+        image, profile, converted = _convert_to_srgb(image, icc)
+    picture = image.convert("RGB")
+    if alpha is not None:
+        picture.putalpha(alpha)
+        white = Image.new("RGBA", picture.size, (255, 255, 255, 255))
+        picture = Image.alpha_composite(white, picture).convert("RGB")
+    return Picture(np.ascontiguousarray(np.asarray(picture, dtype=np.uint8)), image_format, profile, converted)
+
+
+def _convert_to_srgb(image: Image.Image, icc: bytes) -> tuple[Image.Image, str, bool]:
+    """(image in sRGB or as it was, the profile's description, whether it was converted)."""
+    try:
+        profile = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+        description = " ".join(ImageCms.getProfileDescription(profile).split()) or "(a profile without a description)"
+    except (OSError, ImageCms.PyCMSError):
+        return image, "(an unreadable profile)", False
+    mode = _PROFILE_MODES.get(profile.profile.xcolor_space.strip())
+    if mode == "RGB" and image.mode == "L":
+        image = image.convert("RGB")  # grey pixels tagged with an RGB profile: the profile's greys
+    if mode != image.mode:
+        return image, description, False
+    try:
+        transform = ImageCms.buildTransform(profile, _SRGB, mode, "RGB", ImageCms.Intent.PERCEPTUAL)
+        return ImageCms.applyTransform(image, transform), description, True
+    except ImageCms.PyCMSError:
+        return image, description, False
