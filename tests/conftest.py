@@ -8,6 +8,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -20,6 +21,9 @@ from PIL import Image
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
+
+# Training tasks cache frozen-encoder latents on disk; the tests' toy models keep theirs out of the user's cache.
+os.environ.setdefault("DIFFARC_LATENT_CACHE", tempfile.mkdtemp(prefix="diffarc-test-latents-"))
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"

@@ -15,7 +15,7 @@ import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 
-from ..parts.denoisers import DiffusionDenoiser
+from ..parts.denoisers import DiffusionDenoiser, timestep_at
 from ..parts.entropy import LogisticMixtureDensity
 from ..parts.latent_codecs import down, gaussian_bits, mean_and_scale, up
 
@@ -84,11 +84,15 @@ def channel_stats(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class LatentDenoiseObjective(torch.nn.Module):
-    """What `diffarc train latent-denoise` minimises: quantize (as uniform noise), predict t, denoise in one
-    step — all differentiable for the predictors.
+    """What `diffarc train latent-denoise` minimises: the rate of the quantized latent (uniform noise for
+    rounding), its distortion, and the t-net's distance to the timestep whose noise the quantization error
+    matches; and, for validation, what denoising from the predicted t buys.
 
-    Gradients reach the predictors through the frozen UNet; its own weights take none (load_model froze
-    them), and the optimizer only holds the predictors' parameters.
+    Rate and distortion train the γ-net and the hyperprior; the t-net sees ẑ detached and learns only
+    from its own term. Its target is the timestep at which the forward process's noise, in the units of z,
+    has the quantization error's variance v = mean((ẑ − z)²): (1 − ᾱ_t)/ᾱ_t = v, the paper's reading of
+    quantization error as diffusion noise. It needs no UNet (the ᾱ table only), so the predictors can be
+    trained before the diffusion model and stay valid when it is retrained.
     """
 
     def __init__(self, predictors, model):
@@ -97,9 +101,9 @@ class LatentDenoiseObjective(torch.nn.Module):
         self.denoiser = DiffusionDenoiser.from_model(model)
 
     def forward(self, z: torch.Tensor, step: torch.Tensor, noise: tuple[torch.Tensor, torch.Tensor] | None):
-        """(bits per latent value, squared error after denoising, squared error at t = 0, t), per image, for
-        latents whose sides are multiples of HYPER_STRIDE. noise: uniform [0, 1) of y's and ζ's shapes (the
-        rate relaxation, and y's quantization error as the decoder sees it); None rounds as the codec does."""
+        """(bits per latent value, squared error of ẑ, ẑ, Δ·s) per image, for latents whose sides are multiples
+        of HYPER_STRIDE. noise: uniform [0, 1) of y's and ζ's shapes (the rate relaxation, and y's
+        quantization error as the decoder sees it); None rounds as the codec does."""
         predictors = self.predictors
         shift, scale = predictors.transform(z, step)
         y = (z - shift[..., None, None]) / scale[..., None, None]
@@ -114,11 +118,31 @@ class LatentDenoiseObjective(torch.nn.Module):
         y_bits = gaussian_bits(rated, scales / box).flatten(1).sum(1)
         bits = (y_bits + zeta_bits) / y[0].numel()
         z_hat = (means + box * rated) * scale[..., None, None] + shift[..., None, None]
-        t = self.predictors.timestep(z_hat, step, scale)
+        return bits, ((z_hat - z) ** 2).flatten(1).mean(1), z_hat, step[:, None] * scale
+
+    def timestep_loss(self, z_hat: torch.Tensor, error: torch.Tensor, step: torch.Tensor, channel_step: torch.Tensor):
+        """(squared log-SNR distance of the t-net's t to the matched timestep, t, matched t) per image; the
+        t-net's inputs are detached, so only it learns from this."""
+        scale = (channel_step / step[:, None]).detach()
+        t = self.predictors.timestep(z_hat.detach(), step, scale)
+        matched = self.matched_timestep(error.detach())
+        return (log_snr(self.denoiser.alpha_bar(t)) - log_snr(self.denoiser.alpha_bar(matched))) ** 2, t, matched
+
+    def matched_timestep(self, variance: torch.Tensor) -> torch.Tensor:
+        """The (fractional) timestep whose noise has variance `variance` in z's units: ᾱ = 1 / (1 + v)."""
+        values = timestep_at(self.denoiser.alphas_cumprod, (1 / (1 + variance)).cpu().double().numpy())
+        return torch.as_tensor(values, dtype=torch.float32, device=variance.device)
+
+    def denoised_error(self, z: torch.Tensor, z_hat: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Squared error per image after one denoising step from ẑ at timestep t: x̂0 of x_t = √ᾱ_t·ẑ."""
         alpha_bar = self.denoiser.alpha_bar(t).view(-1, 1, 1, 1)
         x0_hat, _ = self.denoiser.predict(alpha_bar.sqrt() * z_hat, t, alpha_bar)
-        error = ((x0_hat - z) ** 2).flatten(1).mean(1)
-        return bits, error, ((z_hat - z) ** 2).flatten(1).mean(1), t
+        return ((x0_hat - z) ** 2).flatten(1).mean(1)
+
+
+def log_snr(alpha_bar: torch.Tensor) -> torch.Tensor:
+    alpha_bar = alpha_bar.clamp(1e-6, 1 - 1e-6)
+    return torch.log(alpha_bar / (1 - alpha_bar))
 
 
 def lambda_for_step(step: torch.Tensor) -> torch.Tensor:

@@ -1,13 +1,19 @@
 """Training latent-denoise's predictors (γ-net, t-net, mean-scale hyperprior) for a frozen latent diffusion model.
 
     image (and its mirror) ──frozen VAE──► latents (diffusion space) ──► random latent crop z
-    Δ log-uniform in STEP_RANGE ──► LatentDenoiseObjective(z, Δ): bits + λ(Δ) · MSE after one denoising step
+    Δ log-uniform in STEP_RANGE ──► LatentDenoiseObjective(z, Δ):
+        bits + λ(Δ) · MSE(ẑ, z) + w · (log-SNR(t-net's t) − log-SNR(t matched to the error's variance))²
     bits: y's and ζ's, from the hyperprior's own probabilities under uniform noise, per latent value
     output: the predictors' own folder (config.json + safetensors); MODEL/latent_denoise/ is found by default
 
-The VAE and the UNet stay frozen; only the predictors learn. Validation reports, at each Δ of
-VALIDATION_STEPS, the bits per latent value, the mean predicted t, and what one denoising step buys over
-plain dequantization (dB of latent MSE).
+The VAE and the UNet stay frozen; only the predictors learn, and only validation calls the UNet.
+Validation reports, at each Δ of VALIDATION_STEPS, the bits per latent value, the mean predicted and
+matched t, and what one denoising step from the predicted t buys over plain dequantization (dB of latent MSE).
+
+Until issue 22 the distortion term was the MSE after one denoising step from the t-net's t, so the t-net
+learnt the t that minimised latent MSE, which blurs (builtin:ldm-small's predictors, MODELS.md: `predict`
+lost LPIPS at every preset). Now the t-net learns the noise level the quantization error has, the
+paper's reading, and the γ-net and hyperprior the plain rate–distortion trade-off.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ PREDICTOR_CONFIGS: dict[str, dict[str, Any]] = {
 }
 STEP_RANGE = (0.5, 8.0)  # Δ drawn log-uniformly: from about 1 bpp down to a few hundredths on Kodak
 VALIDATION_STEPS = (1.0, 2.0, 4.0)  # quantization steps Δ at which the predictors are validated
+TIMESTEP_WEIGHT = 0.1  # of the t-net's squared log-SNR error; it shares no parameter with the other terms
 
 
 def _per_step(label: str, metric: str, spec: str) -> str:
@@ -56,10 +63,11 @@ class PredictorsTask(TrainingTask):
             raise SettingsError("model", f"model {settings.model} has no diffusion UNet")
         self.latent_crop = settings.crop // 8
         encode = lambda x: encode_latents(self.model, x)  # noqa: E731 — in the diffusion model's space
-        self.train = training_latents(encode, train, settings.crop, device, mirrored=True)
+        cache = self.model.autoencoder_fingerprint.hex()  # the diffusion task's latents, when it ran first
+        self.train = training_latents(encode, train, settings.crop, device, mirrored=True, cache=cache)
         self.validation = latent_crops(
-            training_latents(encode, validation, settings.crop, device, mirrored=False), 16, self.latent_crop,
-            np.random.default_rng(12345),
+            training_latents(encode, validation, settings.crop, device, mirrored=False, cache=cache), 16,
+            self.latent_crop, np.random.default_rng(12345),
         )  # fmt: skip
 
     def new_model(self):
@@ -74,22 +82,28 @@ class PredictorsTask(TrainingTask):
         low, high = np.log(STEP_RANGE)
         step = torch.from_numpy(np.exp(rng.uniform(low, high, len(z)))).float().to(self.device)
         b, _, h, w = z.shape
-        hyper_channels = getattr(wrapped, "module", wrapped).predictors.config.hyper_channels  # DDP wraps it
-        zeta_shape = (b, hyper_channels, h // HYPER_STRIDE, w // HYPER_STRIDE)
+        objective = getattr(wrapped, "module", wrapped)  # DDP wraps it
+        zeta_shape = (b, objective.predictors.config.hyper_channels, h // HYPER_STRIDE, w // HYPER_STRIDE)
         noise = tuple(torch.from_numpy(rng.random(shape, dtype=np.float32)).to(self.device) for shape in (z.shape, zeta_shape))
-        bits, error, _, t = wrapped(z, step, noise)
-        loss = (bits + lambda_for_step(step) * error).mean()  # λ(Δ) makes Δ the rate knob (see its docstring)
-        shown = {"bits": bits.mean(), "mse": error.mean(), "t": t.mean()}
+        bits, error, z_hat, channel_step = wrapped(z, step, noise)
+        t_loss, t, _ = objective.timestep_loss(z_hat, error, step, channel_step)
+        # λ(Δ) makes Δ the rate knob (see its docstring); the t-net's term trains the t-net alone.
+        loss = (bits + lambda_for_step(step) * error + TIMESTEP_WEIGHT * t_loss).mean()
+        shown = {"bits": bits.mean(), "mse": error.mean(), "t": t.mean(), "t_loss": t_loss.mean()}
         return loss, {name: float(value.detach()) for name, value in shown.items()}
 
     def validate(self, model) -> dict:
-        """Per validation Δ: bits per latent value, and what one denoising step buys over t = 0 (dB)."""
-        passes, out = LatentDenoiseObjective(model, self.model).to(self.device), {}
+        """Per validation Δ: bits per latent value, the predicted and the matched t, and what one denoising
+        step from the predicted t buys over t = 0 (dB of latent MSE)."""
+        objective, out = LatentDenoiseObjective(model, self.model).to(self.device), {}
         for value in VALIDATION_STEPS:
             step = torch.full((len(self.validation),), value, device=self.device)
-            bits, error, plain, t = passes(self.validation, step, None)
+            bits, plain, z_hat, channel_step = objective(self.validation, step, None)
+            _, t, matched = objective.timestep_loss(z_hat, plain, step, channel_step)
+            error = objective.denoised_error(self.validation, z_hat, t)
             out[f"val_bits_d{value:g}"] = float(bits.mean())
             out[f"val_gain_db_d{value:g}"] = float(10 * torch.log10(plain.mean() / error.mean()))
             out[f"val_t_d{value:g}"] = float(t.mean())
+            out[f"val_matched_t_d{value:g}"] = float(matched.mean())
         out["val_gain_db"] = float(np.mean([out[f"val_gain_db_d{v:g}"] for v in VALIDATION_STEPS]))
         return out

@@ -80,10 +80,12 @@ def x0_eps_from_output(output: torch.Tensor, x: torch.Tensor, alpha_bar, predict
     raise ValueError(f"unsupported prediction type {prediction_type!r}")
 
 
-def timestep_at(table: torch.Tensor, alpha_bar: float) -> float:
-    """The (fractional) timestep where a decreasing ᾱ table, linear between its entries, equals `alpha_bar`."""
+def timestep_at(table: torch.Tensor, alpha_bar):
+    """The (fractional) timestep where a decreasing ᾱ table, linear between its entries, equals `alpha_bar`
+    (a float, or a numpy array of them)."""
     values = table.double().numpy()
-    return float(np.interp(alpha_bar, values[::-1], np.arange(len(values), dtype=np.float64)[::-1]))
+    found = np.interp(alpha_bar, values[::-1], np.arange(len(values), dtype=np.float64)[::-1])
+    return float(found) if np.ndim(found) == 0 else found
 
 
 def alpha_bar_at(table: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

@@ -21,10 +21,14 @@ def padded_size(height: int, width: int, multiple: int) -> tuple[int, int]:
 
 
 def latent_size(model, height: int, width: int, multiple: int = 1) -> tuple[int, int, int]:
-    """(C, h, w) latent of an image edge-padded to what the VAE and the UNet need, and to `multiple` latent px."""
-    unet_multiple = 2 ** (len(model.unet.config.block_out_channels) - 1)
+    """(C, h, w) latent of an image edge-padded to what the VAE and the UNet (if the model has one) need, and
+    to `multiple` latent px."""
+    if model.unet is None:
+        unet_multiple, channels = 1, model.vae.config.latent_channels
+    else:
+        unet_multiple, channels = 2 ** (len(model.unet.config.block_out_channels) - 1), model.unet.config.in_channels
     h, w = padded_size(height, width, VAE_DOWNSAMPLING * math.lcm(unet_multiple, multiple))
-    return model.unet.config.in_channels, h // VAE_DOWNSAMPLING, w // VAE_DOWNSAMPLING
+    return channels, h // VAE_DOWNSAMPLING, w // VAE_DOWNSAMPLING
 
 
 def images_to_tensor(images: list[np.ndarray], size: tuple[int, int], device, dtype) -> torch.Tensor:

@@ -1,5 +1,6 @@
 """Images ⇄ latents for any image size, on a tiny diffusers model saved by the test."""
 
+import dataclasses
 import numpy as np
 import pytest
 import torch
@@ -32,6 +33,12 @@ def test_latent_size_pads_to_what_the_vae_and_unet_need_and_to_whole_tiles(model
     assert latent_size(model, 1, 1) == (4, 2, 2)
     assert latent_size(model, 1, 4000) == (4, 2, 500)
     assert latent_size(model, 40, 56, multiple=3) == (4, 6, 12)  # lcm(2, 3) = 6 latent px
+
+
+def test_latent_size_of_an_autoencoder_without_a_unet_pads_to_the_vae_alone():
+    taef2 = dataclasses.replace(load_model("builtin:taef2"), unet=None)  # as the folder is without unet/
+    assert latent_size(taef2, 40, 56) == (32, 5, 7)
+    assert latent_size(taef2, 40, 56, multiple=4) == (32, 8, 8)
 
 
 @pytest.mark.parametrize("height, width", SIZES)
