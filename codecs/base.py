@@ -20,6 +20,12 @@ It refuses a stream unless
   latent-denoise: its side information and symbol count). A codec overrides `decode_cost` to say its
   pixels and passes and to refuse what cannot be decoded, with cheap arithmetic and no decoding.
 So a decoder's time and memory are bounded by `max_pixels`, whatever the stream claims.
+
+A `lossless` codec (jxl with lossless=1) decodes the pixels it was given exactly, and may also keep a source
+file whole: `encode` then takes each image's file beside its pixels (`originals`), and `original` gives
+the file back from the stream, byte for byte (jxl: a JPEG, through JPEG XL's JPEG reconstruction data).
+
+    images + originals ──encode──► streams ──original──► the source files it kept (None for the others)
 """
 
 from __future__ import annotations
@@ -115,6 +121,9 @@ class Codec(ABC):
     presets: ClassVar[dict[str, dict[str, Any]]] = {}
     # A decoder of a base layer alone (`base_decoder`) uses no weights, so it reads streams of any weights.
     decodes_any_weights: bool = False
+    # Decodes the pixels it encoded exactly, and takes source files to keep (module docstring); a codec that
+    # is lossless only in some settings makes this a property.
+    lossless: bool = False
 
     def __init__(self, device: str = "cpu", **params: Any):
         self.device = device
@@ -222,10 +231,17 @@ class Codec(ABC):
         """Figures a codec reports about one of its streams beyond its size (the bench averages them)."""
         return {}
 
-    def encode(self, images: Sequence[np.ndarray]) -> list[bytes]:
+    def encode(self, images: Sequence[np.ndarray], originals: Sequence[bytes | None] | None = None) -> list[bytes]:
+        """One stream per image. `originals`: each image's source file (None where there is none), which a
+        `lossless` codec may keep whole (module docstring); other codecs code the pixels alone."""
         for image in images:
             check_image(image)
-        payloads = self.encode_payloads(list(images))
+        if originals is not None and len(originals) != len(images):
+            raise ValueError(f"{len(images)} images but {len(originals)} originals")
+        if self.lossless and originals is not None:
+            payloads = self.encode_originals(list(images), list(originals))
+        else:
+            payloads = self.encode_payloads(list(images))
         return [
             container.pack(
                 Header(self.name, self.stream_params, self.fingerprint, width=image.shape[1], height=image.shape[0]),
@@ -245,6 +261,16 @@ class Codec(ABC):
                     f"{header.height}×{header.width}"
                 )
         return images
+
+    def original(self, stream: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> bytes | None:
+        """The source file this stream keeps whole, byte for byte; None when it keeps the pixels alone. The
+        stream is checked (`read`) first."""
+        self.read(stream, max_pixels)
+        return None
+
+    def encode_originals(self, images: list[np.ndarray], originals: list[bytes | None]) -> list[bytes]:
+        """One payload per image, keeping what it can of each source file: a `lossless` codec's override."""
+        return self.encode_payloads(images)
 
     def read(self, stream: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Header, bytes]:
         """Unpack a stream and refuse it unless this codec, with these weights, can decode it within

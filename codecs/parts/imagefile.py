@@ -34,7 +34,7 @@ from __future__ import annotations
 import io
 import struct
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import pillow_heif
@@ -139,23 +139,33 @@ def _jxl_codestream_start(data: bytes) -> bytes:
     (one `jxlc` box, or `jxlp` parts, each after a 4-byte index)."""
     if data[:2] == JXL_CODESTREAM:
         return data[:18]
-    gathered, offset = b"", 0
-    while offset + 8 <= len(data) and len(gathered) < 18:
-        size, kind = struct.unpack_from(">I4s", data, offset)
-        start = offset + 8
-        if size == 1:
-            if offset + 16 > len(data):
-                break
-            size, start = struct.unpack_from(">Q", data, offset + 8)[0], offset + 16
-        end = len(data) if size == 0 else offset + size
-        if end < start:
-            break
+    gathered = b""
+    for kind, start, end in jxl_boxes(data):
         if kind == b"jxlc":
             gathered += data[start:end]
         elif kind == b"jxlp":
             gathered += data[start + 4 : end]
-        offset = end
+        if len(gathered) >= 18:
+            break
     return gathered[:18]
+
+
+def jxl_boxes(data: bytes) -> Iterator[tuple[bytes, int, int]]:
+    """(type, start, end) of each box of a JPEG XL container (ISO BMFF boxes), its contents data[start:end];
+    stops at the first box whose size is damaged."""
+    offset = 0
+    while offset + 8 <= len(data):
+        size, kind = struct.unpack_from(">I4s", data, offset)
+        start = offset + 8
+        if size == 1:
+            if offset + 16 > len(data):
+                return
+            size, start = struct.unpack_from(">Q", data, offset + 8)[0], offset + 16
+        end = len(data) if size == 0 else offset + size
+        if end < start or end > len(data):
+            return
+        yield kind, start, end
+        offset = end
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
 import dataclasses
+import io
 import struct
 
 import numpy as np
@@ -10,13 +11,17 @@ from diffarc.codecs.container import pack, unpack
 from diffarc.codecs.errors import BitstreamError
 from diffarc.codecs.registry import UnknownCodecError, codec_names, create_codec
 from diffarc.codecs.parts.metrics import psnr
+from diffarc.pipeline.bench.specs import parse_codec_spec
+from diffarc.pipeline.images import load_picture
+
+from ..colour_spaces import ADOBE_RGB
 
 from ..conftest import photo_like
 
 SIZES = [(1, 1), (1, 4000), (4000, 1), (33, 17), (96, 128)]
 
 
-@pytest.mark.parametrize("name", ["jpeg", "webp", "avif"])
+@pytest.mark.parametrize("name", ["jpeg", "webp", "avif", "jxl"])
 def test_any_size_round_trips_in_one_batch(name):
     images = [photo_like(h, w, seed=i) for i, (h, w) in enumerate(SIZES)]
     codec = create_codec(name)
@@ -26,7 +31,7 @@ def test_any_size_round_trips_in_one_batch(name):
     assert psnr(images[-1], decoded[-1]) > 25
 
 
-@pytest.mark.parametrize("name", ["jpeg", "webp", "avif"])
+@pytest.mark.parametrize("name", ["jpeg", "webp", "avif", "jxl"])
 def test_higher_quality_costs_bytes_and_buys_fidelity(name):
     image = photo_like(96, 128, seed=3)
     low, high = create_codec(name, preset="low"), create_codec(name, preset="high")
@@ -59,7 +64,7 @@ def test_codecs_refuse_non_rgb_arrays():
 
 
 def test_registry_lists_the_baselines():
-    assert {"jpeg", "webp", "avif"} <= set(codec_names())
+    assert {"jpeg", "webp", "avif", "jxl"} <= set(codec_names())
 
 
 def with_jpeg_size(stream: bytes, width: int, height: int, header_size: tuple[int, int] | None = None) -> bytes:
@@ -98,3 +103,107 @@ def test_a_payload_pillow_refuses_to_parse_is_a_bitstream_error(monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
     with pytest.raises(BitstreamError, match="webp payload does not decode: DecompressionBombError: Image size .2500 pixels. exceeds limit"):
         codec.decode([stream])
+
+
+def jpeg_file(pixels: np.ndarray, mode: str | None = None, **options) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels, mode).save(buffer, "JPEG", **options)
+    return buffer.getvalue()
+
+
+def test_jxl_distance_is_a_bench_curve():
+    curve = parse_codec_spec("jxl:effort=5,distance=0.5..4/3")
+    assert [p.params for p in curve.points] == [
+        {"distance": d, "effort": 5, "lossless": 0} for d in (0.5, 2.25, 4.0)
+    ]
+    codec = create_codec("jxl", {"distance": 0.5})
+    image = photo_like(40, 56, seed=4)
+    assert unpack(codec.encode([image])[0])[1][:2] == b"\xff\x0a"  # the payload is a plain .jxl file
+
+
+def test_jxl_lossless_gives_the_pixels_back_exactly():
+    codec = create_codec("jxl", preset="lossless")
+    images = [np.random.default_rng(5).integers(0, 256, (33, 17, 3), dtype=np.uint8), photo_like(40, 56, seed=5)]
+    assert codec.lossless and not create_codec("jxl").lossless
+    streams = codec.encode(images, originals=[None, None])
+    assert all(np.array_equal(d, i) for d, i in zip(codec.decode(streams), images))
+    assert [codec.original(s) for s in streams] == [None, None]
+
+
+def rotated() -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = 6  # turned 90° clockwise when shown
+    return exif.tobytes()
+
+
+JPEG_SOURCES = {
+    "baseline": {"quality": 90},
+    "progressive": {"quality": 90, "progressive": True},
+    "4:4:4 with restart markers": {"quality": 75, "subsampling": 0, "restart_marker_blocks": 2},
+    "EXIF-rotated": {"quality": 90, "exif": rotated()},
+    "Adobe RGB": {"quality": 90, "icc_profile": ADOBE_RGB.icc()},
+}
+
+
+@pytest.mark.parametrize("options", JPEG_SOURCES.values(), ids=JPEG_SOURCES.keys())
+def test_jxl_lossless_keeps_a_jpeg_source_byte_for_byte(options):
+    jpeg = jpeg_file(photo_like(48, 64, seed=6), **options)
+    picture = load_picture(jpeg).pixels  # what the pipeline hands the codec beside the file
+    codec = create_codec("jxl", {"lossless": 1})
+    stream = codec.encode([picture], originals=[jpeg])[0]
+    assert codec.original(stream) == jpeg
+    assert np.array_equal(codec.decode([stream])[0], picture)  # and the picture the loader made of it
+    assert unpack(stream)[0].params["lossless"] == 1
+
+
+def test_jxl_lossless_codes_the_pixels_when_a_jpeg_cannot_be_kept():
+    image = photo_like(48, 64, seed=7)
+    cmyk = jpeg_file(np.dstack([image, image[:, :, :1]]), "CMYK", quality=90)  # libjxl recompresses no CMYK JPEG
+    other = jpeg_file(photo_like(48, 64, seed=8), quality=90)  # a file that is not this picture
+    png = io.BytesIO()
+    Image.fromarray(image).save(png, "PNG")
+    codec = create_codec("jxl", {"lossless": 1})
+    pictures = [load_picture(cmyk).pixels, image, image]
+    streams = codec.encode(pictures, originals=[cmyk, other, png.getvalue()])
+    assert [codec.original(s) for s in streams] == [None, None, None]
+    assert all(np.array_equal(d, p) for d, p in zip(codec.decode(streams), pictures))
+
+
+def test_lossy_codecs_code_the_pixels_whatever_file_they_are_given():
+    image = photo_like(48, 64, seed=9)
+    jpeg = jpeg_file(image, quality=90)
+    for name in ("jxl", "avif"):
+        codec = create_codec(name)
+        stream = codec.encode([image], originals=[jpeg])[0]
+        assert stream == codec.encode([image])[0] and codec.original(stream) is None
+
+
+def repacked(stream: bytes, payload: bytes, width: int | None = None) -> bytes:
+    header, _ = unpack(stream)
+    return pack(dataclasses.replace(header, width=width or header.width), payload)
+
+
+def test_a_jxl_payload_is_refused_before_decoding_unless_it_is_the_headers_size():
+    codec = create_codec("jxl", {"lossless": 1})
+    image = photo_like(24, 32, seed=10)
+    stream = codec.encode([image])[0]
+    with pytest.raises(BitstreamError, match="jxl payload is 32×24, the stream header says 33×24"):
+        codec.decode([repacked(stream, unpack(stream)[1], width=33)])
+    # A codestream declaring 200000×150000 pixels, with nothing after its size: refused from the size.
+    bits = (0b10 << 1) | ((150_000 - 1) << 3) | (0b10 << 24) | ((200_000 - 1) << 26)
+    with pytest.raises(BitstreamError, match="jxl payload is 200000×150000"):
+        codec.decode([repacked(stream, b"\xff\x0a" + bits.to_bytes(6, "little"))])
+    with pytest.raises(BitstreamError, match="jxl payload does not decode"):
+        codec.decode([repacked(stream, unpack(stream)[1][:-40])])
+
+
+def test_a_kept_jpeg_that_does_not_reconstruct_is_a_bitstream_error():
+    jpeg = jpeg_file(photo_like(24, 32, seed=11), quality=90)
+    codec = create_codec("jxl", {"lossless": 1})
+    stream = codec.encode([load_picture(jpeg).pixels], originals=[jpeg])[0]
+    payload = unpack(stream)[1]
+    damaged = repacked(stream, payload[:-10])  # the reconstruction data whole, the codestream cut short
+    with pytest.raises(BitstreamError, match="jxl payload"):
+        codec.decode([damaged])
+    with pytest.raises(BitstreamError, match="jxl payload"):
+        codec.original(damaged)

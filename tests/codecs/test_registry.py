@@ -13,7 +13,7 @@ from ..conftest import photo_like
 
 
 def test_every_codec_is_listed_by_name():
-    assert codec_names() == ["avif", "corrdiff", "corrdiff-latent", "ddcm", "hfd", "hyperprior", "jpeg", "latent-denoise", "webp"]
+    assert codec_names() == ["avif", "corrdiff", "corrdiff-latent", "ddcm", "hfd", "hyperprior", "jpeg", "jxl", "latent-denoise", "webp"]
     assert codec_class("jpeg") is JpegCodec and codec_class("webp").name == "webp"
 
 
