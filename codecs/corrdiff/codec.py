@@ -30,7 +30,6 @@ in task.py. What this file decides:
 
 from __future__ import annotations
 
-import copy
 import functools
 import hashlib
 from pathlib import Path
@@ -40,7 +39,7 @@ import torch
 
 from ..base import Codec, DecodeCost, Param
 from ..container import Header, unpack
-from ..errors import ParameterError
+from ..errors import ModelError, ParameterError
 from ..hfd.codec import HfdCodec
 from ..parts.latents import tensor_to_images
 from ..parts.metrics import psnr
@@ -91,6 +90,8 @@ class CorrDiffCodec(Codec):
             str(self.folder / DETAIL_FOLDER) if (self.folder / DETAIL_FOLDER).is_dir() else DEFAULT_DETAIL_MODEL
         )
         self.hfd = HfdCodec(device, **self._hfd_params(self.config), model=detail_model)
+        if self.hfd.decoder.network.multiple % self.end_to_end.multiple:
+            raise ModelError(f"the end-to-end decoder {self.config['model']} does not fit the grid of the detail decoder {detail_model}")
         self._fingerprint = hashlib.sha256(self.hfd.fingerprint + e2e_fingerprint).digest()
         self.estimates = EndToEndEstimates(self.end_to_end)
 
@@ -103,7 +104,8 @@ class CorrDiffCodec(Codec):
         return self._fingerprint
 
     def weights_folders(self) -> dict:
-        return {"": self.folder, DETAIL_FOLDER: self.hfd.folder}
+        detail = {f"{DETAIL_FOLDER}/{sub}" if sub else DETAIL_FOLDER: folder for sub, folder in self.hfd.weights_folders().items()}
+        return {"": self.folder, **detail}
 
     def stream_stats(self, stream: bytes) -> dict[str, float]:
         """The strength the encoder chose (the bench averages it)."""
@@ -154,11 +156,8 @@ class CorrDiffCodec(Codec):
         """The picture of a base at strength g: 0 is HFD's own decode, 1 the end-to-end decoder's."""
         hfd_config = self.hfd.resolve_params(self._hfd_params(config))
         base = base.to(self.device)
-        if g == 0.0:
-            residual = self.hfd.detail(base, hfd_config)
-        else:
-            corrected = copy.copy(self.hfd)  # HFD's sampler, tiling and noise, run on the corrected decoder
-            corrected.decoder = CorrectedDetailDecoder(self.hfd.decoder, self.estimates, g)
-            residual = corrected.detail(base, hfd_config)
+        # HFD's tiling, padding, noise and sampler, run on the corrected network.
+        network = None if g == 0.0 else CorrectedDetailDecoder(self.hfd.decoder.network, self.estimates, g)
+        residual = self.hfd.detail(base, hfd_config, network)
         return tensor_to_images((base + residual).clamp(-1, 1), [tuple(base.shape[2:])])[0]
 

@@ -125,10 +125,6 @@ class CorrectedDetailDecoder(torch.nn.Module):
         self.detail, self.end_to_end, self.strength = detail, end_to_end, strength
         self.config = detail.config  # the sampler reads the process (objective, σ, shift) from here
 
-    @property
-    def multiple(self) -> int:
-        return max(self.detail.multiple, self.end_to_end.decoder.multiple)
-
     def forward(self, state, base, quality, scale, t) -> torch.Tensor:
         estimate = self.end_to_end(base, quality, scale)
         weight = correction_weight(self.strength, float(t.flatten()[0]))

@@ -24,11 +24,13 @@ class EndToEndDecoder(ModelMixin, ConfigMixin):
     """r̂_e = network(base, quality, scale); see the module docstring."""
 
     @register_to_config
-    def __init__(self, widths: tuple[int, ...] = (48, 64, 96), layers_per_block: int = 1, space_to_depth: int = 4):
+    def __init__(self, widths: tuple[int, ...] = (48, 64, 96), layers_per_block: int = 1, space_to_depth: int = 4,
+                 channels: int = 3):  # fmt: skip
         super().__init__()
         # HFD's UNet (zero output layer included: an untrained decoder returns the base), its input
         # convolution narrowed to [base, conditions].
-        self.unet = DetailDecoder(widths=widths, layers_per_block=layers_per_block, space_to_depth=space_to_depth).unet
+        self.unet = DetailDecoder(widths=widths, layers_per_block=layers_per_block, space_to_depth=space_to_depth,
+                                  channels=channels).unet  # fmt: skip
         wide = self.unet.conv_in
         self.unet.conv_in = torch.nn.Conv2d(wide.in_channels - self.state_channels, wide.out_channels, wide.kernel_size,
                                             padding=wide.padding)  # fmt: skip
@@ -36,13 +38,14 @@ class EndToEndDecoder(ModelMixin, ConfigMixin):
     @property
     def state_channels(self) -> int:
         """Input channels the detail decoder gives its sampler state, which this decoder does not have."""
-        return 3 * self.config.space_to_depth**2
+        return self.config.channels * self.config.space_to_depth**2
 
     @classmethod
     def from_detail_decoder(cls, detail: DetailDecoder) -> "EndToEndDecoder":
         """A decoder with the detail decoder's weights, less the input columns of its sampler state."""
         config = detail.config
-        decoder = cls(widths=tuple(config.widths), layers_per_block=config.layers_per_block, space_to_depth=config.space_to_depth)
+        decoder = cls(widths=tuple(config.widths), layers_per_block=config.layers_per_block, space_to_depth=config.space_to_depth,
+                      channels=config.channels)  # fmt: skip
         weights = dict(detail.unet.state_dict())
         weights["conv_in.weight"] = weights["conv_in.weight"][:, decoder.state_channels :].clone()  # [state, base, conditions]
         decoder.unet.load_state_dict(weights)
@@ -54,7 +57,7 @@ class EndToEndDecoder(ModelMixin, ConfigMixin):
         return self.config.space_to_depth * 2 ** (len(self.config.widths) - 1)
 
     def forward(self, base, quality, scale) -> torch.Tensor:
-        """r̂_e for bases (B, 3, H, W), qualities and scales (B,)."""
+        """r̂_e for bases (B, channels, H, W), qualities and scales (B,)."""
         b, _, h, w = base.shape
         factor = self.config.space_to_depth
         conditions = torch.stack([quality / 50.0, torch.log2(scale) / 2.0], 1).to(base.dtype)

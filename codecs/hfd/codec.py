@@ -45,36 +45,62 @@ from ..base import Codec, DecodeCost, Param
 from ..container import Header
 from ..errors import ModelError, ParameterError
 from ..parts.latents import padded_size, tensor_to_images
-from ..parts.models import fingerprint, load_codec_model
-from ..parts.noise import gaussian
+from ..parts.models import fingerprint, load_codec_model, load_model, resolve_folder
 from .bases import BASES, HYPERPRIOR_FOLDER, STEP_RANGE, AvifBase, HyperpriorBase
-from .nets import DetailDecoder, sample_residual
+from .detail import LatentDetail, PixelDetail
+from .nets import DetailDecoder
 
 DEFAULT_DETAIL_MODELS = {"avif": "builtin:hfd-small", "hyperprior": "builtin:hfd-hyperprior-small"}
+LATENT_FOLDER = "hfd"  # inside an autoencoder's folder (vae/): the latent detail decoder's network
 TILE_PIXELS = 1024 * 1024  # larger padded images are decoded in tiles (memory bound; see the docstring)
 TILE, OVERLAP = 512, 64  # tile side and overlap in pixels, multiples of the decoder's 16
 
 
 @functools.lru_cache(maxsize=4)
-def load_detail_decoder(reference: str, base: str, device: str) -> tuple[DetailDecoder, AvifBase | HyperpriorBase, Path, bytes]:
-    """(decoder, base layer, folder, fingerprint) of a detail decoder's folder for a `base`, once per process.
-    A decoder trained on hyperprior bases holds that model in its HYPERPRIOR_FOLDER; one for AVIF has none."""
-    decoder, folder = load_codec_model(reference, DetailDecoder, device, "train one with `diffarc train hfd --out FOLDER`")
+def load_detail_decoder(reference: str, base: str, device: str) -> tuple[PixelDetail | LatentDetail, AvifBase | HyperpriorBase, dict, bytes]:
+    """(detail decoder, base layer, weights folders, fingerprint) of a model reference for a `base`, once per
+    process. A pixel decoder's folder holds its network (and, trained on hyperprior bases, that model in
+    HYPERPRIOR_FOLDER); a latent decoder's is an autoencoder's folder (vae/) with the network in LATENT_FOLDER."""
+    folder = resolve_folder(reference)
+    if folder is not None and (folder / "vae").is_dir() and (folder / LATENT_FOLDER).is_dir():
+        return _load_latent_decoder(reference, folder, base, device)
+    network, folder = load_codec_model(reference, DetailDecoder, device, "train one with `diffarc train hfd --out FOLDER`")
     trained_on = "hyperprior" if (folder / HYPERPRIOR_FOLDER).is_dir() else "avif"
-    if trained_on != base:
-        raise ModelError(
-            f"the detail decoder {reference} was trained on {trained_on} bases, not {base}; "
-            f"use model={DEFAULT_DETAIL_MODELS[base]} or one trained with `diffarc train hfd --config {'small-hyperprior' if base == 'hyperprior' else 'small'}`"
-        )
-    # The objective and its constants change what the weights mean: they are part of the identity.
-    meaning = json.dumps({k: decoder.config[k] for k in ("objective", "sigma", "shift", "space_to_depth")}, sort_keys=True)
-    modules = {"detail": decoder}
+    _check_base(reference, trained_on, base)
+    modules = {"detail": network}
+    folders = {"": folder}
     if base == "hyperprior":
         layer = HyperpriorBase(folder / HYPERPRIOR_FOLDER, device)
         modules["hyperprior"] = layer.codec.model
+        folders[HYPERPRIOR_FOLDER] = folder / HYPERPRIOR_FOLDER
     else:
         layer = AvifBase()
-    return decoder, layer, folder, fingerprint(modules, schedule=meaning.encode("utf-8"))
+    return PixelDetail(network), layer, folders, fingerprint(modules, schedule=_meaning(network))
+
+
+def _load_latent_decoder(reference: str, folder: Path, base: str, device: str):
+    _check_base(reference, "avif", base)
+    network = load_codec_model(str(folder / LATENT_FOLDER), DetailDecoder, device, "train one with `diffarc train hfd --config latent-small`")[0]
+    autoencoder = load_model(reference, device)
+    # The autoencoder's weights and latent scaling, not the model's: a UNet trained into the same folder
+    # (another codec's part) changes nothing for these streams.
+    modules = {"vae": autoencoder.vae, "detail": network}
+    scaling = (autoencoder.scaling_factor, autoencoder.shift_factor)
+    folders = {"vae": folder / "vae", LATENT_FOLDER: folder / LATENT_FOLDER}
+    return LatentDetail(autoencoder, network), AvifBase(), folders, fingerprint(modules, scaling, _meaning(network))
+
+
+def _check_base(reference: str, trained_on: str, base: str) -> None:
+    if trained_on != base:
+        raise ModelError(
+            f"the detail decoder {reference} was trained on {trained_on} bases, not {base}; "
+            f"use model={DEFAULT_DETAIL_MODELS[base]} or one trained with `diffarc train hfd --config {'small-hyperprior' if base == 'hyperprior' else 'latent-small'}`"
+        )
+
+
+def _meaning(network: DetailDecoder) -> bytes:
+    """The objective and its constants change what the weights mean: they are part of the identity."""
+    return json.dumps({k: network.config[k] for k in ("objective", "sigma", "shift", "space_to_depth")}, sort_keys=True).encode("utf-8")
 
 
 class HfdCodec(Codec):
@@ -111,7 +137,7 @@ class HfdCodec(Codec):
             self.base_layer = AvifBase()
         else:
             reference = self.config["model"] or DEFAULT_DETAIL_MODELS[self.config["base"]]
-            self.decoder, self.base_layer, self.folder, self._fingerprint = load_detail_decoder(
+            self.decoder, self.base_layer, self.folders, self._fingerprint = load_detail_decoder(
                 reference, self.config["base"], str(device)
             )
 
@@ -137,18 +163,16 @@ class HfdCodec(Codec):
         return b"" if self.base_only else self._fingerprint
 
     def weights_folders(self) -> dict:
-        folders = {"": self.folder}
-        if self.config["base"] == "hyperprior":
-            folders[HYPERPRIOR_FOLDER] = self.folder / HYPERPRIOR_FOLDER
-        return folders
+        return dict(self.folders)
 
     def decode_cost(self, header: Header, payload: bytes) -> DecodeCost:
-        """The base's pixels, plus `steps` detail-decoder passes over the padded picture."""
+        """The base's pixels, plus `steps` detail-decoder passes over the padded picture (a latent decoder's
+        flow runs on 1/64 of them, but its autoencoder passes, one each way, cost more: counted as 2 + steps)."""
         steps = self.resolve_params(header.params)["steps"]
         if self.base_only or not steps:
             return DecodeCost(header.width * header.height)
         height, width = self._padded(header.height, header.width)
-        return DecodeCost(height * width, steps)
+        return DecodeCost(height * width, steps + 2 if isinstance(self.decoder, LatentDetail) else steps)
 
     def encode_payloads(self, images: list[np.ndarray]) -> list[bytes]:
         return [self.base_layer.encode(image, self.config) for image in images]
@@ -169,12 +193,14 @@ class HfdCodec(Codec):
         """The base picture of one payload, (1, 3, H, W) in [−1, 1] on the CPU; BitstreamError if damaged."""
         return self.base_layer.decode(payload, header.height, header.width, self.resolve_params(header.params))
 
-    def detail(self, base: torch.Tensor, config: dict) -> torch.Tensor:
-        """r̂ for a base (1, 3, H, W): in one pass, or in overlapping tiles above TILE_PIXELS."""
+    def detail(self, base: torch.Tensor, config: dict, network: torch.nn.Module | None = None) -> torch.Tensor:
+        """r̂ for a base (1, 3, H, W): in one pass, or in overlapping tiles above TILE_PIXELS. `network` is the
+        flow network to sample with: the decoder's own by default; corrdiff passes its corrected one."""
+        network = self.decoder.network if network is None else network
         height, width = base.shape[2:]
         padded = self._padded(height, width)
         if padded[0] * padded[1] <= TILE_PIXELS:
-            return self._residual(base, config, (0, 0), padded)
+            return self._residual(base, config, (0, 0), padded, network)
         out = torch.zeros_like(base)
         weight = torch.zeros(1, 1, height, width, device=base.device)
         for top in _tile_starts(height):
@@ -182,7 +208,7 @@ class HfdCodec(Codec):
                 tile = base[:, :, top : top + TILE, left : left + TILE]
                 h, w = tile.shape[2:]
                 ramp = _ramp(h, top, height).view(1, 1, -1, 1) * _ramp(w, left, width).view(1, 1, 1, -1)
-                residual = self._residual(tile, config, (top, left), self._padded(h, w))
+                residual = self._residual(tile, config, (top, left), self._padded(h, w), network)
                 out[:, :, top : top + h, left : left + w] += residual * ramp.to(base.device)
                 weight[:, :, top : top + h, left : left + w] += ramp.to(base.device)
         return out / weight
@@ -193,14 +219,11 @@ class HfdCodec(Codec):
         multiple = self.decoder.multiple
         return tuple(max(2 * multiple, side) for side in padded_size(height, width, multiple))
 
-    def _residual(self, base: torch.Tensor, config: dict, origin: tuple[int, int], padded: tuple[int, int]) -> torch.Tensor:
+    def _residual(self, base: torch.Tensor, config: dict, origin: tuple[int, int], padded: tuple[int, int], network) -> torch.Tensor:
         height, width = base.shape[2:]
         # Replicated borders: defined for any size down to 1×1 (reflection needs two pixels).
         x = F.pad(base, (0, padded[1] - width, 0, padded[0] - height), mode="replicate")
-        noise = gaussian(config["seed"], 0, [0], (3, *padded), origin=origin).to(x.device)
-        quality = torch.tensor([self.base_layer.rate(config)], device=x.device)
-        scale = torch.tensor([float(config["scale"])], device=x.device)
-        residual = sample_residual(self.decoder, x, quality, scale, noise, config["steps"], config["detail"])
+        residual = self.decoder.residual(x, config, self.base_layer.rate(config), origin, network)
         return residual[:, :, :height, :width]
 
 

@@ -51,11 +51,12 @@ class DetailDecoder(ModelMixin, ConfigMixin):
         objective: str = "flow",
         sigma: float = 0.1,  # flow: the start noise's std in [−1, 1] units
         shift: float = 8.0,  # diffusion: the log-SNR shift factor (1 = the plain cosine schedule)
+        channels: int = 3,  # of the picture it refines: 3 for pixels, the autoencoder's 32 for a latent
     ):
         super().__init__()
         if objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
-        cells = 3 * space_to_depth**2
+        cells = channels * space_to_depth**2
         self.unet = UNet2DModel(
             in_channels=2 * cells + 2, out_channels=cells,
             down_block_types=("DownBlock2D",) * len(widths), up_block_types=("UpBlock2D",) * len(widths),
@@ -71,7 +72,7 @@ class DetailDecoder(ModelMixin, ConfigMixin):
         return self.config.space_to_depth * 2 ** (len(self.config.widths) - 1)
 
     def forward(self, state, base, quality, scale, t) -> torch.Tensor:
-        """r̂ for states and bases (B, 3, H, W), qualities, scales and times t ∈ [0, 1], each (B,)."""
+        """r̂ for states and bases (B, channels, H, W), qualities, scales and times t ∈ [0, 1], each (B,)."""
         b, _, h, w = state.shape
         factor = self.config.space_to_depth
         conditions = torch.stack([quality / 50.0, torch.log2(scale) / 2.0], 1).to(state.dtype)
