@@ -47,11 +47,10 @@ from ..errors import ModelError, ParameterError
 from ..parts.latents import padded_size, tensor_to_images
 from ..parts.models import fingerprint, load_codec_model, load_model, resolve_folder
 from .bases import BASES, HYPERPRIOR_FOLDER, STEP_RANGE, AvifBase, HyperpriorBase
-from .detail import LatentDetail, PixelDetail
+from .detail import LATENT_FOLDER, LatentDetail, PixelDetail
 from .nets import DetailDecoder
 
 DEFAULT_DETAIL_MODELS = {"avif": "builtin:hfd-small", "hyperprior": "builtin:hfd-hyperprior-small"}
-LATENT_FOLDER = "hfd"  # inside an autoencoder's folder (vae/): the latent detail decoder's network
 TILE_PIXELS = 1024 * 1024  # larger padded images are decoded in tiles (memory bound; see the docstring)
 TILE, OVERLAP = 512, 64  # tile side and overlap in pixels, multiples of the decoder's 16
 

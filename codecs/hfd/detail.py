@@ -42,6 +42,7 @@ from ..parts.noise import gaussian
 from .nets import DetailDecoder, sample_residual
 
 LATENT_DOWNSAMPLING = 8  # taef2: one latent position per 8 × 8 pixels
+LATENT_FOLDER = "hfd"  # inside an autoencoder's model folder (beside vae/): the latent detail decoder's network
 LOW_PASS_SIGMA = 2.0  # pixels: below this scale the picture is the base's (module docstring)
 
 

@@ -22,6 +22,12 @@ Choices:
   restoration every decode is built on, gets a quarter of the training.
 - Validation reports what the first call buys over the base, in dB of PSNR, at scale 1 and 2: the
   restoration gain (positive once the decoder removes more error than it adds).
+
+The `latent-*` configs train the latent detail decoder (detail.py) on the same objective in the latent of
+the autoencoder `--model` (default builtin:taef2): r = z_x − z_b, the latents of the original and of its
+AVIF base, pairs from latent_data.py (cached on disk; no flips there). Its restoration gain is measured in
+the latent (the MSE of unit-variance latents), not in pixels. The export is a model folder the codec
+loads: the autoencoder's vae/ and the network in hfd/ (detail.LATENT_FOLDER).
 """
 
 from __future__ import annotations
@@ -33,10 +39,19 @@ import shutil
 from pathlib import Path
 
 from ..hyperprior.codec import DEFAULT_HYPERPRIOR
-from ..parts.models import resolve_folder, weights_files
+from ..parts.models import load_model, resolve_folder, weights_files
 from ..task import SettingsError, TrainingTask, TrainSettings
 from .bases import HYPERPRIOR_FOLDER, AvifBase, HyperpriorBase
+from .detail import LATENT_DOWNSAMPLING, LATENT_FOLDER
+from .latent_data import LatentPairs
+from .latent_data import SPEED as LATENT_SPEED
 from .nets import DetailDecoder, noisy_state
+
+DEFAULT_AUTOENCODER = "builtin:taef2"  # the latent configs' autoencoder when --model names none
+LATENT_CHANNELS = 32
+# The flow's start noise in unit-variance latent units: about the RMS of the residual z_x − z_b over the
+# training bases (0.4 at quality 35 … 0.7 at quality 0 and scale 4).
+LATENT_SIGMA = 0.6
 
 CONFIGS: dict[str, dict] = {
     "tiny": dict(widths=(16, 16, 32), objective="flow"),
@@ -46,6 +61,10 @@ CONFIGS: dict[str, dict] = {
     "base": dict(widths=(64, 96, 128), objective="flow"),
 }
 CONFIGS |= {f"{name}-hyperprior": CONFIGS[name] for name in ("tiny", "small")}  # the learned base's decoders
+CONFIGS |= {  # the latent detail decoders: the flow at latent resolution (space-to-depth 1)
+    f"latent-{name}": dict(widths=widths, objective="flow", channels=LATENT_CHANNELS, space_to_depth=1, sigma=LATENT_SIGMA)
+    for name, widths in (("tiny", (16, 16, 32)), ("small", (96, 128, 192)))
+}
 QUALITIES = tuple(range(0, 51, 10))  # a coarse grid: fewer AVIF encodes; the network interpolates
 SCALES = (1, 2, 4)
 SPEED = 6  # the codec's default AVIF speed: the decoder learns the artefacts it will be given
@@ -55,12 +74,18 @@ START_FRACTION = 0.25
 VALIDATION = {
     "avif": [{"quality": q, "scale": s, "speed": SPEED} for s in (1, 2) for q in (0, 20, 40)],
     "hyperprior": [{"base_step": step, "scale": 1} for step in (0.71, 2.0, 4.0)],
+    "latent": [{"quality": q, "scale": s, "speed": LATENT_SPEED} for q, s in ((0, 1), (20, 1), (35, 1), (20, 2))],
 }
 
 
 def base_kind(config: str) -> str:
     """The base layer a training config's decoder is for."""
     return "hyperprior" if config.endswith("-hyperprior") else "avif"
+
+
+def is_latent(config: str) -> bool:
+    """Whether a training config's decoder runs in an autoencoder's latent (detail.LatentDetail)."""
+    return config.startswith("latent-")
 
 
 class DetailDecoderTask(TrainingTask):
@@ -75,6 +100,9 @@ class DetailDecoderTask(TrainingTask):
         super().check(settings)
         if settings.batch_size % BATCH_IMAGES:
             raise SettingsError("batch_size", f"hfd's batch size must be a multiple of {BATCH_IMAGES}")
+        multiple = LATENT_DOWNSAMPLING * 2 ** (len(CONFIGS[settings.config]["widths"]) - 1)
+        if is_latent(settings.config) and settings.crop % multiple:
+            raise SettingsError("crop", f"the latent configs' training crop must be a multiple of {multiple} (whole latent cells)")
 
     def __init__(self, settings: TrainSettings, train, validation, device):
         super().__init__(settings, train, validation, device)
@@ -82,12 +110,19 @@ class DetailDecoderTask(TrainingTask):
         self.train = [image for image in train if min(image.shape[:2]) >= crop]
         if not self.train:
             raise SettingsError("crop", f"no training image is at least {crop}×{crop} pixels")
+        held_out = [image for image in validation if min(image.shape[:2]) >= crop][:8]
+        self.pairs = None
+        if is_latent(settings.config):
+            autoencoder = load_model(settings.model or DEFAULT_AUTOENCODER, device)
+            self.pairs = LatentPairs(autoencoder, self.train, crop, device)
+            self.validation = LatentPairs(autoencoder, held_out, crop, device, VALIDATION["latent"]).centre_crops()
+            return
         if base_kind(settings.config) == "hyperprior":
             self.base_layer = HyperpriorBase(hyperprior_folder(settings))
         else:
             self.base_layer = AvifBase()
         self.payloads: dict[tuple, bytes] = {}
-        self.validation = self._validation_batch([image for image in validation if min(image.shape[:2]) >= crop][:8])
+        self.validation = self._validation_batch(held_out)
 
     def new_model(self):
         return DetailDecoder(**CONFIGS[self.settings.config])
@@ -108,7 +143,24 @@ class DetailDecoderTask(TrainingTask):
         return picture
 
     def loss(self, wrapped, rng) -> tuple[torch.Tensor, dict]:
-        crop, per_image = self.settings.crop, self.settings.batch_size // BATCH_IMAGES
+        per_image = self.settings.batch_size // BATCH_IMAGES
+        if self.pairs is not None:
+            x, base, rate, scale = self.pairs.draw(rng, BATCH_IMAGES, per_image)
+        else:
+            x, base, rate, scale = self._pixel_batch(rng, per_image)
+        count = len(x)
+        t = torch.from_numpy(rng.random(count, dtype=np.float32))
+        t = torch.where(torch.from_numpy(rng.random(count)) < START_FRACTION, torch.ones_like(t), t).to(self.device)
+        noise = torch.from_numpy(rng.standard_normal(x.shape, dtype=np.float32)).to(self.device)
+        residual = x - base
+        decoder = getattr(wrapped, "module", wrapped)  # data parallelism wraps the model
+        estimate = wrapped(noisy_state(decoder, residual, noise, t), base, rate, scale, t)
+        mse = ((estimate - residual) ** 2).mean()
+        return mse, {"mse": float(mse.detach())}
+
+    def _pixel_batch(self, rng, per_image: int) -> tuple[torch.Tensor, ...]:
+        """(x, base, rate, scale) of BATCH_IMAGES images × `per_image` crops, each with one dihedral transform."""
+        crop = self.settings.crop
         xs, bases, rates, scales = [], [], [], []
         for index in rng.integers(len(self.train), size=BATCH_IMAGES):
             config = self.draw_base_config(rng)
@@ -125,15 +177,7 @@ class DetailDecoderTask(TrainingTask):
         x, base = torch.stack(xs).to(self.device), torch.stack(bases).to(self.device)
         rate = torch.tensor(rates, dtype=torch.float32, device=self.device)
         scale = torch.tensor(scales, dtype=torch.float32, device=self.device)
-        count = len(xs)
-        t = torch.from_numpy(rng.random(count, dtype=np.float32))
-        t = torch.where(torch.from_numpy(rng.random(count)) < START_FRACTION, torch.ones_like(t), t).to(self.device)
-        noise = torch.from_numpy(rng.standard_normal(x.shape, dtype=np.float32)).to(self.device)
-        residual = x - base
-        decoder = getattr(wrapped, "module", wrapped)  # data parallelism wraps the model
-        estimate = wrapped(noisy_state(decoder, residual, noise, t), base, rate, scale, t)
-        mse = ((estimate - residual) ** 2).mean()
-        return mse, {"mse": float(mse.detach())}
+        return x, base, rate, scale
 
     def _validation_batch(self, images: list[np.ndarray]) -> dict:
         """Centre crops of held-out images with their bases at the VALIDATION settings, made once."""
@@ -155,7 +199,8 @@ class DetailDecoderTask(TrainingTask):
         }
 
     def validate(self, model) -> dict:
-        """PSNR gain of the first sampling call's estimate over the base, per scale (fixed noise)."""
+        """PSNR gain of the first sampling call's estimate over the base, per scale (fixed noise); in the
+        latent for the latent configs (no clamp there: latents are not bounded)."""
         v = self.validation
         if not v:
             return {"val_gain_s1": float("nan"), "val_gain_s2": float("nan")}
@@ -170,29 +215,46 @@ class DetailDecoderTask(TrainingTask):
                 out[f"val_gain_s{scale}"] = float("nan")
                 continue
             before = ((v["base"][rows] - v["x"][rows]) ** 2).mean()
-            after = (((v["base"][rows] + estimate[rows]).clamp(-1, 1) - v["x"][rows]) ** 2).mean()
+            restored = v["base"][rows] + estimate[rows]
+            restored = restored if self.pairs is not None else restored.clamp(-1, 1)
+            after = ((restored - v["x"][rows]) ** 2).mean()
             out[f"val_gain_s{scale}"] = float(10 * torch.log10(before / after))
         return out
 
 
     @classmethod
     def export(cls, settings: TrainSettings, trained: Path, metrics: dict, folder: Path) -> None:
-        """The decoder's weights; a hyperprior-base decoder also keeps its base model, in HYPERPRIOR_FOLDER."""
+        """The decoder's weights; a hyperprior-base decoder also keeps its base model, in HYPERPRIOR_FOLDER;
+        a latent decoder is written to LATENT_FOLDER beside a copy of its autoencoder's vae/."""
+        if is_latent(settings.config):
+            model = cls.model_class.from_pretrained(str(trained))
+            model.to(settings.weights_dtype).save_pretrained(str(folder / LATENT_FOLDER))
+            copy_weights(model_folder(settings.model or DEFAULT_AUTOENCODER), "vae", folder)
+            return
         super().export(settings, trained, metrics, folder)
         if base_kind(settings.config) == "hyperprior":
-            source = hyperprior_folder(settings)
-            (folder / HYPERPRIOR_FOLDER).mkdir()
-            for name in weights_files(source):
-                shutil.copyfile(source / name, folder / HYPERPRIOR_FOLDER / name)
+            copy_weights(hyperprior_folder(settings), "", folder / HYPERPRIOR_FOLDER)
+
+
+def model_folder(reference: str) -> Path:
+    """The local folder of a model reference (`--model`); SettingsError for a hub id, which has none."""
+    folder = resolve_folder(reference)
+    if folder is None:
+        raise SettingsError("model", f"hfd's --model must be builtin:NAME, a folder or a URL; got {reference!r}")
+    return folder
+
+
+def copy_weights(source: Path, subfolder: str, target: Path) -> None:
+    """The files a loader reads from `source`/`subfolder` (`weights_files`), into `target`/`subfolder`."""
+    for name in weights_files(source):
+        if not subfolder or name.startswith(f"{subfolder}/"):
+            (target / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source / name, target / name)
 
 
 def hyperprior_folder(settings: TrainSettings) -> Path:
     """The local folder of the hyperprior model a hyperprior config trains on (`--model`, or the built-in)."""
-    reference = settings.model or DEFAULT_HYPERPRIOR
-    folder = resolve_folder(reference)
-    if folder is None:
-        raise SettingsError("model", f"hfd's hyperprior base model must be builtin:NAME, a folder or a URL; got {reference!r}")
-    return folder
+    return model_folder(settings.model or DEFAULT_HYPERPRIOR)
 
 
 def _dihedral(pair: torch.Tensor, choice: int) -> torch.Tensor:
