@@ -49,11 +49,12 @@ def ray_cluster():
     ray.shutdown()
 
 
-def save_tiny_ldm(folder: Path, seed: int = 0, conditional: bool = False, dtype=torch.float32) -> Path:
+def save_tiny_ldm(folder: Path, seed: int = 0, conditional: bool = False, dtype=torch.float32, flow: bool = False) -> Path:
     """A latent diffusion model folder of Stable Diffusion's classes at toy width, saved as a user's would be:
     AutoencoderKL (8× down, 4 latent channels), a UNet, DDIMScheduler with SD's betas. `conditional`
-    gives SD 2.1's UNet class: UNet2DConditionModel with cross-attention to 1024-d context, linear projections."""
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel, UNet2DModel
+    gives SD 2.1's UNet class: UNet2DConditionModel with cross-attention to 1024-d context, linear projections.
+    `flow`: a rectified-flow model instead (FlowMatchEulerDiscreteScheduler, as builtin:taef2's)."""
+    from diffusers import AutoencoderKL, DDIMScheduler, FlowMatchEulerDiscreteScheduler, UNet2DConditionModel, UNet2DModel
 
     torch.manual_seed(seed)
     vae = AutoencoderKL(
@@ -73,7 +74,10 @@ def save_tiny_ldm(folder: Path, seed: int = 0, conditional: bool = False, dtype=
         )  # fmt: skip
     vae.to(dtype).save_pretrained(folder / "vae")
     unet.to(dtype).save_pretrained(folder / "unet")
-    DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).save_pretrained(folder / "scheduler")
+    if flow:
+        FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0).save_pretrained(folder / "scheduler")
+    else:
+        DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).save_pretrained(folder / "scheduler")
     return folder
 
 

@@ -79,6 +79,23 @@ def test_a_stream_decodes_identically_in_another_process(tiny_model, tmp_path):
     assert np.array_equal(decode_in_new_process(stream, tmp_path, tiny_model), codec.decode([stream])[0])
 
 
+@pytest.fixture(scope="module")
+def flow_model(tmp_path_factory):
+    return str(save_tiny_ldm(tmp_path_factory.mktemp("flow"), flow=True))
+
+
+@pytest.mark.slow
+def test_a_rectified_flow_model_codes_through_the_same_sampler_and_decodes_in_another_process(flow_model, tiny_model, tmp_path):
+    codec = create_codec("ddcm", {"model": flow_model, "steps": 5, "codebook": 16, "tile": 2})
+    stream = codec.encode([IMAGES[0]])[0]
+    payload = container.unpack(stream)[1][:-COLOUR_BYTES]
+    final = codec.encode_group([IMAGES[0]], codec.latent_shape(40, 56, codec.config))[1]
+    assert torch.allclose(codec.decode_latent(payload, container.unpack(stream)[0]), final, atol=1e-3)
+    assert np.array_equal(decode_in_new_process(stream, tmp_path, flow_model), codec.decode([stream])[0])
+    # The same UNet weights under a DDIM schedule are other weights to a stream.
+    assert codec.fingerprint != create_codec("ddcm", {"model": tiny_model}).fingerprint
+
+
 def test_stream_for_other_weights_is_refused(tiny_model, tmp_path):
     other = str(save_tiny_ldm(tmp_path / "other", seed=1))
     stream = create_codec("ddcm", {"model": tiny_model, "steps": 3, "codebook": 4}).encode([IMAGES[1]])[0]

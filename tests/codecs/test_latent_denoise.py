@@ -96,6 +96,17 @@ def test_a_stream_decodes_identically_in_another_process(tiny_model, tmp_path):
     assert np.array_equal(decode_in_new_process(stream, tmp_path, tiny_model), codec.decode([stream])[0])
 
 
+@pytest.mark.slow
+def test_a_rectified_flow_model_denoises_from_the_sent_t_at_any_size_and_in_another_process(tmp_path):
+    folder = save_tiny_ldm(tmp_path / "flow", flow=True)
+    save_predictors(folder / PREDICTORS_FOLDER)
+    codec = create_codec("latent-denoise", {"model": str(folder), "step": 0.5, "timestep": "predict"})
+    streams = codec.encode(IMAGES)
+    assert [d.shape for d in codec.decode(streams)] == [i.shape for i in IMAGES]
+    assert side_info(streams[3])[0] > 0
+    assert np.array_equal(decode_in_new_process(streams[3], tmp_path, str(folder)), codec.decode([streams[3]])[0])
+
+
 def test_streams_need_the_same_model_and_predictors(tiny_model, tmp_path):
     stream = create_codec("latent-denoise", {"model": tiny_model}).encode([IMAGES[0]])[0]
     other = str(save_predictors(tmp_path / "other-predictors", seed=1))
