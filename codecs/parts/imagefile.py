@@ -76,10 +76,25 @@ def open_image(data: bytes, max_pixels: int, formats: Sequence[str] | None = Non
             raise
         # The JPEG XL plugin decodes while opening and says only "Generic Error" for any bad data.
         raise SyntaxError("JPEG XL data is damaged or truncated (libjxl cannot decode it)") from None
+    except UnidentifiedImageError:
+        raise UnidentifiedImageError(_why_unidentified(data, formats)) from None
     if image.width * image.height > max_pixels:
         image.close()
         raise TooManyPixels(image.width, image.height, max_pixels)
     return image
+
+
+def _why_unidentified(data: bytes, formats: Sequence[str] | None) -> str:
+    """Why Pillow could not open `data`: what the plugin of the format its first bytes announce (a truncated
+    HEIF file, say) found wrong, where one does; Pillow itself says only that no plugin could."""
+    for name in [f.upper() for f in formats] if formats else Image.ID:
+        factory, accept = Image.OPEN[name]
+        if accept and accept(data[:16]) and not isinstance(accept(data[:16]), str):
+            try:
+                factory(io.BytesIO(data), "").close()
+            except Exception as exc:  # whatever the plugin raises is the reason, said once
+                return f"cannot read it as {name}: {exc}"
+    return "cannot identify image file"
 
 
 def _open_without_pillow_limit(data: bytes, formats: Sequence[str] | None) -> Image.Image:

@@ -259,6 +259,8 @@ def test_damaged_heic_and_jpeg_xl_files_fail_with_a_reason():
     heic, jxl = saved(pixels, "HEIF"), imagecodecs.jpegxl_encode(pixels, lossless=True)
     with pytest.raises(ImageLoadError, match="damaged or truncated"):
         load_picture(heic[: len(heic) // 2])
+    with pytest.raises(ImageLoadError, match="not a readable image: cannot read it as HEIF: Invalid input"):
+        load_picture(heic[:200])  # cut inside the boxes that say what the file holds
     with pytest.raises(ImageLoadError, match="JPEG XL data is damaged or truncated"):
         load_picture(jxl[: len(jxl) // 2])
     with pytest.raises(ImageLoadError, match="JPEG XL"):

@@ -1,0 +1,54 @@
+"""Sources as phones, cameras and the web write them, through encode and decode on a real local Ray cluster:
+HEIC and JPEG XL files, wide-gamut profiles, a damaged HEIC."""
+
+import io
+
+import imagecodecs
+import numpy as np
+import pytest
+from PIL import Image
+
+from diffarc.pipeline.archive import read_failures, require_manifest
+from diffarc.pipeline.decode import run_decode
+from diffarc.pipeline.encode import EncodeOptions, run_encode
+from diffarc.pipeline.storage import Location
+
+from ..colour_spaces import ADOBE_RGB, DISPLAY_P3, SRGB
+from ..conftest import photo_like
+
+pytestmark = pytest.mark.slow
+
+
+def saved(pixels: np.ndarray, image_format: str, **options) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, image_format, **options)
+    return buffer.getvalue()
+
+
+def test_heic_and_jpeg_xl_sources_encode_and_decode_as_colour_managed_pictures(ray_cluster, tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    phone, camera, web = photo_like(48, 64, seed=1), photo_like(40, 56, seed=2), photo_like(32, 48, seed=3)
+    (src / "IMG_0001.HEIC").write_bytes(saved(phone, "HEIF", quality=95, icc_profile=DISPLAY_P3.icc()))
+    camera_jpeg = saved(camera, "JPEG", quality=95, icc_profile=ADOBE_RGB.icc())
+    (src / "camera.jxl").write_bytes(imagecodecs.jpegxl_encode_jpeg(camera_jpeg))  # a JPEG recompressed by a user
+    (src / "web.jxl").write_bytes(imagecodecs.jpegxl_encode(web, distance=0.5))
+    damaged = saved(phone, "HEIF")
+    (src / "damaged.heic").write_bytes(damaged[: len(damaged) // 2])
+
+    summary = run_encode(str(src), str(tmp_path / "arc"), EncodeOptions("webp", {"quality": 100}, shard_size=4))
+    assert (summary.encoded, summary.failed, summary.skipped_non_images) == (3, 1, 0)
+    archive = Location(str(tmp_path / "arc"))
+    failure = read_failures(archive, require_manifest(archive))["damaged.heic"]
+    assert failure.stage == "load" and "cannot read it as HEIF: Invalid input" in failure.reason
+
+    result = run_decode(str(tmp_path / "arc"), str(tmp_path / "out"))
+    assert result.decoded == 3 and not result.failures
+    decoded = {name: np.asarray(Image.open(tmp_path / "out" / f"{name}.png")).astype(float)
+               for name in ("IMG_0001", "camera", "web")}  # fmt: skip
+    # What a colour-managed viewer shows of each source (the HEIC's and JPEG's own losses aside).
+    assert np.abs(decoded["IMG_0001"] - SRGB.from_xyz_d50(DISPLAY_P3.xyz_d50(phone))).mean() < 3
+    assert np.abs(decoded["camera"] - SRGB.from_xyz_d50(ADOBE_RGB.xyz_d50(camera))).mean() < 3
+    assert np.abs(decoded["web"] - web).mean() < 3
+    # … and not the source's numbers taken as sRGB, which is what the loader did before.
+    assert np.abs(decoded["IMG_0001"] - phone).mean() > 6 and np.abs(decoded["camera"] - camera).mean() > 6
