@@ -28,6 +28,7 @@ _CODECS = {
     "hyperprior": "diffarc.codecs.hyperprior.codec:HyperpriorCodec",
     "corrdiff": "diffarc.codecs.corrdiff.codec:CorrDiffCodec",
     "corrdiff-latent": "diffarc.codecs.corrdiff.latent:LatentCorrDiffCodec",
+    "glc": "diffarc.codecs.glc.codec:GlcCodec",
 }
 
 _TRAINING_TASKS = {
@@ -39,6 +40,7 @@ _TRAINING_TASKS = {
     "hyperprior": "diffarc.codecs.hyperprior.task:HyperpriorTask",
     "corrdiff": "diffarc.codecs.corrdiff.task:EndToEndDecoderTask",
     "corrdiff-latent": "diffarc.codecs.corrdiff.latent_task:LatentRestorerTask",
+    "glc": "diffarc.codecs.glc.task:GlcTask",
 }
 
 # The codec `encode` uses when none is named: hfd, whose detail decoder ships with the package; on Kodak
@@ -78,7 +80,9 @@ def create_codec(
 
 
 def codec_for_header(header: Header, device: str = "cpu", model: str | None = None) -> Codec:
-    """The codec that decodes a stream with this header, its weights found as `open_codec` says."""
+    """The codec that decodes a stream with this header, its weights found as `open_codec` says. A
+    standalone stream's own word on where its weights are (location params of streams written before they
+    were kept out) is never trusted: it may come from anyone."""
     return open_codec(header.codec, header.params, header.fingerprint, model=model, device=device)
 
 
@@ -90,15 +94,20 @@ def open_codec(
     embedded: str | None = None,
     hint: Mapping[str, Any] | None = None,
     device: str = "cpu",
+    trust_hint: bool = False,
 ) -> Codec:
     """A decoder for streams of this codec, parameters and weights' fingerprint.
 
     The weights are looked for, in order, in: `model` (the user's --model override), `embedded` (an
-    archive's own models/<fingerprint>/ folder), the local cache folder for the fingerprint, and `hint`
+    archive's own models/<fingerprint>/ folder), the local cache folder for the fingerprint, `hint`
     (location params recorded when encoding; location params in `params` — streams written before they
-    were kept out — count as a hint too; with no hint, the codec's defaults). A folder candidate is one
-    laid out as `Codec.weights_folders` describes. The first candidate whose weights have the fingerprint
-    wins; when none has, ModelError lists every candidate and what was found there.
+    were kept out — count as a hint too), and the codec's defaults (its built-in weights). A folder
+    candidate is one laid out as `Codec.weights_folders` describes. The first candidate whose weights
+    have the fingerprint wins; when none has, ModelError lists every candidate and what was found there.
+
+    A hint comes from the archive or stream, which may be hostile: a URL would be fetched, a folder listed.
+    So it is looked at only with `trust_hint` (the user's --trust-hint), or when it names nothing but
+    weights this package ships (`builtin:NAME`), where looking reads nothing else.
     """
     from .errors import ModelError
 
@@ -119,11 +128,11 @@ def open_codec(
     cached = cached_weights_folder(fingerprint.hex())
     candidates.append((f"the model cache {cached}", cls.locations_in(str(cached)) if cached.is_dir() else None))
     hint = {**recorded, **(hint or {})}
-    if hint:
+    untrusted = bool(hint) and not (trust_hint or _shipped(hint))
+    if hint and not untrusted:
         candidates.append((f"the recorded location {_show(hint)}", hint))
-    else:
-        defaults = {p.name: p.default for p in cls.params if p.location}
-        candidates.append((f"the default {_show(defaults)}", defaults))
+    defaults = {p.name: p.default for p in cls.params if p.location}
+    candidates.append((f"the default {_show(defaults)}", defaults))
     tried: list[str] = []
     seen: list[dict] = []
     for origin, locations in candidates:
@@ -143,10 +152,21 @@ def open_codec(
         tried.append(f"{origin} (weights {codec.fingerprint.hex()[:12]}…)")
     from .base import retired_weights
 
+    advice = retired_weights(fingerprint) or "Pass --model FOLDER with those weights."
+    if untrusted:
+        advice += (f" The location recorded when encoding, {_show(hint)}, was not looked at: it came with the data, "
+                   "not from you (pass it as --model, or --trust-hint to try it).")  # fmt: skip
     raise ModelError(
-        f"no model weights with fingerprint {fingerprint.hex()} found for {name}; tried {'; '.join(tried)}. "
-        + (retired_weights(fingerprint) or "Pass --model FOLDER with those weights.")
+        f"no model weights with fingerprint {fingerprint.hex()} found for {name}; tried {'; '.join(tried)}. {advice}"
     )
+
+
+def _shipped(locations: Mapping[str, Any]) -> bool:
+    """Whether every location is empty (the codec's default) or `builtin:NAME` of a folder this package ships."""
+    from .parts.models import BUILTIN_DIR
+
+    shipped = {f"builtin:{p.name}" for p in BUILTIN_DIR.iterdir() if p.is_dir()} if BUILTIN_DIR.is_dir() else set()
+    return all(value in ("", None) or value in shipped for value in locations.values())
 
 
 def _show(locations: Mapping[str, Any]) -> str:

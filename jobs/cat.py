@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import click
 
-from .options import decode_params_option, max_pixels_option, model_option, result_stream, storage_option
+from .options import (
+    decode_params_option, max_pixels_option, model_option, result_stream, storage_option, trust_hint_option,
+)
 
 
 @click.command("cat")
@@ -18,14 +20,15 @@ from .options import decode_params_option, max_pixels_option, model_option, resu
               help="Write KEY's standalone bitstream (codec, parameters, fingerprint; no archive needed) instead.")
 @decode_params_option
 @model_option
+@trust_hint_option
 @max_pixels_option
 @storage_option
-def cat(archive, key, output, image_format, stream, params, model, max_pixels, storage_options):
+def cat(archive, key, output, image_format, stream, params, model, trust_hint, max_pixels, storage_options):
     """Decode the single image KEY from ARCHIVE, reading only the row group that holds it."""
     from ..pipeline.decode import cat_item
 
     data = cat_item(archive, key, image_format, storage_options, model=model, stream=stream, max_pixels=max_pixels,
-                    params=params)
+                    params=params, trust_hint=trust_hint)
     if output:
         with open(output, "wb") as handle:
             handle.write(data)

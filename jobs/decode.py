@@ -24,8 +24,8 @@ from .options import (
               help="Decode only the base layer (hfd: the AVIF picture), with no model weights at all.")
 @decode_params_option
 @decoding_options
-def decode(archive, dst, prefix, keys_file, image_format, overwrite, batch_size, base_only, params, model, max_pixels,
-           actors, address, storage_options, as_json):
+def decode(archive, dst, prefix, keys_file, image_format, overwrite, batch_size, base_only, params, model, trust_hint,
+           max_pixels, actors, address, storage_options, as_json):
     """Decode ARCHIVE (all, or a subset) to image files under DST, keys as relative paths."""
     from ..pipeline.decode import run_decode
 
@@ -35,7 +35,7 @@ def decode(archive, dst, prefix, keys_file, image_format, overwrite, batch_size,
             archive, dst, keys=keys, prefix=prefix, image_format=image_format, overwrite=overwrite,
             actors=actors, batch_size=batch_size, storage_options=storage_options,
             address=address, on_progress=progress, model=model, max_pixels=max_pixels, base_only=base_only,
-            params=params,
+            params=params, trust_hint=trust_hint,
         )
     document = {**summary.__dict__, "failures": [f.__dict__ for f in summary.failures],
                 "images_per_second": summary.images_per_second}

@@ -262,7 +262,13 @@ address_option = click.option("--address", envvar="RAY_ADDRESS", help="Ray clust
 actors_option = click.option("--actors", type=int, help="Codec actors; default one per GPU, else one per CPU.")
 model_option = click.option(
     "--model", help="Weights to decode with (folder, builtin:NAME, URL), tried first; accepted only if their "
-    "fingerprint is the archive's. Default: the archive's models/, the local model cache, the recorded location.",
+    "fingerprint is the archive's. Default: the archive's models/, the local model cache, the built-in weights "
+    "(and with --trust-hint, the location recorded when encoding).",
+)
+trust_hint_option = click.option(
+    "--trust-hint", is_flag=True,
+    help="Also look for the weights where the archive says they were when it was encoded (a folder, URL or hub "
+    "id). Off by default: an archive from elsewhere could name any place to list or fetch.",
 )
 decode_params_option = click.option(
     "--param", "params", multiple=True, metavar="K=V", callback=parse_params,
@@ -278,6 +284,7 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print one JS
 
 def decoding_options(command):
     """The options every command that decodes an archive's streams takes (decode, verify)."""
-    for option in reversed((model_option, max_pixels_option, actors_option, address_option, storage_option, json_option)):
+    options = (model_option, trust_hint_option, max_pixels_option, actors_option, address_option, storage_option, json_option)
+    for option in reversed(options):
         command = option(command)
     return command

@@ -24,8 +24,8 @@ from .options import EXIT_BELOW_THRESHOLD, EXIT_ITEMS_FAILED, Progress, decoding
 @click.option("--max-lpips", type=float, help="Fail when any compared item is above this LPIPS.")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write per-item results (JSON) here.")
 @decoding_options
-def verify(archive, against, sample, lpips_weights, min_psnr, min_ms_ssim, max_lpips, report_path, model, max_pixels,
-           actors, address, storage_options, as_json):
+def verify(archive, against, sample, lpips_weights, min_psnr, min_ms_ssim, max_lpips, report_path, model, trust_hint,
+           max_pixels, actors, address, storage_options, as_json):
     """Check ARCHIVE's integrity and, with --against, its quality against the originals."""
     # Thresholds judge what --against measures; without it (or without LPIPS weights) they would pass silently.
     given = [name for name, value in (("--min-psnr", min_psnr), ("--min-ms-ssim", min_ms_ssim),
@@ -50,7 +50,7 @@ def verify(archive, against, sample, lpips_weights, min_psnr, min_ms_ssim, max_l
             archive, against=against, fraction=sample,
             thresholds=Thresholds(min_psnr, min_ms_ssim, max_lpips), lpips_weights=str(weights) if weights else None,
             actors=actors, storage_options=storage_options, address=address, on_progress=progress, model=model,
-            max_pixels=max_pixels,
+            max_pixels=max_pixels, trust_hint=trust_hint,
         )
     summary = report.summary()
     if report_path:

@@ -8,7 +8,8 @@ Before any decoding the driver reads the selected shards' keys, so that two keys
 file (`dup.jpg` and `dup.png` both decode to `dup.png`) never do: the first, in key order, is written,
 and the others fail naming it.
 The codec's weights are found by fingerprint (`codec_for_archive`): --model, then the archive's own
-models/ folder, the local cache, and the location recorded when encoding.
+models/ folder, the local cache, the location recorded when encoding (only with --trust-hint: it comes
+with the archive) and the built-in weights.
 Outputs are written atomically, and an output that already exists is skipped, so a killed decode is
 resumed by running it again. The driver lists the destination once for that (one LIST per 1000 files on
 S3), rather than each worker asking after each file (a request per image).
@@ -98,10 +99,11 @@ def pixel_limit(manifest: Manifest, max_pixels: int | None) -> int:
 
 def codec_for_archive(
     archive: Location, manifest: Manifest, device: str = "cpu", model: str | None = None, base_only: bool = False,
-    params: dict | None = None,
+    params: dict | None = None, trust_hint: bool = False,
 ) -> Codec:  # fmt: skip
     """The archive's codec, with weights that have its fingerprint: from `model` (--model), the archive's
-    models/<fingerprint>/, the local model cache, or the recorded location, in that order. With
+    models/<fingerprint>/, the local model cache, the recorded location (only with `trust_hint`, or when it
+    names built-in weights: `registry.open_codec`) or the codec's default, in that order. With
     `base_only`, the decoder of the streams' base layer, which needs no weights (`Codec.base_decoder`).
     `params` (decode --param) set decode-time parameters for every stream (`Codec.override`)."""
     spec = manifest.codec
@@ -118,6 +120,7 @@ def codec_for_archive(
         embedded=local_weights_folder(archive, embedded) if embedded else None,
         hint=spec.hint,
         device=device,
+        trust_hint=trust_hint,
     )
     codec.override(params or {})
     return codec
@@ -159,10 +162,11 @@ class DecodeWorker:
     """A Ray actor: one codec, decoding shards of an archive to files under DST."""
 
     def __init__(
-        self, archive: Location, manifest: Manifest, model: str | None, max_pixels: int, base_only: bool, params: dict
+        self, archive: Location, manifest: Manifest, model: str | None, max_pixels: int, base_only: bool, params: dict,
+        trust_hint: bool = False,
     ):  # fmt: skip
         self.manifest = manifest
-        self.codec = codec_for_archive(archive, manifest, torch_device(), model, base_only, params)
+        self.codec = codec_for_archive(archive, manifest, torch_device(), model, base_only, params, trust_hint)
         self.max_pixels = max_pixels
 
     def decode_shard(
@@ -238,6 +242,7 @@ def run_decode(
     max_pixels: int | None = None,
     base_only: bool = False,
     params: dict | None = None,
+    trust_hint: bool = False,
 ) -> DecodeSummary:
     """Decode the selected keys to files under `dst_url`; `max_pixels` defaults to the archive's own limit;
     `base_only` decodes only the streams' base layer, without model weights (hfd); `params` set the codec's
@@ -257,7 +262,8 @@ def run_decode(
     if tasks:
         limit = pixel_limit(manifest, max_pixels)
         total = sum(task.entry.rows for task in tasks) if keys is None and not prefix else None
-        with actor_pool(DecodeWorker, archive, manifest, model, limit, base_only, params, actors=actors, address=address) as pool:
+        worker_args = (archive, manifest, model, limit, base_only, params, trust_hint)
+        with actor_pool(DecodeWorker, *worker_args, actors=actors, address=address) as pool:
             for result in run_on_pool(
                 pool,
                 tasks,
@@ -328,6 +334,7 @@ def cat_item(
     stream: bool = False,
     max_pixels: int | None = None,
     params: dict | None = None,
+    trust_hint: bool = False,
 ) -> bytes:
     """One image, decoded here — or, with `stream`, its standalone stream (full framing: codec,
     parameters, fingerprint), decodable without the archive. The manifest's key ranges and the shard's
@@ -342,6 +349,6 @@ def cat_item(
             full = manifest.expand(rows[0]["bitstream"])
             if stream:
                 return full
-            codec = codec_for_archive(archive, manifest, model=model, params=params)
+            codec = codec_for_archive(archive, manifest, model=model, params=params, trust_hint=trust_hint)
             return encode_image(codec.decode([full], pixel_limit(manifest, max_pixels))[0], image_format)
     raise ArchiveError(f"key {key!r} is not in the archive {archive_url}")

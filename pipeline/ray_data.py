@@ -52,13 +52,14 @@ logger = logging.getLogger("diffarc.ray_data")
 
 def read_archive(
     url: str, storage_options: dict | None = None, *, actors: int | None = None, batch_size: int = 8,
-    model: str | None = None, max_pixels: int | None = None,
+    model: str | None = None, max_pixels: int | None = None, trust_hint: bool = False,
 ) -> ray.data.Dataset:  # fmt: skip
     """The archive's images as a dataset with columns key, image (height × width × 3 uint8), width, height.
 
     Streams are decoded by an actor pool (Ray Data may fuse the shard reads into it): one actor per GPU,
     each with `num_gpus=1`, where the cluster has GPUs, else CPU actors (from one up to one per CPU, as Ray
-    Data scales them); `actors` fixes the count. `model` and `max_pixels` are decode's --model and --max-pixels.
+    Data scales them); `actors` fixes the count. `model`, `max_pixels` and `trust_hint` are decode's --model,
+    --max-pixels and --trust-hint.
     """
     archive, manifest = _open_archive(url, storage_options)
     header = replace(manifest, shards=[])  # what a worker needs: the spec table and the models, not the shard list
@@ -69,17 +70,17 @@ def read_archive(
     streams = shards.map_batches(_read_streams, batch_size=1, batch_format="numpy", fn_args=(archive, header))
     return streams.map_batches(
         ArchiveDecoder, batch_size=batch_size, batch_format="numpy",
-        fn_constructor_args=(archive, header, model, limit), **_actor_pool(actors),
+        fn_constructor_args=(archive, header, model, limit, trust_hint), **_actor_pool(actors),
     )  # fmt: skip
 
 
 def iter_archive(
     url: str, storage_options: dict | None = None, *, batch_size: int = 8, model: str | None = None,
-    max_pixels: int | None = None, device: str = "cpu",
+    max_pixels: int | None = None, device: str = "cpu", trust_hint: bool = False,
 ) -> Iterator[dict[str, Any]]:  # fmt: skip
     """The rows of `read_archive`, shard after shard in manifest order, decoded here on `device`."""
     archive, manifest = _open_archive(url, storage_options)
-    codec = codec_for_archive(archive, manifest, device, model)
+    codec = codec_for_archive(archive, manifest, device, model, trust_hint=trust_hint)
     limit = pixel_limit(manifest, max_pixels)
     for entry in manifest.shards:
         keys, streams = shard_streams(archive, manifest, entry)
@@ -144,8 +145,8 @@ def _image_rows(decoded: list[tuple[str, np.ndarray]]) -> dict[str, Any]:
 class ArchiveDecoder:
     """An actor of `read_archive`'s pool: the archive's codec, loaded once, decoding batches of streams."""
 
-    def __init__(self, archive: Location, header: Manifest, model: str | None, max_pixels: int):
-        self.codec = codec_for_archive(archive, header, torch_device(), model)
+    def __init__(self, archive: Location, header: Manifest, model: str | None, max_pixels: int, trust_hint: bool):
+        self.codec = codec_for_archive(archive, header, torch_device(), model, trust_hint=trust_hint)
         self.max_pixels = max_pixels
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:

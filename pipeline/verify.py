@@ -136,12 +136,12 @@ class VerifyWorker:
 
     def __init__(
         self, archive: Location, manifest: Manifest, lpips_weights: str | None, storage_options: dict | None,
-        max_pixels: int, model: str | None = None,
+        max_pixels: int, model: str | None = None, trust_hint: bool = False,
     ):  # fmt: skip
         self.device = torch_device()
         self.manifest = manifest
         self.codec_class = codec_class(manifest.codec.name)
-        self.archive, self.model = archive, model  # where to look for the weights, if they are needed
+        self.archive, self.model, self.trust_hint = archive, model, trust_hint  # where to look for the weights
         self.codec = None
         self.lpips = LPIPS(lpips_weights, self.device) if lpips_weights else None
         self.storage_options = storage_options
@@ -178,7 +178,8 @@ class VerifyWorker:
             return report
         try:
             if self.codec is None:
-                self.codec = codec_for_archive(self.archive, self.manifest, self.device, self.model)
+                self.codec = codec_for_archive(self.archive, self.manifest, self.device, self.model,
+                                               trust_hint=self.trust_hint)  # fmt: skip
         except DiffarcError as exc:  # no weights with the archive's fingerprint: nothing proves the streams decode
             report.problems.append(f"streams not decoded: {exc}")
             return report
@@ -232,6 +233,7 @@ def run_verify(
     max_pixels: int | None = None,
     on_progress: Callable[[int, int, int], None] | None = None,
     model: str | None = None,
+    trust_hint: bool = False,
 ) -> VerifyReport:
     started = time.perf_counter()
     archive = Location(archive_url, storage_options, follow_links=False)
@@ -249,7 +251,8 @@ def run_verify(
     seen: dict[str, str] = {}
     if manifest.shards:
         sampled = _sampled_originals(against, fraction, storage_options) if against else None
-        worker_args = (archive, manifest, lpips_weights, storage_options, pixel_limit(manifest, max_pixels), model)
+        limit = pixel_limit(manifest, max_pixels)
+        worker_args = (archive, manifest, lpips_weights, storage_options, limit, model, trust_hint)
         with actor_pool(VerifyWorker, *worker_args, actors=actors, address=address) as pool:
             shards = run_on_pool(
                 pool,

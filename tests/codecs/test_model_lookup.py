@@ -69,13 +69,17 @@ def test_the_model_cache_is_keyed_by_fingerprint(weights, tmp_path):
     assert np.array_equal(found.decode([stream])[0], codec.decode([stream])[0])
 
 
-def test_a_stream_written_with_its_model_in_its_params_still_decodes(weights):
+def test_a_stream_written_with_its_model_in_its_params_still_decodes_but_is_not_trusted_with_it(weights):
     codec = create_codec("ddcm", {"model": str(weights["model"]), **DDCM})
     header, payload = container.unpack(codec.encode([IMAGE])[0])
-    # Before locations were kept out of streams, the model reference was one of the parameters.
+    # Before locations were kept out of streams, the model reference was one of the parameters. A stream
+    # may come from anyone: what it says about where to look is not looked at (issue 24).
     old = container.pack(container.Header("ddcm", codec.config, header.fingerprint, header.width, header.height), payload)
     assert container.unpack(old)[0].params["model"] == str(weights["model"])
-    assert np.array_equal(codec_for_header(container.unpack(old)[0]).decode([old])[0], codec.decode([old])[0])
+    with pytest.raises(ModelError, match=f"model={weights['model']}, was not looked at"):
+        codec_for_header(container.unpack(old)[0])
+    found = codec_for_header(container.unpack(old)[0], model=str(weights["model"]))
+    assert np.array_equal(found.decode([old])[0], codec.decode([old])[0])
 
 
 def test_latent_denoise_weights_are_the_model_and_its_predictors(weights, tmp_path):
@@ -93,8 +97,8 @@ def test_latent_denoise_weights_are_the_model_and_its_predictors(weights, tmp_pa
     shutil.copytree(weights["other"] / PREDICTORS_FOLDER, mixed / PREDICTORS_FOLDER)
     with pytest.raises(ModelError, match=f"--model {mixed} \\(weights "):
         codec_for_header(header, model=str(mixed))
-    # A hint (as an archive records it) can name the predictors apart from the model.
-    found = open_codec("latent-denoise", header.params, header.fingerprint,
+    # A hint (as an archive records it) can name the predictors apart from the model; the user trusts it.
+    found = open_codec("latent-denoise", header.params, header.fingerprint, trust_hint=True,
                        hint={"model": str(mixed), "predictors": str(weights["model"] / PREDICTORS_FOLDER)})
     assert found.fingerprint == header.fingerprint
 

@@ -101,7 +101,9 @@ def test_the_model_option_finds_weights_that_moved(ray_cluster, image_folder, we
     with pytest.raises(ModelError) as missing:
         codec_for_archive(archive, manifest)
     assert f"no model weights with fingerprint {manifest.codec.fingerprint} found for ddcm" in str(missing.value)
-    assert f"the recorded location model={weights} (ModelError: " in str(missing.value)
+    assert f"The location recorded when encoding, model={weights}, was not looked at" in str(missing.value)
+    with pytest.raises(ModelError, match=f"the recorded location model={weights} \\(ModelError: "):
+        codec_for_archive(archive, manifest, trust_hint=True)
     other = save_tiny_ldm(tmp_path / "other", seed=1)
     with pytest.raises(ModelError, match=f"--model {other} \\(weights "):
         codec_for_archive(archive, manifest, model=str(other))
