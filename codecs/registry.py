@@ -101,7 +101,8 @@ def open_codec(
     The weights are looked for, in order, in: `model` (the user's --model override), `embedded` (an
     archive's own models/<fingerprint>/ folder), the local cache folder for the fingerprint, `hint`
     (location params recorded when encoding; location params in `params` — streams written before they
-    were kept out — count as a hint too), and the codec's defaults (its built-in weights). A folder
+    were kept out — count as a hint too), the codec's defaults, and its other built-in weights
+    (`Codec.builtin_weights`). A folder
     candidate is one laid out as `Codec.weights_folders` describes. The first candidate whose weights
     have the fingerprint wins; when none has, ModelError lists every candidate and what was found there.
 
@@ -133,6 +134,10 @@ def open_codec(
         candidates.append((f"the recorded location {_show(hint)}", hint))
     defaults = {p.name: p.default for p in cls.params if p.location}
     candidates.append((f"the default {_show(defaults)}", defaults))
+    # Other built-in weights the codec names, e.g. a former default (builtin:ldm-small before issue 22), whose streams still decode.
+    for reference, params in cls.builtin_weights().items():
+        if located := {k: v for k, v in params.items() if k in defaults}:
+            candidates.append((f"the built-in {reference}", {**defaults, **located}))
     tried: list[str] = []
     seen: list[dict] = []
     for origin, locations in candidates:
