@@ -134,14 +134,14 @@ class AvifCodec(PillowCodec):
 
 class JxlCodec(Codec):
     name = "jxl"
-    description = "JPEG XL (libjxl via imagecodecs): lossy by distance, or lossless=1, which keeps a JPEG source byte for byte."
+    description = "JPEG XL (libjxl via imagecodecs): lossy by distance, or lossless=1, keeping a JPEG source whole."
     params = (
         Param("distance", float, 1.0, "Butteraugli distance: 0.05 (best) to 25 (smallest); unused with lossless=1",
               minimum=0.05, maximum=25.0),
         Param("effort", int, 7, "encoder effort, 1 (fast) to 9 (slow, smaller)", minimum=1, maximum=9),
         Param("lossless", int, 0, "1: pixels exact, and a JPEG source kept as its own file", choices=(0, 1)),
     )  # fmt: skip
-    presets = {"low": {"distance": 6.0}, "medium": {"distance": 3.0}, "high": {"distance": 1.0}, "lossless": {"lossless": 1}}
+    presets = {"low": {"distance": 6.0}, "medium": {"distance": 3.0}, "high": {"distance": 1.0}}  # lossless=1 is no rate
 
     @property
     def lossless(self) -> bool:
@@ -149,10 +149,14 @@ class JxlCodec(Codec):
 
     def encode_payloads(self, images: list[np.ndarray]) -> list[bytes]:
         options = {"lossless": True} if self.lossless else {"distance": self.config["distance"]}
-        return [bytes(imagecodecs.jpegxl_encode(image, effort=self.config["effort"], numthreads=1, **options)) for image in images]
+        effort = self.config["effort"]
+        return [bytes(imagecodecs.jpegxl_encode(image, effort=effort, numthreads=1, **options)) for image in images]
 
     def encode_originals(self, images: list[np.ndarray], originals: list[bytes | None]) -> list[bytes]:
-        return [self._kept_jpeg(image, original) or self.encode_payloads([image])[0] for image, original in zip(images, originals, strict=True)]
+        return [
+            self._kept_jpeg(image, original) or self.encode_payloads([image])[0]
+            for image, original in zip(images, originals, strict=True)
+        ]
 
     def _kept_jpeg(self, image: np.ndarray, original: bytes | None) -> bytes | None:
         """JPEG XL's recompression of a JPEG source, if the file comes back from it byte for byte and its
@@ -209,7 +213,9 @@ class JxlCodec(Codec):
             image.load()
             pixels = srgb_picture(image).pixels
         if pixels.shape[:2] != (height, width):
-            raise BitstreamError(f"jxl payload keeps a JPEG of {pixels.shape[1]}×{pixels.shape[0]}; the stream header says {width}×{height}")
+            raise BitstreamError(
+                f"jxl payload keeps a JPEG of {pixels.shape[1]}×{pixels.shape[0]}; the stream header says {width}×{height}"
+            )
         return pixels
 
     @staticmethod

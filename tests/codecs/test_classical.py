@@ -122,7 +122,7 @@ def test_jxl_distance_is_a_bench_curve():
 
 
 def test_jxl_lossless_gives_the_pixels_back_exactly():
-    codec = create_codec("jxl", preset="lossless")
+    codec = create_codec("jxl", {"lossless": 1})
     images = [np.random.default_rng(5).integers(0, 256, (33, 17, 3), dtype=np.uint8), photo_like(40, 56, seed=5)]
     assert codec.lossless and not create_codec("jxl").lossless
     streams = codec.encode(images, originals=[None, None])
