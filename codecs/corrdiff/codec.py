@@ -43,21 +43,28 @@ from ..errors import ModelError, ParameterError
 from ..hfd.codec import HfdCodec
 from ..parts.latents import tensor_to_images
 from ..parts.metrics import psnr
-from ..parts.models import fingerprint, load_codec_model
+from ..parts.models import fingerprint, load_codec_model, resolve_folder
 from .correction import LEVELS, CorrectedDetailDecoder, EndToEndEstimates, privileged_level, split_level, strength
 from .nets import EndToEndDecoder
 
 DEFAULT_MODEL = "builtin:corrdiff-small"
 DEFAULT_DETAIL_MODEL = "builtin:hfd-small"  # when the end-to-end decoder's folder holds no detail/
 DETAIL_FOLDER = "detail"
+LATENT_END_TO_END_FOLDER = "corrdiff"  # inside a latent detail model's folder (vae/, hfd/): the end-to-end decoder
 OWN_PARAMS = ("model", "detail_model", "perception", "max_psnr_loss")
 
 
 @functools.lru_cache(maxsize=4)
-def load_end_to_end_decoder(reference: str, device: str) -> tuple[EndToEndDecoder, Path, bytes]:
-    """(decoder, folder, fingerprint) of an end-to-end decoder's save_pretrained folder, once per process."""
-    decoder, folder = load_codec_model(reference, EndToEndDecoder, device, "train one with `diffarc train corrdiff`")
-    return decoder, folder, fingerprint({"end_to_end": decoder})
+def load_end_to_end_decoder(reference: str, device: str) -> tuple[EndToEndDecoder, Path, Path | None, bytes]:
+    """(decoder, its folder, the latent model folder it lives in or None, fingerprint), once per process.
+
+    A pixel end-to-end decoder is a save_pretrained folder of its own (its detail decoder, if any, in
+    DETAIL_FOLDER); a latent one lives in LATENT_END_TO_END_FOLDER of the latent detail model it corrects."""
+    folder = resolve_folder(reference)
+    model_folder = folder if folder is not None and (folder / LATENT_END_TO_END_FOLDER).is_dir() else None
+    own = str(model_folder / LATENT_END_TO_END_FOLDER) if model_folder else reference
+    decoder, own_folder = load_codec_model(own, EndToEndDecoder, device, "train one with `diffarc train corrdiff`")
+    return decoder, own_folder, model_folder, fingerprint({"end_to_end": decoder})
 
 
 class CorrDiffCodec(Codec):
@@ -65,7 +72,7 @@ class CorrDiffCodec(Codec):
     description = "HFD corrected by an end-to-end MSE decoder, with a perception knob (CorrDiff, Ma et al. 2024)."
     params = (
         Param("model", str, DEFAULT_MODEL, "end-to-end decoder: builtin:NAME, folder or URL", location=True),
-        Param("detail_model", str, "", "HFD detail decoder; default: the model's detail/, else builtin:hfd-small",
+        Param("detail_model", str, "", "HFD detail decoder; default: the latent model holding `model`, its detail/, else builtin:hfd-small",
               location=True),
         *(p for p in HfdCodec.params if p.name != "model"),
         Param("perception", float, 0.5, "0: the end-to-end (MSE) decode … ½: the encoder's choice … 1: plain hfd",
@@ -85,15 +92,19 @@ class CorrDiffCodec(Codec):
 
     def __init__(self, device: str = "cpu", **params):
         super().__init__(device, **params)
-        self.end_to_end, self.folder, e2e_fingerprint = load_end_to_end_decoder(self.config["model"], str(device))
-        detail_model = self.config["detail_model"] or (
-            str(self.folder / DETAIL_FOLDER) if (self.folder / DETAIL_FOLDER).is_dir() else DEFAULT_DETAIL_MODEL
-        )
+        self.end_to_end, self.folder, self.model_folder, e2e_fingerprint = load_end_to_end_decoder(self.config["model"], str(device))
+        detail_model = self.config["detail_model"] or self._default_detail_model()
         self.hfd = HfdCodec(device, **self._hfd_params(self.config), model=detail_model)
         if self.hfd.decoder.network.multiple % self.end_to_end.multiple:
             raise ModelError(f"the end-to-end decoder {self.config['model']} does not fit the grid of the detail decoder {detail_model}")
         self._fingerprint = hashlib.sha256(self.hfd.fingerprint + e2e_fingerprint).digest()
         self.estimates = EndToEndEstimates(self.end_to_end)
+
+    def _default_detail_model(self) -> str:
+        """The latent model the end-to-end decoder lives in; else the end-to-end folder's detail/; else the built-in."""
+        if self.model_folder is not None:
+            return str(self.model_folder)
+        return str(self.folder / DETAIL_FOLDER) if (self.folder / DETAIL_FOLDER).is_dir() else DEFAULT_DETAIL_MODEL
 
     @staticmethod
     def _hfd_params(config: dict) -> dict:
@@ -104,6 +115,10 @@ class CorrDiffCodec(Codec):
         return self._fingerprint
 
     def weights_folders(self) -> dict:
+        """A latent decoder's layout (the detail model's folders and LATENT_END_TO_END_FOLDER), or a pixel one's
+        (the end-to-end decoder at the root, the detail decoder's folders under DETAIL_FOLDER)."""
+        if self.model_folder is not None:
+            return {**self.hfd.weights_folders(), LATENT_END_TO_END_FOLDER: self.folder}
         detail = {f"{DETAIL_FOLDER}/{sub}" if sub else DETAIL_FOLDER: folder for sub, folder in self.hfd.weights_folders().items()}
         return {"": self.folder, **detail}
 

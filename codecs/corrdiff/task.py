@@ -13,6 +13,10 @@ Choices:
 - `small` starts from the shipped HFD detail decoder's weights (`builtin:hfd-small`, less the input
   columns of its state), whose estimate at τ = 1 is already near E[r | b]: minutes of CPU training then
   go to restoration rather than to learning the grid. `tiny` starts from scratch (tests).
+- `latent-small` is the end-to-end decoder of hfd's latent detail decoder: the same network on taef2's
+  latent (r = z_x − z_b, hfd's latent pairs), started from the latent detail network of `--model` (a latent
+  hfd model folder, vae/ + hfd/; default builtin:taef2). Its export is that folder with the end-to-end
+  decoder added in corrdiff/, a model the codec loads whole (`model=FOLDER`).
 """
 
 from __future__ import annotations
@@ -21,14 +25,22 @@ from types import SimpleNamespace
 
 import torch
 
+from ..hfd.detail import LATENT_FOLDER
 from ..hfd.nets import DetailDecoder
-from ..hfd.task import DetailDecoderTask
+from ..hfd.task import CONFIGS as DETAIL_CONFIGS
+from ..hfd.task import DEFAULT_AUTOENCODER, DetailDecoderTask, copy_weights, is_latent, model_folder
 from ..parts.models import resolve_folder
+from .codec import LATENT_END_TO_END_FOLDER
 from .nets import EndToEndDecoder
 
+FROM_MODEL = "--model"  # `start`: the latent detail network of the model the run builds on
 CONFIGS: dict[str, dict] = {
     "tiny": dict(widths=(16, 16, 32)),
     "small": dict(widths=(48, 64, 96), start="builtin:hfd-small"),
+    **{
+        f"latent-{name}": dict(widths=DETAIL_CONFIGS[f"latent-{name}"]["widths"], channels=32, space_to_depth=1, **start)
+        for name, start in (("tiny", {}), ("small", {"start": FROM_MODEL}))
+    },
 }
 
 
@@ -57,7 +69,11 @@ class EndToEndDecoderTask(DetailDecoderTask):
         start = config.pop("start", None)
         if start is None:
             return EndToEndDecoder(**config)
-        detail = DetailDecoder.from_pretrained(str(resolve_folder(start)), use_safetensors=True, low_cpu_mem_usage=False)
+        if start == FROM_MODEL:
+            folder = model_folder(self.settings.model or DEFAULT_AUTOENCODER) / LATENT_FOLDER
+        else:
+            folder = resolve_folder(start)
+        detail = DetailDecoder.from_pretrained(str(folder), use_safetensors=True, low_cpu_mem_usage=False)
         return EndToEndDecoder.from_detail_decoder(detail.float())
 
     def wrap(self, model: EndToEndDecoder) -> torch.nn.Module:
@@ -65,3 +81,14 @@ class EndToEndDecoderTask(DetailDecoderTask):
 
     def validate(self, model: EndToEndDecoder) -> dict:
         return super().validate(AsDetailDecoder(model))
+
+    @classmethod
+    def export(cls, settings, trained, metrics, folder) -> None:
+        """The decoder's own folder; a latent one in LATENT_END_TO_END_FOLDER beside the vae/ and hfd/ of `--model`."""
+        if not is_latent(settings.config):
+            return super().export(settings, trained, metrics, folder)
+        model = cls.model_class.from_pretrained(str(trained))
+        model.to(settings.weights_dtype).save_pretrained(str(folder / LATENT_END_TO_END_FOLDER))
+        source = model_folder(settings.model or DEFAULT_AUTOENCODER)
+        for part in ("vae", LATENT_FOLDER):
+            copy_weights(source / part, folder / part)

@@ -229,11 +229,11 @@ class DetailDecoderTask(TrainingTask):
         if is_latent(settings.config):
             model = cls.model_class.from_pretrained(str(trained))
             model.to(settings.weights_dtype).save_pretrained(str(folder / LATENT_FOLDER))
-            copy_weights(model_folder(settings.model or DEFAULT_AUTOENCODER), "vae", folder)
+            copy_weights(model_folder(settings.model or DEFAULT_AUTOENCODER) / "vae", folder / "vae")
             return
         super().export(settings, trained, metrics, folder)
         if base_kind(settings.config) == "hyperprior":
-            copy_weights(hyperprior_folder(settings), "", folder / HYPERPRIOR_FOLDER)
+            copy_weights(hyperprior_folder(settings), folder / HYPERPRIOR_FOLDER)
 
 
 def model_folder(reference: str) -> Path:
@@ -244,12 +244,11 @@ def model_folder(reference: str) -> Path:
     return folder
 
 
-def copy_weights(source: Path, subfolder: str, target: Path) -> None:
-    """The files a loader reads from `source`/`subfolder` (`weights_files`), into `target`/`subfolder`."""
+def copy_weights(source: Path, target: Path) -> None:
+    """The files a loader reads from the folder `source` (`weights_files`), into `target`."""
     for name in weights_files(source):
-        if not subfolder or name.startswith(f"{subfolder}/"):
-            (target / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(source / name, target / name)
+        (target / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source / name, target / name)
 
 
 def hyperprior_folder(settings: TrainSettings) -> Path:

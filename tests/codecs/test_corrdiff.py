@@ -140,3 +140,51 @@ def test_steps_0_is_refused():
 def test_a_folder_without_an_end_to_end_decoder_is_refused_clearly(models):
     with pytest.raises(ModelError, match="holds no EndToEndDecoder; train one with `diffarc train corrdiff`"):
         create_codec("corrdiff", {"model": f"{models}/detail"})  # a detail decoder, not an end-to-end one
+
+
+# ---------------------------------------------------------------------- on hfd's latent detail decoder
+
+
+@pytest.fixture(scope="module")
+def latent_models(tmp_path_factory):
+    """A latent hfd model folder (taef2's vae/, a tiny latent network in hfd/) with a tiny latent end-to-end
+    decoder in corrdiff/, its output layer not zero."""
+    from .test_hfd_latent import save_latent_model
+
+    folder = tmp_path_factory.mktemp("corrdiff-latent")
+    save_latent_model(folder)
+    torch.manual_seed(100)
+    decoder = EndToEndDecoder(widths=(16, 16, 32), channels=32, space_to_depth=1)
+    with torch.no_grad():
+        decoder.unet.conv_out.weight.normal_(0, 0.05)
+    decoder.save_pretrained(str(folder / "corrdiff"))
+    return str(folder)
+
+
+def test_on_the_latent_decoder_perception_1_is_plain_hfd_and_0_the_end_to_end_latent(latent_models, image, tmp_path):
+    codec = create_codec("corrdiff", {"model": latent_models, **PARAMS, "max_psnr_loss": 20})
+    [stream] = codec.encode([image])
+    hfd = create_codec("hfd", {"model": latent_models, **PARAMS})  # the same folder is hfd's latent model
+    plain = decode_at(latent_models, stream, 1.0)
+    np.testing.assert_array_equal(plain, hfd.decode(hfd.encode([image]))[0])
+    end_to_end = decode_at(latent_models, stream, 0.0)
+    assert np.abs(end_to_end.astype(int) - plain).sum() > 0
+    np.testing.assert_array_equal(decode_in_new_process(stream, tmp_path, model=latent_models), codec.decode([stream])[0])
+    assert set(codec.weights_folders()) == {"vae", "hfd", "corrdiff"}  # one folder: what --embed-model writes
+
+
+def test_the_latent_task_exports_a_folder_the_codec_loads_whole(latent_models, tmp_path, monkeypatch):
+    from diffarc.codecs.registry import training_task
+    from diffarc.codecs.task import TrainSettings
+
+    from .test_tasks import run_one_step
+
+    monkeypatch.setenv("DIFFARC_LATENT_CACHE", str(tmp_path / "cache"))
+    settings = TrainSettings(what="corrdiff", data="unused", out="unused", work_dir="unused", batch_size=2, crop=32,
+                             config="latent-tiny", model=latent_models)  # fmt: skip
+    metrics = run_one_step(training_task("corrdiff"), settings, tmp_path)
+    assert {"mse", "val_gain_s1", "val_gain_s2"} <= set(metrics)
+    codec = create_codec("corrdiff", {"model": str(tmp_path / "out"), **PARAMS})
+    assert codec.hfd.fingerprint == create_codec("hfd", {"model": latent_models}).fingerprint  # its detail model, copied
+    image = photo_like(40, 56, 1)
+    assert codec.decode(codec.encode([image]))[0].shape == image.shape

@@ -126,3 +126,69 @@ def test_streams_of_the_pixel_decoder_find_it_without_a_hint():
     header = container.unpack(stream)[0]
     found = open_codec("hfd", header.params, header.fingerprint)
     np.testing.assert_array_equal(found.decode([stream])[0], old.decode([stream])[0])
+
+
+# ---------------------------------------------------------------------- training
+
+
+def test_the_latent_task_trains_on_cached_latents_and_exports_a_model_the_codec_loads(tmp_path, monkeypatch):
+    from diffarc.codecs.hfd import latent_data
+    from diffarc.codecs.registry import training_task
+    from diffarc.codecs.task import TrainSettings
+
+    from .test_tasks import TRAIN, VALIDATION, run_one_step
+
+    monkeypatch.setenv("DIFFARC_LATENT_CACHE", str(tmp_path / "cache"))
+    settings = TrainSettings(what="hfd", data="unused", out="unused", work_dir="unused", batch_size=2, crop=32, config="latent-tiny")
+    metrics = run_one_step(training_task("hfd"), settings, tmp_path)
+    assert {"mse", "val_gain_s1", "val_gain_s2"} <= set(metrics)
+    cached = sorted((tmp_path / "cache").rglob(f"{latent_data.BASES_FOLDER}/*.safetensors"))
+    assert len(cached) == len(TRAIN) + len(VALIDATION)  # every image's bases, one file each
+    codec = create_codec("hfd", {"model": str(tmp_path / "out")})  # vae/ + hfd/: the codec's model folder
+    assert isinstance(codec.decoder, LatentDetail)
+    assert codec.decode(codec.encode([TRAIN[0]]))[0].shape == TRAIN[0].shape
+    # A second task reads the bases from the cache: no AVIF is coded again.
+    monkeypatch.setattr(latent_data.AvifBase, "encode_with_picture", lambda *args: pytest.fail("coded a base again"))
+    run_one_step(training_task("hfd"), settings, tmp_path / "again")
+
+
+@pytest.mark.slow
+def test_a_killed_latent_training_resumes_from_its_last_checkpoint(tmp_path):
+    import os
+    import re
+    import signal
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    from diffarc.pipeline.training import find_resume_checkpoint
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for seed in range(5):
+        Image.fromarray(photo_like(40 + 8 * seed, 64, seed)).save(images / f"{seed}.png")
+    work, out = tmp_path / "work", tmp_path / "out"
+    command = [sys.executable, "-m", "diffarc.jobs.cli", "train", "hfd", "--data", str(images), "--out", str(out),
+               "--work-dir", str(work), "--config", "latent-tiny", "--crop", "32", "--batch-size", "2",
+               "--report-seconds", "0", "--checkpoint-minutes", "0.005"]  # fmt: skip
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "DIFFARC_LATENT_CACHE": str(tmp_path / "cache")}
+    first = subprocess.Popen(command + ["--steps", "100000"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True, env=env, start_new_session=True)  # fmt: skip
+    lines = []
+    try:
+        for line in first.stdout:
+            lines.append(line)
+            if "checkpoint at step" in line:
+                break
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+    checkpoint = find_resume_checkpoint(work / "hfd")
+    assert checkpoint is not None, "".join(lines[-30:])
+    saved = int(re.search(r'"step": (\d+)', (checkpoint / "progress.json").read_text()).group(1))
+    second = subprocess.run(command + ["--steps", str(saved + 2)], capture_output=True, text=True, env=env, timeout=300)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    resumed = [int(s) for s in re.findall(r"resumed from step (\d+)", second.stdout + second.stderr)]
+    assert resumed and resumed[0] >= saved  # Ray's worker may persist one more checkpoint after the kill
+    assert (out / LATENT_FOLDER / "config.json").is_file() and (out / "vae" / "config.json").is_file()
