@@ -165,9 +165,9 @@ class LatentCorrDiffCodec(Codec):
         """The picture at strength g: 0 is latent-denoise's own decode, 1 the end-to-end decode VAE(ẑ_e)."""
         denoiser = DiffusionDenoiser.from_model(self.latent.model, PRECISIONS[config["precision"]])
         if g == 0.0:
-            latent = denoise(denoiser, z_hat, t, config["steps"])
+            latent = denoise(denoiser, z_hat, t, config["steps"], config["renoise"])
         elif t == 0:  # no sampler: the correction of its only estimate, ẑ itself
             latent = torch.lerp(z_hat, estimate, correction_weight(g, 0.0))
         else:
-            latent = denoise(CorrectedDenoiser(denoiser, estimate, g), z_hat, t, config["steps"])
+            latent = denoise(CorrectedDenoiser(denoiser, estimate, g), z_hat, t, config["steps"], config["renoise"])
         return self.latent.pixels(latent, config, size)

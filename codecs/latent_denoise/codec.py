@@ -41,6 +41,12 @@ Choices made here:
   Streams of the old predictors are refused (their fingerprint differs) with a message saying so.
 - Steps: n = min(`steps`, t) DDIM steps evenly spaced from t to 0 — a handful of UNet calls, far under
   10 % of the 1000-step process.
+- `renoise` r (the "noise type" gap that Relic et al.'s follow-up, arXiv 2504.02579, names): quantization
+  error is not Gaussian (it is the detail the quantizer dropped), and a deterministic sampler started on it
+  stays as smooth as its input. With r > 0 the decoder adds seeded Gaussian noise of r times t's noise
+  variance to ẑ (parts/noise.py: the same field on every device, any image size) and starts from the
+  timestep of the sum, t' with v_t' = (1 + r)·v_t; the fresh noise is what the sampler turns into detail.
+  Streams from before it name no `renoise` and decode with none.
 - Any image size: edge-padded to what the VAE and UNet need, cropped after decoding.
 - `colour=affine` (the default): the autoencoder turns hues (a red hat decodes orange) whatever the rate;
   the encoder decodes its own stream, fits a 3×3 matrix and an offset from that picture to the original,
@@ -66,28 +72,48 @@ import torch
 from ..base import Codec, DecodeCost, Param
 from ..container import Header
 from ..errors import BitstreamError, EntropyCodingError, ModelError
-from ..parts.denoisers import DiffusionDenoiser
+from ..parts.denoisers import DiffusionDenoiser, timestep_at
 from ..parts.latent_codecs import MeanScaleHyperpriorLatentCodec
 from ..parts.latents import VAE_DOWNSAMPLING, decode_latents, encode_latents, images_to_tensor, latent_size, tensor_to_images
 from ..parts.models import (
     DEFAULT_MODEL, MODEL_PARAM_HELP, PRECISIONS, check_safetensors, fingerprint, load_model, part_folder,
 )
 from ..parts.colour import COLOUR_BYTES, COLOUR_PARAM, apply_colour, fit_colour, split_colour
+from ..parts.noise import gaussian
 from ..parts.samplers import ddim, linspace_schedule
 from .nets import HYPER_STRIDE, LatentDenoisePredictors
 
 PREDICTORS_FOLDER = "latent_denoise"  # where a model folder keeps its trained predictors
 SEARCH_FACTORS = (0.0, 0.5, 1.0, 1.5, 2.0)  # timestep=search tries these multiples of the predicted t
+RENOISE_SEED = 0x22  # of the noise field `renoise` adds (parts/noise.py: the same numbers on every device)
 TIMESTEP = struct.Struct("<H")  # the payload: t, C fp16 shifts, C fp16 scales, CODED, ζ's words, y's words
 CODED = struct.Struct("<4s4sI")  # y's symbol range, ζ's symbol range, ζ's words in bytes
 
 
-def denoise(denoiser: DiffusionDenoiser, z_hat: torch.Tensor, t: int, steps: int) -> torch.Tensor:
-    """Treat ẑ as the clean part of x_t at timestep t and run min(steps, t) DDIM (η = 0) steps to 0."""
+def start_timestep(alphas_cumprod: torch.Tensor, t: int, renoise: float) -> int:
+    """Where denoising starts: t itself, or with `renoise` r the timestep whose noise variance (in z's units)
+    is (1 + r) times t's, v_t = (1 − ᾱ_t)/ᾱ_t, rounded (float64 arithmetic: the same on every machine)."""
+    if t == 0 or renoise == 0:
+        return t
+    alpha_bar = float(alphas_cumprod[t])
+    variance = (1 + renoise) * (1 - alpha_bar) / alpha_bar
+    return min(len(alphas_cumprod) - 1, int(round(timestep_at(alphas_cumprod, 1 / (1 + variance)))))
+
+
+def denoise(denoiser: DiffusionDenoiser, z_hat: torch.Tensor, t: int, steps: int, renoise: float = 0.0) -> torch.Tensor:
+    """Treat ẑ as the clean part of x_t at timestep t and run min(steps, t) DDIM (η = 0) steps to 0. With
+    `renoise` r, first add seeded Gaussian noise of r times t's noise variance to ẑ and start from the
+    timestep of the sum (`start_timestep`): the quantization error is not Gaussian, and the fresh noise
+    gives the sampler noise of the kind it was trained on to turn into detail."""
     if t == 0:
         return z_hat
+    start = start_timestep(denoiser.alphas_cumprod, t, renoise)
+    if start != t:
+        alpha_bar = denoiser.alpha_bar(t)
+        noise = gaussian(RENOISE_SEED, 0, [0], tuple(z_hat.shape[1:]), z_hat.device)
+        z_hat = z_hat + (renoise * (1 - alpha_bar) / alpha_bar) ** 0.5 * noise
     # The schedule ends at timestep 0: the UNet runs at every step before it (see samplers.ddim).
-    schedule = linspace_schedule(denoiser.alphas_cumprod, min(steps, t) + 1, first=t)
+    schedule = linspace_schedule(denoiser.alphas_cumprod, min(steps, start) + 1, first=start)
     return ddim(denoiser, schedule.alpha_bar[0] ** 0.5 * z_hat, schedule)
 
 
@@ -126,6 +152,8 @@ class LatentDenoiseCodec(Codec):
         Param("timestep", str, "off", "t: predicted from the quantized latent, searched by LPIPS at the encoder, or off (t = 0)",
               choices=("predict", "search", "off")),
         Param("steps", int, 4, "most denoising UNet calls (fewer when t is smaller)", minimum=1, maximum=100),
+        Param("renoise", float, 0.0, "seeded Gaussian noise added before denoising, as a multiple of t's noise variance",
+              minimum=0.0, maximum=16.0, absent=0.0),
         COLOUR_PARAM,
         Param("precision", str, "fp32", "UNet and VAE arithmetic", choices=tuple(PRECISIONS), build_time=True),
     )  # fmt: skip
@@ -155,6 +183,7 @@ class LatentDenoiseCodec(Codec):
                 f"model {self.config['model']} has {channels}"
             )
         self._fingerprint = hashlib.sha256(self.model.fingerprint + predictors_fingerprint).digest()
+        self.denoiser = DiffusionDenoiser.from_model(self.model)  # its ᾱ table: where denoising starts
         self.latent_codec = MeanScaleHyperpriorLatentCodec(
             self.predictors.hyper_analysis, self.predictors.hyper_synthesis, self.predictors.z_density, HYPER_STRIDE
         )
@@ -220,7 +249,8 @@ class LatentDenoiseCodec(Codec):
         side = side_info_bytes(self.predictors.config.latent_channels)
         z_bytes = CODED.unpack_from(payload, side - CODED.size)[2] if len(payload) >= side else 0
         colour_bytes = COLOUR_BYTES if config["colour"] == "affine" else 0
-        return {"t": t, "denoising_steps": min(config["steps"], t), "side_info_bits": 8 * (side + z_bytes + colour_bytes)}
+        start = start_timestep(self.denoiser.alphas_cumprod, t, config["renoise"])
+        return {"t": t, "denoising_steps": min(config["steps"], start), "side_info_bits": 8 * (side + z_bytes + colour_bytes)}
 
     # ------------------------------------------------------------------ decode
 
@@ -232,7 +262,8 @@ class LatentDenoiseCodec(Codec):
         config = self.stream_config(header)
         _, h, w = self.latent_shape(header.height, header.width)
         t = self.side_info(split_colour(payload, config, self.name)[0], header)[0]
-        return DecodeCost(h * w * VAE_DOWNSAMPLING**2, min(config["steps"], t) + 1)
+        start = start_timestep(self.denoiser.alphas_cumprod, t, config["renoise"])
+        return DecodeCost(h * w * VAE_DOWNSAMPLING**2, min(config["steps"], start) + 1)
 
     def side_info(self, payload: bytes, header: Header) -> tuple[int, torch.Tensor, torch.Tensor]:
         """(t, shift, scale) from a payload, each checked: BitstreamError for what no encoder writes."""
@@ -278,7 +309,7 @@ class LatentDenoiseCodec(Codec):
 
     def _pixels(self, z_hat: torch.Tensor, t: int, config: dict, size: tuple[int, int]) -> np.ndarray:
         dtype = PRECISIONS[config["precision"]]
-        latent = denoise(DiffusionDenoiser.from_model(self.model, dtype), z_hat, t, config["steps"])
+        latent = denoise(DiffusionDenoiser.from_model(self.model, dtype), z_hat, t, config["steps"], config["renoise"])
         return self.pixels(latent, config, size)
 
     def pixels(self, latent: torch.Tensor, config: dict, size: tuple[int, int]) -> np.ndarray:

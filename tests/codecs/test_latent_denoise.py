@@ -9,7 +9,7 @@ import torch
 
 from diffarc.codecs import container
 from diffarc.codecs.errors import BitstreamError
-from diffarc.codecs.latent_denoise.codec import CODED, PREDICTORS_FOLDER, denoise
+from diffarc.codecs.latent_denoise.codec import CODED, PREDICTORS_FOLDER, denoise, start_timestep
 from diffarc.codecs.latent_denoise.nets import LatentDenoisePredictors
 from diffarc.codecs.parts.colour import COLOUR_BYTES, apply_colour
 from diffarc.codecs.parts.latent_codecs import MeanScaleHyperpriorLatentCodec
@@ -88,6 +88,27 @@ def test_denoising_runs_the_promised_number_of_unet_calls(tiny_model):
             assert len(calls) == expected
     finally:
         hook.remove()
+
+
+def test_renoise_starts_later_with_seeded_noise_and_streams_without_it_decode_as_they_did(tiny_model):
+    params = {"model": tiny_model, "step": 0.5, "timestep": "predict"}
+    plain, renoised = (create_codec("latent-denoise", {**params, "renoise": r}) for r in (0.0, 1.0))
+    [stream] = renoised.encode([IMAGES[0]])
+    header, payload = container.unpack(stream)
+    t = side_info(stream)[0]
+    table = renoised.denoiser.alphas_cumprod
+    start = start_timestep(table, t, 1.0)  # twice t's noise variance (1 − ᾱ)/ᾱ
+    noise_variance = lambda step: (1 - float(table[step])) / float(table[step])  # noqa: E731
+    assert start > t and noise_variance(start - 1) < 2 * noise_variance(t) < noise_variance(start + 1)
+    assert renoised.decode_cost(header, payload).passes == min(4, start) + 1
+    again = create_codec("latent-denoise", {**params, "renoise": 1.0})
+    assert np.array_equal(again.decode([stream])[0], renoised.decode([stream])[0])  # seeded: the same pixels
+    # A stream that names no renoise (written before it) decodes with none, as it did.
+    older = dataclasses.replace(header, params={k: v for k, v in header.params.items() if k != "renoise"})
+    [no_noise] = plain.encode([IMAGES[0]])
+    assert container.unpack(no_noise)[0].params["renoise"] == 0.0
+    assert np.array_equal(plain.decode([container.pack(older, container.unpack(no_noise)[1])])[0], plain.decode([no_noise])[0])
+    assert not np.array_equal(renoised.decode([container.pack(header, container.unpack(no_noise)[1])])[0], plain.decode([no_noise])[0])
 
 
 def test_a_stream_decodes_identically_in_another_process(tiny_model, tmp_path):
