@@ -58,7 +58,13 @@ UNET_CONFIGS: dict[str, dict[str, Any]] = {
         down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
         up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
     ),
-    # For taef2's 32-channel latent on 2 CPU cores (MODELS.md: what a step and a Kodak call cost).
+    # For taef2's 32-channel latent on 2 CPU cores (MODELS.md: what a step and a Kodak call cost). `taef2-small`
+    # is the shipped one (6.2 M parameters, 12 MB in fp16); `taef2` (11 M) ran the objective ablation.
+    "taef2-small": dict(
+        block_out_channels=(48, 96, 192), layers_per_block=1, norm_num_groups=16, attention_head_dim=32,
+        down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+    ),
     "taef2": dict(
         block_out_channels=(64, 128, 256), layers_per_block=1, norm_num_groups=32, attention_head_dim=32,
         down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
@@ -94,6 +100,8 @@ DIFFUSION_CONFIGS = {
     "tiny": DiffusionConfig("tiny", "epsilon"),
     "small": DiffusionConfig("small", "epsilon"),
     "base": DiffusionConfig("base", "epsilon"),
+    "taef2-small-flow": DiffusionConfig("taef2-small", "flow", own_scaling=True),
+    "taef2-small-v": DiffusionConfig("taef2-small", "v", own_scaling=True),
     "taef2-flow": DiffusionConfig("taef2", "flow", own_scaling=True),
     "taef2-v": DiffusionConfig("taef2", "v", own_scaling=True),
     "taef2-tiny-flow": DiffusionConfig("tiny", "flow", own_scaling=True),
