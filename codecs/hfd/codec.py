@@ -51,6 +51,8 @@ from .detail import LATENT_FOLDER, LatentDetail, PixelDetail
 from .nets import DetailDecoder
 
 DEFAULT_DETAIL_MODELS = {"avif": "builtin:hfd-small", "hyperprior": "builtin:hfd-hyperprior-small"}
+# Every shipped detail decoder and the base it was trained on: the latent one (taef2's hfd/), the pixel ones.
+BUILTIN_DETAIL_MODELS = {"builtin:taef2": "avif", "builtin:hfd-small": "avif", "builtin:hfd-hyperprior-small": "hyperprior"}
 TILE_PIXELS = 1024 * 1024  # larger padded images are decoded in tiles (memory bound; see the docstring)
 TILE, OVERLAP = 512, 64  # tile side and overlap in pixels, multiples of the decoder's 16
 
@@ -142,7 +144,9 @@ class HfdCodec(Codec):
 
     @classmethod
     def builtin_weights(cls) -> dict[str, dict]:
-        return {reference: {"base": base} for base, reference in DEFAULT_DETAIL_MODELS.items()}
+        """Every shipped detail decoder, the defaults and those they replaced, whose streams keep decoding
+        (`registry.open_codec` tries them all)."""
+        return {reference: {"model": reference, "base": base} for reference, base in BUILTIN_DETAIL_MODELS.items()}
 
     @classmethod
     def check_config(cls, config: dict) -> None:

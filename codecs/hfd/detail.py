@@ -21,8 +21,10 @@ Choices of the latent decoder (the paper has no latent variant):
   to r = z_x − z_b at τ = 0, predicting r̂ as the pixel decoder does (nets.py).
 - **Low frequencies come from the base.** taef2's round trip alone is 30.2 dB, about AVIF's PSNR at
   quality 35, and it shifts colours slightly; so the decoded latent gives the picture its high
-  frequencies only, and the base everything below a Gaussian of std `LOW_PASS_SIGMA` pixels:
-  picture = D(ẑ) + G_σ ∗ (b − D(ẑ)). At `steps=0` nothing of this runs (the base itself).
+  frequencies only, and the base everything below a Gaussian of std σ pixels:
+  picture = D(ẑ) + G_σ ∗ (b − D(ẑ)). AVIF keeps finer detail at higher quality and at full resolution,
+  so σ shrinks with quality and grows with the scale: σ = scale · 4^(1 − quality / 35), 4 px at quality
+  0, 1 px at quality 35 (`low_pass_sigma`). At `steps=0` nothing of this runs (the base itself).
 - One taef2 encoder pass and one decoder pass per picture (or tile): the flow's `steps` calls run at
   latent resolution, where they cost a fraction of either pass.
 - The start noise is the counter-based field of `parts/noise.py` at latent resolution, keyed by the
@@ -43,7 +45,6 @@ from .nets import DetailDecoder, sample_residual
 
 LATENT_DOWNSAMPLING = 8  # taef2: one latent position per 8 × 8 pixels
 LATENT_FOLDER = "hfd"  # inside an autoencoder's model folder (beside vae/): the latent detail decoder's network
-LOW_PASS_SIGMA = 2.0  # pixels: below this scale the picture is the base's (module docstring)
 
 
 def conditions(base: torch.Tensor, rate: float, config: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -86,7 +87,12 @@ class LatentDetail:
                          origin=(origin[0] // LATENT_DOWNSAMPLING, origin[1] // LATENT_DOWNSAMPLING)).to(base.device)  # fmt: skip
         restored = latent + sample_residual(network, latent, *conditions(base, rate, config), noise, config["steps"], config["detail"])
         decoded = decode_latents(self.autoencoder, restored).float()
-        return decoded + low_pass(base - decoded, LOW_PASS_SIGMA) - base
+        return decoded + low_pass(base - decoded, low_pass_sigma(rate, config["scale"])) - base
+
+
+def low_pass_sigma(quality: float, scale: int) -> float:
+    """Pixels: the scale below which the picture is the base's (module docstring)."""
+    return scale * 4.0 ** (1.0 - quality / 35.0)
 
 
 def low_pass(x: torch.Tensor, sigma: float) -> torch.Tensor:

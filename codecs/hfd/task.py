@@ -49,9 +49,11 @@ from .nets import DetailDecoder, noisy_state
 
 DEFAULT_AUTOENCODER = "builtin:taef2"  # the latent configs' autoencoder when --model names none
 LATENT_CHANNELS = 32
-# The flow's start noise in unit-variance latent units: about the RMS of the residual z_x − z_b over the
-# training bases (0.4 at quality 35 … 0.7 at quality 0 and scale 4).
-LATENT_SIGMA = 0.6
+# The flow's start noise in unit-variance latent units: about the RMS of the residual z_x − z_b, which on
+# training images is 0.57–0.74 at quality 35–30, 0.9–1.0 at quality 0–5 and 0.9–1.1 at scale 4: taef2's
+# latent holds the texture AVIF removes, so the base's latent is nearly as far from the original's as the
+# latent's own spread (std 1).
+LATENT_SIGMA = 1.0
 
 CONFIGS: dict[str, dict] = {
     "tiny": dict(widths=(16, 16, 32), objective="flow"),
