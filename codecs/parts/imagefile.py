@@ -193,7 +193,6 @@ class Picture:
     converted: bool = False  # the pixels were converted from that profile to sRGB (False with a profile: unusable)
 
 
-_SRGB = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
 _PROFILE_MODES = {"RGB": "RGB", "GRAY": "L", "CMYK": "CMYK"}  # an ICC colour space → the Pillow mode it describes
 _ALPHA_MODES = {"RGBA": "RGB", "RGBa": "RGB", "PA": "RGB", "LA": "L", "La": "L"}  # … and the mode without it
 
@@ -247,7 +246,9 @@ def _convert_to_srgb(image: Image.Image, icc: bytes) -> tuple[Image.Image, str, 
     if mode != image.mode:
         return image, description, False
     try:
-        transform = ImageCms.buildTransform(profile, _SRGB, mode, "RGB", ImageCms.Intent.PERCEPTUAL)
+        # A fresh sRGB profile each time: littleCMS profile handles are not to be shared between threads.
+        srgb = ImageCms.createProfile("sRGB")
+        transform = ImageCms.buildTransform(profile, srgb, mode, "RGB", ImageCms.Intent.PERCEPTUAL)
         return ImageCms.applyTransform(image, transform), description, True
     except ImageCms.PyCMSError:
         return image, description, False

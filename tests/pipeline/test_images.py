@@ -265,3 +265,11 @@ def test_damaged_heic_and_jpeg_xl_files_fail_with_a_reason():
         load_picture(jxl[: len(jxl) // 2])
     with pytest.raises(ImageLoadError, match="JPEG XL"):
         load_picture(jxl[:3])
+
+
+def test_colour_conversion_gives_the_same_pixels_on_many_threads_at_once():
+    files = [saved(colours(seed), "PNG", icc_profile=space.icc()) for seed in range(4) for space in (DISPLAY_P3, ADOBE_RGB)]
+    alone = [load_picture(data).pixels for data in files]
+    with ThreadPoolExecutor(8) as pool:
+        together = list(pool.map(lambda data: load_picture(data).pixels, files * 8))
+    assert all(np.array_equal(p, alone[i % len(files)]) for i, p in enumerate(together))
