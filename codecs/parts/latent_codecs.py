@@ -25,11 +25,14 @@ CPU, so encoder and decoder agree on any device.
 MeanScaleHyperpriorLatentCodec — the mean-scale hyperprior (Minnen et al., NeurIPS 2018) beside it, with
 the same interface: its strings are [y's parts, z's parts], z (the hyper-latent) coded by a
 FactorizedLatentCodec and y by tables of Gaussians whose means and scales the hyper-decoder computes
-from ẑ; its docstring has the diagram and why its tables agree on every device.
+from ẑ; its docstring has the diagram and why its tables agree on every device. `relaxed_hyperprior` is
+its differentiable stand-in for training; `join_strings` / `split_strings` make one image's strings one
+payload.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import struct
@@ -42,6 +45,7 @@ from ..errors import EntropyCodingError
 from .entropy import (
     LogisticMixtureDensity, decode_symbol_rows, decode_symbols, encode_symbols, ideal_bits, symbol_range, symbol_tables,
 )
+from .threads import one_torch_thread
 
 
 def dequantize(q: torch.Tensor, means: torch.Tensor, scales: torch.Tensor, step: float) -> torch.Tensor:
@@ -122,6 +126,24 @@ def mean_and_scale(hyper_output: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return means, torch.nn.functional.softplus(raw)
 
 
+def relaxed_hyperprior(
+    y: torch.Tensor, z: torch.Tensor, hyper_decoder: torch.nn.Module, z_density: LogisticMixtureDensity,
+    step: torch.Tensor, uniform_y: torch.Tensor | None = None, uniform_z: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What MeanScaleHyperpriorLatentCodec does to y and its hyper-latent z, made differentiable for training:
+    (ŷ, bits of y, bits of z), bits summed per image, for steps Δ (B,). The decoders see rounded values with
+    straight-through gradients (Minnen & Singh, ICIP 2020); the rates see y and z plus uniform noise in
+    [−½, ½) given as `uniform_*` in [0, 1) (None: rounded, the codec's own rates)."""
+    box = step.view(-1, 1, 1, 1)
+    z_rated = z + uniform_z - 0.5 if uniform_z is not None else torch.round(z)
+    z_bits = z_density.bits(z_rated, torch.ones_like(step)).flatten(1).sum(1)
+    means, scales = mean_and_scale(hyper_decoder(z + (torch.round(z) - z).detach()))
+    offsets = (y - means) / box
+    rated = offsets + uniform_y - 0.5 if uniform_y is not None else torch.round(offsets)
+    y_bits = gaussian_bits(rated, scales / box).flatten(1).sum(1)
+    return means + box * (offsets + (torch.round(offsets) - offsets).detach()), y_bits, z_bits
+
+
 def gaussian_bits(offsets: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """−log2 P(q) of each offset q = (y − μ)/Δ (a symbol, or a symbol plus training noise) under a Gaussian
     of scale σ/Δ integrated over [q − ½, q + ½]: the rate the codec's tables charge, as training sees it.
@@ -151,6 +173,28 @@ def gaussian_tables(levels: np.ndarray, lo: int, hi: int) -> np.ndarray:
     return probabilities / probabilities.sum(1, keepdims=True)
 
 
+# One image's strings of MeanScaleHyperpriorLatentCodec as one payload: y's symbol range, z's symbol range,
+# the length of z's words in bytes, then z's words and y's words.
+STRINGS_HEADER = struct.Struct("<4s4sI")
+
+
+def join_strings(strings: list[list[bytes]]) -> bytes:
+    """The payload of one image's [y's ranges, y's words, z's ranges, z's words] (one bytes object each)."""
+    (y_range,), (y_words,), (z_range,), (z_words,) = strings
+    return STRINGS_HEADER.pack(y_range, z_range, len(z_words)) + z_words + y_words
+
+
+def split_strings(payload: bytes) -> list[list[bytes]]:
+    """The strings `join_strings` joined; EntropyCodingError for a payload too short for what it says."""
+    if len(payload) < STRINGS_HEADER.size:
+        raise EntropyCodingError(f"{len(payload)} bytes, shorter than the {STRINGS_HEADER.size}-byte ranges and length")
+    y_range, z_range, z_bytes = STRINGS_HEADER.unpack_from(payload)
+    rest = payload[STRINGS_HEADER.size :]
+    if z_bytes > len(rest):
+        raise EntropyCodingError(f"z's words said to take {z_bytes} bytes; only {len(rest)} follow")
+    return [[y_range], [rest[z_bytes:]], [z_range], [rest[:z_bytes]]]
+
+
 class MeanScaleHyperpriorLatentCodec(LatentCodec):
     """y coded by Gaussians whose means and scales come from a side latent z (Minnen et al., NeurIPS 2018).
 
@@ -173,13 +217,19 @@ class MeanScaleHyperpriorLatentCodec(LatentCodec):
     `step` Δ is an input both sides know (the stream's parameters): one trained model codes at any Δ.
     y of any (H, W): it is edge-padded to a multiple of `hyper_stride` for the hyper-encoder, and the
     hyper-decoder's output is cropped back.
+
+    `thread_invariant`: the hyper-decoder runs on one torch thread, so μ and σ are the same bits whatever
+    torch's thread count (float64 on several threads differs in the last bits; a decoder whose pixels must
+    not depend on the thread count needs ŷ exact). Off by default: streams coded without it decode as
+    they always did. It costs little: the hyper-decoder works at 1/16 of y's positions.
     """
 
     RANGE = FactorizedLatentCodec.RANGE  # lowest and highest symbol of one image's y
 
     def __init__(self, hyper_encoder: torch.nn.Module, hyper_decoder: torch.nn.Module, z_density: LogisticMixtureDensity,
-                 hyper_stride: int):  # fmt: skip
+                 hyper_stride: int, thread_invariant: bool = False):  # fmt: skip
         self.hyper_encoder, self.z_density, self.hyper_stride = hyper_encoder, z_density, hyper_stride
+        self.thread_invariant = thread_invariant
         self.hyper_decoder = copy.deepcopy(hyper_decoder).to("cpu", torch.float64).eval().requires_grad_(False)
         self.device = next(hyper_encoder.parameters()).device
         self.z_codec = FactorizedLatentCodec(z_density, 1.0)
@@ -189,7 +239,7 @@ class MeanScaleHyperpriorLatentCodec(LatentCodec):
 
     def _gaussians(self, z_hat: torch.Tensor, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
         """(μ, σ) as float64 numpy arrays (B, C, H, W), from ẑ."""
-        with torch.no_grad():
+        with torch.no_grad(), one_torch_thread() if self.thread_invariant else contextlib.nullcontext():
             means, scales = mean_and_scale(self.hyper_decoder(z_hat.to("cpu", torch.float64)))
         return means[..., : shape[0], : shape[1]].numpy(), scales[..., : shape[0], : shape[1]].numpy()
 

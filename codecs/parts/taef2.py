@@ -22,7 +22,28 @@ The decoder therefore runs in two stages:
   by band: the 256-channel activation is never held whole;
 - the upsampling stage (76 % of the work, 64 channels at up to full resolution) is local, with a receptive
   field of 9 latent pixels, so it runs in tiles of the latent with a halo of `HALO` latent pixels and keeps
-  only their centres: memory is bounded by the tile, not the picture, and a tiled decode is the whole one.
+  only their centres: memory is bounded by the tile, not the picture, and a tiled decode computes the
+  whole one's function. Its bits can differ in the last place of float32 (≤ 2·10⁻⁶ measured): oneDNN
+  picks how it blocks a convolution's sums from the shape it is given, and a tile is another shape.
+The encoder is split the same way: its full-resolution stage (keys 0-10, a receptive field of 65 pixels)
+runs in tiles with a halo of `HALO` latent pixels, its pooled blocks on the whole latent. Memory for any
+size is then the tile's activations plus a few 64-channel copies of the latent (4 bytes per pixel each).
+
+A decode gives the same bits with any number of CPU threads, which a codec's bit-identical decode needs,
+for latents of at least MIN_PIECE px a side or 16 px in all (a codec runs smaller ones on one thread):
+- every 3×3 convolution runs in channels_last (NHWC), where oneDNN's blocking, and so each output's order
+  of summation, did not change with the thread count (1 to 16 threads, latents from 1 × 16 to 70 × 66);
+  on latents of 9 px or fewer it did (3 to 6 threads). No piece of a tiled decode is thinner than
+  MIN_PIECE. NHWC is also faster on a CPU (benchmarks/taef2_speed.py);
+- the pool branch's 1×1 convolutions are matrix products over the channels of NHWC pixels, on one thread
+  (parts/threads.py): torch sends a 1×1 convolution to oneDNN on several threads but to MKL on one, and
+  MKL's order follows the thread count on small products (measured: NCHW 1×1 outputs differed between
+  one and two threads; a one-pixel product between two and three). They are under 1 % of the work;
+- the soft clamp's tanh runs on pieces under torch's parallel grain: torch hands the tail of each
+  thread's share of an elementwise op to a scalar kernel, which may round differently from the vector one,
+  and the shares depend on the thread count; a piece under the grain is one share whatever the count;
+- the pool statistics are float64 sums over fixed bands, each band's sum over the dims torch reduces
+  in a fixed order (it splits a reduction among threads by output, and there are POOL_GROUPS outputs).
 
 Pixels are [0, 1] inside the network; the interface takes and gives [-1, 1] like diffusers'
 `AutoencoderTiny` (`encode(x).latents`, `decode(z).sample`), so `parts/latents.py` and the samplers use it
@@ -43,6 +64,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
 from ..errors import ModelError
+from .threads import one_torch_thread
 
 ENCODER_FILE = "taef2_encoder.safetensors"
 DECODER_FILE = "taef2_decoder.safetensors"
@@ -58,6 +80,13 @@ BAND_ROWS = 16
 # Latent tile of the upsampling stage: 64 × 64 latent px (512 × 512 pixels + halo) holds ~330 MB of fp32
 # activations at its widest; larger tiles are no faster on a CPU, and a GPU batch gets the batch dimension.
 TILE = 64
+# Latent px a tile's piece spans at least, where the picture does: oneDNN orders a convolution's sums by
+# the thread count on pieces of a few px (measured: up to 3 × 3 differed, 1 × 16 and 2 × 8 did not).
+MIN_PIECE = 16
+# Elements per piece of an elementwise op that must round the same whatever the thread count: under
+# torch's parallel grain (32768), so that one thread computes each piece (module docstring).
+PIECE = 16384
+NHWC = torch.channels_last
 
 
 def conv(c_in: int, c_out: int, bias: bool = True, stride: int = 1) -> nn.Conv2d:
@@ -75,6 +104,11 @@ class Pool(nn.Sequential):
             nn.Conv2d(POOL_WIDTH, WIDTH, 1, bias=False),
         )
 
+    def hidden(self, x: torch.Tensor) -> torch.Tensor:
+        """c1(x) as (B, h, w, 256): a matrix product over the channels of NHWC pixels (why: module docstring)."""
+        with one_torch_thread():
+            return F.linear(x.permute(0, 2, 3, 1), self[0].weight.flatten(1))
+
     def statistics(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per image and group, the mean and 1/std of c1(x) over the whole picture, (B, groups) each.
 
@@ -84,7 +118,8 @@ class Pool(nn.Sequential):
         total = torch.zeros(batch, POOL_GROUPS, dtype=torch.float64, device=x.device)
         squares = torch.zeros_like(total)
         for top in range(0, height, BAND_ROWS):
-            band = self[0](x[:, :, top : top + BAND_ROWS]).double().reshape(batch, POOL_GROUPS, -1)
+            band = self.hidden(x[:, :, top : top + BAND_ROWS]).double()
+            band = band.reshape(batch, -1, POOL_GROUPS, POOL_WIDTH // POOL_GROUPS).transpose(1, 2).reshape(batch, POOL_GROUPS, -1)
             total += band.sum(-1)
             squares += band.square().sum(-1)
         count = height * width * POOL_WIDTH // POOL_GROUPS
@@ -96,18 +131,16 @@ class Pool(nn.Sequential):
         """c2(ReLU(GroupNorm(c1(x)))) with whole-picture statistics, computed band by band."""
         mean, inv_std = self.statistics(x)
         batch = x.shape[0]
-        group_shape = (batch, POOL_GROUPS, POOL_WIDTH // POOL_GROUPS, 1, 1)
-        weight = self[1].weight.view(1, POOL_GROUPS, -1, 1, 1)
-        bias = self[1].bias.view(1, POOL_GROUPS, -1, 1, 1)
-        scale = inv_std.view(*group_shape[:2], 1, 1, 1) * weight
-        shift = bias - mean.view(*group_shape[:2], 1, 1, 1) * scale
+        weight = self[1].weight.view(1, 1, 1, POOL_GROUPS, -1)
+        scale = inv_std.view(batch, 1, 1, POOL_GROUPS, 1) * weight
+        shift = self[1].bias.view(1, 1, 1, POOL_GROUPS, -1) - mean.view(batch, 1, 1, POOL_GROUPS, 1) * scale
         bands = []
         for top in range(0, x.shape[2], BAND_ROWS):
-            hidden = self[0](x[:, :, top : top + BAND_ROWS])
-            h, w = hidden.shape[-2:]
-            hidden = (hidden.view(batch, POOL_GROUPS, -1, h, w) * scale + shift).view(batch, POOL_WIDTH, h, w)
-            bands.append(self[3](F.relu(hidden)))
-        return torch.cat(bands, dim=2)
+            hidden = self.hidden(x[:, :, top : top + BAND_ROWS])
+            normed = (hidden.view(*hidden.shape[:3], POOL_GROUPS, -1) * scale + shift).flatten(3)
+            with one_torch_thread():
+                bands.append(F.linear(F.relu(normed), self[3].weight.flatten(1)))
+        return torch.cat(bands, dim=1).permute(0, 3, 1, 2)
 
 
 class Block(nn.Module):
@@ -129,8 +162,11 @@ class Upsample(nn.Module):
 
 
 class Clamp(nn.Module):
+    """3·tanh(z/3), the same bits with any thread count (PIECE)."""
+
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return 3 * torch.tanh(z / 3)
+        pieces = (z / 3).flatten().split(PIECE)
+        return (3 * torch.cat([torch.tanh(piece) for piece in pieces])).view(z.shape).contiguous(memory_format=NHWC)
 
 
 def encoder_layers() -> nn.Sequential:
@@ -157,6 +193,9 @@ def decoder_layers() -> nn.Sequential:
 
 # decoder[:LATENT_STAGE] runs at latent resolution on the whole latent; decoder[LATENT_STAGE:] is local.
 LATENT_STAGE = 6
+# encoder[:ENCODER_LOCAL] is local (down to 1/8, receptive field 65 px ≤ HALO latent px); encoder[ENCODER_LOCAL:]
+# runs on the whole latent (the pooled blocks).
+ENCODER_LOCAL = 11
 
 
 @dataclass
@@ -180,32 +219,21 @@ class Taef2Autoencoder(ModelMixin, ConfigMixin):
         self.encoder = encoder_layers()
         self.decoder = decoder_layers()
 
-    def encode(self, x: torch.Tensor) -> EncoderOutput:
-        """[-1, 1] pixels, any multiple of 8 in size → raw latents (B, 32, H/8, W/8)."""
-        return EncoderOutput(self.encoder((x + 1) / 2))
+    def encode(self, x: torch.Tensor, tile: int = TILE) -> EncoderOutput:
+        """[-1, 1] pixels, any multiple of 8 in size → raw latents (B, 32, H/8, W/8); the full-resolution
+        stage in tiles of `tile` latent px."""
+        pixels = ((x + 1) / 2).contiguous(memory_format=NHWC)
+        features = in_tiles(self.encoder[:ENCODER_LOCAL], pixels, tile, 8, 1 / 8, 64)
+        return EncoderOutput(self.encoder[ENCODER_LOCAL:](features).contiguous())
 
     def decode(self, z: torch.Tensor, tile: int = TILE) -> DecoderOutput:
         """Raw latents → [-1, 1] pixels, (B, 3, 8h, 8w); the upsampling stage in `tile`-sized latent tiles."""
-        features = self.decoder[:LATENT_STAGE](z)
+        features = self.decoder[:LATENT_STAGE](z.contiguous(memory_format=NHWC))
         return DecoderOutput(self.upsample(features, tile) * 2 - 1)
 
     def upsample(self, features: torch.Tensor, tile: int = TILE) -> torch.Tensor:
         """The local stage on tiles of `features` with a halo of HALO latent px; pixels in [0, 1]."""
-        batch, _, height, width = features.shape
-        stage = self.decoder[LATENT_STAGE:]
-        if height <= tile and width <= tile:
-            return stage(features).clamp(0, 1)
-        out = features.new_empty(batch, 3, height * 8, width * 8)
-        for top in range(0, height, tile):
-            for left in range(0, width, tile):
-                t0, l0 = max(top - HALO, 0), max(left - HALO, 0)
-                bottom, right = min(top + tile, height), min(left + tile, width)
-                piece = stage(features[:, :, t0 : min(bottom + HALO, height), l0 : min(right + HALO, width)])
-                dt, dl = (top - t0) * 8, (left - l0) * 8
-                out[:, :, top * 8 : bottom * 8, left * 8 : right * 8] = piece[
-                    :, :, dt : dt + (bottom - top) * 8, dl : dl + (right - left) * 8
-                ].clamp(0, 1)
-        return out
+        return in_tiles(lambda piece: self.decoder[LATENT_STAGE:](piece).clamp(0, 1), features, tile, 1, 8, 3).contiguous()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decode(self.encode(x).latents).sample
@@ -229,4 +257,30 @@ class Taef2Autoencoder(ModelMixin, ConfigMixin):
                     f"{path} does not hold taef2's {name.split('_')[1].split('.')[0]} "
                     f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
                 )
+        model.to(memory_format=NHWC)
         return model if dtype == torch.float32 else model.to(dtype)
+
+
+def in_tiles(stage, x: torch.Tensor, tile: int, unit: int, scale: float, channels: int) -> torch.Tensor:
+    """A local `stage` applied to x in tiles of `tile` latent px with a halo of HALO latent px, keeping their
+    centres: the stage on the whole of x, in the memory of one tile. `unit`: x's pixels per latent px;
+    `scale`: the stage's output size over its input's; `channels`: the stage's output channels."""
+    batch, _, height, width = x.shape
+    rows, cols = -(-height // unit), -(-width // unit)  # in latent px
+    if rows <= tile and cols <= tile:
+        return stage(x)
+    out = x.new_empty(batch, channels, round(height * scale), round(width * scale)).contiguous(memory_format=NHWC)
+    step = unit * scale  # output px per latent px
+    for top in range(0, rows, tile):
+        for left in range(0, cols, tile):
+            bottom, right = min(top + tile, rows), min(left + tile, cols)
+            b1, r1 = min(bottom + HALO, rows), min(right + HALO, cols)
+            # A ragged last tile takes more of its neighbour, so no piece is thinner than MIN_PIECE.
+            t0, l0 = max(min(top - HALO, b1 - MIN_PIECE), 0), max(min(left - HALO, r1 - MIN_PIECE), 0)
+            piece = stage(x[:, :, t0 * unit : b1 * unit, l0 * unit : r1 * unit])
+            dt, dl = round((top - t0) * step), round((left - l0) * step)
+            h, w = round((bottom - top) * step), round((right - left) * step)
+            out[:, :, round(top * step) : round(top * step) + h, round(left * step) : round(left * step) + w] = piece[
+                :, :, dt : dt + h, dl : dl + w
+            ]
+    return out

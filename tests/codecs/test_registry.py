@@ -13,7 +13,7 @@ from ..conftest import photo_like
 
 
 def test_every_codec_is_listed_by_name():
-    assert codec_names() == ["avif", "corrdiff", "corrdiff-latent", "ddcm", "hfd", "hyperprior", "jpeg", "jxl", "latent-denoise", "webp"]
+    assert codec_names() == ["avif", "corrdiff", "corrdiff-latent", "ddcm", "glc", "hfd", "hyperprior", "jpeg", "jxl", "latent-denoise", "webp"]
     assert codec_class("jpeg") is JpegCodec and codec_class("webp").name == "webp"
 
 
@@ -32,7 +32,7 @@ def test_codecs_are_imported_only_when_asked_for():
 
 
 def test_an_unknown_codec_names_the_known_ones():
-    with pytest.raises(UnknownCodecError, match="unknown codec 'jpegxl'; available: avif, corrdiff, corrdiff-latent, ddcm, hfd, hyperprior, jpeg"):
+    with pytest.raises(UnknownCodecError, match="unknown codec 'jpegxl'; available: avif, corrdiff, corrdiff-latent, ddcm, glc, hfd, hyperprior, jpeg"):
         codec_class("jpegxl")
     with pytest.raises(UnknownCodecError):
         create_codec("jpegxl")

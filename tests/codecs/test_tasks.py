@@ -28,7 +28,7 @@ def settings(what, **changes):
 
 
 def test_the_registry_names_each_task_by_its_own_name():
-    assert training_task_names() == ["autoencoder", "corrdiff", "corrdiff-latent", "decoder", "diffusion", "hfd", "hyperprior", "latent-denoise"]
+    assert training_task_names() == ["autoencoder", "corrdiff", "corrdiff-latent", "decoder", "diffusion", "glc", "hfd", "hyperprior", "latent-denoise"]
     for name in training_task_names():
         task = training_task(name)
         assert issubclass(task, TrainingTask) and task.name == name

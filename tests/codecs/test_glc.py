@@ -1,0 +1,221 @@
+"""glc: the codec on taef2 with tiny transforms saved by the test (the shipped ones where named), and its training."""
+
+import hashlib
+import os
+import re
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from diffarc.codecs import container
+from diffarc.codecs.errors import BitstreamError, ModelError
+from diffarc.codecs.glc.nets import GlcModel
+from diffarc.codecs.glc.task import MODEL_CONFIGS
+from diffarc.codecs.parts import crops
+from diffarc.codecs.parts.metrics import psnr
+from diffarc.codecs.parts.models import BUILTIN_DIR, load_model
+from diffarc.codecs.registry import create_codec, open_codec, training_task
+from diffarc.codecs.task import TrainSettings
+
+from ..conftest import KODAK, photo_like
+
+SHIPPED = BUILTIN_DIR / "taef2" / "glc" / "config.json"
+
+
+def save_tiny_transforms(folder, seed=0):
+    """Untrained tiny transforms, y scaled up to a trained model's magnitude so that symbols are not all 0."""
+    torch.manual_seed(seed)
+    model = GlcModel(**MODEL_CONFIGS["tiny"]).eval().requires_grad_(False)
+    model.analysis.tail.weight.mul_(30)
+    model.synthesis.head.weight.div_(30)
+    model.save_pretrained(str(folder))
+    return str(folder)
+
+
+def model_folder(folder, transforms):
+    """A folder laid out as --model expects (vae/ and glc/), which a stream's decoder is pointed at."""
+    folder.mkdir()
+    (folder / "vae").symlink_to(BUILTIN_DIR / "taef2" / "vae")
+    (folder / "glc").symlink_to(transforms)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def transforms(tmp_path_factory):
+    return save_tiny_transforms(tmp_path_factory.mktemp("glc"))
+
+
+@pytest.fixture(scope="module")
+def codec(transforms):
+    return create_codec("glc", {"transforms": transforms, "step": 1.0})
+
+
+@pytest.mark.parametrize("size", [(1, 1), (40, 56), (17, 300)])
+def test_any_size_decodes_to_its_own_size_the_same_each_time(codec, size):
+    image = photo_like(*size, seed=size[1])
+    (stream,) = codec.encode([image])
+    first = codec.decode([stream])[0]
+    assert first.shape == image.shape and first.dtype == np.uint8
+    assert np.array_equal(codec.decode([stream])[0], first)
+
+
+@pytest.mark.slow
+def test_a_one_by_four_thousand_strip_decodes(codec):
+    image = photo_like(1, 4000, 3)
+    assert codec.decode(codec.encode([image]))[0].shape == (1, 4000, 3)
+
+
+def test_a_stream_names_its_step_not_where_its_weights_are(codec):
+    header = container.unpack(codec.encode([photo_like(16, 16, 0)])[0])[0]
+    assert header.params == {"step": 1.0} and header.fingerprint == codec.fingerprint
+
+
+def test_a_coarser_step_costs_fewer_bytes(transforms):
+    image = photo_like(64, 96, 5)
+    sizes = [len(create_codec("glc", {"transforms": transforms, "step": s}).encode([image])[0]) for s in (0.5, 4.0)]
+    assert sizes[1] < sizes[0]
+
+
+def test_other_transforms_are_refused(codec, transforms, tmp_path):
+    (stream,) = codec.encode([photo_like(24, 24, 1)])
+    other = create_codec("glc", {"transforms": save_tiny_transforms(tmp_path / "other", seed=1), "step": 1.0})
+    assert other.fingerprint != codec.fingerprint
+    with pytest.raises(BitstreamError, match="fingerprint"):
+        other.decode([stream])
+    header = container.unpack(stream)[0]
+    with pytest.raises(ModelError, match="no model weights with fingerprint"):
+        open_codec("glc", header.params, header.fingerprint, model=model_folder(tmp_path / "a", tmp_path / "other"))
+    assert open_codec("glc", header.params, header.fingerprint, model=model_folder(tmp_path / "b", transforms)).fingerprint == codec.fingerprint
+
+
+def test_a_damaged_payload_is_refused_before_decoding(codec):
+    header, payload = container.unpack(codec.encode([photo_like(32, 32, 2)])[0])
+    for damaged in (payload[:5], payload[:8] + b"\xff\xff\x00\x00" + payload[12:], payload[: len(payload) // 2]):
+        with pytest.raises(BitstreamError):
+            codec.decode([container.pack(header, damaged)])
+
+
+THREADS_SCRIPT = """
+import hashlib, sys, torch
+torch.set_num_threads(int(sys.argv[1]))
+from diffarc.codecs.registry import codec_for_header, read_header
+for path in sys.argv[3:]:
+    stream = open(path, "rb").read()
+    codec = codec_for_header(read_header(stream), model=sys.argv[2])
+    print(hashlib.sha256(codec.decode([stream])[0].tobytes()).hexdigest())
+"""
+
+
+@pytest.mark.slow
+def test_a_fresh_process_decodes_the_same_pixels_with_one_and_with_two_threads(codec, transforms, tmp_path):
+    """Small pictures decode on one thread; one of 256 × 320 (1280 latent px) on torch's threads."""
+    paths = []
+    for index, size in enumerate([(1, 1), (30, 50), (256, 320)]):
+        paths.append(tmp_path / f"{index}.glc")
+        paths[-1].write_bytes(codec.encode([photo_like(*size, seed=index)])[0])
+    here = [hashlib.sha256(codec.decode([p.read_bytes()])[0].tobytes()).hexdigest() for p in paths]
+    folder = model_folder(tmp_path / "model", transforms)  # what a stream does not say: where its weights are
+    for threads in (1, 2):
+        run = subprocess.run([sys.executable, "-c", THREADS_SCRIPT, str(threads), folder, *map(str, paths)],
+                             capture_output=True, text=True, check=True)  # fmt: skip
+        assert run.stdout.split() == here, f"{threads} threads"
+
+
+def test_the_latent_codec_gives_the_same_tables_with_one_and_two_threads(codec):
+    """The hyper-decoder, float64, on one thread whatever torch's count: μ and σ to the last bit."""
+    z_hat = torch.randint(-3, 4, (1, codec.model.config.hyper_channels, 3, 5)).float()
+    torch.set_num_threads(2)
+    try:
+        two = codec.latent_codec._gaussians(z_hat, (12, 20))
+    finally:
+        torch.set_num_threads(1)
+    one = codec.latent_codec._gaussians(z_hat, (12, 20))
+    assert all(np.array_equal(a, b) for a, b in zip(one, two)) and torch.get_num_threads() == 1
+
+
+# ---------------------------------------------------------------- the shipped transforms
+
+
+@pytest.mark.skipif(not SHIPPED.is_file(), reason="glc's transforms are not shipped in builtin:taef2/glc")
+@pytest.mark.parametrize("preset, low, high, floor", [("0.02bpp", 0.005, 0.06, 19.0), ("0.2bpp", 0.08, 0.4, 23.0)])
+def test_the_shipped_transforms_code_a_kodak_crop_near_their_preset(preset, low, high, floor):
+    if not KODAK.is_dir():
+        pytest.skip(f"Kodak images not found at {KODAK} (../shared is absent)")
+    from PIL import Image
+
+    image = np.asarray(Image.open(KODAK / "kodim23.png").convert("RGB"))[128:384, 256:512]
+    codec = create_codec("glc", preset=preset)
+    (stream,) = codec.encode([image])
+    assert low < 8 * len(stream) / image[..., 0].size < high
+    assert psnr(image, codec.decode([stream])[0]) > floor
+
+
+# ---------------------------------------------------------------- training
+
+
+TRAIN = [photo_like(72, 88, seed) for seed in range(3)]
+VALIDATION = [photo_like(64, 64, 9)]
+
+
+@pytest.mark.parametrize("config", ["tiny", "tiny-pixels"])
+def test_one_training_step_on_cached_latents_exports_transforms_the_codec_loads(config, tmp_path, monkeypatch):
+    monkeypatch.setenv(crops.LATENT_CACHE_ENV, str(tmp_path / "latents"))
+    task_class = training_task("glc")
+    settings = TrainSettings(what="glc", data="-", out="-", work_dir="-", batch_size=2, crop=64, config=config)
+    task_class.check(settings)
+    task = task_class(settings, TRAIN, VALIDATION, torch.device("cpu"))
+    torch.manual_seed(0)
+    model = task.new_model()
+    loss, parts = task.loss(task.wrap(model), np.random.default_rng(0))
+    loss.backward()
+    assert torch.isfinite(loss) and all(p.grad is not None for p in model.analysis.parameters())
+    model.eval()
+    with torch.no_grad():
+        metrics = {**parts, **task.validate(model)}
+    assert [field.format(**metrics) for field in task_class.progress]
+    assert metrics["val_bpp_d0p5"] > metrics["val_bpp_d16"]
+    taef2 = load_model("builtin:taef2")
+    cached = list((tmp_path / "latents" / taef2.autoencoder_fingerprint.hex()).glob("*.safetensors"))
+    assert len(cached) == len(TRAIN + VALIDATION)  # each image and its mirror in one file
+    model.save_pretrained(str(tmp_path / "trained"))
+    task_class.export(settings, tmp_path / "trained", metrics, tmp_path / "out")
+    codec = create_codec("glc", {"transforms": str(tmp_path / "out")})
+    assert codec.decode(codec.encode([TRAIN[0]]))[0].shape == TRAIN[0].shape
+
+
+@pytest.mark.slow
+def test_a_killed_training_resumes_from_its_last_checkpoint(tmp_path):
+    from PIL import Image
+
+    from diffarc.pipeline.training import find_resume_checkpoint
+
+    from ..pipeline.test_training import TRAIN_COMMAND, _progress_lines
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for seed in range(5):
+        Image.fromarray(photo_like(64 + 8 * seed, 72, seed)).save(images / f"{seed}.png")
+    work, out = tmp_path / "work", tmp_path / "out"
+    args = ["glc", "--data", str(images), "--out", str(out), "--work-dir", str(work), "--config", "tiny", "--crop", "64",
+            "--batch-size", "2", "--report-seconds", "0", "--checkpoint-minutes", "0.005"]  # fmt: skip
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", crops.LATENT_CACHE_ENV: str(tmp_path / "latents")}
+    first = subprocess.Popen(TRAIN_COMMAND + args + ["--steps", "100000"], stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)  # fmt: skip
+    try:
+        lines = _progress_lines(first, r"checkpoint at step \d+", timeout=180)
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+    assert any("checkpoint at step" in line for line in lines), "".join(lines[-30:])
+    saved = int(re.search(r'"step": (\d+)', (find_resume_checkpoint(work / "glc") / "progress.json").read_text()).group(1))
+    assert saved > 0 and not out.exists()
+    second = subprocess.run(TRAIN_COMMAND + args + ["--steps", str(saved + 2)], capture_output=True, text=True, env=env, timeout=300)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    resumed = [int(s) for s in re.findall(r"resumed from step (\d+)", second.stdout + second.stderr)]
+    assert resumed and resumed[0] >= saved
+    codec = create_codec("glc", {"transforms": str(out)})
+    assert codec.decode(codec.encode([photo_like(24, 40, 0)]))[0].shape == (24, 40, 3)
