@@ -1,11 +1,11 @@
-"""CorrDiff for latent-denoise: its few-step latent sampler corrected by a privileged end-to-end restorer of
-the dequantized latent, with the same knob as CorrDiff for HFD (codec.py; the paper's §4 says the
+"""CorrDiff for latent-denoise: its few-step latent sampler corrected by a privileged end-to-end decode of
+the transmitted latent, with the same knob as CorrDiff for HFD (codec.py; the paper's §4 says the
 correction applies to any diffusion decoder of a transmitted representation).
 
     encoder: image ─► latent-denoise's payload (ẑ's words, t, γ) ─► ẑ, t, Δ·s as its decoder reads them
              for strengths g on a grid: decode(ẑ, g); keep the smallest g within `max_psnr_loss` of g = 1
              payload = [level of g: one byte] + latent-denoise's payload
-    decoder: ẑ ─► LatentRestorer(ẑ, Δ·s) ─► ẑ_e
+    decoder: ẑ ─► end-to-end estimate ẑ_e: LatentRestorer(ẑ, Δ·s) where the model has one, else ẑ itself
              DDIM from t on the corrected x̂0 = lerp(x̂0, ẑ_e, λ(τ)), λ(τ) = min(1, g·(1 + τ)), τ = t/T
              ─► VAE decoder ─► image
 
@@ -15,9 +15,16 @@ restorer.py, its training in latent_task.py):
   here (with `off`, t = 0: there is no sampler to correct, and the picture is that of
   lerp(ẑ, ẑ_e, min(1, g)), the correction's last estimate). `search` is not offered: its LPIPS choice
   of t and this encoder's PSNR choice of g would pull two ways.
-- `restorer` defaults to the model folder's `corrdiff_latent/`, beside latent-denoise's predictors in
-  `latent_denoise/` (builtin:ldm-small ships both): one folder holds every weight of a stream, which is
-  what `encode --embed-model` copies. The fingerprint is SHA-256(latent-denoise's ‖ the restorer's).
+- The end-to-end decoder: a restorer, a network trained for pixel MSE through the frozen VAE decoder
+  (restorer.py, latent_task.py), where the model folder ships one in `corrdiff_latent/` (builtin:ldm-small)
+  or `restorer` names one; otherwise the latent codec's own decode, ẑ = (q·Δ + μ)·s + b with the
+  hyperprior's mean μ: the MSE estimate the entropy model already makes (latent-denoise's predictors are
+  trained for rate + λ·MSE), with no weights of its own, so the picture at perception 0 is latent-denoise's
+  t = 0 decode (builtin:taef2, issue 22: a restorer there costs backpropagation through a 107-GMAC decoder
+  per step, which 2 CPU cores cannot afford in a session).
+- The fingerprint is SHA-256(latent-denoise's ‖ the restorer's), or latent-denoise's alone without a
+  restorer: a stream is bound to the end-to-end decoder it was made with, and `encode --embed-model`
+  copies `corrdiff_latent/` beside `latent_denoise/` when there is one.
 - The privileged level and the knob are CorrDiff's (correction.py): PSNR only, 2 bits, `perception`
   0 = the end-to-end decode VAE(ẑ_e), 1 = latent-denoise's own decode bit for bit, ½ = the encoder's choice.
 """
@@ -56,15 +63,11 @@ def load_restorer(folder: str, device: str) -> tuple[LatentRestorer, bytes]:
     return restorer, fingerprint({"restorer": restorer})
 
 
-def restorer_folder(model_reference: str, restorer: str) -> Path:
-    """The restorer's folder: the explicit reference, else `corrdiff_latent/` inside the model's folder."""
+def restorer_folder(model_reference: str, restorer: str) -> Path | None:
+    """The restorer's folder: the explicit reference, else `corrdiff_latent/` inside the model's folder;
+    None when the model ships none (the latent codec's own decode is then the end-to-end one)."""
     folder = part_folder(model_reference, restorer, RESTORER_FOLDER, "restorer")
-    if not restorer and not folder.is_dir():
-        raise ModelError(
-            f"{folder.parent} holds no LatentRestorer in {RESTORER_FOLDER}/; train one with `diffarc train "
-            f"corrdiff-latent --model {model_reference} --out {folder}`"
-        )
-    return folder
+    return folder if restorer or folder.is_dir() else None
 
 
 class LatentCorrDiffCodec(Codec):
@@ -77,8 +80,8 @@ class LatentCorrDiffCodec(Codec):
             )
             for p in LatentDenoiseCodec.params
         ),
-        Param("restorer", str, "", "end-to-end latent restorer (folder or URL); default: the model's corrdiff_latent/",
-              location=True),
+        Param("restorer", str, "", "end-to-end latent restorer (folder or URL); default: the model's corrdiff_latent/ "
+              "if it has one, else the latent codec's own decode", location=True),
         Param("perception", float, 0.5, "0: the end-to-end (MSE) decode … ½: the encoder's choice … 1: plain latent-denoise",
               minimum=0.0, maximum=1.0, decode_time=True),
         Param("max_psnr_loss", float, 0.3, "encoder: the most PSNR (dB) its choice may lose to the end-to-end decode",
@@ -90,8 +93,10 @@ class LatentCorrDiffCodec(Codec):
         super().__init__(device, **params)
         self.latent = LatentDenoiseCodec(device, **self._latent_params(self.config))
         self.restorer_dir = restorer_folder(self.config["model"], self.config["restorer"])
-        self.restorer, restorer_fingerprint = load_restorer(str(self.restorer_dir), str(device))
-        self._fingerprint = hashlib.sha256(self.latent.fingerprint + restorer_fingerprint).digest()
+        self.restorer, self._fingerprint = None, self.latent.fingerprint
+        if self.restorer_dir is not None:
+            self.restorer, restorer_fingerprint = load_restorer(str(self.restorer_dir), str(device))
+            self._fingerprint = hashlib.sha256(self.latent.fingerprint + restorer_fingerprint).digest()
 
     @staticmethod
     def _latent_params(config: dict) -> dict:
@@ -102,7 +107,8 @@ class LatentCorrDiffCodec(Codec):
         return self._fingerprint
 
     def weights_folders(self) -> dict:
-        return {**self.latent.weights_folders(), RESTORER_FOLDER: self.restorer_dir}
+        restorer = {RESTORER_FOLDER: self.restorer_dir} if self.restorer is not None else {}
+        return {**self.latent.weights_folders(), **restorer}
 
     def _latent_header(self, height: int, width: int, config: dict) -> Header:
         """The header of the latent-denoise stream this codec's inner payload would be."""
@@ -118,11 +124,11 @@ class LatentCorrDiffCodec(Codec):
         return {"chosen_strength": chosen, "t": t}
 
     def decode_cost(self, header: Header, payload: bytes) -> DecodeCost:
-        """latent-denoise's cost for its payload, plus the restorer's pass."""
+        """latent-denoise's cost for its payload, plus the restorer's pass if there is one."""
         config = self.stream_config(header)
         inner = split_level(split_colour(payload, config, self.name)[0])[1]
         cost = self.latent.decode_cost(self._latent_header(header.height, header.width, config), inner)
-        return DecodeCost(cost.pixels, cost.passes + 1)
+        return DecodeCost(cost.pixels, cost.passes + (self.restorer is not None))
 
     # ------------------------------------------------------------------ encode: the privileged choice
 
@@ -141,9 +147,9 @@ class LatentCorrDiffCodec(Codec):
         return payloads
 
     def _restored(self, inner: bytes, header: Header) -> tuple[torch.Tensor, int, torch.Tensor]:
-        """(ẑ, t, ẑ_e): what latent-denoise's decoder reads from its payload, and the restorer's estimate."""
+        """(ẑ, t, ẑ_e): what latent-denoise's decoder reads from its payload, and the end-to-end estimate."""
         z_hat, t, channel_step = self.latent.dequantized(inner, header)
-        return z_hat, t, self.restorer(z_hat, channel_step).float()
+        return z_hat, t, z_hat if self.restorer is None else self.restorer(z_hat, channel_step).float()
 
     # ------------------------------------------------------------------ decode
 

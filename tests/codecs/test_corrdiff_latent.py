@@ -58,7 +58,7 @@ def decode_at(model: str, stream: bytes, perception: float) -> np.ndarray:
 def end_to_end_decode(model: str, stream: bytes) -> np.ndarray:
     """VAE(restorer(ẑ, Δ·s)), computed here from latent-denoise's own reading of the inner payload."""
     header, payload = container.unpack(stream)
-    latent = create_codec("latent-denoise", {"model": model, **PARAMS, "timestep": "predict", "colour": "off"})
+    latent = create_codec("latent-denoise", {"model": model, **PARAMS, "timestep": "predict"})
     inner_header = container.Header("latent-denoise", latent.stream_params, b"", width=header.width, height=header.height)
     z_hat, _, channel_step = latent.dequantized(payload[1:], inner_header)
     restorer = LatentRestorer.from_pretrained(f"{model}/{RESTORER_FOLDER}").eval()
@@ -69,7 +69,7 @@ def end_to_end_decode(model: str, stream: bytes) -> np.ndarray:
 
 def test_perception_0_is_the_end_to_end_decode_and_1_latent_denoises_own_decode(model, image):
     [stream] = create_codec("corrdiff-latent", {"model": model, **PARAMS, "max_psnr_loss": 20}).encode([image])
-    latent = create_codec("latent-denoise", {"model": model, **PARAMS, "timestep": "predict", "colour": "off"})
+    latent = create_codec("latent-denoise", {"model": model, **PARAMS, "timestep": "predict"})
     [plain_stream] = latent.encode([image])
     assert container.unpack(plain_stream)[1] == container.unpack(stream)[1][1:]  # the same inner payload
     assert container.unpack(stream)[1][0] == 0  # every level is within 20 dB: the most perceptual one
@@ -88,6 +88,29 @@ def test_the_encoder_sends_the_most_perceptual_level_within_its_psnr_bound(model
     assert codec.stream_stats(stream)["chosen_strength"] == level / (LEVELS - 1)
     assert codec.stream_stats(stream)["t"] > 0  # timestep=predict: there is a sampler to correct
     assert psnr(image, codec.decode([stream])[0]) >= psnr(image, decode_at(model, stream, 0.0)) - max_psnr_loss
+
+
+def test_without_a_restorer_the_latent_codecs_own_decode_is_the_end_to_end_one(model, image, tmp_path):
+    """A model folder without corrdiff_latent/ (builtin:taef2): perception 0 is latent-denoise's t = 0
+    decode VAE(ẑ), 1 its decode from the sent t; the stream is bound to latent-denoise's weights alone."""
+    import shutil
+
+    bare = str(shutil.copytree(model, tmp_path / "bare", ignore=shutil.ignore_patterns(RESTORER_FOLDER)))
+    codec = create_codec("corrdiff-latent", {"model": bare, **PARAMS, "max_psnr_loss": 20})
+    latent = create_codec("latent-denoise", {"model": bare, **PARAMS, "timestep": "predict"})
+    assert codec.restorer is None and codec.fingerprint == latent.fingerprint
+    assert RESTORER_FOLDER not in codec.weights_folders()
+    [stream] = codec.encode([image])
+    header, payload = container.unpack(stream)
+    [plain_stream] = latent.encode([image])
+    plain_header, plain_payload = container.unpack(plain_stream)
+    assert plain_payload == payload[1:]
+    at_t0 = container.pack(plain_header, b"\0\0" + plain_payload[2:])  # the same latent with t = 0
+    np.testing.assert_array_equal(decode_at(bare, stream, 0.0), latent.decode([at_t0])[0])
+    np.testing.assert_array_equal(decode_at(bare, stream, 1.0), latent.decode([plain_stream])[0])
+    assert codec.decode_cost(header, payload).passes == latent.decode_cost(plain_header, plain_payload).passes
+    with pytest.raises(BitstreamError, match="fingerprint"):  # a stream of the model with its restorer
+        codec.decode(create_codec("corrdiff-latent", {"model": model, **PARAMS}).encode([image]))
 
 
 def test_the_corrected_denoiser_keeps_the_networks_pair_at_weight_0_and_returns_the_estimate_at_1(model):
@@ -136,11 +159,9 @@ def test_a_payload_without_a_valid_level_is_a_bitstream_error(model, image):
             codec.decode([container.pack(header, damaged)])
 
 
-def test_a_model_without_a_restorer_names_the_training_command(tmp_path):
-    folder = save_tiny_ldm(tmp_path / "ldm")
-    save_predictors(folder / PREDICTORS_FOLDER)
-    with pytest.raises(ModelError, match="holds no LatentRestorer in corrdiff_latent/; train one with `diffarc train corrdiff-latent"):
-        create_codec("corrdiff-latent", {"model": str(folder)})
+def test_a_restorer_named_but_absent_names_the_training_command(model, tmp_path):
+    with pytest.raises(ModelError, match="train one with `diffarc train corrdiff-latent"):
+        create_codec("corrdiff-latent", {"model": model, "restorer": str(tmp_path)})  # a folder without one
 
 
 def test_search_is_not_a_timestep_it_offers():
@@ -192,9 +213,10 @@ def test_the_shipped_restorer_decodes_a_photo_closer_than_latent_denoise_and_the
     from PIL import Image
 
     image = np.asarray(Image.open(kodak / "kodim23.png").convert("RGB"))
-    codec = create_codec("corrdiff-latent", {"colour": "off"}, preset="0.15bpp")  # the restorer's own gain
+    ldm_small = {"model": "builtin:ldm-small", "colour": "off"}  # colour off: the restorer's own gain
+    codec = create_codec("corrdiff-latent", ldm_small, preset="0.15bpp")
     [stream] = codec.encode([image])
     end_to_end, plain = decode_at("builtin:ldm-small", stream, 0.0), decode_at("builtin:ldm-small", stream, 1.0)
-    off = create_codec("latent-denoise", {"colour": "off"}, preset="0.15bpp")  # the same latent, decoded by the VAE alone
+    off = create_codec("latent-denoise", ldm_small, preset="0.15bpp")  # the same latent, decoded by the VAE alone
     assert psnr(image, end_to_end) > psnr(image, plain) + 0.1
     assert psnr(image, end_to_end) > psnr(image, off.decode(off.encode([image]))[0]) + 0.1
