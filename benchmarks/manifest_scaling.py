@@ -108,7 +108,7 @@ def shard_entry(module, index: int):
 def run_job(module, url: str, shards: int, storage_options: dict | None, fast_forward: bool, **writer_options) -> dict:
     """Commit `shards` shards one by one and load the manifest; with `fast_forward`, the first 90 % go in
     one commit (the before-writer's O(N²) job is hours at 10 000), so only the last ones are figures."""
-    archive = CountingLocation(url, storage_options)
+    archive = CountingLocation(url, storage_options, follow_links=False)
     spec = module.CodecSpec("jpeg", {"quality": 75}, "")
     writer = module.ArchiveWriter(archive, spec, source="s3://photos/2024", **writer_options)
     times, tail_bytes, tail = [], 0, max(1, min(shards // 10, 100))
@@ -131,7 +131,7 @@ def run_job(module, url: str, shards: int, storage_options: dict | None, fast_fo
     written = archive.written
     writer.close()  # unfinished: what a reader of a running (or killed) job finds
 
-    reader = CountingLocation(url, storage_options)
+    reader = CountingLocation(url, storage_options, follow_links=False)
     manifest = module.load_manifest(reader)
     assert len(manifest.shards) == shards
     return {

@@ -18,8 +18,12 @@ It refuses a stream unless
   as at least MIN_PASS_PIXELS, is at most MAX_PASSES × `max_pixels` (time);
 - and the codec's own `decode_cost` finds the payload consistent with the header (ddcm: its exact length;
   latent-denoise: its side information and symbol count). A codec overrides `decode_cost` to say its
-  pixels and passes and to refuse what cannot be decoded, with cheap arithmetic and no decoding.
-So a decoder's time and memory are bounded by `max_pixels`, whatever the stream claims.
+  pixels and passes and to refuse what cannot be decoded, with cheap arithmetic and no decoding;
+- and, for a decoder that runs networks (a codec with weights), its work is also at most FREE_WORK, or
+  WORK_PER_BYTE per byte of its payload: a header costs nothing to write, so a 200-byte stream must not
+  buy a minute of diffusion (ddcm with one whole-latent tile codes 20 steps of a 4 MP image in 43 bytes).
+So a decoder's time and memory are bounded by `max_pixels`, whatever the stream claims, and a network
+decoder's time by the stream's own size too.
 
 A `lossless` codec (jxl with lossless=1) decodes the pixels it was given exactly, and may also keep a source
 file whole: `encode` then takes each image's file beside its pixels (`originals`), and `original` gives
@@ -46,6 +50,12 @@ from .parts.imagefile import DEFAULT_MAX_PIXELS
 MAX_PASSES = 100  # latent-denoise's most steps; ddcm may take more only on smaller images
 MAX_PADDING = 4  # a 1-pixel strip padded to a network's multiple works on up to 32× its pixels
 MIN_PASS_PIXELS = 128 * 128  # a network pass on a tiny latent still costs about this much (fixed overheads)
+# A network decoder's budget from the stream itself, in pixels × passes: what any stream may ask for (a
+# Kodak image over 42 passes; a 1 MP one over 16), and then per byte of payload. The thinnest shipped
+# settings need about 5 000 per byte (ddcm 0.02bpp: 13 passes over 400 pixels a byte; hfd 0.02bpp: 2 over
+# 400), so 65 536 leaves them a dozen times that; only whole-latent ddcm tiles (tile=0) above ~1 MP exceed it.
+FREE_WORK = 1 << 24
+WORK_PER_BYTE = 1 << 16
 
 # Fingerprints of shipped weights that were replaced, and by what: a stream naming one is refused with the
 # reason and the way back, which is clearer than a mismatch of two hashes. Keyed by what a stream records
@@ -301,6 +311,13 @@ class Codec(ABC):
             raise BitstreamError(
                 f"{self.name} stream asks for {cost.passes} passes over {cost.pixels} pixels, over the "
                 f"{MAX_PASSES} passes over {max_pixels} pixels the limit allows"
+            )
+        budget = max(FREE_WORK, WORK_PER_BYTE * len(payload))
+        if self.fingerprint and work > budget:
+            raise BitstreamError(
+                f"{self.name} stream of {len(payload)} payload bytes asks for {cost.passes} passes over {cost.pixels} "
+                f"pixels, over the {budget} pixel-passes a stream of its size may (codecs/base.py, FREE_WORK and "
+                "WORK_PER_BYTE)"
             )
 
     def decode_cost(self, header: Header, payload: bytes) -> DecodeCost:

@@ -235,17 +235,12 @@ def expected_failure(exc: BaseException) -> str | None:
     from ..codecs.errors import DiffarcError
     from ..pipeline.preflight import describe_storage_failure
 
-    # Ray wraps what an actor raised: a method's exception as `.cause` (the wrapper's text is a
-    # traceback), Ray Train a worker's in `.worker_failures`, an actor constructor's only as text that
-    # ends in the original "module.Class: message".
-    while type(exc).__module__.startswith("ray."):
-        inner = getattr(exc, "cause", None)
-        failures = getattr(exc, "worker_failures", None)
-        if not isinstance(inner, BaseException) and isinstance(failures, dict) and failures:
-            inner = next(iter(failures.values()))
-        if not isinstance(inner, BaseException):
-            break
-        exc = inner
+    # Ray wraps what an actor raised (`cluster.unwrapped`); an actor constructor's exception is only text
+    # that ends in the original "module.Class: message".
+    if "ray" in sys.modules:
+        from ..pipeline.cluster import unwrapped
+
+        exc = unwrapped(exc)
     if isinstance(exc, DiffarcError):
         return str(exc)
     if type(exc).__module__.startswith("ray.") and getattr(exc, "actor_init_failed", False):

@@ -58,6 +58,7 @@ import pyarrow.parquet as pq
 
 from ..codecs import container
 from ..codecs.errors import ArchiveError, ModelError
+from .keys import DecodedNames
 from .lease import WriterLease
 from .storage import LinkRefused, Location, WriteConflict, relative_path_problem, retry_transient
 
@@ -254,6 +255,7 @@ class ShardEntry:
     source_bytes: int
     bitstream_bytes: int
     pixels: int
+    largest_pixels: int = 0  # of its largest image; 0 in entries written before it was recorded
 
 
 @dataclass
@@ -267,8 +269,9 @@ class Manifest:
     created: float = field(default_factory=time.time)
     updated: float = field(default_factory=time.time)
     commits: int = 0
-    # The largest --max-pixels any encode run of this archive used: no item is larger, so decode and
-    # verify refuse streams that claim more. None in archives written before it was recorded.
+    # The pixels of the largest image committed (archives written before shard entries recorded it: the
+    # largest --max-pixels an encode of it used): no item is larger, so decode and verify refuse streams
+    # that claim more. None in archives written before either, or holding no image.
     max_pixels: int | None = None
 
     @property
@@ -480,6 +483,7 @@ def _shard_entry(f: _Fields) -> ShardEntry:
         path=f.path("path", SHARD_PATH), rows=f.count("rows", low=1), bytes=f.count("bytes", low=1),
         sha256=f.text("sha256", SHA256_HEX), first_key=f.text("first_key"), last_key=f.text("last_key"),
         source_bytes=f.count("source_bytes"), bitstream_bytes=f.count("bitstream_bytes"), pixels=f.count("pixels"),
+        largest_pixels=f.count("largest_pixels", optional=True) or 0,
     )  # fmt: skip
     if entry.first_key > entry.last_key:
         raise f.error("first_key", f"comes after last_key {_show(entry.last_key)}")
@@ -720,26 +724,45 @@ def write_shard(
         },
         schema=SHARD_SCHEMA.with_metadata(shard_metadata(codec)),
     )
+    return _store_shard(archive, table, row_group_bytes)
+
+
+def _store_shard(archive: Location, table: pa.Table, row_group_bytes: int = DEFAULT_ROW_GROUP_BYTES) -> ShardEntry:
+    """A table of shard rows, sorted by key, written as a shard under a fresh name, and its entry."""
     buffer = io.BytesIO()
     # Bitstreams are already compressed: recompressing them costs CPU and saves nothing.
     compression = {name: ("NONE" if name == "bitstream" else "ZSTD") for name in SHARD_SCHEMA.names}
+    sizes = table.column("bitstream_bytes").to_pylist()
     with pq.ParquetWriter(buffer, table.schema, compression=compression, use_dictionary=["codec"]) as writer:
-        for start, stop in _row_groups([len(s) for s in streams], row_group_bytes):
+        for start, stop in _row_groups(sizes, row_group_bytes):
             writer.write_table(table.slice(start, stop - start), row_group_size=stop - start)
     data = buffer.getvalue()
     path = f"{SHARD_DIR}/part-{uuid.uuid4().hex}.parquet"
     archive.write_atomic(path, data)
+    keys = table.column("key")
+    widths, heights = (table.column(name).to_numpy().astype("int64") for name in ("width", "height"))
     return ShardEntry(
         path=path,
-        rows=len(items),
+        rows=table.num_rows,
         bytes=len(data),
         sha256=hashlib.sha256(data).hexdigest(),
-        first_key=items[0].key,
-        last_key=items[-1].key,
-        source_bytes=sum(i.source_bytes for i in items),
-        bitstream_bytes=sum(len(s) for s in streams),
-        pixels=sum(i.width * i.height for i in items),
+        first_key=keys[0].as_py(),
+        last_key=keys[-1].as_py(),
+        source_bytes=int(pc.sum(table.column("source_bytes")).as_py()),
+        bitstream_bytes=sum(sizes),
+        pixels=int((widths * heights).sum()),
+        largest_pixels=int((widths * heights).max()),
     )
+
+
+def shard_without(archive: Location, entry: ShardEntry, keys: set[str]) -> ShardEntry | None:
+    """The uncommitted shard of `entry` written again without the rows of `keys` (None when none is left),
+    the file before deleted: how a writer keeps out what the key rule refuses once the shard exists."""
+    table = read_shard(archive, entry, whole=True)
+    kept = table.filter(pc.invert(pc.is_in(table.column("key"), value_set=pa.array(sorted(keys), pa.string()))))
+    replaced = _store_shard(archive, kept) if kept.num_rows else None
+    archive.delete(entry.path)
+    return replaced
 
 
 def _row_groups(sizes: list[int], limit: int):
@@ -755,16 +778,19 @@ def _row_groups(sizes: list[int], limit: int):
 
 def read_shard(
     archive: Location, entry: ShardEntry, columns: list[str] | None = None, keys: list[str] | None = None,
-    whole: bool = False,
+    whole: bool = False, check_index: bool = False,
 ) -> pa.Table:
     """Rows of one shard, once the file has been checked against its manifest entry; with `keys`, only
     the row groups whose key range can hold them are read.
 
     A shard is refused, in an ArchiveError naming it, when it is missing, its size is not the entry's, its
-    footer does not describe a shard of this format with the entry's row count, or a column read holds a
-    null. With `whole` the file is read in one piece and its SHA-256 checked too (decode and verify, which
-    read every row anyway); reading a few columns or keys checks the size only, and the streams' CRCs
-    catch damage inside them.
+    footer does not describe a shard of this format with the entry's row count, a column read holds a
+    null, or a column would take more memory read than a shard of its rows can honestly need
+    (`_bounded_read`). With `whole` the file is read in one piece and its SHA-256 checked too (decode and
+    verify, which read every row anyway); reading a few columns or keys checks the size only, and the
+    streams' CRCs catch damage inside them. With `check_index` (verify) its keys must also be sorted,
+    unique, the entry's first and last, and each row group's key statistics those of its rows: what cat
+    and a key selection find rows by.
     """
 
     def read() -> pa.Table:
@@ -772,13 +798,13 @@ def read_shard(
             data = archive.read(entry.path)
             if len(data) != entry.bytes or hashlib.sha256(data).hexdigest() != entry.sha256:
                 raise ArchiveError(f"{entry.path}: size or SHA-256 differs from the manifest (damaged or replaced)")
-            return _read_shard_rows(pa.BufferReader(data), entry, columns, keys)
+            return _read_shard_rows(lambda: pa.BufferReader(data), entry, columns, keys, check_index)
         with archive.fs.open(archive.path(entry.path), "rb") as handle:
             if handle.size != entry.bytes:
                 raise ArchiveError(
                     f"{entry.path}: {handle.size} bytes, the manifest says {entry.bytes} (truncated or replaced)"
                 )
-            return _read_shard_rows(handle, entry, columns, keys)
+            return _read_shard_rows(lambda: handle, entry, columns, keys, check_index)
 
     archive = archive.confined()
     try:  # transient storage failures are retried; what the file itself says is final
@@ -791,20 +817,51 @@ def read_shard(
         raise ArchiveError(f"{entry.path}: not a readable Parquet file ({exc})") from None
 
 
-def _read_shard_rows(source, entry: ShardEntry, columns: list[str] | None, keys: list[str] | None) -> pa.Table:
-    parquet = pq.ParquetFile(source, pre_buffer=False)
+# The most bytes one value of a column may take once read. A shard of a few kB can ask, through a
+# dictionary-encoded or compressed column, for gigabytes (one 16 MiB string in every row): each column's
+# size read is bounded before it is expanded. Bitstreams are stored uncompressed, so their bound is the
+# file's size (with room for other writers' compression).
+SHARD_VALUE_BYTES = {"key": 1024, "source_sha256": 64, "codec": 255, "bitstream_bytes": 8, "width": 4,
+                     "height": 4, "source_bytes": 8}  # fmt: skip
+FAILURE_VALUE_BYTES = {"key": 1024, "stage": 64, "reason": 64 << 10}
+
+
+def _read_shard_rows(
+    open_source, entry: ShardEntry, columns: list[str] | None, keys: list[str] | None, check_index: bool
+) -> pa.Table:
+    parquet = pq.ParquetFile(open_source(), pre_buffer=False)
     if not SHARD_SCHEMA.equals(parquet.schema_arrow.remove_metadata()):
         raise ArchiveError(f"{entry.path}: schema differs from the archive format")
     if parquet.metadata.num_rows != entry.rows:
         raise ArchiveError(f"{entry.path}: {parquet.metadata.num_rows} rows, manifest says {entry.rows}")
-    table = _read_rows(parquet, columns, keys)
+    limits = {name: entry.rows * size for name, size in SHARD_VALUE_BYTES.items()}
+    limits["bitstream"] = 4 * entry.bytes + (1 << 20)
+    table = _bounded_read(open_source, parquet, columns, keys, limits, entry.path)
     for name in table.column_names:
         if table.column(name).null_count:
             raise ArchiveError(f"{entry.path}: column {name} holds nulls")
+    if check_index:
+        _check_key_index(parquet.metadata, table.column("key").to_pylist(), entry)
     return table
 
 
-def read_parquet(source, columns: list[str] | None = None, keys: list[str] | None = None) -> pa.Table:
+def _check_key_index(metadata: pq.FileMetaData, keys: list[str], entry: ShardEntry) -> None:
+    if any(a >= b for a, b in zip(keys, keys[1:])):
+        raise ArchiveError(f"{entry.path}: keys are not sorted and unique, which finding a key by its range needs")
+    if keys and (keys[0], keys[-1]) != (entry.first_key, entry.last_key):
+        raise ArchiveError(f"{entry.path}: keys run from {keys[0]!r} to {keys[-1]!r}, the manifest says "
+                           f"{entry.first_key!r} to {entry.last_key!r}")  # fmt: skip
+    column, start = metadata.schema.names.index("key"), 0
+    for index in range(metadata.num_row_groups):
+        group = metadata.row_group(index)
+        stats = group.column(column).statistics
+        rows = keys[start : start + group.num_rows]
+        start += group.num_rows
+        if stats is not None and stats.has_min_max and rows and (stats.min, stats.max) != (rows[0], rows[-1]):
+            raise ArchiveError(f"{entry.path}: row group {index}'s key statistics are not its keys' range")
+
+
+def read_parquet(source, columns: list[str] | None = None, keys: list[str] | None = None, limits=None) -> pa.Table:
     """A Parquet file (a file object or pyarrow buffer) read on the calling thread, nothing left behind.
 
     pyarrow's default readers hand reads and column decoding to its I/O and CPU thread pools. A pool
@@ -814,8 +871,63 @@ def read_parquet(source, columns: list[str] | None = None, keys: list[str] | Non
     active exception", exit 134) after the command has printed its result. So: no pre-buffering, no
     threads. With `keys`, row groups are chosen from the key column's min/max statistics (shards are
     sorted by key, so a key lies in one row group) and the rows are then filtered to exactly those keys.
+    With `limits` (column → bytes), a column that would take more once read is refused (`_bounded_read`).
     """
-    return _read_rows(pq.ParquetFile(source, pre_buffer=False), columns, keys)
+    if isinstance(source, (bytes, pa.Buffer)):
+        open_source = lambda: pa.BufferReader(source)  # noqa: E731
+    else:
+        open_source = lambda: source  # noqa: E731
+    return _bounded_read(open_source, pq.ParquetFile(open_source(), pre_buffer=False), columns, keys, limits, "")
+
+
+def _bounded_read(
+    open_source, parquet: pq.ParquetFile, columns: list[str] | None, keys: list[str] | None,
+    limits: dict[str, int] | None, name: str,
+) -> pa.Table:  # fmt: skip
+    """`_read_rows`, each column (of those `limits` bounds) refused unless it takes at most its limit read.
+
+    The footer's sizes are checked first; string and binary columns are then read as dictionaries (a
+    dictionary-encoded column stays as small as its file), their expanded size reckoned, and expanded
+    only within the limit. (Page headers can still claim more than the footer says: each page is then
+    bounded by what its own header claims, not by these limits.)
+    """
+    if not limits:
+        return _read_rows(parquet, columns, keys)
+    metadata, schema = parquet.metadata, parquet.schema_arrow
+    wanted = columns or schema.names
+    sizes = dict.fromkeys(wanted, 0)
+    dictionary_coded = set()
+    for group in range(metadata.num_row_groups):
+        for index in range(metadata.num_columns):
+            chunk = metadata.row_group(group).column(index)
+            column = chunk.path_in_schema
+            if column in sizes:
+                sizes[column] += chunk.total_uncompressed_size
+                if any("DICTIONARY" in encoding for encoding in chunk.encodings):
+                    dictionary_coded.add(column)
+    for column, size in sizes.items():
+        if column in limits and size > limits[column] + (1 << 16):
+            raise ArchiveError(f"{name}: column {column} would take {size} bytes read, over the {limits[column]} "
+                               "its rows can need")  # fmt: skip
+    binary = [c for c in wanted if pa.types.is_string(schema.field(c).type) or pa.types.is_binary(schema.field(c).type)]
+    as_dictionary = [c for c in binary if c != "bitstream" or c in dictionary_coded]
+    if as_dictionary:
+        parquet = pq.ParquetFile(open_source(), pre_buffer=False, read_dictionary=as_dictionary)
+    table = _read_rows(parquet, columns, keys)
+    for column in as_dictionary:
+        expanded = sum(_expanded_bytes(chunk) for chunk in table.column(column).chunks)
+        if column in limits and expanded > limits[column]:
+            raise ArchiveError(f"{name}: column {column} would take {expanded} bytes read, over the {limits[column]} "
+                               "its rows can need")  # fmt: skip
+    return table.cast(pa.schema([schema.field(c) for c in table.column_names])) if as_dictionary else table
+
+
+def _expanded_bytes(array: pa.Array) -> int:
+    """What a string or binary array takes once its dictionary is expanded (as the data, offsets aside)."""
+    if not pa.types.is_dictionary(array.type):
+        return int(pc.sum(pc.binary_length(array)).as_py() or 0)
+    lengths = pc.binary_length(array.dictionary)
+    return int(pc.sum(pc.take(lengths, array.indices)).as_py() or 0)
 
 
 def _read_rows(parquet: pq.ParquetFile, columns: list[str] | None, keys: list[str] | None) -> pa.Table:
@@ -979,12 +1091,17 @@ def read_failure_table(archive: Location, manifest: Manifest) -> tuple[dict | No
     raise ArchiveError(f"{entry['path']}: failure table listed in the manifest but missing")
 
 
+def failure_limits(entry: dict) -> dict[str, int]:
+    """The memory bound of each column of a failure table (`_bounded_read`), from its entry's row count."""
+    return {name: entry["rows"] * size for name, size in FAILURE_VALUE_BYTES.items()}
+
+
 def read_failures(archive: Location, manifest: Manifest) -> dict[str, Failure]:
     entry, data = read_failure_table(archive, manifest)
     if entry is None:
         return {}
     try:
-        table = read_parquet(pa.BufferReader(data))
+        table = read_parquet(data, limits=failure_limits(entry))
     except pa.ArrowException as exc:
         raise ArchiveError(f"{entry['path']}: not a readable Parquet file ({exc})") from None
     if not FAILURE_SCHEMA.equals(table.schema.remove_metadata()) or any(c.null_count for c in table.columns):
@@ -1011,8 +1128,8 @@ class ArchiveWriter:
     """
 
     def __init__(
-        self, archive: Location, codec: CodecSpec, source: str, max_pixels: int | None = None,
-        lease: WriterLease | None = None, checkpoint_every: int = CHECKPOINT_EVERY, part_shards: int = PART_SHARDS,
+        self, archive: Location, codec: CodecSpec, source: str, lease: WriterLease | None = None,
+        checkpoint_every: int = CHECKPOINT_EVERY, part_shards: int = PART_SHARDS,
     ):  # fmt: skip
         self.archive = archive = archive.confined()
         check_layout(archive)  # before the lease: writer.lock may be the link
@@ -1020,12 +1137,12 @@ class ArchiveWriter:
         self._own_lease = lease is None
         self.lease = lease or WriterLease(archive)
         try:
-            self._open(codec, source, max_pixels)
+            self._open(codec, source)
         except BaseException:
             self.close()
             raise
 
-    def _open(self, codec: CodecSpec, source: str, max_pixels: int | None) -> None:
+    def _open(self, codec: CodecSpec, source: str) -> None:
         try:
             data, self._manifest_version = self.archive.read_versioned(MANIFEST)
             existing, self._in_log = _manifest_from(self.archive, data)
@@ -1053,8 +1170,6 @@ class ArchiveWriter:
             self._stale_commits = [p for p in self.archive.list_files(LOG_DIR) if LOG_COMMIT.fullmatch(p)]
             numbers = [int(LOG_COMMIT.fullmatch(p).group(1)) for p in self._stale_commits]
             self.manifest.commits = max([self.manifest.commits, *numbers])
-        if max_pixels is not None:
-            self.manifest.max_pixels = max(max_pixels, self.manifest.max_pixels or 0)
         self.failures = read_failures(self.archive, self.manifest)
         self._failures_changed = False
         self.done: set[str] = set()
@@ -1065,6 +1180,9 @@ class ArchiveWriter:
         with ThreadPoolExecutor(8) as pool:  # on an object store each read mostly waits on the network
             for keys in pool.map(keys_of, self.manifest.shards):
                 self.done.update(keys)
+        self.names = DecodedNames()  # the key rule's record of what the archive's keys decode to
+        for key in sorted(self.done):
+            self.names.add(key)
 
     def __enter__(self) -> ArchiveWriter:
         return self
@@ -1078,13 +1196,24 @@ class ArchiveWriter:
             self.lease.release()
 
     def commit(self, entry: ShardEntry | None, keys: list[str], failures: list[Failure]) -> None:
-        """Make one finished unit of work (a shard and/or its failed items) part of the archive."""
+        """Make one finished unit of work (a shard and/or its failed items) part of the archive.
+
+        Keys the key rule refuses (`keys.DecodedNames`: unsafe, or clashing once decoded with a key the
+        archive holds) are taken out of the shard, which is written again without them, and go to the
+        failure table (stage "list"): no writer stores what decode cannot give back."""
         overlap = self.done.intersection(keys)
         if overlap:  # a key in two shards would break "exactly once"; never commit that
             raise ArchiveError(f"shard {entry.path if entry else ''} repeats committed keys, e.g. {sorted(overlap)[0]}")
+        refused = {key: problem for key in sorted(keys) if (problem := self.names.admit(key))}
+        if refused:
+            entry = shard_without(self.archive, entry, set(refused)) if entry else None
+            keys = [key for key in keys if key not in refused]
+            failures = [*failures, *(Failure(key, "list", problem) for key, problem in refused.items())]
         if entry is not None:
             self.manifest.shards.append(entry)
             self.done.update(keys)
+            # The limit decode and verify apply is what the streams need, not what the encoder allowed.
+            self.manifest.max_pixels = max(self.manifest.max_pixels or 0, entry.largest_pixels) or None
         for key in keys:
             if self.failures.pop(key, None) is not None:  # a retried item that now succeeded
                 self._failures_changed = True

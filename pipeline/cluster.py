@@ -90,6 +90,31 @@ def pool_shape(actors: int | None = None) -> PoolShape:
     return PoolShape(actors or cpus, 0, 1)
 
 
+def unwrapped(exc: BaseException) -> BaseException:
+    """What Ray's wrappers hold: a task's or actor method's exception (`.cause`; the wrapper's text is a
+    traceback), Ray Train a worker's (`.worker_failures`), Ray Data a map function's (the UserCodeException
+    is raised from it). An actor constructor's exception is not held, only named in the wrapper's text."""
+    seen: set[int] = set()
+    while id(exc) not in seen and type(exc).__module__.startswith("ray."):
+        seen.add(id(exc))
+        inner = getattr(exc, "cause", None)
+        failures = getattr(exc, "worker_failures", None)
+        if not isinstance(inner, BaseException) and isinstance(failures, dict) and failures:
+            inner = next(iter(failures.values()))
+        if not isinstance(inner, BaseException) and type(exc).__name__ == "UserCodeException":
+            inner = exc.__cause__
+        if not isinstance(inner, BaseException):
+            break
+        exc = inner
+    return exc
+
+
+def diffarc_error_in(exc: BaseException) -> DiffarcError | None:
+    """The DiffarcError inside what Ray raised (`unwrapped`), or None."""
+    found = unwrapped(exc)
+    return found if isinstance(found, DiffarcError) else None
+
+
 class ActorsLostError(DiffarcError):
     """The same piece of work lost its actor too often: the job stops rather than keep killing actors."""
 

@@ -5,8 +5,9 @@ damaged or was written for other weights is reported and skipped; the others are
 that is missing, truncated or damaged (its size or SHA-256 is not the manifest's) is reported as an
 archive problem and skipped whole; the other shards are still decoded.
 Before any decoding the driver reads the selected shards' keys, so that two keys that would write one
-file (`dup.jpg` and `dup.png` both decode to `dup.png`) never do: the first, in key order, is written,
-and the others fail naming it.
+path (`dup.jpg` and `dup.png` both decode to `dup.png`; `a.jpg` decodes to the file `a.png` that
+`a.png/x.png` needs as a folder) never do: the first, in key order, is written, and the others fail
+naming it (`keys.DecodedNames`).
 The codec's weights are found by fingerprint (`codec_for_archive`): --model, then the archive's own
 models/ folder, the local cache, the location recorded when encoding (only with --trust-hint: it comes
 with the archive) and the built-in weights.
@@ -36,27 +37,10 @@ from .batches import failure_reason, map_batch
 from .cluster import actor_pool, run_on_pool, torch_device
 from .images import DEFAULT_MAX_PIXELS
 from .preflight import check_decode, check_reachable
-from .sources import decoded_stem, key_problem
+from .keys import OUTPUT_EXTENSIONS, DecodedNames, UnsafeKeyError, key_problem, output_name
 from .storage import Location
 
 OUTPUT_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP", "tiff": "TIFF", "bmp": "BMP"}
-EXTENSIONS = {"png": ".png", "jpeg": ".jpg", "webp": ".webp", "tiff": ".tif", "bmp": ".bmp"}
-
-
-class UnsafeKeyError(ValueError):
-    pass
-
-
-def output_name(key: str, image_format: str) -> str:
-    """The file a key decodes to under DST: its relative path, extension replaced by the format's.
-
-    Keys come from an archive, which may be hostile: none may climb out of DST or name an absolute path
-    (`sources.key_problem`, the rule encode lists keys by).
-    """
-    problem = key_problem(key)
-    if problem:
-        raise UnsafeKeyError(f"key {key!r} is not a safe relative path (it {problem}); refusing to write it")
-    return decoded_stem(key) + EXTENSIONS[image_format]
 
 
 def encode_image(pixels: np.ndarray, image_format: str) -> bytes:
@@ -131,7 +115,7 @@ class DecodeTask:
     entry: ShardEntry
     keys: list[str] | None
     prefix: str
-    # key → the earlier key whose output file it would overwrite: such keys are not written.
+    # key → how it clashes with an earlier key's output (`keys.DecodedNames`): such keys are not written.
     taken: dict[str, str] = field(default_factory=dict)
     # keys whose output file exists already: skipped unless overwriting.
     present: set[str] = field(default_factory=set)
@@ -189,8 +173,7 @@ class DecodeWorker:
                 failures.append(Failure(row["key"], "write", str(exc)))
                 continue
             if row["key"] in task.taken:
-                earlier = task.taken[row["key"]]
-                failures.append(Failure(row["key"], "write", f"decodes to {name}, the file of {earlier!r}; not written"))
+                failures.append(Failure(row["key"], "write", f"{task.taken[row['key']]}; not written"))
                 continue
             if not overwrite and row["key"] in task.present:
                 skipped += 1
@@ -287,8 +270,9 @@ def claim_outputs(
 ) -> tuple[list[DecodeTask], set[str]]:
     """The tasks whose shards' keys can be read, each with `taken` and `present` set, and every key found.
 
-    Each output file is claimed by the first key, in key order, that decodes to it; a later key that would
-    write the same file is marked taken. A key whose file is among the `existing` output names is marked
+    Each output path is claimed by the first key, in key order, that decodes to it; a later key that would
+    write the same file, or need a folder where a file is (or the reverse), is marked taken with how it
+    clashes. A key whose file is among the `existing` output names is marked
     present. A shard whose keys cannot be read is an archive problem (in
     `summary`), and its task is dropped. Keys are read a few shards at a time: on an object store each
     read waits on the network.
@@ -311,17 +295,15 @@ def claim_outputs(
         kept.append(task)
         found.update(keys)
         occurrences += [(key, len(kept) - 1) for key in keys]
-    owner: dict[str, str] = {}
+    names = DecodedNames([OUTPUT_EXTENSIONS[image_format]])
     for key, index in sorted(occurrences):
         if key_problem(key):
             continue  # refused where it is decoded, with its reason
-        name = output_name(key, image_format)
-        if name in owner:
-            kept[index].taken[key] = owner[name]
-        else:
-            owner[name] = key
-            if name in existing:
-                kept[index].present.add(key)
+        clash = names.admit(key)
+        if clash:
+            kept[index].taken[key] = clash
+        elif output_name(key, image_format) in existing:
+            kept[index].present.add(key)
     return kept, found
 
 

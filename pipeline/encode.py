@@ -265,7 +265,7 @@ def run_encode(
         worker_args = (options.codec, params, storage_options, options.max_pixels, options.fetch_threads, spare_cores)
         actors = held.enter_context(actor_pool(EncodeWorker, *worker_args, actors=options.actors, address=address))
         spec = ray.get(actors[0].codec_spec.remote())
-        writer = ArchiveWriter(archive, spec, without_credentials(src), options.max_pixels, lease)
+        writer = ArchiveWriter(archive, spec, without_credentials(src), lease)
         listing = listing.beside(writer.done)
         writer.record_refusals(listing.refused)
         if options.embed_model and spec.fingerprint and not writer.manifest.embedded_model(spec.fingerprint):

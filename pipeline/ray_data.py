@@ -33,12 +33,13 @@ import numpy as np
 import ray
 import ray.data
 
+from ..codecs import errors
 from ..codecs.base import Codec
-from ..codecs.errors import ArchiveError, BitstreamError, ParameterError
+from ..codecs.errors import ArchiveError, BitstreamError, DiffarcError, ParameterError
 from ..codecs.registry import codec_class, create_codec
 from .archive import ArchiveWriter, CodecSpec, EncodedItem, Failure, Manifest, ShardEntry, read_shard, write_shard
 from .batches import map_batch
-from .cluster import connect, pool_shape, torch_device
+from .cluster import connect, diffarc_error_in, pool_shape, torch_device
 from .decode import codec_for_archive, decode_streams, pixel_limit
 from .encode import codec_spec
 from .images import DEFAULT_MAX_PIXELS, load_rgb
@@ -67,6 +68,9 @@ def read_archive(
     connect()
     entries = [{"shard": json.dumps(asdict(entry))} for entry in manifest.shards]
     shards = ray.data.from_items(entries, override_num_blocks=max(1, len(entries)))  # a shard a block: read in parallel
+    # What the reads and decodes raise (ArchiveError, BitstreamError, ModelError) reaches the caller as it is,
+    # a DiffarcError, rather than wrapped in Ray Data's UserCodeException: this dataset's context only.
+    shards.context.raise_original_map_exception = True
     streams = shards.map_batches(_read_streams, batch_size=1, batch_format="numpy", fn_args=(archive, header))
     return streams.map_batches(
         ArchiveDecoder, batch_size=batch_size, batch_format="numpy",
@@ -146,10 +150,17 @@ class ArchiveDecoder:
     """An actor of `read_archive`'s pool: the archive's codec, loaded once, decoding batches of streams."""
 
     def __init__(self, archive: Location, header: Manifest, model: str | None, max_pixels: int, trust_hint: bool):
-        self.codec = codec_for_archive(archive, header, torch_device(), model, trust_hint=trust_hint)
+        # A codec that cannot be opened (no weights of the fingerprint) is said by the first batch: an error
+        # in a task reaches the caller as the DiffarcError it is, one in a constructor as Ray's ActorDiedError.
+        try:
+            self.codec, self.failed = codec_for_archive(archive, header, torch_device(), model, trust_hint=trust_hint), None
+        except DiffarcError as exc:
+            self.codec, self.failed = None, exc
         self.max_pixels = max_pixels
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        if self.failed is not None:
+            raise self.failed
         keys, streams = [str(k) for k in batch["key"]], [bytes(s) for s in batch["stream"]]
         return _image_rows(decode_or_raise(self.codec, keys, streams, self.max_pixels))
 
@@ -188,12 +199,25 @@ def write_archive(
     check_model_reference(params)
     archive = Location(url, storage_options, follow_links=False)
     check_writable(archive, "the archive")
+    try:
+        return _write_archive(ds, archive, codec, params, shard_size, batch_size, actors, max_pixels, retry_failed, source)
+    except Exception as exc:  # a DiffarcError raised on a worker reaches the caller as itself, not in Ray's wrappers
+        found = diffarc_error_in(exc)
+        if found is None or found is exc:
+            raise
+        raise found.with_traceback(None) from None
+
+
+def _write_archive(
+    ds: ray.data.Dataset, archive: Location, codec: str, params: dict, shard_size: int, batch_size: int,
+    actors: int | None, max_pixels: int, retry_failed: bool, source: str,
+) -> Manifest:  # fmt: skip
     with ExitStack() as held:
         lease = held.enter_context(WriterLease(archive))  # a second writer is refused before any work
         connect()
         # The spec (with the weights' fingerprint) needs the codec loaded: once, in a worker, not in the driver.
         spec = ray.get(ray.remote(_codec_spec).remote(codec, params))
-        writer = held.enter_context(ArchiveWriter(archive, spec, source, max_pixels, lease))
+        writer = held.enter_context(ArchiveWriter(archive, spec, source, lease))
         skip = writer.done | (set() if retry_failed else set(writer.failures))
         results = ds.map_batches(
             ShardEncoder, batch_size=shard_size, batch_format="numpy",
@@ -202,7 +226,10 @@ def write_archive(
         )  # fmt: skip
         # No prefetching: it would hold each finished shard back until the next one is done, uncommitted.
         for batch in results.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0):
-            for entry, keys, failures in zip(batch["entry"], batch["keys"], batch["failures"]):
+            for entry, keys, failures, error in zip(batch["entry"], batch["keys"], batch["failures"], batch["error"]):
+                if error:  # the encoder's DiffarcError, raised here as itself
+                    kind, message = json.loads(error)
+                    raise getattr(errors, kind, errors.DiffarcError)(message)
                 failures = [Failure(**f) for f in json.loads(failures)]
                 if entry or failures:
                     writer.commit(ShardEntry(**json.loads(entry)) if entry else None, json.loads(keys), failures)
@@ -220,12 +247,27 @@ class ShardEncoder:
         self, archive: Location, spec: CodecSpec, params: dict, skip: set[str], batch_size: int, max_pixels: int
     ):  # fmt: skip
         self.archive, self.spec = archive, spec  # the manifest's spec: shards refer to its id in the spec table
-        self.codec = create_codec(spec.name, params, device=torch_device())
-        if self.codec.fingerprint.hex() != spec.fingerprint:  # weights changed since the driver asked
-            raise ArchiveError(f"the {spec.name} weights on this worker are not the ones the archive records")
         self.skip, self.batch_size, self.max_pixels = skip, batch_size, max_pixels
+        self.failed = None  # said by the first batch (`__call__`)
+        try:
+            self.codec = create_codec(spec.name, params, device=torch_device())
+            if self.codec.fingerprint.hex() != spec.fingerprint:  # weights changed since the driver asked
+                raise ArchiveError(f"the {spec.name} weights on this worker are not the ones the archive records")
+        except DiffarcError as exc:
+            self.failed = exc
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[str]]:
+        """One result row: the shard's entry, its keys and failures, and (instead, when the job cannot go on)
+        the DiffarcError to stop it with, as (class name, message): Ray Data would hand the driver an
+        exception raised here wrapped in its own, and write_archive's caller should get the error itself."""
+        try:
+            return self._encode_shard(batch)
+        except DiffarcError as exc:
+            return {"entry": [""], "keys": ["[]"], "failures": ["[]"], "error": [json.dumps([type(exc).__name__, str(exc)])]}
+
+    def _encode_shard(self, batch: dict[str, np.ndarray]) -> dict[str, list[str]]:
+        if self.failed is not None:
+            raise self.failed
         if "key" not in batch or not {"image", "bytes"} & batch.keys():
             raise ParameterError(f"rows to archive need a key column and an image or bytes column, not {sorted(batch)}")
         keys = [str(k) for k in batch["key"]]
@@ -248,6 +290,7 @@ class ShardEncoder:
             "entry": [json.dumps(asdict(entry)) if entry else ""],
             "keys": [json.dumps([item.key for item in encoded])],
             "failures": [json.dumps([asdict(f) for f in failures])],
+            "error": [""],
         }
 
     def _load(self, key: str, batch: dict[str, np.ndarray], index: int, failures: list[Failure]):

@@ -11,7 +11,8 @@ name a file below any folder, and no two may name the same one. The listing sett
   bytes, not UTF-8) is refused;
 - of two URLs with one key (`s3://x.png` and `/x.png`), the second, in URL order, is refused;
 - of keys that decode to one file because they differ only in their extension (`dup.jpg`, `dup.png`),
-  all but the first are refused.
+  or of which one decodes to a file where another needs a folder (`a.jpg`, `a.png/x.png`), all but the
+  first are refused (the key rule, `keys.py`).
 
 Refused entries come back with their reasons (`Listing.refused`); encode records them in the failure
 table (stage "list") instead of finding out at decode time. Files whose extension is not an image
@@ -31,15 +32,13 @@ from urllib.parse import parse_qsl, urlsplit
 import fsspec
 
 from ..codecs.errors import SourceError
-from .storage import Location, read_file, relative_path_problem, retry_transient
+from .keys import DecodedNames, key_problem
+from .storage import Location, read_file, retry_transient
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".jpe", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff", ".avif", ".ppm", ".pgm", ".tga",
      ".heic", ".heif", ".hif", ".jxl"}  # fmt: skip  (HEIF and JPEG XL: plugins registered in codecs/parts/imagefile.py)
 )
-MAX_KEY_BYTES = 1024  # S3's limit on an object key
-MAX_NAME_BYTES = 255  # a file name on every common filesystem
-LONGEST_OUTPUT_EXTENSION = len(".webp")  # what decode may put in place of a key's extension
 # Query parameters that make a URL a credential: AWS and GCS signatures, Azure SAS, CloudFront, tokens.
 # A query holding any of them is left out of the key whole (the rest of a signed query names no image).
 CREDENTIAL_QUERY = re.compile(
@@ -63,49 +62,24 @@ class Listing:
     refused: dict[str, str] = field(default_factory=dict)
 
     def beside(self, archived: set[str]) -> Listing:
-        """This listing for an archive that already holds `archived`: an item whose decoded file would be
-        an archived key's (same name but for the extension) is refused as well."""
-        stems = {decoded_stem(key): key for key in archived}
+        """This listing for an archive that already holds `archived`: an item whose decoded file would clash
+        with an archived key's (`keys.DecodedNames`) is refused as well."""
+        names = DecodedNames()
+        for key in sorted(archived):
+            names.add(key)
         refused = dict(self.refused)
         items = []
         for item in self.items:
-            other = stems.get(decoded_stem(item.key), item.key)
-            if other != item.key and item.key not in archived:
-                refused[item.key] = _same_file(other)
+            clash = None if item.key in archived else names.clash(item.key)
+            if clash:
+                refused[item.key] = clash
             else:
                 items.append(item)
         return Listing(items, self.skipped_non_images, refused)
 
 
-def _same_file(other: str) -> str:
-    return f"decodes to the same file as {other!r} (the keys differ only in their extension); rename one of them"
-
-
 def is_image_name(name: str) -> bool:
     return posixpath.splitext(name)[1].lower() in IMAGE_EXTENSIONS
-
-
-def key_problem(key: str) -> str | None:
-    """Why `key` cannot name a decoded file below any folder (a phrase: "has a backslash"), or None."""
-    problem = relative_path_problem(key) if key else "is empty"
-    if problem:
-        return problem
-    try:
-        encoded = key.encode("utf-8")
-    except UnicodeEncodeError:
-        return "is not valid UTF-8"
-    if len(encoded) > MAX_KEY_BYTES:
-        return f"is longer than {MAX_KEY_BYTES} bytes"
-    *folders, name = key.split("/")
-    stem = posixpath.splitext(name)[0]
-    if any(len(f.encode()) > MAX_NAME_BYTES for f in folders) or len(stem.encode()) + LONGEST_OUTPUT_EXTENSION > MAX_NAME_BYTES:
-        return f"has a name longer than a file name may be ({MAX_NAME_BYTES} bytes)"
-    return None
-
-
-def decoded_stem(key: str) -> str:
-    """The part of a key that names its decoded file: all but the extension, which decode replaces."""
-    return posixpath.splitext(key)[0]
 
 
 def list_sources(src: str, storage_options: dict | None = None) -> Listing:
@@ -180,17 +154,14 @@ def hide_credentials(text: str, url: str) -> str:
 
 
 def _refuse_undecodable(items: list[SourceItem], skipped: int, refused: dict[str, str]) -> Listing:
-    kept, first_of_stem = [], {}
+    kept, names = [], DecodedNames()
     for item in sorted(items, key=lambda i: i.key):
-        problem = key_problem(item.key)
-        stem = decoded_stem(item.key)
-        if problem:
-            name = item.key.encode("utf-8", "backslashreplace").decode("utf-8")
-            refused[name] = f"key {problem}: it cannot name a decoded file"
-        elif stem in first_of_stem:
-            refused[item.key] = _same_file(first_of_stem[stem])
+        problem = names.admit(item.key)
+        if problem and key_problem(item.key):  # recorded under a name the failure table can hold
+            refused[item.key.encode("utf-8", "backslashreplace").decode("utf-8")] = problem
+        elif problem:
+            refused[item.key] = problem
         else:
-            first_of_stem[stem] = item.key
             kept.append(item)
     return Listing(kept, skipped, refused)
 

@@ -37,20 +37,22 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from ..codecs import container
 from ..codecs.errors import ArchiveError, BitstreamError, DiffarcError
 from ..codecs.registry import codec_class
 from ..codecs.parts.metrics import LPIPS, LPIPS_MIN_SIDE, ms_ssim, psnr
 from .archive import (
-    FAILURE_SCHEMA, Failure, Manifest, ShardEntry, check_embedded_weights, read_failure_table, read_parquet, read_shard,
-    require_manifest,
+    FAILURE_SCHEMA, Failure, Manifest, ShardEntry, check_embedded_weights, failure_limits, read_failure_table,
+    read_parquet, read_shard, require_manifest,
 )
 from .batches import failure_reason
 from .cluster import actor_pool, run_on_pool, torch_device
 from ..codecs.base import check_pixels
 from .decode import codec_for_archive, decode_streams, pixel_limit
 from .images import load_rgb
+from .keys import DecodedNames
 from .lease import current_writer
 from .preflight import check_verify
 from .sources import SourceItem, fetch, list_sources
@@ -155,10 +157,12 @@ class VerifyWorker:
         keys), measure those items too."""
         report = ShardReport(entry.path, [], [], [], [])
         try:
-            rows = read_shard(archive, entry, whole=True).to_pylist()
+            table = read_shard(archive, entry, whole=True, check_index=True)
         except ArchiveError as exc:
             report.problems.append(str(exc))
             return report
+        report.problems += column_problems(table, entry, self.manifest.codec.name)
+        rows = table.to_pylist()
         report.keys = [r["key"] for r in rows]
         for row in rows:
             try:
@@ -221,6 +225,24 @@ class VerifyWorker:
         return quality
 
 
+def column_problems(table: pa.Table, entry: ShardEntry, codec: str) -> list[str]:
+    """What a shard's columns say that no writer of this archive wrote: a source SHA-256 that is not 64 hex
+    digits, a stored size that is not its stream's, an image without pixels, a row of another codec."""
+    checks = {
+        "source_sha256 is not 64 lowercase hex digits": pc.invert(pc.match_substring_regex(table["source_sha256"], "^[0-9a-f]{64}$")),
+        "bitstream_bytes is not the stream's size": pc.not_equal(table["bitstream_bytes"], pc.binary_length(table["bitstream"])),
+        "width or height is not positive": pc.or_(pc.less(table["width"], 1), pc.less(table["height"], 1)),
+        "source_bytes is negative": pc.less(table["source_bytes"], 0),
+        f"codec is not {codec}": pc.not_equal(table["codec"], codec),
+    }  # fmt: skip
+    problems = []
+    for what, wrong in checks.items():
+        count = pc.sum(wrong).as_py() or 0
+        if count:
+            problems.append(f"{entry.path}: {count} rows whose {what}")
+    return problems
+
+
 def run_verify(
     archive_url: str,
     against: str | None = None,
@@ -273,6 +295,7 @@ def run_verify(
                     seen[key] = shard.path
                 if on_progress:
                     on_progress(done, len(manifest.shards), len(report.failures))
+    report.failures += _check_keys(seen)
     report.problems += _check_failure_table(archive, manifest, seen)
     report.problems = list(dict.fromkeys(report.problems))  # a problem every shard meets is said once
     for row in report.quality:
@@ -301,6 +324,13 @@ def _sampled_originals(against: str, fraction: float, storage_options: dict | No
     return _SampledOriginals([item for item in listing.items if in_sample(item.key, fraction)])
 
 
+def _check_keys(keys) -> list[Failure]:
+    """Keys decode would refuse or could not write beside the others (`keys.DecodedNames`, the writer's rule;
+    the first in key order keeps its name)."""
+    names = DecodedNames()
+    return [Failure(key, "key", problem) for key in sorted(keys) if (problem := names.admit(key))]
+
+
 def _check_failure_table(archive: Location, manifest: Manifest, encoded: dict[str, str]) -> list[str]:
     try:
         entry, data = read_failure_table(archive, manifest)
@@ -312,7 +342,9 @@ def _check_failure_table(archive: Location, manifest: Manifest, encoded: dict[st
     if hashlib.sha256(data).hexdigest() != entry["sha256"]:
         return [f"{path}: failure table's SHA-256 differs from the manifest"]
     try:
-        table = read_parquet(pa.BufferReader(data))
+        table = read_parquet(data, limits=failure_limits(entry))
+    except ArchiveError as exc:
+        return [str(exc)]
     except pa.ArrowException as exc:
         return [f"{path}: not a readable Parquet file ({exc})"]
     if not FAILURE_SCHEMA.equals(table.schema.remove_metadata()):

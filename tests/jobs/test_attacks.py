@@ -187,3 +187,165 @@ def test_a_linked_log_is_refused_by_every_reader(ray_cluster, image_folder, tmp_
         result = run(command[0], arc, *command[1:])
         assert result.exit_code == 1 and "_log is a symbolic link" in result.output, (command, result.output)
     assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------- 5: INTACT means every item comes back
+
+
+def jpeg_archive(path, keys: list[str], hostile: list[str] = ()):
+    """An archive of real jpeg streams written by the writer, plus a shard of `hostile` keys (which a writer
+    refuses) added to its manifest by hand; returns its Location."""
+    from diffarc.codecs.registry import create_codec
+    from diffarc.pipeline.archive import ArchiveWriter, CodecSpec, EncodedItem, write_shard
+    from diffarc.pipeline.storage import Location
+
+    from ..conftest import photo_like
+    from ..pipeline.test_archive import edit_manifest
+
+    codec = create_codec("jpeg")
+    spec = CodecSpec("jpeg", codec.config, "")
+    archive = Location(str(path))
+
+    def items(names):
+        streams = codec.encode([photo_like(16, 24, seed=i) for i in range(len(names))])
+        return [EncodedItem(k, s, 24, 16, 1000, "0" * 64) for k, s in zip(names, streams)]
+
+    writer = ArchiveWriter(archive, spec, source="images")
+    writer.commit(write_shard(archive, items(keys), spec), keys, [])
+    writer.finish()
+    if hostile:
+        entry = write_shard(archive, items(list(hostile)), spec)
+        edit_manifest(archive, lambda document: document["shards"].append(entry.__dict__))
+    return archive
+
+
+@pytest.mark.parametrize("key", ["../x.png", "/abs.png", "ctl\x01.png", "x.png"])
+def test_verify_calls_an_archive_with_a_key_decode_refuses_not_intact(ray_cluster, tmp_path, key):
+    jpeg_archive(tmp_path / "arc", ["a.png", "x.jpg"], hostile=[key])
+    verified = run("verify", tmp_path / "arc", "--json")
+    assert verified.exit_code == 3, verified.output
+    import json
+
+    failures = json.loads(verified.stdout)["failures"]
+    assert [(f["key"], f["stage"]) for f in failures] == [(key, "key")], failures
+    decoded = run("decode", tmp_path / "arc", tmp_path / "out")
+    assert decoded.exit_code == 3 and not (tmp_path / "x.png").exists() and not os.path.exists("/abs.png")
+
+
+def test_verify_calls_an_archive_whose_key_ranges_lie_not_intact(ray_cluster, tmp_path):
+    from ..pipeline.test_archive import edit_manifest
+
+    archive = jpeg_archive(tmp_path / "arc", ["a.png", "b.png", "c.png"])
+    edit_manifest(archive, lambda document: document["shards"][0].update(first_key="b.png"))
+    assert "not in the archive" in run("cat", tmp_path / "arc", "a.png", "-o", tmp_path / "a.png").output
+    verified = run("verify", tmp_path / "arc")
+    assert verified.exit_code == 3 and "keys run from 'a.png' to 'c.png', the manifest says 'b.png'" in verified.output
+
+
+def test_a_shard_that_asks_for_gigabytes_is_refused_before_they_are_taken(ray_cluster, tmp_path):
+    """8 kB of Parquet whose source_sha256 column, dictionary-encoded, is one 16 MiB string in every row."""
+    import hashlib
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from diffarc.codecs.errors import ArchiveError
+    from diffarc.pipeline.archive import SHARD_SCHEMA, load_manifest, read_shard
+
+    archive = jpeg_archive(tmp_path / "arc", ["a.png"])
+    entry = load_manifest(archive).shards[0]
+    table = pq.read_table(tmp_path / "arc" / entry.path).cast(SHARD_SCHEMA)
+    bomb = pa.concat_tables([table] * 200)
+    one_string = pa.DictionaryArray.from_arrays(pa.array([0] * 200, pa.int32()), pa.array(["a" * (16 << 20)]))
+    bomb = bomb.set_column(6, "source_sha256", one_string)
+    pq.write_table(bomb, tmp_path / "bomb.parquet", compression="ZSTD", store_schema=False)
+    data = (tmp_path / "bomb.parquet").read_bytes()
+    assert len(data) < 64_000  # and 3.2 GB once expanded
+    (tmp_path / "arc" / entry.path).write_bytes(data)
+    from ..pipeline.test_archive import edit_manifest
+
+    edit_manifest(archive, lambda d: d["shards"][0].update(rows=200, bytes=len(data), sha256=hashlib.sha256(data).hexdigest()))
+    entry = load_manifest(archive).shards[0]
+    before = pa.default_memory_pool().max_memory()
+    with pytest.raises(ArchiveError, match="column source_sha256 would take"):
+        read_shard(archive, entry, whole=True)
+    assert pa.default_memory_pool().max_memory() - before < 200 << 20
+    verified = run("verify", tmp_path / "arc")
+    assert verified.exit_code == 3 and "column source_sha256 would take" in verified.output
+
+
+def test_a_file_beside_a_folder_of_its_decoded_name_is_refused_when_listed(ray_cluster, tmp_path):
+    from PIL import Image
+
+    from ..conftest import photo_like
+
+    (tmp_path / "src" / "a.png").mkdir(parents=True)
+    Image.fromarray(photo_like(16, 24, 1)).save(tmp_path / "src" / "a.jpg")
+    Image.fromarray(photo_like(16, 24, 2)).save(tmp_path / "src" / "a.png" / "x.png")
+    encoded = run("encode", tmp_path / "src", tmp_path / "arc", "--codec", "avif")
+    assert encoded.exit_code == 3 and "1 refused at listing" in encoded.output, encoded.output
+    verified = run("verify", tmp_path / "arc")
+    assert verified.exit_code == 0 and "INTACT: 1 items" in verified.output, verified.output
+    decoded = run("decode", tmp_path / "arc", tmp_path / "out")
+    assert decoded.exit_code == 0 and (tmp_path / "out" / "a.png").is_file(), decoded.output
+
+
+# ---------------------------------------------------------------- 6: what a header may make decode cost
+
+
+def test_a_200_byte_ddcm_stream_claiming_256_by_16384_is_refused_at_once():
+    import time
+
+    from diffarc.codecs import container
+    from diffarc.codecs.errors import BitstreamError
+    from diffarc.codecs.registry import create_codec
+
+    from ..conftest import photo_like
+
+    codec = create_codec("ddcm", {"tile": 0})  # one codebook entry per step for the whole latent
+    header, payload = container.unpack(codec.encode([photo_like(64, 64, seed=1)])[0])
+    hostile = container.pack(container.Header("ddcm", header.params, header.fingerprint, 16384, 256), payload)
+    assert len(hostile) < 240  # 200 bytes before the 24-byte colour transform
+    started = time.perf_counter()
+    with pytest.raises(BitstreamError, match="asks for 21 passes over 4194304 pixels, over the 16777216 pixel-passes"):
+        codec.decode([hostile])  # the default limit of 100 MP, which archives used to record
+    assert time.perf_counter() - started < 1
+
+
+def test_an_archive_records_the_limit_its_streams_need(ray_cluster, image_folder, tmp_path):
+    import json
+
+    assert run("encode", image_folder, tmp_path / "arc", "--codec", "avif").exit_code == 0
+    facts = json.loads(run("info", tmp_path / "arc", "--json").stdout)
+    assert facts["items"] == 6
+    from diffarc.pipeline.archive import load_manifest
+    from diffarc.pipeline.storage import Location
+
+    assert load_manifest(Location(str(tmp_path / "arc"))).max_pixels == 64 * 64  # d.png, the largest image
+
+
+# ---------------------------------------------------------------- 7: the Python API's errors are DiffarcErrors
+
+
+def test_read_and_write_archive_raise_diffarc_errors_not_rays_wrappers(ray_cluster, tmp_path):
+    import numpy as np
+    import ray
+
+    import diffarc
+    from diffarc.codecs.errors import ArchiveError, ModelError, ParameterError
+    from diffarc.pipeline.archive import load_manifest
+
+    archive = jpeg_archive(tmp_path / "damaged", ["a.png", "b.png"])
+    shard = tmp_path / "damaged" / load_manifest(archive).shards[0].path
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 1
+    shard.write_bytes(bytes(data))
+    with pytest.raises(ArchiveError, match="size or SHA-256 differs from the manifest"):
+        diffarc.read_archive(str(tmp_path / "damaged")).take_all()
+    hyperprior_archive(tmp_path / "lost", {}, fingerprint=b"\x01" * 32)
+    with pytest.raises(ModelError, match="no model weights with fingerprint 0101"):
+        diffarc.read_archive(str(tmp_path / "lost")).take_all()
+    rows = ray.data.from_items([{"name": "a.png", "image": np.zeros((8, 8, 3), np.uint8)}])
+    with pytest.raises(ParameterError, match="need a key column") as raised:
+        diffarc.write_archive(rows, str(tmp_path / "written"), codec="jpeg")
+    assert type(raised.value) is ParameterError  # the error itself, not Ray's wrapper around it

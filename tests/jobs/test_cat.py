@@ -26,11 +26,12 @@ main(sys.argv[2:], prog_name="diffarc")
 """
 
 
-def archive_of(folder, codec, streams: dict[str, bytes], max_pixels: int | None = None) -> str:
-    """An archive holding these streams as they are (a hostile writer need not be diffarc's encoder)."""
+def archive_of(folder, codec, streams: dict[str, bytes]) -> str:
+    """An archive holding these streams as they are (a hostile writer need not be diffarc's encoder); it
+    records the largest size its rows claim as its pixel limit."""
     archive = Location(str(folder))
     spec = CodecSpec(codec.name, codec.stream_params, codec.fingerprint.hex())
-    writer = ArchiveWriter(archive, spec, source="hostile", max_pixels=max_pixels)
+    writer = ArchiveWriter(archive, spec, source="hostile")
     items = []
     for key, stream in streams.items():
         header = unpack(stream)[0]
@@ -53,13 +54,13 @@ def test_cat_takes_max_pixels_over_the_archives_own_limit(tmp_path):
 
 @pytest.mark.slow
 def test_cat_refuses_a_small_stream_claiming_a_large_image_in_one_sentence_and_bounded_memory(tmp_path):
-    # 12 megapixels is under the archive's 100-megapixel limit, but the stream's few range-coded words
+    # 12 megapixels is the archive's own limit, but the stream's few range-coded words
     # cannot hold the hyper-latent's 188 000 symbols (16 × 125 × 94): refused before they are decoded.
     codec = create_codec("latent-denoise")
     stream = codec.encode([photo_like(16, 16, seed=1)])[0]
     header, payload = unpack(stream)
     hostile = pack(dataclasses.replace(header, width=4000, height=3000), payload)
-    archive = archive_of(tmp_path / "arc", codec, {"big.png": hostile}, max_pixels=100_000_000)
+    archive = archive_of(tmp_path / "arc", codec, {"big.png": hostile})
     run = subprocess.run(
         [sys.executable, "-c", CAPPED_CLI, "1500", "cat", archive, "big.png", "-o", str(tmp_path / "big.png")],
         capture_output=True, text=True, timeout=300,

@@ -12,6 +12,8 @@ from diffarc.jobs.options import EXIT_BELOW_THRESHOLD, EXIT_ITEMS_FAILED
 from diffarc.pipeline.archive import ArchiveWriter, CodecSpec, EncodedItem, write_shard
 from diffarc.pipeline.storage import Location
 
+from ..pipeline.test_archive import edit_manifest
+
 pytestmark = pytest.mark.slow
 
 
@@ -70,9 +72,11 @@ def test_decode_refuses_keys_that_escape_the_destination(ray_cluster, tmp_path):
     archive = Location(str(tmp_path / "arc"))
     spec = CodecSpec("jpeg", codec.config, "")
     writer = ArchiveWriter(archive, spec, source="hostile")
-    keys = ["../escape.jpg", "/abs.jpg", "fine.jpg"]
-    writer.commit(write_shard(archive, [EncodedItem(k, stream, 8, 8, 1, "0" * 64) for k in keys], spec), keys, [])
+    writer.commit(write_shard(archive, [EncodedItem("fine.jpg", stream, 8, 8, 1, "0" * 64)], spec), ["fine.jpg"], [])
     writer.finish()
+    # A writer keeps such keys out; a hostile archive's author adds them by hand.
+    hostile = write_shard(archive, [EncodedItem(k, stream, 8, 8, 1, "0" * 64) for k in ["../escape.jpg", "/abs.jpg"]], spec)
+    edit_manifest(archive, lambda document: document["shards"].append(hostile.__dict__))
     result = run("decode", tmp_path / "arc", tmp_path / "out")
     assert result.exit_code == EXIT_ITEMS_FAILED
     assert "not a safe relative path" in result.output

@@ -578,3 +578,21 @@ def test_a_shard_committed_twice_in_the_log_is_refused(tmp_path):
     second_path.write_text(json.dumps(second))
     with pytest.raises(ArchiveError, match=re.escape(f"{commit_path(2)}: manifest field add_shards[0].path repeats")):
         load_manifest(archive)
+
+
+def test_a_writer_keeps_out_every_key_decode_could_not_give_back(tmp_path):
+    archive = Location(str(tmp_path))
+    writer = ArchiveWriter(archive, SPEC, source="src")
+    writer.commit(write_shard(archive, items(["a.jpg", "sub.png"]), SPEC), ["a.jpg", "sub.png"], [])
+    keys = ["../up.png", "a.png", "b.png", "sub.png/x.png"]
+    first = write_shard(archive, items(keys), SPEC)
+    writer.commit(first, keys, [])
+    manifest = writer.finish()
+    assert not (tmp_path / first.path).exists()  # written again without the refused rows
+    assert read_shard(archive, manifest.shards[1]).column("key").to_pylist() == ["b.png"]
+    assert {k: f.stage for k, f in read_failures(archive, manifest).items()} == {
+        "../up.png": "list", "a.png": "list", "sub.png/x.png": "list"}
+    reasons = {k: f.reason for k, f in read_failures(archive, manifest).items()}
+    assert reasons["a.png"].startswith("decodes to the same file as 'a.jpg'")
+    assert reasons["sub.png/x.png"].startswith("needs the folder sub.png, the file 'sub.png' decodes to")
+    assert reasons["../up.png"] == "key has an empty, '.' or '..' component: it cannot name a decoded file"

@@ -127,12 +127,18 @@ def test_verify_decodes_so_a_poisoned_stream_is_never_intact(ray_cluster, tmp_pa
 
 
 def test_two_keys_never_write_one_file(ray_cluster, tmp_path):
-    # Keys that differ only in their extension decode to one file; here they are in different shards.
-    write_archive(tmp_path / "arc", [["a.png", "dup.jpg"], ["dup.png", "z.png"]])
+    # Keys that differ only in their extension decode to one file; here they are in different shards, the
+    # second added to the manifest by hand (a writer refuses it).
+    archive = write_archive(tmp_path / "arc", [["a.png", "dup.jpg"], ["z.png"]])
+    images = [photo_like(16, 24, seed=10 + i) for i in range(2)]
+    items = [EncodedItem(k, s, 24, 16, 1000, "0" * 64) for k, s in zip(["dup.png", "z.png"], CODEC.encode(images))]
+    shard = write_shard(archive, items[:1], SPEC)
+    edit_manifest(tmp_path / "arc", lambda d: d["shards"].append(shard.__dict__))
     result = run_decode(str(tmp_path / "arc"), str(tmp_path / "out"))
     assert result.decoded == 3
     assert [(f.key, f.stage, f.reason) for f in result.failures] == [
-        ("dup.png", "write", "decodes to dup.png, the file of 'dup.jpg'; not written")
+        ("dup.png", "write", "decodes to the same file as 'dup.jpg' (the keys differ only in their extension); rename "
+                             "one of them; not written")
     ]
     expected = CODEC.decode(CODEC.encode([photo_like(16, 24, seed=1)]))[0]  # dup.jpg's image, not dup.png's
     from PIL import Image
