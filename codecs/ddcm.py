@@ -52,7 +52,7 @@ from .parts.bitpack import BitReader, BitWriter, combination_bits, rank_combinat
 from .container import Header
 from .errors import BitstreamError, ModelError, ParameterError
 from .parts.latents import VAE_DOWNSAMPLING, decode_latents, encode_latents, images_to_tensor, latent_size, tensor_to_images
-from .parts.models import DEFAULT_MODEL, MODEL_PARAM_HELP, PRECISIONS, load_model
+from .parts.models import DEFAULT_MODEL, MODEL_PARAM_HELP, PRECISIONS, builtin_model_weights, load_model
 from .parts.noise import gaussian
 from .parts.denoisers import DiffusionDenoiser
 from .parts.samplers import codebook_ddpm, linspace_schedule
@@ -103,6 +103,10 @@ class DdcmCodec(Codec):
             raise ParameterError(f"ddcm codebook size must be a power of two, got {config['codebook']}")
         if config["selection"] == "turbo" and config["atoms"] > config["codebook"]:
             raise ParameterError("ddcm turbo needs atoms <= codebook")
+
+    @classmethod
+    def builtin_weights(cls) -> dict:
+        return builtin_model_weights()
 
     @property
     def fingerprint(self) -> bytes:

@@ -45,7 +45,7 @@ from ..latent_denoise.codec import LatentDenoiseCodec, denoise
 from ..parts.denoisers import DiffusionDenoiser
 from ..parts.metrics import psnr
 from ..parts.colour import apply_colour, fit_colour, split_colour
-from ..parts.models import PRECISIONS, fingerprint, load_codec_model, part_folder
+from ..parts.models import PRECISIONS, builtin_model_weights, fingerprint, load_codec_model, part_folder
 from .correction import LEVELS, CorrectedDenoiser, correction_weight, privileged_level, split_level, strength
 from .restorer import LatentRestorer
 
@@ -97,6 +97,10 @@ class LatentCorrDiffCodec(Codec):
         if self.restorer_dir is not None:
             self.restorer, restorer_fingerprint = load_restorer(str(self.restorer_dir), str(device))
             self._fingerprint = hashlib.sha256(self.latent.fingerprint + restorer_fingerprint).digest()
+
+    @classmethod
+    def builtin_weights(cls) -> dict:
+        return builtin_model_weights()
 
     @staticmethod
     def _latent_params(config: dict) -> dict:

@@ -76,7 +76,8 @@ from ..parts.denoisers import DiffusionDenoiser, timestep_at
 from ..parts.latent_codecs import MeanScaleHyperpriorLatentCodec
 from ..parts.latents import VAE_DOWNSAMPLING, decode_latents, encode_latents, images_to_tensor, latent_size, tensor_to_images
 from ..parts.models import (
-    DEFAULT_MODEL, MODEL_PARAM_HELP, PRECISIONS, check_safetensors, fingerprint, load_model, part_folder,
+    DEFAULT_MODEL, MODEL_PARAM_HELP, PRECISIONS, builtin_model_weights, check_safetensors, fingerprint, load_model,
+    part_folder,
 )
 from ..parts.colour import COLOUR_BYTES, COLOUR_PARAM, apply_colour, fit_colour, split_colour
 from ..parts.noise import gaussian
@@ -187,6 +188,10 @@ class LatentDenoiseCodec(Codec):
         self.latent_codec = MeanScaleHyperpriorLatentCodec(
             self.predictors.hyper_analysis, self.predictors.hyper_synthesis, self.predictors.z_density, HYPER_STRIDE
         )
+
+    @classmethod
+    def builtin_weights(cls) -> dict:
+        return builtin_model_weights()
 
     @property
     def fingerprint(self) -> bytes:

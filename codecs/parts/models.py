@@ -61,6 +61,15 @@ UNET_CLASSES = ("UNet2DModel", "UNet2DConditionModel")
 COMPONENTS = ("vae", "unet")
 # The `model` parameter of every codec that decodes with a latent diffusion model: a location, not identity.
 DEFAULT_MODEL = "builtin:ldm-small"
+# Built-in models that were the default before: streams name weights by fingerprint, so theirs are still
+# looked for there (`Codec.builtin_weights`, registry.open_codec).
+FORMER_DEFAULT_MODELS: tuple[str, ...] = ()
+
+
+def builtin_model_weights() -> dict[str, dict[str, str]]:
+    """`Codec.builtin_weights` of a codec whose `model` parameter defaults to DEFAULT_MODEL: the default, and
+    each former default with the `model` that loads it."""
+    return {DEFAULT_MODEL: {}, **{reference: {"model": reference} for reference in FORMER_DEFAULT_MODELS}}
 MODEL_PARAM_HELP = "diffusers latent diffusion model: builtin:NAME, folder, URL or hub id"
 
 # The arithmetic a codec's `precision` parameter names; weights are cast to it at load.
