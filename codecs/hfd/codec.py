@@ -3,7 +3,10 @@
 
     encoder: image ─► base payload (bases.py: AVIF at `quality`, coded at 1/`scale` resolution; or the
              learned hyperprior codec at step `base_step` with `base=hyperprior`)
-    decoder: payload ─► base b ─► DetailDecoder, `steps` calls from seeded noise ─► r̂ ─► b + r̂ ─► image
+    decoder: payload ─► base b ─► detail decoder (detail.py), `steps` flow calls from seeded noise ─► r̂ ─► b + r̂ ─► image
+             pixel decoder (builtin:hfd-small): the flow on the residual in pixels
+             latent decoder (builtin:taef2): b ─► taef2 encoder ─► the flow on the latent's residual ─►
+                                            taef2 decoder, below σ px the base's own frequencies
 
 All the bits go to the base, which a fidelity-optimised codec spends where the content is; the detail
 decoder only adds what the base lost (texture, sharpness), so it cannot lose the content, and
@@ -17,6 +20,10 @@ Choices made here (the paper leaves the base open; its own is a learned MSE code
 - `scale` 2 or 4 codes the base at reduced resolution: the only way to go under AVIF's rate floor
   (about 0.07 bpp on Kodak) without its quality-0 artefacts; the detail decoder upsamples.
 - One decoder serves every quality and scale: both are inputs to the network (nets.py).
+- `model` names a pixel decoder's folder (its network's config.json and weights) or a latent model's folder
+  (an autoencoder's vae/ with the latent network in hfd/: `builtin:taef2`, or what `diffarc train hfd
+  --config latent-small` writes); the folder's layout says which. The pixel decoder learned to add an even
+  grain (MODELS.md); the latent one lets taef2's decoder render texture (detail.py).
 - The start noise comes from the counter-based field of `parts/noise.py` keyed by the stream's `seed`, so
   a decode is the same on any machine and device up to float rounding.
 - `detail` blends the sample toward the first network call's estimate (the posterior mean, i.e. the
