@@ -84,6 +84,14 @@ class DecodeCost:
 
 
 @dataclass(frozen=True)
+class EncoderNeeds:
+    """What a codec's encoder needs (`Codec.encoder_needs`)."""
+
+    gpu: bool  # worth a GPU where the cluster has them
+    weights: bool  # loads model weights to encode
+
+
+@dataclass(frozen=True)
 class Param:
     """One codec parameter, with the range a user may set it to."""
 
@@ -232,6 +240,51 @@ class Codec(ABC):
         local (a hub id). Codecs without weights have none."""
         return {}
 
+    def weights_files(self) -> dict[str, Any]:
+        """Every file this codec's loaders read (a Path), by its path in one weights folder laid out as
+        `weights_folders` says: what `encode --embed-model` copies. ModelError for weights that are not in
+        a local folder."""
+        from pathlib import Path
+
+        from .errors import ModelError
+        from .parts.models import weights_files
+
+        files = {}
+        for subfolder, source in self.weights_folders().items():
+            if source is None:
+                raise ModelError(f"{self.name} weights {self.locations} are not in a local folder (a hub id?); "
+                                 "download them to a folder to embed them")  # fmt: skip
+            for relative in weights_files(Path(source)):
+                files[f"{subfolder}/{relative}" if subfolder else relative] = Path(source) / relative
+        return files
+
+    @property
+    def hint(self) -> dict[str, Any]:
+        """Where this codec's weights were found, as an archive records it: its location parameters, local
+        folders as absolute paths (they name the same folder from any working directory)."""
+        from .parts.models import canonical_reference
+
+        return {k: canonical_reference(v) if isinstance(v, str) else v for k, v in self.locations.items()}
+
+    @classmethod
+    def check_locations(cls, params: Mapping[str, Any]) -> None:
+        """ModelError now for a location parameter naming a built-in or local folder that does not exist
+        (cheap); URLs and hub ids are left to the loaders, since resolving one would download it."""
+        references = [v for v in cls.split_params(params)[1].values() if isinstance(v, str) and v and "://" not in v]
+        if references:
+            from .parts.models import resolve_folder
+
+            for reference in references:
+                resolve_folder(reference)
+
+    @classmethod
+    def encoder_needs(cls, params: Mapping[str, Any]) -> "EncoderNeeds":
+        """What encoding with these (resolved) parameters needs: a GPU if one is there, and the model weights
+        at all. By default a codec with weights wants both; one whose encoder is classical (hfd's AVIF base)
+        says so, and its encode actors then take no GPU and load no network."""
+        weights = any(p.location for p in cls.params)
+        return EncoderNeeds(gpu=weights, weights=weights)
+
     @property
     def fingerprint(self) -> bytes:
         """Content hash of the model weights this codec decodes with; empty for codecs without weights."""
@@ -262,7 +315,11 @@ class Codec(ABC):
 
     def decode(self, streams: Sequence[bytes], max_pixels: int = DEFAULT_MAX_PIXELS) -> list[np.ndarray]:
         """One image per stream; every stream is checked (`read`) before any is decoded."""
-        parsed = [self.read(stream, max_pixels) for stream in streams]
+        return self.decode_checked([self.read(stream, max_pixels) for stream in streams])
+
+    def decode_checked(self, parsed: Sequence[tuple[Header, bytes]]) -> list[np.ndarray]:
+        """One image per (header, payload) that `check` (or `read`) has passed: a caller that parsed its
+        streams once (an archive reader) decodes them without parsing them again."""
         images = self.decode_payloads([p for _, p in parsed], [h for h, _ in parsed])
         for (header, _), image in zip(parsed, images, strict=True):
             if image.shape != (header.height, header.width, 3) or image.dtype != np.uint8:
@@ -286,6 +343,11 @@ class Codec(ABC):
         """Unpack a stream and refuse it unless this codec, with these weights, can decode it within
         `max_pixels` (module docstring)."""
         header, payload = container.unpack(stream)
+        self.check(header, payload, max_pixels)
+        return header, payload
+
+    def check(self, header: Header, payload: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+        """`read`'s checks of a stream already unpacked (`container.unpack_any`)."""
         self.check_header(header, header.fingerprint if self.decodes_any_weights else self.fingerprint)
         for param in (p for p in self.params if p.build_time):
             wanted = param.parse(header.params.get(param.name, param.default))  # check_header has parsed it
@@ -295,7 +357,6 @@ class Codec(ABC):
                     f"{param.name}={self.config[param.name]} (open it with the stream's parameters)"
                 )
         self.check_cost(header, payload, max_pixels)
-        return header, payload
 
     def check_cost(self, header: Header, payload: bytes, max_pixels: int) -> None:
         """Refuse a stream whose size or decoding work is over what `max_pixels` allows (module docstring)."""

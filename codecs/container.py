@@ -178,10 +178,24 @@ def compact(stream: bytes, spec_id: int, spec: Spec) -> bytes:
 def expand(stream: bytes, specs: Mapping[int, Spec]) -> bytes:
     """The full stream a compact one stands for, checked; a full stream is checked and returned as it is."""
     stream = bytes(stream)
-    version = _version(stream)
-    if not version & COMPACT:
+    if not _version(stream) & COMPACT:
         unpack(stream)
         return stream
+    return _compact_body(stream, specs)[0] + stream[-4:]
+
+
+def unpack_any(stream: bytes, specs: Mapping[int, Spec]) -> tuple[Header, bytes]:
+    """The header and payload of a stream of either framing, parsed and checked once: a compact stream
+    against the entry of `specs` it names (its CRC covers the spec), without building the full stream."""
+    stream = bytes(stream)
+    if not _version(stream) & COMPACT:
+        return unpack(stream)
+    _, spec, width, height = _compact_body(stream, specs)
+    return Header(spec.codec, spec.params, spec.fingerprint, width, height), stream[COMPACT_FRAMING.size : -4]
+
+
+def _compact_body(stream: bytes, specs: Mapping[int, Spec]) -> tuple[bytes, Spec, int, int]:
+    """(the full stream but its CRC, the spec, width, height) of a compact stream whose CRC matches."""
     if len(stream) < COMPACT_OVERHEAD:
         raise BitstreamError(f"compact bitstream is truncated ({len(stream)} bytes; needs at least {COMPACT_OVERHEAD})")
     _, _, spec_id, width, height = COMPACT_FRAMING.unpack_from(stream)
@@ -199,7 +213,7 @@ def expand(stream: bytes, specs: Mapping[int, Spec]) -> bytes:
             f"compact stream does not match codec spec {spec_id} ({describe(specs[spec_id])}): it is damaged "
             "or was written for another spec or other weights (CRC mismatch)"
         )
-    return body + stream[-4:]
+    return body, specs[spec_id], width, height
 
 
 def describe(spec: Spec) -> str:

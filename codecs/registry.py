@@ -119,14 +119,12 @@ def open_codec(
         if codec.fingerprint != fingerprint:
             raise ModelError(f"{name} streams carry no weights, but this one names fingerprint {fingerprint.hex()}")
         return codec
-    from .parts.models import cached_weights_folder
-
     candidates: list[tuple[str, dict | None]] = []  # (where, location params); None: nothing there
     if model:
         candidates.append((f"--model {model}", cls.locations_in(model)))
     if embedded:
         candidates.append((f"the archive's {embedded}", cls.locations_in(embedded)))
-    cached = cached_weights_folder(fingerprint.hex())
+    cached = cached_weights(fingerprint)
     candidates.append((f"the model cache {cached}", cls.locations_in(str(cached)) if cached.is_dir() else None))
     hint = {**recorded, **(hint or {})}
     untrusted = bool(hint) and not (trust_hint or _shipped(hint))
@@ -164,6 +162,30 @@ def open_codec(
     raise ModelError(
         f"no model weights with fingerprint {fingerprint.hex()} found for {name}; tried {'; '.join(tried)}. {advice}"
     )
+
+
+def cached_weights(fingerprint: bytes):
+    """The local model cache's folder for weights of this fingerprint (it may not exist): the third place
+    `open_codec` looks, and where an archive's embedded weights are copied to from a remote archive."""
+    from .parts.models import cached_weights_folder
+
+    return cached_weights_folder(fingerprint.hex())
+
+
+def cache_weights(fingerprint: bytes, fs, root: str, files) -> Any:
+    """Copy weights files (relative to `root` on the fsspec filesystem `fs`: an archive's models/ folder on an
+    object store) into the local model cache's folder for `fingerprint`, whole or not at all, once; returns it."""
+    from .parts.models import copy_folder
+
+    return copy_folder(fs, root, files, cached_weights(fingerprint))
+
+
+def weights_folder(reference: str):
+    """The local folder a weights reference (builtin:NAME, folder, fsspec URL) names, a remote one copied
+    into the cache once; None for a hub id."""
+    from .parts.models import resolve_folder
+
+    return resolve_folder(reference)
 
 
 def _shipped(locations: Mapping[str, Any]) -> bool:

@@ -7,6 +7,7 @@ Exit codes (all commands):
   2  bad usage (unknown option, malformed value)
   3  the job completed, but some items failed (they are listed in the summary / failure table)
   4  verify only: the archive is intact but some items are below a quality threshold
+  130  interrupted (Ctrl-C): finished work is kept, and the same command resumes
 """
 
 from __future__ import annotations

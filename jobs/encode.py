@@ -37,6 +37,9 @@ def encode(src, archive, codec, preset, params, shard_size, batch_size, max_pixe
 
     Running it again resumes: items already committed are skipped.
     """
+    from ..pipeline.preflight import check_source
+
+    check_source(src, storage_options)  # a mistyped SRC answers before the codec, pyarrow or Ray is imported
     from ..pipeline.encode import EncodeOptions, run_encode
 
     options = EncodeOptions(

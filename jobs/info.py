@@ -18,7 +18,7 @@ from .options import emit, json_option, storage_option
 def info(archive, price_per_gb_month, storage_options, as_json):
     """Counts, sizes, compression ratio, bpp, codec, failures and storage cost saved."""
     from ..pipeline.info import archive_info
-    from ..pipeline.lease import describe_holder
+    from ..pipeline.archive import describe_holder
 
     facts = archive_info(archive, price_per_gb_month, storage_options)
     bpp = facts["bpp"]

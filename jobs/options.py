@@ -25,6 +25,9 @@ import click
 
 EXIT_ITEMS_FAILED = 3
 EXIT_BELOW_THRESHOLD = 4
+EXIT_INTERRUPTED = 130  # what a shell reports for a command ended by Ctrl-C (128 + SIGINT)
+INTERRUPTED = ("interrupted: what was finished is kept (encode: every committed shard; decode: every image written), "
+               "and running the same command again resumes from there")  # fmt: skip
 
 
 def parse_params(ctx, param, values: tuple[str, ...]) -> dict[str, str]:
@@ -221,6 +224,9 @@ class ErrorPolicyGroup(click.Group):
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
+        except KeyboardInterrupt:  # click would say only "Aborted!"
+            click.echo(f"\n{INTERRUPTED}", err=True)
+            raise click.exceptions.Exit(EXIT_INTERRUPTED) from None
         except (click.ClickException, click.exceptions.Exit, click.Abort):
             raise  # usage errors and --help: click's, and answered without importing the pipeline
         except Exception as exc:
@@ -233,7 +239,7 @@ class ErrorPolicyGroup(click.Group):
 def expected_failure(exc: BaseException) -> str | None:
     """The sentence that explains an expected failure, or None when `exc` is a bug (or click's own)."""
     from ..codecs.errors import DiffarcError
-    from ..pipeline.preflight import describe_storage_failure
+    from ..pipeline.storage_failures import describe_storage_failure
 
     # Ray wraps what an actor raised (`cluster.unwrapped`); an actor constructor's exception is only text
     # that ends in the original "module.Class: message".

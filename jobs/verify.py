@@ -37,7 +37,7 @@ def verify(archive, against, sample, lpips_weights, min_psnr, min_ms_ssim, max_l
             "--max-lpips needs the LPIPS-squeeze weights: pass --lpips-weights FILE or set DIFFARC_LPIPS_WEIGHTS"
         )
     from ..codecs.parts.metrics import find_lpips_weights
-    from ..pipeline.lease import describe_holder
+    from ..pipeline.archive import describe_holder
     from ..pipeline.verify import Thresholds, run_verify
 
     weights = None
@@ -45,7 +45,7 @@ def verify(archive, against, sample, lpips_weights, min_psnr, min_ms_ssim, max_l
         weights = find_lpips_weights(lpips_weights)
         if weights is None:
             click.echo("notice: no LPIPS weights (--lpips-weights / DIFFARC_LPIPS_WEIGHTS); LPIPS skipped", err=True)
-    with Progress("verify", unit="shards") as progress:
+    with Progress("verify") as progress:
         report = run_verify(
             archive, against=against, fraction=sample,
             thresholds=Thresholds(min_psnr, min_ms_ssim, max_lpips), lpips_weights=str(weights) if weights else None,

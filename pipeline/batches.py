@@ -1,13 +1,22 @@
-"""What a job does when a codec call on a batch raises: find the bad item, record it, go on.
+"""A job's codec calls, in batches: the one shard encoder, the one stream decoder, and what either does
+when a codec call on a batch raises: find the bad item, record it, go on.
 
 Codecs work on batches (a GPU is only busy with several images at once), but one image a codec cannot
 handle (too wide for WebP, a payload that does not decode) must cost that image alone, never its batch,
-its shard or the job. Encode and decode both feed their batches through `map_batch`.
+its shard or the job. `encode_items` (`diffarc encode`, `write_archive`) and `decode_streams` (decode,
+verify, cat, read_archive) both feed their batches through `map_batch`.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Sequence, TypeVar
+from dataclasses import replace
+from typing import Any, Callable, Iterable, Sequence, TypeVar
+
+from ..codecs.base import Codec
+from ..codecs.container import Header
+from ..codecs.errors import BitstreamError
+from .archive import CodecSpec, EncodedItem, Failure, ShardEntry, write_shard
+from .storage import Location
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")
@@ -46,3 +55,56 @@ def map_batch(
         except Exception as exc:
             record_failure(item, failure_reason(exc))
     return done
+
+
+def encode_items(
+    codec: Codec, loaded: Iterable[tuple[EncodedItem, Any]], batch_size: int, archive: Location, spec: CodecSpec,
+    failures: list[Failure],
+) -> tuple[ShardEntry | None, list[str]]:  # fmt: skip
+    """The one shard encoder: encode `loaded` (items whose stream is still empty, each with its H×W×3 uint8
+    pixels) in batches of `batch_size`, an image the codec fails on recorded in `failures` (stage
+    "encode"), and write what was encoded as one shard referring to `spec`, the archive's (its id in the
+    spec table). Returns the shard's entry (None when nothing was encoded) and its keys; the caller's
+    writer commits them (`ArchiveWriter.commit`, which applies the key rule)."""
+    encoded: list[EncodedItem] = []
+
+    def encode(batch: list[tuple[EncodedItem, Any]]) -> None:
+        pairs = map_batch(
+            batch,
+            lambda items: codec.encode([pixels for _, pixels in items]),
+            lambda item, reason: failures.append(Failure(item[0].key, "encode", reason)),
+        )
+        encoded.extend(replace(item, bitstream=stream) for (item, _), stream in pairs)
+
+    batch: list[tuple[EncodedItem, Any]] = []
+    for item in loaded:  # an iterator: images are loaded (on threads, ahead) while a batch is encoded
+        batch.append(item)
+        if len(batch) == batch_size:
+            encode(batch)
+            batch = []
+    encode(batch)
+    entry = write_shard(archive, encoded, spec) if encoded else None
+    return entry, [item.key for item in encoded]
+
+
+def decode_streams(
+    codec: Codec, keys: list[str], streams: list[tuple[Header, bytes]], failures: list[Failure], max_pixels: int
+) -> list[tuple[str, Any]]:  # fmt: skip
+    """(key, pixels) for each stream (parsed once, by `ArchiveReader.streams`) that decodes; the rest become
+    failures naming the problem. A stream is refused before any decoding when this codec, with its
+    weights, cannot decode it within `max_pixels` (`Codec.check`: an archive from elsewhere may be
+    hostile); the others are decoded as one batch, which `map_batch` splits to find a stream the codec
+    fails on."""
+    checked = []
+    for key, (header, payload) in zip(keys, streams, strict=True):
+        try:
+            codec.check(header, payload, max_pixels)
+            checked.append((key, (header, payload)))
+        except BitstreamError as exc:
+            failures.append(Failure(key, "parse", str(exc)))
+    decoded = map_batch(
+        checked,
+        lambda batch: codec.decode_checked([stream for _, stream in batch]),
+        lambda item, reason: failures.append(Failure(item[0], "decode", reason)),
+    )
+    return [(key, pixels) for (key, _), pixels in decoded]

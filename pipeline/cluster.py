@@ -19,6 +19,7 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import threading
 from collections import deque
 from collections.abc import Sequence
 from contextlib import contextmanager
@@ -29,7 +30,7 @@ import ray
 from ray.exceptions import ActorDiedError, RayActorError
 
 from ..codecs.errors import DiffarcError
-from .storage import SETTINGS_ENV
+from .storage_failures import SETTINGS_ENV
 
 logger = logging.getLogger("diffarc.cluster")
 _connected_here = False
@@ -80,10 +81,11 @@ class PoolShape:
     cpus_per_actor: float
 
 
-def pool_shape(actors: int | None = None) -> PoolShape:
-    """One actor per GPU when the cluster has GPUs, else one per CPU core; `actors` overrides the count."""
+def pool_shape(actors: int | None = None, gpus: bool = True) -> PoolShape:
+    """One actor per GPU when the cluster has GPUs (and the work wants them: `gpus`), else one per CPU core;
+    `actors` overrides the count."""
     resources = ray.cluster_resources()
-    gpus = int(resources.get("GPU", 0))
+    gpus = int(resources.get("GPU", 0)) if gpus else 0
     if gpus:
         return PoolShape(actors or gpus, 1, 1)
     cpus = max(1, int(resources.get("CPU", 1)))
@@ -149,18 +151,21 @@ class ActorPool(Sequence):
 
 @contextmanager
 def actor_pool(
-    actor_class: type, *args: Any, actors: int | None = None, address: str | None = None
+    actor_class: type, *args: Any, actors: int | None = None, address: str | None = None, gpus: bool = True
 ) -> Iterator[ActorPool]:
-    """Actors of `actor_class(*args)`, shaped by `pool_shape(actors)`, alive for the `with` block.
+    """Actors of `actor_class(*args)`, shaped by `pool_shape(actors, gpus)`, alive for the `with` block.
 
     The actors are killed however the block is left (results consumed, an error, an interrupt), so a
     failed job does not leave actors holding GPUs and models in a cluster it joined.
     """
     connect(address)
-    shape = pool_shape(actors)
+    shape = pool_shape(actors, gpus)
     # SPREAD: on a cluster of CPU nodes the actors go one node after another instead of filling the
     # first (GPU actors spread anyway, one per GPU); a replacement goes wherever there is room.
-    remote = ray.remote(actor_class).options(
+    # An actor that reports its `progress` answers in a thread of its own while its work runs in the other.
+    groups = {"concurrency_groups": {PROGRESS_GROUP: 1}} if hasattr(actor_class, "progress") else {}
+    remote = ray.remote(**groups)(actor_class) if groups else ray.remote(actor_class)
+    remote = remote.options(
         num_gpus=shape.gpus_per_actor, num_cpus=shape.cpus_per_actor, max_restarts=0, max_task_retries=0,
         scheduling_strategy="SPREAD",
     )
@@ -169,6 +174,43 @@ def actor_pool(
         yield pool
     finally:
         pool.kill()
+
+
+PROGRESS_GROUP = "progress"  # the concurrency group of an actor's `progress` method
+
+
+@contextmanager
+def reported_progress(
+    pool: ActorPool, on_progress: Callable[[int, int, int], None] | None, total: int, seconds: float = 1.0
+) -> Iterator[None]:
+    """While the block runs, tell `on_progress(done, total, failed)` every `seconds` how many items the
+    pool's actors have done: each actor's `progress()` counts its items (and failed ones) over its life, so
+    the count moves within a shard, not only when one ends. A replaced actor's last count is kept: the
+    figure may run ahead of the truth by a lost shard's items until the job's end says it exactly."""
+    if on_progress is None:
+        yield
+        return
+    stop = threading.Event()
+    counts: dict[int, tuple[int, int]] = {}  # id of an actor handle → its (done, failed)
+
+    def poll() -> None:
+        while not stop.wait(seconds):
+            handles = list(pool)
+            for handle, answer in zip(handles, [handle.progress.remote() for handle in handles]):
+                try:
+                    counts[id(handle)] = ray.get(answer, timeout=seconds)
+                except Exception:  # dead or busy starting: its last count stands
+                    continue
+            done, failed = (sum(c[i] for c in counts.values()) for i in (0, 1))
+            on_progress(min(done, total), total, failed)
+
+    thread = threading.Thread(target=poll, name="diffarc-progress-poll", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 def torch_device() -> str:

@@ -25,15 +25,15 @@ from typing import Any, Callable, Iterator
 import ray
 
 from ..codecs.base import Codec
-from ..codecs.registry import create_codec
-from .archive import ArchiveWriter, CodecSpec, EmbeddedModel, EncodedItem, Failure, ShardEntry, embed_weights, write_shard
-from .batches import failure_reason, map_batch
+from ..codecs.registry import codec_class, create_codec
+from .archive import ArchiveWriter, CodecSpec, EmbeddedModel, EncodedItem, Failure, ShardEntry, WriterLease, embed_weights
+from .batches import encode_items, failure_reason
 from .cluster import IN_FLIGHT_PER_ACTOR, actor_pool, connect, describe_worker, pool_shape, run_on_pool, torch_device
 from .images import DEFAULT_MAX_PIXELS, load_rgb
-from .lease import WriterLease
 from .preflight import check_encode, list_source
 from .sources import SourceItem, fetch, hide_credentials, sha256_hex, without_credentials
-from .storage import Location, is_transient
+from .storage import Location
+from .storage_failures import is_transient
 
 
 @dataclass
@@ -104,16 +104,6 @@ class LoadedImage:
     source_sha256: str
 
 
-def codec_spec(codec: Codec) -> CodecSpec:
-    """What an archive records about the codec its streams are written with (ArchiveWriter compares it)."""
-    hint = codec.locations
-    if hint:  # an absolute path is still a good hint when decoding from another working directory
-        from ..codecs.parts.models import canonical_reference
-
-        hint = {k: canonical_reference(v) for k, v in hint.items()}
-    return CodecSpec(codec.name, codec.stream_params, codec.fingerprint.hex(), hint=hint)
-
-
 class EncodeWorker:
     """A Ray actor: one codec, loaded once, encoding whole shards."""
 
@@ -133,33 +123,25 @@ class EncodeWorker:
         self.decode_ahead = self.device != "cpu" or spare_cores
 
     def codec_spec(self) -> CodecSpec:
-        return codec_spec(self.codec)
+        return CodecSpec.of(self.codec)
 
     def embed_weights(self, archive: Location) -> EmbeddedModel:
         return embed_weights(archive, self.codec)
 
-    def encode_shard(self, archive: Location, items: list[SourceItem], batch_size: int) -> ShardResult:
+    def encode_shard(self, archive: Location, spec: CodecSpec, items: list[SourceItem], batch_size: int) -> ShardResult:
+        """Fetch, load and encode `items` as one shard whose streams refer to `spec`, the archive's."""
         started = time.perf_counter()
-        encoded: list[EncodedItem] = []
         failures: list[Failure] = []
         deferred: list[str] = []
-        batch: list[LoadedImage] = []
-        for loaded in self._load_ahead(items, batch_size, failures, deferred):
-            batch.append(loaded)
-            if len(batch) == batch_size:
-                encoded += self._encode_batch(batch, failures)
-                batch = []
-        encoded += self._encode_batch(batch, failures)
-        entry = write_shard(archive, encoded, self.codec_spec()) if encoded else None
-        return ShardResult(
-            entry, [e.key for e in encoded], failures, time.perf_counter() - started, describe_worker(self.device),
-            deferred,
-        )
+        loaded = self._load_ahead(items, batch_size, failures, deferred)
+        entry, keys = encode_items(self.codec, loaded, batch_size, archive, spec, failures)
+        return ShardResult(entry, keys, failures, time.perf_counter() - started, describe_worker(self.device), deferred)
 
     def _load_ahead(
         self, items: list[SourceItem], depth: int, failures: list[Failure], deferred: list[str]
-    ) -> Iterator[LoadedImage]:
-        """Loaded images in order, with up to 2·depth fetches (and, for a GPU, image decodes) running ahead."""
+    ) -> Iterator[tuple[EncodedItem, Any]]:
+        """Loaded images in order (each an item still without its stream, and its pixels), with up to 2·depth
+        fetches (and, for a GPU, image decodes) running ahead."""
         pending = []
         for item in items:
             pending.append(self.fetcher.submit(self._load if self.decode_ahead else self._fetch, item))
@@ -168,7 +150,7 @@ class EncodeWorker:
         for future in pending:
             yield from self._collect(future, failures, deferred)
 
-    def _collect(self, future, failures: list[Failure], deferred: list[str]) -> Iterator[LoadedImage]:
+    def _collect(self, future, failures: list[Failure], deferred: list[str]) -> Iterator[tuple[EncodedItem, Any]]:
         result = future.result()
         if isinstance(result, Fetched):
             result = self._decode(result)
@@ -177,7 +159,8 @@ class EncodeWorker:
         elif isinstance(result, Deferred):
             deferred.append(result.key)
         else:
-            yield result
+            height, width = result.pixels.shape[:2]
+            yield EncodedItem(result.item.key, b"", width, height, result.source_bytes, result.source_sha256), result.pixels
 
     def _load(self, item: SourceItem) -> LoadedImage | Failure | Deferred:
         fetched = self._fetch(item)
@@ -198,19 +181,6 @@ class EncodeWorker:
         except Exception as exc:
             return Failure(fetched.item.key, "load", str(exc))
         return LoadedImage(fetched.item, pixels, len(fetched.data), fetched.sha256)
-
-    def _encode_batch(self, batch: list[LoadedImage], failures: list[Failure]) -> list[EncodedItem]:
-        encoded = map_batch(
-            batch,
-            lambda images: self.codec.encode([b.pixels for b in images]),
-            lambda loaded, reason: failures.append(Failure(loaded.item.key, "encode", reason)),
-        )
-        return [self._encoded(loaded, stream) for loaded, stream in encoded]
-
-    @staticmethod
-    def _encoded(loaded: LoadedImage, stream: bytes) -> EncodedItem:
-        height, width = loaded.pixels.shape[:2]
-        return EncodedItem(loaded.item.key, stream, width, height, loaded.source_bytes, loaded.source_sha256)
 
 
 SHORTEST_TAIL_SHARD = 32  # items: below this, a shard's fixed costs (a task, a file, a commit) start to show
@@ -252,20 +222,24 @@ def run_encode(
     finished: a second encode into the same archive is refused at once, naming this one.
     """
     started = time.perf_counter()
-    params = check_encode(src, archive_url, options, storage_options)  # fails before Ray starts
-    archive = Location(archive_url, storage_options, follow_links=False)
+    params = check_encode(src, archive_url, options.codec, options.params, options.preset, storage_options)
+    archive = Location(archive_url, storage_options, follow_links=False)  # checked: fails before Ray starts
     encoded = failed = deferred = source_bytes = bitstream_bytes = 0
     workers: dict[tuple[str, int], dict] = {}
     with ExitStack() as held:
         lease = held.enter_context(WriterLease(archive))  # a second writer is refused here, before listing or Ray
         listing = list_source(src, storage_options)
         connect(address)
-        shape = pool_shape(options.actors)
+        # An encoder that runs no network (hfd's AVIF base, the classical codecs) takes no GPU.
+        gpus = codec_class(options.codec).encoder_needs(params).gpu
+        shape = pool_shape(options.actors, gpus)
         spare_cores = ray.cluster_resources().get("CPU", 0) > shape.actors * shape.cpus_per_actor
         worker_args = (options.codec, params, storage_options, options.max_pixels, options.fetch_threads, spare_cores)
-        actors = held.enter_context(actor_pool(EncodeWorker, *worker_args, actors=options.actors, address=address))
-        spec = ray.get(actors[0].codec_spec.remote())
-        writer = ArchiveWriter(archive, spec, without_credentials(src), lease)
+        actors = held.enter_context(
+            actor_pool(EncodeWorker, *worker_args, actors=options.actors, address=address, gpus=gpus)
+        )
+        writer = ArchiveWriter(archive, ray.get(actors[0].codec_spec.remote()), without_credentials(src), lease)
+        spec = writer.manifest.codec  # the spec table's entry: shards refer to its id
         listing = listing.beside(writer.done)
         writer.record_refusals(listing.refused)
         if options.embed_model and spec.fingerprint and not writer.manifest.embedded_model(spec.fingerprint):
@@ -282,7 +256,7 @@ def run_encode(
         if on_progress:
             on_progress(0, len(todo), 0)
         for result in run_on_pool(
-            actors, shards, lambda actor, items: actor.encode_shard.remote(archive, items, options.batch_size)
+            actors, shards, lambda actor, items: actor.encode_shard.remote(archive, spec, items, options.batch_size)
         ):
             writer.commit(result.entry, result.keys, result.failures)
             encoded += len(result.keys)

@@ -11,9 +11,7 @@ from collections import Counter
 import numpy as np
 
 from ..codecs.errors import ArchiveError
-from .archive import read_failures, read_shard, require_manifest
-from .lease import current_writer
-from .preflight import check_reachable
+from .archive import ArchiveReader, current_writer
 from .storage import Location
 
 GB = 1e9  # storage is priced per decimal gigabyte
@@ -24,17 +22,16 @@ def archive_info(archive_url: str, price_per_gb_month: float = 0.023, storage_op
 
     The default price is S3 Standard's first tier in us-east-1 (USD per GB-month).
     """
-    archive = Location(archive_url, storage_options, follow_links=False)
-    check_reachable(archive, "read the archive")  # exists() alone would call a missing bucket no archive
-    # The writer is looked up before the manifest is read: an encode that finishes in between then shows
-    # as complete, never as stopped (incomplete, with nobody writing).
-    writer = current_writer(archive)
-    manifest = require_manifest(archive)
+    # The writer is looked up before the manifest is read (again): an encode that finishes in between then
+    # shows as complete, never as stopped (incomplete, with nobody writing).
+    writer = current_writer(Location(archive_url, storage_options, follow_links=False))
+    reader = ArchiveReader.open(archive_url, storage_options, known_codec=False)
+    manifest = reader.manifest
     totals = {"items": 0, "shards": 0, "source_bytes": 0, "bitstream_bytes": 0, "archive_bytes": 0}
     bpp, problems = [], []
     for entry in manifest.shards:
         try:  # the file's size and row count are checked against the entry; sums come from the rows
-            table = read_shard(archive, entry, columns=["bitstream_bytes", "width", "height", "source_bytes"])
+            table = reader.read(entry, ["bitstream_bytes", "width", "height", "source_bytes"])
         except ArchiveError as exc:
             problems.append(str(exc))
             continue
@@ -50,7 +47,7 @@ def archive_info(archive_url: str, price_per_gb_month: float = 0.023, storage_op
         totals["archive_bytes"] += entry.bytes
     bpp = np.concatenate(bpp) if bpp else np.zeros(0)
     try:
-        failures = read_failures(archive, manifest)
+        failures = reader.failures()
     except ArchiveError as exc:
         problems.append(str(exc))
         failures = {}

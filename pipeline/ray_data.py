@@ -6,9 +6,10 @@
     write_archive: the user's rows (key + image, or key + file bytes) ─► encode a shard per batch (actor pool)
                    ─► the driver commits each shard as it arrives (ArchiveWriter), as `diffarc encode` does
 
-Only the shards the manifest lists are read (nothing is listed in the bucket), each checked against its entry
-(`read_shard`), and streams are decoded by `decode.decode_streams`, the function `diffarc decode` uses, so
-a row's image is the pixel array `diffarc decode` writes to its PNG.
+Only the shards the manifest lists are read (nothing is listed in the bucket), each through the archive's
+`ArchiveReader` and checked against its entry, and streams are decoded by `batches.decode_streams`, as
+`diffarc decode` decodes them; shards are encoded by `batches.encode_items`, as `diffarc encode` encodes
+them, and committed by the same `ArchiveWriter`, which applies the key rule.
 
 Choices:
 - An archive that is not complete (an encode still running, or stopped) is read as far as it is committed,
@@ -26,7 +27,7 @@ import json
 import logging
 from collections import Counter
 from contextlib import ExitStack
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from typing import Any, Iterator
 
 import numpy as np
@@ -37,14 +38,11 @@ from ..codecs import errors
 from ..codecs.base import Codec
 from ..codecs.errors import ArchiveError, BitstreamError, DiffarcError, ParameterError
 from ..codecs.registry import codec_class, create_codec
-from .archive import ArchiveWriter, CodecSpec, EncodedItem, Failure, Manifest, ShardEntry, read_shard, write_shard
-from .batches import map_batch
+from .archive import ArchiveReader, ArchiveWriter, CodecSpec, EncodedItem, Failure, Manifest, ShardEntry, WriterLease
+from .batches import decode_streams, encode_items
 from .cluster import connect, diffarc_error_in, pool_shape, torch_device
-from .decode import codec_for_archive, decode_streams, pixel_limit
-from .encode import codec_spec
 from .images import DEFAULT_MAX_PIXELS, load_rgb
-from .lease import WriterLease
-from .preflight import check_archive, check_model_reference, check_writable
+from .preflight import check_writable
 from .sources import sha256_hex
 from .storage import Location
 
@@ -62,19 +60,17 @@ def read_archive(
     Data scales them); `actors` fixes the count. `model`, `max_pixels` and `trust_hint` are decode's --model,
     --max-pixels and --trust-hint.
     """
-    archive, manifest = _open_archive(url, storage_options)
-    header = replace(manifest, shards=[])  # what a worker needs: the spec table and the models, not the shard list
-    limit = pixel_limit(manifest, max_pixels)
+    reader = _open(url, storage_options)
     connect()
-    entries = [{"shard": json.dumps(asdict(entry))} for entry in manifest.shards]
+    entries = [{"shard": json.dumps(asdict(entry))} for entry in reader.shards]
     shards = ray.data.from_items(entries, override_num_blocks=max(1, len(entries)))  # a shard a block: read in parallel
     # What the reads and decodes raise (ArchiveError, BitstreamError, ModelError) reaches the caller as it is,
     # a DiffarcError, rather than wrapped in Ray Data's UserCodeException: this dataset's context only.
     shards.context.raise_original_map_exception = True
-    streams = shards.map_batches(_read_streams, batch_size=1, batch_format="numpy", fn_args=(archive, header))
+    streams = shards.map_batches(_read_streams, batch_size=1, batch_format="numpy", fn_args=(reader,))
     return streams.map_batches(
         ArchiveDecoder, batch_size=batch_size, batch_format="numpy",
-        fn_constructor_args=(archive, header, model, limit, trust_hint), **_actor_pool(actors),
+        fn_constructor_args=(reader, model, reader.pixel_limit(max_pixels), trust_hint), **_actor_pool(actors),
     )  # fmt: skip
 
 
@@ -83,57 +79,48 @@ def iter_archive(
     max_pixels: int | None = None, device: str = "cpu", trust_hint: bool = False,
 ) -> Iterator[dict[str, Any]]:  # fmt: skip
     """The rows of `read_archive`, shard after shard in manifest order, decoded here on `device`."""
-    archive, manifest = _open_archive(url, storage_options)
-    codec = codec_for_archive(archive, manifest, device, model, trust_hint=trust_hint)
-    limit = pixel_limit(manifest, max_pixels)
-    for entry in manifest.shards:
-        keys, streams = shard_streams(archive, manifest, entry)
-        for start in range(0, len(keys), batch_size):
-            batch = decode_or_raise(codec, keys[start : start + batch_size], streams[start : start + batch_size], limit)
-            for key, pixels in batch:
+    reader = _open(url, storage_options)
+    codec = reader.codec(device, model, trust_hint=trust_hint)
+    limit = reader.pixel_limit(max_pixels)
+    for entry in reader.shards:
+        found = reader.streams(entry)  # read whole, checked against the manifest's size and SHA-256
+        _raise_failures(found.failures)
+        for start in range(0, len(found.keys), batch_size):
+            keys, streams = found.keys[start : start + batch_size], found.streams[start : start + batch_size]
+            for key, pixels in _decode_or_raise(codec, keys, streams, limit):
                 yield {"key": key, "image": pixels, "width": pixels.shape[1], "height": pixels.shape[0]}
 
 
-def _open_archive(url: str, storage_options: dict | None) -> tuple[Location, Manifest]:
-    archive = Location(url, storage_options, follow_links=False)
-    manifest = check_archive(archive)  # one sentence when it is no archive, or one of a codec we lack
-    if not manifest.complete:
+def _open(url: str, storage_options: dict | None) -> ArchiveReader:
+    reader = ArchiveReader.open(url, storage_options)  # one sentence when it is no archive, or one of a codec we lack
+    if not reader.manifest.complete:
         logger.warning("%s is not complete (an encode is running or stopped): reading its %d committed shards",
-                       url, len(manifest.shards))  # fmt: skip
-    return archive, manifest
+                       url, len(reader.shards))  # fmt: skip
+    return reader
 
 
-def shard_streams(archive: Location, manifest: Manifest, entry: ShardEntry) -> tuple[list[str], list[bytes]]:
-    """A shard's keys and its streams as the codec wrote them (standalone framing); the file is read whole
-    and checked against the manifest's size and SHA-256."""
-    table = read_shard(archive, entry, ["key", "bitstream"], whole=True)
-    keys = table.column("key").to_pylist()
-    streams = []
-    for key, stream in zip(keys, table.column("bitstream").to_pylist()):
-        try:
-            streams.append(manifest.expand(stream))
-        except BitstreamError as exc:
-            raise ArchiveError(f"{entry.path}: the stream of {key!r} does not parse ({exc})") from None
-    return keys, streams
-
-
-def decode_or_raise(codec: Codec, keys: list[str], streams: list[bytes], max_pixels: int) -> list[tuple[str, Any]]:
-    """(key, pixels) for every stream; any stream that does not decode stops the read, named."""
-    failures: list[Failure] = []
-    decoded = decode_streams(codec, keys, streams, failures, max_pixels)
+def _raise_failures(failures: list[Failure]) -> None:
+    """Any stream that does not parse or decode stops the read, named: a dataset has no report to put it in."""
     if failures:
         first = failures[0]
-        more = f" (and {len(failures) - 1} more in its batch)" if len(failures) > 1 else ""
+        more = f" (and {len(failures) - 1} more)" if len(failures) > 1 else ""
         raise ArchiveError(f"{first.key!r} cannot be decoded ({first.stage}: {first.reason}){more}")
+
+
+def _decode_or_raise(codec: Codec, keys: list[str], streams: list, max_pixels: int) -> list[tuple[str, Any]]:
+    failures: list[Failure] = []
+    decoded = decode_streams(codec, keys, streams, failures, max_pixels)
+    _raise_failures(failures)
     return decoded
 
 
-def _read_streams(batch: dict[str, np.ndarray], archive: Location, header: Manifest) -> dict[str, list]:
+def _read_streams(batch: dict[str, np.ndarray], reader: ArchiveReader) -> dict[str, list]:
+    """A shard's keys and streams as stored, the file read whole and checked; the decoder parses them."""
     keys, streams = [], []
     for shard in batch["shard"]:
-        more_keys, more_streams = shard_streams(archive, header, ShardEntry(**json.loads(shard)))
-        keys += more_keys
-        streams += more_streams
+        table = reader.read(ShardEntry(**json.loads(shard)), ["key", "bitstream"], whole=True)
+        keys += table.column("key").to_pylist()
+        streams += table.column("bitstream").to_pylist()
     return {"key": keys, "stream": streams}
 
 
@@ -149,20 +136,27 @@ def _image_rows(decoded: list[tuple[str, np.ndarray]]) -> dict[str, Any]:
 class ArchiveDecoder:
     """An actor of `read_archive`'s pool: the archive's codec, loaded once, decoding batches of streams."""
 
-    def __init__(self, archive: Location, header: Manifest, model: str | None, max_pixels: int, trust_hint: bool):
+    def __init__(self, reader: ArchiveReader, model: str | None, max_pixels: int, trust_hint: bool):
         # A codec that cannot be opened (no weights of the fingerprint) is said by the first batch: an error
         # in a task reaches the caller as the DiffarcError it is, one in a constructor as Ray's ActorDiedError.
+        self.reader, self.max_pixels = reader, max_pixels
         try:
-            self.codec, self.failed = codec_for_archive(archive, header, torch_device(), model, trust_hint=trust_hint), None
+            self.codec, self.failed = reader.codec(torch_device(), model, trust_hint=trust_hint), None
         except DiffarcError as exc:
             self.codec, self.failed = None, exc
-        self.max_pixels = max_pixels
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         if self.failed is not None:
             raise self.failed
-        keys, streams = [str(k) for k in batch["key"]], [bytes(s) for s in batch["stream"]]
-        return _image_rows(decode_or_raise(self.codec, keys, streams, self.max_pixels))
+        keys, failures, streams = [], [], []
+        for key, stream in zip(batch["key"], batch["stream"]):
+            try:
+                streams.append(self.reader.parse(bytes(stream)))
+                keys.append(str(key))
+            except BitstreamError as exc:
+                failures.append(Failure(str(key), "parse", str(exc)))
+        _raise_failures(failures)
+        return _image_rows(_decode_or_raise(self.codec, keys, streams, self.max_pixels))
 
 
 def _actor_pool(actors: int | None) -> dict[str, Any]:
@@ -196,7 +190,7 @@ def write_archive(
     archived exactly once. Resuming with another codec, parameters or weights is refused.
     """
     params = codec_class(codec).resolve_params(params or {}, preset)
-    check_model_reference(params)
+    codec_class(codec).check_locations(params)
     archive = Location(url, storage_options, follow_links=False)
     check_writable(archive, "the archive")
     try:
@@ -236,8 +230,8 @@ def _write_archive(
         return writer.finish()
 
 
-def _codec_spec(codec: str, params: dict):
-    return codec_spec(create_codec(codec, params))
+def _codec_spec(codec: str, params: dict) -> CodecSpec:
+    return CodecSpec.of(create_codec(codec, params))
 
 
 class ShardEncoder:
@@ -275,20 +269,12 @@ class ShardEncoder:
         if repeated:  # two rows of one key: archiving either would break "every key exactly once"
             raise ArchiveError(f"the dataset holds the key {repeated[0]!r} more than once")
         failures: list[Failure] = []
-        loaded = [item for index, key in enumerate(keys) if key not in self.skip
-                  if (item := self._load(key, batch, index, failures)) is not None]  # fmt: skip
-        encoded: list[EncodedItem] = []
-        for start in range(0, len(loaded), self.batch_size):
-            pairs = map_batch(
-                loaded[start : start + self.batch_size],
-                lambda items: self.codec.encode([pixels for _, pixels in items]),
-                lambda item, reason: failures.append(Failure(item[0].key, "encode", reason)),
-            )
-            encoded += [replace(item, bitstream=stream) for (item, _), stream in pairs]
-        entry = write_shard(self.archive, encoded, self.spec) if encoded else None
+        loaded = (item for index, key in enumerate(keys) if key not in self.skip
+                  if (item := self._load(key, batch, index, failures)) is not None)  # fmt: skip
+        entry, encoded = encode_items(self.codec, loaded, self.batch_size, self.archive, self.spec, failures)
         return {
             "entry": [json.dumps(asdict(entry)) if entry else ""],
-            "keys": [json.dumps([item.key for item in encoded])],
+            "keys": [json.dumps(encoded)],
             "failures": [json.dumps([asdict(f) for f in failures])],
             "error": [""],
         }

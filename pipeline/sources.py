@@ -33,7 +33,8 @@ import fsspec
 
 from ..codecs.errors import SourceError
 from .keys import DecodedNames, key_problem
-from .storage import Location, read_file, retry_transient
+from .storage import Location, read_file
+from .storage_failures import retry_transient
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".jpe", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff", ".avif", ".ppm", ".pgm", ".tga",

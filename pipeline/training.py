@@ -33,8 +33,7 @@ import torch
 from safetensors.torch import load_file
 
 from ..codecs.errors import ImageLoadError, SourceError
-from ..codecs.parts.models import resolve_folder
-from ..codecs.registry import training_task
+from ..codecs.registry import training_task, weights_folder
 from ..codecs.task import SettingsError, TrainingTask, TrainSettings
 from .images import load_rgb
 from .sources import fetch, list_sources
@@ -118,7 +117,7 @@ def load_checkpoint(folder: Path, model_class, optimizer_factory) -> tuple[Any, 
 def load_initial_weights(model: torch.nn.Module, reference: str) -> None:
     """Load a trained model's weights (a save_pretrained folder) into a new model of the same architecture,
     to fine-tune it; every tensor must match by name and shape (SettingsError otherwise)."""
-    folder = resolve_folder(reference)
+    folder = weights_folder(reference)
     files = sorted(folder.glob("*.safetensors")) if folder is not None else []
     if len(files) != 1:
         raise SettingsError("init", f"--init {reference} must be a folder holding one .safetensors weights file")

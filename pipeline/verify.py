@@ -1,17 +1,23 @@
 """The verify job: is the archive whole and decodable, and — against the originals — how good is it?
 
-Integrity, on every shard (in Ray actors): the shard's size and SHA-256 match the manifest, its row
-count and schema are right, every bitstream expands with the manifest's spec table and parses
-(container CRC, which covers the spec), was written by the archive's codec with the archive's weights,
-and states the width and height its row does. Across shards (driver): no key twice, no key both
-encoded and failed, the failure table matches its checksum, and embedded weights (models/) match their
-listed checksums and, recomputed, the fingerprint they are stored under. None of this needs the weights
-loaded, so an archive whose only copy of its weights is damaged is still checked, and reported NOT INTACT.
+Integrity — everything decode and cat rely on — on every shard (in Ray actors): the shard's size and
+SHA-256 match the manifest, its row count and schema are right, every column is read within a memory
+bound, its keys are sorted, unique and run exactly over the manifest's key range (and each row group's
+statistics over its own), its columns hold what a writer writes (a 64-hex-digit source SHA-256, a stored
+size that is the stream's, positive sizes, the archive's codec), and every stream parses once against
+the spec table (container CRC, which covers the spec), was written by the archive's codec with the
+archive's weights, and states the width and height its row does. Across shards (driver): no key twice,
+every key one decode can write beside the others (`keys.DecodedNames`, the writer's rule), no key both
+encoded and failed, the failure table is the file the manifest names, and embedded weights (models/)
+match their listed checksums and, recomputed, the fingerprint they are stored under. None of this needs
+the weights loaded, so an archive whose only copy of its weights is damaged is still checked, and
+reported NOT INTACT.
 
 Decoding: a checksum proves only that the bytes are the ones written, and an archive from elsewhere may
 carry streams that parse but do not decode. So the streams of a deterministic sample of items (chosen by
 a hash of the key, so the same fraction picks the same items every run; all of them by default) are
-decoded, as decode would — header and cost checks first — and a stream that fails is an item failure.
+decoded, as decode would — header and cost checks first, a batch at a time, each batch compared with
+its originals before the next is decoded — and a stream that fails is an item failure.
 INTACT therefore means the sampled items decode; streams that cannot be decoded for want of the
 weights make the archive NOT INTACT, saying why.
 
@@ -38,23 +44,18 @@ from typing import Callable
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import ray
 
-from ..codecs import container
-from ..codecs.errors import ArchiveError, BitstreamError, DiffarcError
-from ..codecs.registry import codec_class
-from ..codecs.parts.metrics import LPIPS, LPIPS_MIN_SIDE, ms_ssim, psnr
-from .archive import (
-    FAILURE_SCHEMA, Failure, Manifest, ShardEntry, check_embedded_weights, failure_limits, read_failure_table,
-    read_parquet, read_shard, require_manifest,
-)
-from .batches import failure_reason
-from .cluster import actor_pool, run_on_pool, torch_device
 from ..codecs.base import check_pixels
-from .decode import codec_for_archive, decode_streams, pixel_limit
+from ..codecs.errors import ArchiveError, BitstreamError, DiffarcError
+from ..codecs.parts.metrics import LPIPS, LPIPS_MIN_SIDE, ms_ssim, psnr
+from ..codecs.registry import codec_class
+from .archive import SHARD_SCHEMA, ArchiveReader, Failure, ShardEntry, check_embedded_weights, current_writer
+from .batches import decode_streams, failure_reason
+from .cluster import PROGRESS_GROUP, actor_pool, reported_progress, run_on_pool, torch_device
 from .images import load_rgb
 from .keys import DecodedNames
-from .lease import current_writer
-from .preflight import check_verify
+from .preflight import check_against
 from .sources import SourceItem, fetch, list_sources
 from .storage import Location
 
@@ -134,73 +135,85 @@ class VerifyReport:
 
 class VerifyWorker:
     """A Ray actor checking whole shards; the archive's codec (and LPIPS network) is loaded once, and only
-    when decoded images are compared with the originals."""
+    when there are streams to decode."""
 
     def __init__(
-        self, archive: Location, manifest: Manifest, lpips_weights: str | None, storage_options: dict | None,
-        max_pixels: int, model: str | None = None, trust_hint: bool = False,
+        self, reader: ArchiveReader, lpips_weights: str | None, storage_options: dict | None, max_pixels: int,
+        model: str | None = None, trust_hint: bool = False, batch_size: int = 8,
     ):  # fmt: skip
         self.device = torch_device()
-        self.manifest = manifest
-        self.codec_class = codec_class(manifest.codec.name)
-        self.archive, self.model, self.trust_hint = archive, model, trust_hint  # where to look for the weights
+        self.reader = reader
+        self.model, self.trust_hint = model, trust_hint  # where to look for the weights, if they are needed
         self.codec = None
         self.lpips = LPIPS(lpips_weights, self.device) if lpips_weights else None
         self.storage_options = storage_options
-        self.max_pixels = max_pixels
+        self.max_pixels, self.batch_size = max_pixels, batch_size
+        self.items = self.failed = 0  # over this actor's life, for `progress`
+
+    @ray.method(concurrency_group=PROGRESS_GROUP)
+    def progress(self) -> tuple[int, int]:
+        return self.items, self.failed
 
     def verify_shard(
-        self, archive: Location, entry: ShardEntry, originals: dict[str, SourceItem] | None, fraction: float,
-        against: str | None,
+        self, entry: ShardEntry, originals: dict[str, SourceItem] | None, fraction: float, against: str | None
     ) -> ShardReport:
-        """Check one shard and decode its sampled items; with `originals` (source items of its sampled
-        keys), measure those items too."""
+        """Check one shard and decode its sampled items, a batch at a time; with `originals` (source items
+        of its sampled keys), measure each batch's items too before the next is decoded."""
         report = ShardReport(entry.path, [], [], [], [])
         try:
-            table = read_shard(archive, entry, whole=True, check_index=True)
+            found = self.reader.streams(entry, columns=tuple(SHARD_SCHEMA.names), check_index=True)
         except ArchiveError as exc:
             report.problems.append(str(exc))
             return report
-        report.problems += column_problems(table, entry, self.manifest.codec.name)
-        rows = table.to_pylist()
-        report.keys = [r["key"] for r in rows]
-        for row in rows:
+        table = found.table
+        report.problems += column_problems(table, entry, self.reader.manifest.codec.name)
+        report.keys = table.column("key").to_pylist()
+        report.failures += found.failures
+        sizes = dict(zip(report.keys, zip(table.column("width").to_pylist(), table.column("height").to_pylist())))
+        stream_bytes = dict(zip(report.keys, table.column("bitstream_bytes").to_pylist()))
+        del found.table, table  # the streams stay, parsed; the columns are no longer needed
+        spec = self.reader.manifest.codec
+        cls = codec_class(spec.name)
+        sample = []
+        for key, (header, payload) in zip(found.keys, found.streams):
             try:
-                row["stream"] = self.manifest.expand(row["bitstream"])
-                header, _ = container.unpack(row["stream"])
-                self.codec_class.check_header(header, bytes.fromhex(self.manifest.codec.fingerprint))
+                cls.check_header(header, bytes.fromhex(spec.fingerprint))
                 check_pixels(header, self.max_pixels)
-                if (header.width, header.height) != (row["width"], row["height"]):
-                    raise BitstreamError(
-                        f"stream is {header.width}×{header.height}, row says {row['width']}×{row['height']}"
-                    )
+                if (header.width, header.height) != sizes[key]:
+                    raise BitstreamError(f"stream is {header.width}×{header.height}, row says {sizes[key][0]}×{sizes[key][1]}")
             except BitstreamError as exc:
-                report.failures.append(Failure(row["key"], "parse", str(exc)))
-        bad = {f.key for f in report.failures}
-        sample = {r["key"]: r for r in rows if r["key"] not in bad and in_sample(r["key"], fraction)}
+                report.failures.append(Failure(key, "parse", str(exc)))
+                continue
+            if in_sample(key, fraction):
+                sample.append((key, (header, payload)))
+        self.items += len(report.keys) - len(sample)
+        self.failed += len(report.failures)
         if not sample:
             return report
         try:
             if self.codec is None:
-                self.codec = codec_for_archive(self.archive, self.manifest, self.device, self.model,
-                                               trust_hint=self.trust_hint)  # fmt: skip
+                self.codec = self.reader.codec(self.device, self.model, trust_hint=self.trust_hint)
         except DiffarcError as exc:  # no weights with the archive's fingerprint: nothing proves the streams decode
             report.problems.append(f"streams not decoded: {exc}")
             return report
-        streams = [r["stream"] for r in sample.values()]
-        decoded = decode_streams(self.codec, list(sample), streams, report.failures, self.max_pixels)
-        report.decoded = len(decoded)
-        if originals is not None:
-            report.quality = self._compare(sample, decoded, originals, against, report.failures)
+        for start in range(0, len(sample), self.batch_size):  # a batch's images are let go before the next
+            batch = sample[start : start + self.batch_size]
+            before = len(report.failures)
+            keys, streams = [key for key, _ in batch], [stream for _, stream in batch]
+            decoded = decode_streams(self.codec, keys, streams, report.failures, self.max_pixels)
+            report.decoded += len(decoded)
+            if originals is not None:
+                report.quality += self._compare(decoded, stream_bytes, originals, against, report.failures)
+            self.items += len(batch)
+            self.failed += len(report.failures) - before
         return report
 
     def _compare(
-        self, sample: dict[str, dict], decoded: list, originals: dict[str, SourceItem], against: str,
+        self, decoded: list, stream_bytes: dict[str, int], originals: dict[str, SourceItem], against: str,
         failures: list[Failure],
     ) -> list[dict]:
         quality = []
         for key, pixels in decoded:
-            row = sample[key]
             if key not in originals:
                 failures.append(Failure(key, "verify", f"source unreadable: {against} has no {key!r}"))
                 continue
@@ -214,7 +227,7 @@ class VerifyWorker:
                 continue
             measured = {
                 "key": key,
-                "bpp": 8 * len(row["bitstream"]) / (row["width"] * row["height"]),
+                "bpp": 8 * stream_bytes[key] / (pixels.shape[0] * pixels.shape[1]),
                 "psnr": psnr(original, pixels),
                 "ms_ssim": ms_ssim(original, pixels),
                 "lpips": None,
@@ -256,47 +269,50 @@ def run_verify(
     on_progress: Callable[[int, int, int], None] | None = None,
     model: str | None = None,
     trust_hint: bool = False,
+    batch_size: int = 8,
 ) -> VerifyReport:
     started = time.perf_counter()
-    archive = Location(archive_url, storage_options, follow_links=False)
-    check_verify(archive, against, storage_options)  # fails before Ray starts
     # The writer is looked up before the manifest is read: an encode that finishes in between then shows
     # as complete, never as stopped.
-    writer = current_writer(archive)
-    manifest = require_manifest(archive)
+    writer = current_writer(Location(archive_url, storage_options, follow_links=False))
+    reader = ArchiveReader.open(archive_url, storage_options)  # fails before Ray starts
+    if against:
+        check_against(against, storage_options)
+    manifest = reader.manifest
     report = VerifyReport(shards=len(manifest.shards), lpips_used=bool(lpips_weights and against))
     if not manifest.complete:
         report.writing = writer
         if report.writing is None:
             report.problems.append("manifest is not marked complete: the encode job stopped before it finished")
-    report.problems += check_embedded_weights(archive, manifest)
+    report.problems += check_embedded_weights(reader.location, manifest)
     seen: dict[str, str] = {}
     if manifest.shards:
         sampled = _sampled_originals(against, fraction, storage_options) if against else None
-        limit = pixel_limit(manifest, max_pixels)
-        worker_args = (archive, manifest, lpips_weights, storage_options, limit, model, trust_hint)
+        worker_args = (reader, lpips_weights, storage_options, reader.pixel_limit(max_pixels), model, trust_hint, batch_size)
+        total = sum(entry.rows for entry in manifest.shards)
         with actor_pool(VerifyWorker, *worker_args, actors=actors, address=address) as pool:
-            shards = run_on_pool(
-                pool,
-                manifest.shards,
-                lambda actor, entry: actor.verify_shard.remote(
-                    archive, entry, None if sampled is None else sampled.within(entry), fraction, against
-                ),
-            )
-            for done, shard in enumerate(shards, start=1):
-                report.problems += shard.problems
-                report.failures += shard.failures
-                report.quality += shard.quality
-                report.decoded += shard.decoded
-                report.items += len(shard.keys)
-                for key in shard.keys:
-                    if key in seen:
-                        report.problems.append(f"key {key!r} is in two shards: {seen[key]} and {shard.path}")
-                    seen[key] = shard.path
-                if on_progress:
-                    on_progress(done, len(manifest.shards), len(report.failures))
+            with reported_progress(pool, on_progress, total):
+                shards = run_on_pool(
+                    pool,
+                    manifest.shards,
+                    lambda actor, entry: actor.verify_shard.remote(
+                        entry, None if sampled is None else sampled.within(entry), fraction, against
+                    ),
+                )
+                for shard in shards:
+                    report.problems += shard.problems
+                    report.failures += shard.failures
+                    report.quality += shard.quality
+                    report.decoded += shard.decoded
+                    report.items += len(shard.keys)
+                    for key in shard.keys:
+                        if key in seen:
+                            report.problems.append(f"key {key!r} is in two shards: {seen[key]} and {shard.path}")
+                        seen[key] = shard.path
+        if on_progress:
+            on_progress(report.items, total, len(report.failures))
     report.failures += _check_keys(seen)
-    report.problems += _check_failure_table(archive, manifest, seen)
+    report.problems += _check_failure_table(reader, seen)
     report.problems = list(dict.fromkeys(report.problems))  # a problem every shard meets is said once
     for row in report.quality:
         violations = thresholds.violations(row)
@@ -331,26 +347,15 @@ def _check_keys(keys) -> list[Failure]:
     return [Failure(key, "key", problem) for key in sorted(keys) if (problem := names.admit(key))]
 
 
-def _check_failure_table(archive: Location, manifest: Manifest, encoded: dict[str, str]) -> list[str]:
+def _check_failure_table(reader: ArchiveReader, encoded: dict[str, str]) -> list[str]:
     try:
-        entry, data = read_failure_table(archive, manifest)
+        entry, table = reader.failure_table()
     except ArchiveError as exc:
         return [str(exc)]
     if entry is None:
         return []
-    path = entry["path"]
-    if hashlib.sha256(data).hexdigest() != entry["sha256"]:
-        return [f"{path}: failure table's SHA-256 differs from the manifest"]
-    try:
-        table = read_parquet(data, limits=failure_limits(entry))
-    except ArchiveError as exc:
-        return [str(exc)]
-    except pa.ArrowException as exc:
-        return [f"{path}: not a readable Parquet file ({exc})"]
-    if not FAILURE_SCHEMA.equals(table.schema.remove_metadata()):
-        return [f"{path}: schema differs from the failure table format"]
     keys = table.column("key").to_pylist()
     problems = [f"key {k!r} is both encoded ({encoded[k]}) and in the failure table" for k in keys if k in encoded]
     if len(keys) != entry["rows"]:
-        problems.append(f"{path}: {len(keys)} rows, manifest says {entry['rows']}")
+        problems.append(f"{entry['path']}: {len(keys)} rows, manifest says {entry['rows']}")
     return problems

@@ -48,7 +48,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..base import Codec, DecodeCost, Param
+from ..base import Codec, DecodeCost, EncoderNeeds, Param
 from ..container import Header
 from ..errors import ModelError, ParameterError
 from ..parts.latents import padded_size, tensor_to_images
@@ -124,7 +124,7 @@ class HfdCodec(Codec):
         Param("base_step", float, 2.0, "hyperprior base: quantization step Δ, the rate knob (larger: fewer bits)",
               minimum=STEP_RANGE[0], maximum=STEP_RANGE[1]),
         Param("steps", int, 2, "detail decoder calls; 0 decodes the base alone", minimum=0, maximum=64),
-        Param("detail", float, 0.5, "0: the restoration (sharpest fidelity) … 1: the full sample (most texture)",
+        Param("detail", float, 0.5, "0: the restoration (a latent decoder: the base) … 1: the full sample (most texture)",
               minimum=0.0, maximum=1.0),
         Param("seed", int, 0, "seed of the start noise", minimum=0, maximum=0xFFFFFFFF),
     )  # fmt: skip
@@ -154,6 +154,12 @@ class HfdCodec(Codec):
         """Every shipped detail decoder, the defaults and those they replaced, whose streams keep decoding
         (`registry.open_codec` tries them all)."""
         return {reference: {"model": reference, "base": base} for reference, base in BUILTIN_DETAIL_MODELS.items()}
+
+    @classmethod
+    def encoder_needs(cls, params: dict) -> EncoderNeeds:
+        """An AVIF base is encoded by Pillow on the CPU: no GPU; the hyperprior base runs its network."""
+        learned = cls.resolve_params(cls.split_params(params)[0])["base"] == "hyperprior"
+        return EncoderNeeds(gpu=learned, weights=learned)
 
     @classmethod
     def check_config(cls, config: dict) -> None:

@@ -15,7 +15,7 @@ import s3fs
 from PIL import Image
 
 from diffarc.pipeline.archive import read_shard, require_manifest
-from diffarc.pipeline.lease import current_writer
+from diffarc.pipeline.archive import current_writer
 from diffarc.pipeline.storage import Location
 
 from ..conftest import cli_env, photo_like

@@ -15,7 +15,7 @@ from diffarc.codecs.registry import codec_for_header
 from diffarc.jobs.cli import main
 from diffarc.jobs.options import EXIT_ITEMS_FAILED
 from diffarc.pipeline.archive import require_manifest
-from diffarc.pipeline.decode import codec_for_archive
+from diffarc.pipeline.archive import ArchiveReader
 from diffarc.pipeline.storage import Location
 
 from ..conftest import photo_like, save_tiny_ldm
@@ -88,7 +88,7 @@ def test_verify_reports_a_tampered_embedded_weight_file(ray_cluster, image_folde
     # Decoding accepts no weights but the archive's fingerprint: the tampered copy is refused, by name.
     archive = Location(str(arc))
     with pytest.raises(ModelError, match=f"tried the archive's {arc}/models/{fingerprint} \\(weights "):
-        codec_for_archive(archive, require_manifest(archive))
+        ArchiveReader(archive, require_manifest(archive)).codec()
 
 
 def test_the_model_option_finds_weights_that_moved(ray_cluster, image_folder, weights, tmp_path):
@@ -99,14 +99,14 @@ def test_the_model_option_finds_weights_that_moved(ray_cluster, image_folder, we
     archive = Location(str(arc))
     manifest = require_manifest(archive)
     with pytest.raises(ModelError) as missing:
-        codec_for_archive(archive, manifest)
+        ArchiveReader(archive, manifest).codec()
     assert f"no model weights with fingerprint {manifest.codec.fingerprint} found for ddcm" in str(missing.value)
     assert f"The location recorded when encoding, model={weights}, was not looked at" in str(missing.value)
     with pytest.raises(ModelError, match=f"the recorded location model={weights} \\(ModelError: "):
-        codec_for_archive(archive, manifest, trust_hint=True)
+        ArchiveReader(archive, manifest).codec(trust_hint=True)
     other = save_tiny_ldm(tmp_path / "other", seed=1)
     with pytest.raises(ModelError, match=f"--model {other} \\(weights "):
-        codec_for_archive(archive, manifest, model=str(other))
+        ArchiveReader(archive, manifest).codec(model=str(other))
 
     decoded = run("decode", arc, tmp_path / "out", "--model", moved)
     assert decoded.exit_code == 0, decoded.output

@@ -14,14 +14,14 @@ import pytest
 import s3fs
 
 from diffarc.codecs.errors import ArchiveError
-from diffarc.pipeline.lease import LOCK, WriterLease, current_writer
+from diffarc.pipeline.archive.lease import LOCK, WriterLease, current_writer
 from diffarc.pipeline.storage import Location
 
 from ..conftest import cli_env
 
 HOLD = """
 import sys, time, json
-from diffarc.pipeline.lease import WriterLease
+from diffarc.pipeline.archive import WriterLease
 from diffarc.pipeline.storage import Location
 lease = WriterLease(Location(sys.argv[1], json.loads(sys.argv[2])), expire_seconds=float(sys.argv[3]), renew_seconds=0.5)
 print("held", flush=True)

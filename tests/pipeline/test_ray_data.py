@@ -17,8 +17,9 @@ from PIL import Image
 import diffarc
 from diffarc.codecs.errors import ArchiveError
 from diffarc.jobs.cli import main
-from diffarc.pipeline.archive import ArchiveWriter, EncodedItem, read_failures, read_shard, require_manifest, write_shard
-from diffarc.pipeline.encode import codec_spec
+from diffarc.pipeline.archive import (
+    ArchiveWriter, CodecSpec, EncodedItem, read_failures, read_shard, require_manifest, write_shard,
+)
 from diffarc.codecs.registry import create_codec
 from diffarc.pipeline.storage import Location
 
@@ -227,6 +228,23 @@ def test_write_archive_refuses_rows_it_cannot_archive_exactly_once(ray_four_cpus
         diffarc.write_archive(ray.data.from_items([{"name": "a"}]), str(tmp_path / "nokey"), codec="jpeg")
 
 
+def test_write_archive_records_every_key_decode_could_not_give_back(ray_four_cpus, tmp_path):
+    import ray
+
+    keys = ["../x.png", "/abs.png", "", "nul\0.png", "a.jpg", "fine.png", "a.png"]
+    rows = ray.data.from_items([{"key": key, "image": photo_like(8, 8, i)} for i, key in enumerate(keys)])
+    url = str(tmp_path / "arc")
+    # One row a shard: a.jpg and a.png reach the writer in separate commits, in whatever order they finish.
+    manifest = diffarc.write_archive(rows, url, codec="jpeg", shard_size=1)
+    stored = sorted(archive_keys(url))
+    failures = read_failures(Location(url), manifest)
+    assert stored in (["a.jpg", "fine.png"], ["a.png", "fine.png"])
+    assert set(failures) == {"../x.png", "/abs.png", "", "nul\0.png", ({"a.jpg", "a.png"} - set(stored)).pop()}
+    assert all(f.stage == "list" for f in failures.values())
+    decoded = cli("decode", url, str(tmp_path / "out"))
+    assert "decoded 2 images" in decoded and sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.png", "fine.png"]
+
+
 def test_read_archive_refuses_what_is_not_an_archive(ray_four_cpus, image_folder):
     with pytest.raises(ArchiveError, match="no diffarc archive at"):
         diffarc.read_archive(str(image_folder))
@@ -239,7 +257,7 @@ def test_an_incomplete_archive_is_read_as_far_as_it_is_committed(ray_four_cpus, 
     archive = Location(str(tmp_path / "arc"))
     codec = create_codec("jpeg", {})
     images = {f"k{i}": photo_like(16, 24, seed=i) for i in range(3)}
-    with ArchiveWriter(archive, codec_spec(codec), "test") as writer:  # committed, never finished
+    with ArchiveWriter(archive, CodecSpec.of(codec), "test") as writer:  # committed, never finished
         items = [EncodedItem(k, codec.encode([p])[0], 24, 16, p.nbytes, "0" * 64) for k, p in images.items()]
         writer.commit(write_shard(archive, items, writer.manifest.codec), list(images), [])
     write_shard(archive, items[:1], writer.manifest.codec)  # written, never committed: not part of the archive

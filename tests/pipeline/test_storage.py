@@ -11,9 +11,9 @@ import pytest
 import s3fs
 
 from diffarc.codecs.errors import StorageError
-from diffarc.pipeline.storage import (
-    RETRY_SECONDS_ENV, TIMEOUT_SECONDS_ENV, LinkRefused, Location, StorageUnavailableError, WriteConflict, is_transient,
-    retry_transient,
+from diffarc.pipeline.storage import LinkRefused, Location, WriteConflict
+from diffarc.pipeline.storage_failures import (
+    RETRY_SECONDS_ENV, TIMEOUT_SECONDS_ENV, StorageUnavailableError, is_transient, retry_transient,
 )
 
 from ..tcp_switch import TcpSwitch

@@ -29,8 +29,8 @@ import threading
 import time
 from datetime import datetime, timezone
 
-from ..codecs.errors import ArchiveError
-from .storage import Location, WriteConflict
+from ...codecs.errors import ArchiveError
+from ..storage import Location, WriteConflict
 
 LOCK = "writer.lock"
 EXPIRE_SECONDS = 60.0
