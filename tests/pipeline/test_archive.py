@@ -596,3 +596,27 @@ def test_a_writer_keeps_out_every_key_decode_could_not_give_back(tmp_path):
     assert reasons["a.png"].startswith("decodes to the same file as 'a.jpg'")
     assert reasons["sub.png/x.png"].startswith("needs the folder sub.png, the file 'sub.png' decodes to")
     assert reasons["../up.png"] == "key has an empty, '.' or '..' component: it cannot name a decoded file"
+
+
+def test_a_reader_opens_once_parses_each_stream_once_and_travels_without_its_shard_list(tmp_path):
+    import pickle
+
+    from diffarc.pipeline.archive import ArchiveReader
+
+    archive = Location(str(tmp_path))
+    writer = ArchiveWriter(archive, SPEC, source="src")
+    written = items(["a", "b", "c"], size=200)
+    entry = write_shard(archive, written, writer.manifest.codec)
+    writer.commit(entry, ["a", "b", "c"], [Failure("d", "load", "broken")])
+    writer.finish()
+    reader = ArchiveReader.open(str(tmp_path))
+    found = reader.streams(reader.shards[0], keys=["b", "c"])
+    assert found.keys == ["b", "c"] and not found.failures
+    assert [container.pack(*stream) for stream in found.streams] == [i.bitstream for i in written[1:]]
+    assert set(reader.failures()) == {"d"} and reader.pixel_limit() == 32 and reader.pixel_limit(10) == 10
+    travelled = pickle.loads(pickle.dumps(reader))
+    assert travelled.shards == [] and len(pickle.dumps(travelled)) < len(pickle.dumps(reader.manifest))
+    assert travelled.streams(entry).keys == ["a", "b", "c"]  # a worker is handed the entries it reads
+    (tmp_path / entry.path).write_bytes((tmp_path / entry.path).read_bytes()[:-1] + b"\x00")
+    with pytest.raises(ArchiveError, match="size or SHA-256 differs"):
+        reader.streams(entry)
