@@ -58,6 +58,18 @@ def test_steps_0_is_the_avif_picture_and_the_latent_decoder_refines_it(weights, 
     assert np.abs(detailed - base).mean() < 20
 
 
+def test_detail_scales_the_pictures_change_from_the_base(weights, image):
+    def decoded(detail):
+        codec = create_codec("hfd", {"model": weights, "quality": 20, "steps": 2, "detail": detail})
+        return codec.decode(codec.encode([image]))[0].astype(float)
+
+    base, full, half = decoded(0.0), decoded(1.0), decoded(0.5)
+    avif = create_codec("avif", {"quality": 20})
+    np.testing.assert_array_equal(base, avif.decode(avif.encode([image]))[0])
+    assert np.abs(full - base).mean() > 1
+    assert np.abs(half - (base + full) / 2).max() <= 1  # 8-bit rounding of each picture
+
+
 def test_the_low_frequencies_are_the_bases():
     """What the decoded latent adds is high-pass: a blur of the picture equals a blur of the base, nearly."""
     x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
