@@ -4,6 +4,7 @@ import dataclasses
 
 import pytest
 
+from diffarc.pipeline.archive import CodecSpec
 from diffarc.pipeline.encode import SHORTEST_TAIL_SHARD, EncodeWorker, cut_into_shards
 from diffarc.pipeline.images import DEFAULT_MAX_PIXELS
 from diffarc.pipeline.sources import list_sources
@@ -41,7 +42,8 @@ def test_decoding_on_threads_ahead_gives_what_decoding_in_turn_gives(ray_cluster
     for spare_cores in (False, True):
         worker = EncodeWorker("jpeg", {}, None, DEFAULT_MAX_PIXELS, 4, spare_cores)
         assert worker.decode_ahead is spare_cores  # on a CPU
-        results.append(worker.encode_shard(Location(str(tmp_path / f"arc{spare_cores}")), items, 3))
+        spec = CodecSpec("jpeg", worker.codec.stream_params, "")
+        results.append(worker.encode_shard(Location(str(tmp_path / f"arc{spare_cores}")), spec, items, 3))
     in_turn, ahead = results
     good = sorted(key for key, shape in expected.items() if shape is not None)
     assert sorted(in_turn.keys) == good and in_turn.keys == ahead.keys
