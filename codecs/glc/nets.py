@@ -39,6 +39,13 @@ HYPER_STRIDE = 4  # h_a: two more, so ζ is at 1/64
 # The steps Δ the model trains for, and the anchors of its rate modulation, log-spaced across them.
 STEP_RANGE = (0.35, 16.0)
 ANCHORS = 5
+# y starts this many times larger than PyTorch's initialisation makes it (and g_s's first layer as much
+# smaller): a trained y spans a few quantization steps, an initialised one tenths (measured: std 0.2–0.4),
+# and so does ζ, which then rounds to 0 while its density, spread over ±2, charges ~1.7 bits a value.
+# Adam moves the density's parameters by about the learning rate per step: too slowly to follow.
+# ζ gets its own gain: h_a's two strided layers shrink it tenfold again.
+INIT_GAIN = 8.0
+ZETA_GAIN = 10.0
 
 
 def conv3(c_in: int, c_out: int) -> nn.Conv2d:
@@ -110,6 +117,12 @@ class GlcModel(ModelMixin, ConfigMixin):
         self.hyper_analysis = nn.Sequential(conv3(m, h), nn.LeakyReLU(), down(h, h), nn.LeakyReLU(), down(h, h))
         self.hyper_synthesis = nn.Sequential(up(h, h), nn.LeakyReLU(), up(h, h), nn.LeakyReLU(), conv3(h, 2 * m))
         self.z_density = LogisticMixtureDensity(h, mixtures)
+        with torch.no_grad():
+            for gain, into, out_of in ((INIT_GAIN, self.analysis.tail, self.synthesis.head),
+                                       (ZETA_GAIN, self.hyper_analysis[-1], self.hyper_synthesis[0])):  # fmt: skip
+                into.weight.mul_(gain)
+                into.bias.mul_(gain)
+                out_of.weight.div_(gain)
 
     def forward(self, z: torch.Tensor, step: torch.Tensor, uniform_y: torch.Tensor | None, uniform_z: torch.Tensor | None):
         """(ẑ, bits of y, bits of ζ), bits summed per image, for latents z whose sides are multiples of

@@ -39,11 +39,11 @@ from .nets import HYPER_STRIDE, LATENT_STRIDE, STEP_RANGE, GlcModel
 
 MODEL_CONFIGS: dict[str, dict[str, Any]] = {
     "tiny": dict(channels=8, y_channels=8, hyper_channels=8, blocks=1, mixtures=2),
-    "small": dict(channels=96, y_channels=128, hyper_channels=64, blocks=2, mixtures=3),
+    "small": dict(channels=64, y_channels=128, hyper_channels=64, blocks=2, mixtures=3),
     "base": dict(channels=192, y_channels=192, hyper_channels=128, blocks=3, mixtures=3),
 }
 PIXELS = "-pixels"  # the suffix of a config trained on pixel MSE through the decoder
-LAMBDA_LATENT = 1.0  # λ₀: bpp per unit of latent MSE at Δ = 1
+LAMBDA_LATENT = 2.0  # λ₀: bpp per unit of latent MSE at Δ = 1
 LATENT_PER_PIXEL_MSE = 1 / 400  # latent MSE per unit of MSE₂₅₅ near Δ = 1 (module docstring)
 LAMBDA_PIXELS = LAMBDA_LATENT * LATENT_PER_PIXEL_MSE
 MARGIN = 3  # latent px left out of the pixel loss at each side of a crop (crops are at least 8)
