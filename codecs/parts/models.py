@@ -60,10 +60,10 @@ VAE_CLASSES = ("AutoencoderKL", "AutoencoderTiny", "Taef2Autoencoder")
 UNET_CLASSES = ("UNet2DModel", "UNet2DConditionModel")
 COMPONENTS = ("vae", "unet")
 # The `model` parameter of every codec that decodes with a latent diffusion model: a location, not identity.
-DEFAULT_MODEL = "builtin:ldm-small"
+DEFAULT_MODEL = "builtin:taef2"
 # Built-in models that were the default before: streams name weights by fingerprint, so theirs are still
 # looked for there (`Codec.builtin_weights`, registry.open_codec).
-FORMER_DEFAULT_MODELS: tuple[str, ...] = ()
+FORMER_DEFAULT_MODELS: tuple[str, ...] = ("builtin:ldm-small",)  # until issue 22
 
 
 def builtin_model_weights() -> dict[str, dict[str, str]]:

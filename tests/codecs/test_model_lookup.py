@@ -55,7 +55,7 @@ def test_the_same_weights_under_any_path_decode_and_other_weights_are_refused(we
     assert f"fingerprint {header.fingerprint.hex()}" in message
     assert f"--model {weights['other']} (weights " in message
     assert "model-cache" in message and "(absent)" in message
-    assert "the default model=builtin:ldm-small (weights " in message
+    assert "the default model=builtin:taef2 (weights " in message
 
 
 def test_the_model_cache_is_keyed_by_fingerprint(weights, tmp_path):

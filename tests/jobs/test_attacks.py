@@ -302,7 +302,9 @@ def test_a_200_byte_ddcm_stream_claiming_256_by_16384_is_refused_at_once():
 
     from ..conftest import photo_like
 
-    codec = create_codec("ddcm", {"tile": 0})  # one codebook entry per step for the whole latent
+    # One codebook entry per step for the whole latent; 64 entries: at 256 the claimed size of the default
+    # model's 32-channel latent is refused even earlier, by the codebook draws it asks for.
+    codec = create_codec("ddcm", {"tile": 0, "codebook": 64})
     header, payload = container.unpack(codec.encode([photo_like(64, 64, seed=1)])[0])
     hostile = container.pack(container.Header("ddcm", header.params, header.fingerprint, 16384, 256), payload)
     assert len(hostile) < 240  # 200 bytes before the 24-byte colour transform

@@ -55,7 +55,7 @@ def test_cat_takes_max_pixels_over_the_archives_own_limit(tmp_path):
 @pytest.mark.slow
 def test_cat_refuses_a_small_stream_claiming_a_large_image_in_one_sentence_and_bounded_memory(tmp_path):
     # 12 megapixels is the archive's own limit, but the stream's few range-coded words
-    # cannot hold the hyper-latent's 188 000 symbols (16 × 125 × 94): refused before they are decoded.
+    # cannot hold the hyper-latent's 376 000 symbols (32 × 125 × 94): refused before they are decoded.
     codec = create_codec("latent-denoise")
     stream = codec.encode([photo_like(16, 16, seed=1)])[0]
     header, payload = unpack(stream)
@@ -67,5 +67,5 @@ def test_cat_refuses_a_small_stream_claiming_a_large_image_in_one_sentence_and_b
     )  # fmt: skip
     assert run.returncode == 1, run.stderr[-2000:]
     assert "Traceback" not in run.stderr
-    assert "words cannot hold 16×11750 symbols" in run.stderr
+    assert "words cannot hold 32×11750 symbols" in run.stderr
     assert not (tmp_path / "big.png").exists()
