@@ -72,6 +72,24 @@ def test_tiled_encode_and_decode_equal_the_whole_ones(vae):
         assert (vae.decode(whole, tile=8).sample - vae.decode(whole).sample).abs().max() < 1e-5
 
 
+def test_a_crop_decoded_with_its_pictures_statistics_renders_as_inside_the_picture(vae):
+    """glc's pixel fine-tune decodes crops this way. 8 latent px from the crop's edge it renders as the whole
+    picture does (the edge's effect fades over about 10 px: 2·10⁻² at 6, 5·10⁻³ at 8); with its own statistics
+    it is off everywhere. A picture given its own statistics decodes exactly as without them."""
+    image = photo_like(64, 256, 5)
+    image[:, 128:] //= 4  # the right half dark: the left crop's own statistics are far off
+    with torch.inference_mode():
+        z = vae.encode(images_to_tensor([image], image.shape[:2], "cpu", torch.float32)).latents
+        statistics = vae.pool_statistics(z)
+        whole = vae.decode(z).sample
+        assert torch.equal(vae.decode(z, statistics=statistics).sample, whole)
+        away = (..., slice(0, 64))  # latent columns 0–7 of the 16 the crop keeps
+        in_place = vae.decode(z[..., :16], statistics=statistics).sample[away]
+        on_its_own = vae.decode(z[..., :16]).sample[away]
+        assert (in_place - whole[away]).abs().max() < 1e-2
+        assert (on_its_own - whole[away]).abs().max() > 0.1
+
+
 def test_memory_is_bounded_by_the_tile_and_the_band_whatever_the_picture(vae, monkeypatch):
     """The full-resolution stages only ever see a tile with its halo, and the pool branch's 256 channels
     only a band of rows: what coding a picture of any size holds beyond a few latent-sized copies."""
