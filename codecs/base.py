@@ -285,6 +285,13 @@ class Codec(ABC):
         weights = any(p.location for p in cls.params)
         return EncoderNeeds(gpu=weights, weights=weights)
 
+    @classmethod
+    def encoder(cls, params: Mapping[str, Any], fingerprint: bytes, device: str = "cpu") -> "Codec":
+        """The codec an encode worker encodes with, for streams of the weights named by `fingerprint` (the
+        archive's spec): the codec itself by default. A codec whose encoder needs no weights
+        (`encoder_needs`) may build one that loads none and records `fingerprint` (hfd's AVIF base)."""
+        return cls(device, **cls.resolve_params(params))
+
     @property
     def fingerprint(self) -> bytes:
         """Content hash of the model weights this codec decodes with; empty for codecs without weights."""

@@ -14,7 +14,8 @@ from typing import Any, Callable, Iterable, Sequence, TypeVar
 
 from ..codecs.base import Codec
 from ..codecs.container import Header
-from ..codecs.errors import BitstreamError
+from ..codecs.errors import ArchiveError, BitstreamError
+from ..codecs.registry import codec_class, create_codec
 from .archive import CodecSpec, EncodedItem, Failure, ShardEntry, write_shard
 from .storage import Location
 
@@ -85,6 +86,21 @@ def encode_items(
     encode(batch)
     entry = write_shard(archive, encoded, spec) if encoded else None
     return entry, [item.key for item in encoded]
+
+
+def codec_spec(name: str, params: dict) -> CodecSpec:
+    """What an archive records about a codec (the weights' fingerprint), from the codec loaded once: jobs run
+    this as a Ray task, so that encode actors whose encoder needs no weights never load them."""
+    return CodecSpec.of(create_codec(name, params))
+
+
+def open_encoder(spec: CodecSpec, params: dict, device: str) -> Codec:
+    """The codec an encode worker writes `spec`'s streams with (`Codec.encoder`: hfd's AVIF base loads no
+    network); ArchiveError when the weights it loaded are not the ones the archive records."""
+    codec = codec_class(spec.name).encoder(params, bytes.fromhex(spec.fingerprint), device)
+    if codec.fingerprint.hex() != spec.fingerprint:  # the weights changed since the spec was made
+        raise ArchiveError(f"the {spec.name} weights on this worker are not the ones the archive records")
+    return codec
 
 
 def decode_streams(

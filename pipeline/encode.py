@@ -10,8 +10,11 @@ too, for a GPU or where the pool leaves cores free), and the next shard is alrea
 so the codec (and its GPU) does not wait. Shards shrink towards the end of the job, so the actors finish
 together. Memory is bounded per actor by the shard size, not by the collection.
 
-With `embed_model`, one actor first copies the codec's weights into the archive's models/ folder, and
-the driver commits a manifest naming them before any shard: the archive then decodes anywhere.
+The codec is loaded once first, in a Ray task, for the spec the archive records (its weights'
+fingerprint); the actors then load only what their encoder needs: hfd's AVIF base and the classical
+codecs take no GPU and load no network. With `embed_model`, a task copies the codec's weights into the
+archive's models/ folder, and the driver commits a manifest naming them before any shard: the archive
+then decodes anywhere.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import ray
 from ..codecs.base import Codec
 from ..codecs.registry import codec_class, create_codec
 from .archive import ArchiveWriter, CodecSpec, EmbeddedModel, EncodedItem, Failure, ShardEntry, WriterLease, embed_weights
-from .batches import encode_items, failure_reason
+from .batches import codec_spec, encode_items, failure_reason, open_encoder
 from .cluster import IN_FLIGHT_PER_ACTOR, actor_pool, connect, describe_worker, pool_shape, run_on_pool, torch_device
 from .images import DEFAULT_MAX_PIXELS, load_rgb
 from .preflight import check_encode, list_source
@@ -105,14 +108,16 @@ class LoadedImage:
 
 
 class EncodeWorker:
-    """A Ray actor: one codec, loaded once, encoding whole shards."""
+    """A Ray actor: one codec, loaded once (only what its encoder needs), encoding whole shards of the
+    archive's `spec`."""
 
     def __init__(
-        self, codec: str, params: dict, storage_options: dict | None, max_pixels: int, fetch_threads: int,
+        self, spec: CodecSpec, params: dict, storage_options: dict | None, max_pixels: int, fetch_threads: int,
         spare_cores: bool = False,
     ):  # fmt: skip
         self.device = torch_device()
-        self.codec: Codec = create_codec(codec, params, device=self.device)
+        self.spec = spec  # the spec table's entry: shards refer to its id
+        self.codec: Codec = open_encoder(spec, params, self.device)
         self.storage_options = storage_options
         self.max_pixels = max_pixels
         self.fetcher = ThreadPoolExecutor(fetch_threads)
@@ -122,20 +127,16 @@ class EncodeWorker:
         # for jpeg on Kodak), so fetches still run ahead and each image is decoded in its turn.
         self.decode_ahead = self.device != "cpu" or spare_cores
 
-    def codec_spec(self) -> CodecSpec:
-        return CodecSpec.of(self.codec)
-
-    def embed_weights(self, archive: Location) -> EmbeddedModel:
-        return embed_weights(archive, self.codec)
-
-    def encode_shard(self, archive: Location, spec: CodecSpec, items: list[SourceItem], batch_size: int) -> ShardResult:
-        """Fetch, load and encode `items` as one shard whose streams refer to `spec`, the archive's."""
+    def encode_shard(self, archive: Location, items: list[SourceItem], batch_size: int) -> ShardResult:
+        """Fetch, load and encode `items` as one shard whose streams refer to the archive's spec."""
         started = time.perf_counter()
         failures: list[Failure] = []
         deferred: list[str] = []
         loaded = self._load_ahead(items, batch_size, failures, deferred)
-        entry, keys = encode_items(self.codec, loaded, batch_size, archive, spec, failures)
-        return ShardResult(entry, keys, failures, time.perf_counter() - started, describe_worker(self.device), deferred)
+        entry, keys = encode_items(self.codec, loaded, batch_size, archive, self.spec, failures)
+        # The weights folders the actor's codec holds: none for an encoder that needs no weights.
+        worker = {**describe_worker(self.device), "weights": [str(f) for f in self.codec.weights_folders().values()]}
+        return ShardResult(entry, keys, failures, time.perf_counter() - started, worker, deferred)
 
     def _load_ahead(
         self, items: list[SourceItem], depth: int, failures: list[Failure], deferred: list[str]
@@ -181,6 +182,11 @@ class EncodeWorker:
         except Exception as exc:
             return Failure(fetched.item.key, "load", str(exc))
         return LoadedImage(fetched.item, pixels, len(fetched.data), fetched.sha256)
+
+
+def embed_codec_weights(archive: Location, codec: str, params: dict) -> EmbeddedModel:
+    """The codec's weights copied into the archive's models/ folder (run as a Ray task, beside the actors)."""
+    return embed_weights(archive, create_codec(codec, params))
 
 
 SHORTEST_TAIL_SHARD = 32  # items: below this, a shard's fixed costs (a task, a file, a commit) start to show
@@ -230,20 +236,22 @@ def run_encode(
         lease = held.enter_context(WriterLease(archive))  # a second writer is refused here, before listing or Ray
         listing = list_source(src, storage_options)
         connect(address)
-        # An encoder that runs no network (hfd's AVIF base, the classical codecs) takes no GPU.
-        gpus = codec_class(options.codec).encoder_needs(params).gpu
-        shape = pool_shape(options.actors, gpus)
-        spare_cores = ray.cluster_resources().get("CPU", 0) > shape.actors * shape.cpus_per_actor
-        worker_args = (options.codec, params, storage_options, options.max_pixels, options.fetch_threads, spare_cores)
-        actors = held.enter_context(
-            actor_pool(EncodeWorker, *worker_args, actors=options.actors, address=address, gpus=gpus)
+        writer = ArchiveWriter(
+            archive, ray.get(ray.remote(codec_spec).remote(options.codec, params)), without_credentials(src), lease
         )
-        writer = ArchiveWriter(archive, ray.get(actors[0].codec_spec.remote()), without_credentials(src), lease)
         spec = writer.manifest.codec  # the spec table's entry: shards refer to its id
         listing = listing.beside(writer.done)
         writer.record_refusals(listing.refused)
         if options.embed_model and spec.fingerprint and not writer.manifest.embedded_model(spec.fingerprint):
-            writer.add_model(ray.get(actors[0].embed_weights.remote(archive)))
+            writer.add_model(ray.get(ray.remote(embed_codec_weights).remote(archive, options.codec, params)))
+        # An encoder that runs no network (hfd's AVIF base, the classical codecs) takes no GPU.
+        gpus = codec_class(options.codec).encoder_needs(params).gpu
+        shape = pool_shape(options.actors, gpus)
+        spare_cores = ray.cluster_resources().get("CPU", 0) > shape.actors * shape.cpus_per_actor
+        worker_args = (spec, params, storage_options, options.max_pixels, options.fetch_threads, spare_cores)
+        actors = held.enter_context(
+            actor_pool(EncodeWorker, *worker_args, actors=options.actors, address=address, gpus=gpus)
+        )
         if options.retry_failed:
             todo = [item for item in listing.items if item.key in writer.failures]
         else:
@@ -256,7 +264,7 @@ def run_encode(
         if on_progress:
             on_progress(0, len(todo), 0)
         for result in run_on_pool(
-            actors, shards, lambda actor, items: actor.encode_shard.remote(archive, spec, items, options.batch_size)
+            actors, shards, lambda actor, items: actor.encode_shard.remote(archive, items, options.batch_size)
         ):
             writer.commit(result.entry, result.keys, result.failures)
             encoded += len(result.keys)

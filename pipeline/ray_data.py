@@ -37,9 +37,9 @@ import ray.data
 from ..codecs import errors
 from ..codecs.base import Codec
 from ..codecs.errors import ArchiveError, BitstreamError, DiffarcError, ParameterError
-from ..codecs.registry import codec_class, create_codec
+from ..codecs.registry import codec_class
 from .archive import ArchiveReader, ArchiveWriter, CodecSpec, EncodedItem, Failure, Manifest, ShardEntry, WriterLease
-from .batches import decode_streams, encode_items
+from .batches import codec_spec, decode_streams, encode_items, open_encoder
 from .cluster import connect, diffarc_error_in, pool_shape, torch_device
 from .images import DEFAULT_MAX_PIXELS, load_rgb
 from .preflight import check_writable
@@ -210,7 +210,7 @@ def _write_archive(
         lease = held.enter_context(WriterLease(archive))  # a second writer is refused before any work
         connect()
         # The spec (with the weights' fingerprint) needs the codec loaded: once, in a worker, not in the driver.
-        spec = ray.get(ray.remote(_codec_spec).remote(codec, params))
+        spec = ray.get(ray.remote(codec_spec).remote(codec, params))
         writer = held.enter_context(ArchiveWriter(archive, spec, source, lease))
         skip = writer.done | (set() if retry_failed else set(writer.failures))
         results = ds.map_batches(
@@ -230,10 +230,6 @@ def _write_archive(
         return writer.finish()
 
 
-def _codec_spec(codec: str, params: dict) -> CodecSpec:
-    return CodecSpec.of(create_codec(codec, params))
-
-
 class ShardEncoder:
     """An actor of `write_archive`'s pool: one codec, loaded once, writing each batch of rows as a shard."""
 
@@ -244,9 +240,7 @@ class ShardEncoder:
         self.skip, self.batch_size, self.max_pixels = skip, batch_size, max_pixels
         self.failed = None  # said by the first batch (`__call__`)
         try:
-            self.codec = create_codec(spec.name, params, device=torch_device())
-            if self.codec.fingerprint.hex() != spec.fingerprint:  # weights changed since the driver asked
-                raise ArchiveError(f"the {spec.name} weights on this worker are not the ones the archive records")
+            self.codec = open_encoder(spec, params, torch_device())
         except DiffarcError as exc:
             self.failed = exc
 

@@ -141,8 +141,9 @@ class HfdCodec(Codec):
     def __init__(self, device: str = "cpu", base_only: bool = False, **params):
         super().__init__(device, **params)
         self.base_only = self.decodes_any_weights = base_only
+        self.encodes_for: bytes | None = None  # an `encoder`'s: the detail decoder's fingerprint, not loaded
         if base_only:
-            self.base_layer = AvifBase()
+            self.base_layer, self.folders = AvifBase(), {}
         else:
             reference = self.config["model"] or DEFAULT_DETAIL_MODELS[self.config["base"]]
             self.decoder, self.base_layer, self.folders, self._fingerprint = load_detail_decoder(
@@ -154,6 +155,17 @@ class HfdCodec(Codec):
         """Every shipped detail decoder, the defaults and those they replaced, whose streams keep decoding
         (`registry.open_codec` tries them all)."""
         return {reference: {"model": reference, "base": base} for reference, base in BUILTIN_DETAIL_MODELS.items()}
+
+    @classmethod
+    def encoder(cls, params: dict, fingerprint: bytes, device: str = "cpu") -> "HfdCodec":
+        """An AVIF base is coded by Pillow alone, so its encoder loads no detail decoder: the base-only codec,
+        its streams stamped with `fingerprint` (the decoder's, from the archive's spec). It does not decode.
+        A hyperprior base is encoded by its network: the whole codec."""
+        if cls.encoder_needs(params).weights:
+            return super().encoder(params, fingerprint, device)
+        codec = cls(device, base_only=True, **cls.split_params(cls.resolve_params(params))[0])
+        codec.decodes_any_weights, codec.encodes_for = False, fingerprint
+        return codec
 
     @classmethod
     def encoder_needs(cls, params: dict) -> EncoderNeeds:
@@ -176,6 +188,8 @@ class HfdCodec(Codec):
 
     @property
     def fingerprint(self) -> bytes:
+        if self.encodes_for is not None:
+            return self.encodes_for
         return b"" if self.base_only else self._fingerprint
 
     def weights_folders(self) -> dict:
@@ -195,6 +209,8 @@ class HfdCodec(Codec):
 
     @torch.inference_mode()
     def decode_payloads(self, payloads: list[bytes], headers: list[Header]) -> list[np.ndarray]:
+        if self.encodes_for is not None:
+            raise ModelError("this hfd codec encodes AVIF bases without its detail decoder; it does not decode")
         # One image at a time: sizes differ within a batch, and a large image is tiled anyway.
         return [self._decode_one(payload, header) for payload, header in zip(payloads, headers, strict=True)]
 

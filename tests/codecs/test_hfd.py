@@ -65,6 +65,15 @@ def test_the_base_layer_decodes_without_any_weights(weights, image, tmp_path):
     assert base_only.decode([other])[0].shape == image.shape
 
 
+def test_an_avif_base_encoder_writes_the_codecs_streams_without_loading_the_detail_decoder(weights, image):
+    codec = create_codec("hfd", {"model": weights, "quality": 20})
+    encoder = hfd_codec.HfdCodec.encoder(codec.config, codec.fingerprint)
+    assert encoder.weights_folders() == {} and not hasattr(encoder, "decoder")  # nothing loaded
+    assert encoder.encode([image]) == codec.encode([image])  # the same bytes, the same fingerprint
+    with pytest.raises(ModelError, match="does not decode"):
+        encoder.decode(codec.encode([image]))
+
+
 @pytest.mark.parametrize("scale", [2, 4])
 def test_a_scaled_base_is_the_downscaled_avif_codec_upsampled(weights, image, scale):
     hfd = create_codec("hfd", {"model": weights, "quality": 30, "scale": scale, "steps": 0})

@@ -4,7 +4,7 @@ import dataclasses
 
 import pytest
 
-from diffarc.pipeline.archive import CodecSpec
+from diffarc.pipeline.batches import codec_spec
 from diffarc.pipeline.encode import SHORTEST_TAIL_SHARD, EncodeWorker, cut_into_shards
 from diffarc.pipeline.images import DEFAULT_MAX_PIXELS
 from diffarc.pipeline.sources import list_sources
@@ -40,10 +40,9 @@ def test_decoding_on_threads_ahead_gives_what_decoding_in_turn_gives(ray_cluster
     items = list_sources(str(folder)).items
     results = []
     for spare_cores in (False, True):
-        worker = EncodeWorker("jpeg", {}, None, DEFAULT_MAX_PIXELS, 4, spare_cores)
+        worker = EncodeWorker(codec_spec("jpeg", {}), {}, None, DEFAULT_MAX_PIXELS, 4, spare_cores)
         assert worker.decode_ahead is spare_cores  # on a CPU
-        spec = CodecSpec("jpeg", worker.codec.stream_params, "")
-        results.append(worker.encode_shard(Location(str(tmp_path / f"arc{spare_cores}")), spec, items, 3))
+        results.append(worker.encode_shard(Location(str(tmp_path / f"arc{spare_cores}")), items, 3))
     in_turn, ahead = results
     good = sorted(key for key, shape in expected.items() if shape is not None)
     assert sorted(in_turn.keys) == good and in_turn.keys == ahead.keys
