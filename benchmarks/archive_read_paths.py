@@ -1,20 +1,25 @@
-"""What decode and verify cost per stream, and what each of their actors is sent to start.
+"""What decode and verify cost per stream, and what each of their actors is sent to start, before issue 27
+and now.
 
-    nice python benchmarks/archive_read_paths.py [--streams 2000] [--shard-size 16] [--actors 2] [--repeat 3]
+    nice python benchmarks/archive_read_paths.py [--before 636b599] [--streams 2000] [--shard-size 16] [--repeat 3]
 
-An archive of --streams small jpeg streams (32×48 pictures, quality 75) in shards of --shard-size is written
-in this process through `ArchiveWriter` (not timed), and one of a tenth as many beside it. Then, with one
-local Ray started first, `run_decode` (to a fresh folder) and `run_verify` run --repeat times on each
-archive. Printed, as medians: seconds per stream of the whole job on the large archive, and the marginal
-seconds per stream, (large − small) / (difference in streams), which leaves out what a job costs whatever
-it holds (starting actors, listing DST). Also the bytes each actor is built from, pickled as Ray sends
-them (recorded where `cluster.ActorPool` starts its actors): the shard list travels in them or not.
+The code at --before (extracted with `git archive` into a temporary folder and imported from there in a
+child process) and this checkout's code (in another child process) each write an archive of --streams
+small jpeg streams (32×48 pictures, quality 75) in shards of --shard-size through their `ArchiveWriter`
+(not timed). Then, in the same process, the decode and verify workers (the classes the actors run) work
+through every shard, as the actors would but without Ray between them: decode writes PNGs to a fresh
+folder, verify checks and decodes every stream. Printed for each code, as medians of --repeat runs:
+milliseconds per stream of each, and the bytes each actor is built from, pickled as Ray sends them (the
+shard list travels in them or not). Before issue 27 the workers are built from the archive's Location and
+its whole manifest; now from an ArchiveReader.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -45,60 +50,126 @@ def write_archive(folder: Path, streams: int, shard_size: int) -> None:
     writer.finish()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--streams", type=int, default=2000)
-    parser.add_argument("--shard-size", type=int, default=16)
-    parser.add_argument("--actors", type=int, default=2)
-    parser.add_argument("--repeat", type=int, default=3)
-    args = parser.parse_args()
-
+def workers(archive_url: str):
+    """(decode work, verify work, the pickled bytes of each worker's arguments) for this checkout: two
+    functions that run every shard through a DecodeWorker and a VerifyWorker built as the jobs build them."""
     from ray import cloudpickle
+
+    from diffarc.pipeline import decode, verify
+    from diffarc.pipeline.storage import Location
+
+    try:
+        from diffarc.pipeline.archive import ArchiveReader
+    except ImportError:  # before issue 27: the workers take the Location and the whole manifest
+        ArchiveReader = None
+    summary = decode.DecodeSummary(0, 0)
+    if ArchiveReader is not None:
+        reader = ArchiveReader.open(archive_url)
+        decode_args = (reader, None, reader.pixel_limit(), False, {}, False)
+        verify_args = (reader, None, None, reader.pixel_limit(), None, False)
+        tasks, _ = decode.claim_outputs(reader, None, "", "png", set(), summary)
+        entries = reader.shards
+        decode_shard = lambda worker, task, dst: worker.decode_shard(task, dst, "png", True, 8)  # noqa: E731
+        verify_shard = lambda worker, entry: worker.verify_shard(entry, None, 1.0, None)  # noqa: E731
+    else:
+        archive = Location(archive_url)
+        manifest = decode.require_manifest(archive)
+        limit = decode.pixel_limit(manifest, None)
+        decode_args = (archive, manifest, None, limit, False, {})
+        verify_args = (archive, manifest, None, None, limit, None)
+        tasks, _ = decode.claim_outputs(archive, decode.select_shards(manifest, None, ""), "png", set(), summary)
+        entries = manifest.shards
+        decode_shard = lambda worker, task, dst: worker.decode_shard(archive, task, dst, "png", True, 8)  # noqa: E731
+        verify_shard = lambda worker, entry: worker.verify_shard(archive, entry, None, 1.0, None)  # noqa: E731
+
+    def decode_all(dst: str) -> int:
+        worker, location = decode.DecodeWorker(*decode_args), Location(dst)
+        return sum(decode_shard(worker, task, location).decoded for task in tasks)
+
+    def verify_all() -> int:
+        worker = verify.VerifyWorker(*verify_args)
+        reports = [verify_shard(worker, entry) for entry in entries]
+        assert not any(r.problems or r.failures for r in reports)
+        return sum(r.decoded for r in reports)
+
+    sizes = {"decode": len(cloudpickle.dumps(decode_args)), "verify": len(cloudpickle.dumps(verify_args))}
+    return decode_all, verify_all, sizes
+
+
+def in_process(archive: str, streams: int, repeat: int, scratch: str) -> None:
+    decode_all, verify_all, sizes = workers(archive)
+    seconds: dict[str, list[float]] = {"decode": [], "verify": []}
+    for run in range(repeat):
+        began = time.perf_counter()
+        assert decode_all(f"{scratch}/in-process-{run}") == streams
+        seconds["decode"].append(time.perf_counter() - began)
+        began = time.perf_counter()
+        assert verify_all() == streams
+        seconds["verify"].append(time.perf_counter() - began)
+    for job in ("decode", "verify"):
+        print(f"  {job} worker: {1e3 * statistics.median(seconds[job]) / streams:.3f} ms per stream "
+              f"(runs {', '.join(f'{s:.2f}' for s in seconds[job])} s); its actors start from {sizes[job]} "
+              "pickled bytes")  # fmt: skip
+
+
+CODE_ENV = "DIFFARC_BENCH_CODE"  # a checkout's root: the child process imports diffarc from there
+
+
+def import_from(root: str) -> None:
+    """Make `import diffarc` load the checkout at `root` (its api/, codecs/, pipeline/, jobs/ folders, as
+    pyproject's package-dir maps them), ahead of the installed one."""
+    from importlib.util import spec_from_file_location
+
+    folders = {"diffarc": "api", "diffarc.codecs": "codecs", "diffarc.pipeline": "pipeline", "diffarc.jobs": "jobs"}
+
+    class CheckoutFinder:
+        @staticmethod
+        def find_spec(name, path=None, target=None):
+            if name not in folders:
+                return None
+            folder = Path(root) / folders[name]
+            return spec_from_file_location(name, folder / "__init__.py", submodule_search_locations=[str(folder)])
+
+    sys.meta_path.insert(0, CheckoutFinder)
+
+
+def measure(args) -> None:
+    """This process's code: write the archive, run the workers, print the figures."""
+    if os.environ.get(CODE_ENV):
+        import_from(os.environ[CODE_ENV])
     import ray
 
-    from diffarc.pipeline import cluster
-    from diffarc.pipeline.decode import run_decode
-    from diffarc.pipeline.verify import run_verify
+    import diffarc
 
-    started_with: dict[tuple[str, str], int] = {}  # (job, archive) → pickled bytes of its actors' arguments
-    running = [("", "")]
-    original = cluster.ActorPool.__init__
-
-    def recording(self, remote, actor_args, size):
-        started_with[running[0]] = len(cloudpickle.dumps(actor_args))
-        original(self, remote, actor_args, size)
-
-    cluster.ActorPool.__init__ = recording
-    sizes = {"large": args.streams, "small": max(1, args.streams // 10)}
+    print(f"  code imported from {Path(diffarc.__file__).parent.parent}")
+    # The workers describe themselves through Ray's runtime context: started here, before any timing.
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False, configure_logging=False)
     with tempfile.TemporaryDirectory(prefix="diffarc-read-paths-") as scratch:
-        for name, streams in sizes.items():
-            write_archive(Path(scratch) / name, streams, args.shard_size)
-        ray.init(num_cpus=args.actors, include_dashboard=False, log_to_driver=False)
-        seconds: dict[tuple[str, str], list[float]] = {}
-        for run in range(args.repeat):
-            for name in sizes:
-                archive = str(Path(scratch) / name)
-                running[0] = ("decode", name)
-                began = time.perf_counter()
-                summary = run_decode(archive, f"{scratch}/out-{name}-{run}", actors=args.actors)
-                seconds.setdefault(("decode", name), []).append(time.perf_counter() - began)
-                assert summary.decoded == sizes[name] and not summary.failures, summary
-                running[0] = ("verify", name)
-                began = time.perf_counter()
-                report = run_verify(archive, actors=args.actors)
-                seconds.setdefault(("verify", name), []).append(time.perf_counter() - began)
-                assert report.intact and report.decoded == sizes[name], report.summary()
-        ray.shutdown()
-    print(f"{args.streams} jpeg streams of 32×48 in shards of {args.shard_size}, {args.actors} actors, "
-          f"median of {args.repeat} runs")  # fmt: skip
-    for job in ("decode", "verify"):
-        large, small = (statistics.median(seconds[job, name]) for name in ("large", "small"))
-        marginal = (large - small) / (sizes["large"] - sizes["small"])
-        print(f"  {job}: {1e3 * large / sizes['large']:.3f} ms per stream (job {large:.2f} s), "
-              f"marginal {1e3 * marginal:.3f} ms per stream")
-    for (job, name), size in sorted(started_with.items()):
-        print(f"  {job} actors start from {size} pickled bytes ({sizes[name]} streams, "
-              f"{-(-sizes[name] // args.shard_size)} shards)")
+        write_archive(Path(scratch) / "archive", args.streams, args.shard_size)
+        in_process(f"{scratch}/archive", args.streams, args.repeat, scratch)
+    ray.shutdown()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--before", default="636b599", help="the commit to compare with (before issue 27)")
+    parser.add_argument("--streams", type=int, default=2000)
+    parser.add_argument("--shard-size", type=int, default=16)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--measure", action="store_true", help=argparse.SUPPRESS)  # a child: this code only
+    args = parser.parse_args()
+    if args.measure:
+        return measure(args)
+    repository = Path(__file__).resolve().parent.parent
+    child = [sys.executable, __file__, "--measure", "--streams", str(args.streams), "--shard-size",
+             str(args.shard_size), "--repeat", str(args.repeat)]  # fmt: skip
+    print(f"{args.streams} jpeg streams of 32×48 in shards of {args.shard_size}, median of {args.repeat} runs")
+    with tempfile.TemporaryDirectory(prefix="diffarc-before-") as before:
+        archive = subprocess.run(["git", "-C", str(repository), "archive", args.before], capture_output=True, check=True)
+        subprocess.run(["tar", "-x", "-C", before], input=archive.stdout, check=True)
+        for label, code in ((f"before ({args.before})", before), ("now (this checkout)", "")):
+            print(label, flush=True)
+            subprocess.run(child, env={**os.environ, CODE_ENV: code}, check=True)
 
 
 if __name__ == "__main__":
