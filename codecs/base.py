@@ -339,8 +339,16 @@ class Codec(ABC):
     def original(self, stream: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> bytes | None:
         """The source file this stream keeps whole, byte for byte; None when it keeps the pixels alone. The
         stream is checked (`read`) first."""
-        self.read(stream, max_pixels)
+        return self.original_checked(*self.read(stream, max_pixels))
+
+    def original_checked(self, header: Header, payload: bytes) -> bytes | None:
+        """`original` of a stream that `check` (or `read`) has passed: a `lossless` codec's override."""
         return None
+
+    def keeps_original(self, payload: bytes) -> bool:
+        """Whether a payload this codec wrote keeps its source file whole (no decoding: what an encoder
+        records about the stream it has just made)."""
+        return False
 
     def encode_originals(self, images: list[np.ndarray], originals: list[bytes | None]) -> list[bytes]:
         """One payload per image, keeping what it can of each source file: a `lossless` codec's override."""

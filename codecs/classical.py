@@ -27,7 +27,7 @@ import imagecodecs
 import numpy as np
 from PIL import Image
 
-from .base import DEFAULT_MAX_PIXELS, Codec, Param
+from .base import Codec, Param
 from .container import Header
 from .errors import BitstreamError
 from .parts.imagefile import JXL_CONTAINER, TooManyPixels, jxl_boxes, jxl_size, open_image, srgb_picture
@@ -174,8 +174,10 @@ class JxlCodec(Codec):
             return None  # not a JPEG libjxl can recompress (CMYK, arithmetic coding, damage): code the pixels
         return payload
 
-    def original(self, stream: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> bytes | None:
-        header, payload = self.read(stream, max_pixels)
+    def keeps_original(self, payload: bytes) -> bool:
+        return _keeps_jpeg(payload)
+
+    def original_checked(self, header: Header, payload: bytes) -> bytes | None:
         if not _keeps_jpeg(payload):
             return None
         self._check_size(payload, header.width, header.height, kept=True)

@@ -33,6 +33,8 @@ def info(archive, price_per_gb_month, storage_options, as_json):
         f"codec     {facts['codec']} {json.dumps(facts['params'], sort_keys=True)}",
         f"model     {facts['model_fingerprint'] or '(none)'}" + (" (embedded in the archive)" if facts["model_embedded"] else ""),
         f"items     {facts['items']} in {facts['shards']} shards; {facts['failed']} failed {facts['failures_by_stage'] or ''}",
+        "kept      " + ", ".join(f"{count} {kind}" for kind, count in facts["fidelity"].items())
+        + f"; {facts['colour_converted']} converted to sRGB from their colour profile",
         f"bytes     {facts['source_bytes']:,} source → {facts['archive_bytes']:,} archive"
         + (f"  (ratio {facts['ratio']:.2f}×)" if facts["ratio"] else ""),
         f"bpp       mean {bpp['mean']:.3f}, median {bpp['median']:.3f}, p5 {bpp['p5']:.3f}, p95 {bpp['p95']:.3f}"

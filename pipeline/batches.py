@@ -12,11 +12,14 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any, Callable, Iterable, Sequence, TypeVar
 
+from ..codecs import container
 from ..codecs.base import Codec
 from ..codecs.container import Header
 from ..codecs.errors import ArchiveError, BitstreamError
 from ..codecs.registry import codec_class, create_codec
-from .archive import CodecSpec, EncodedItem, Failure, ShardEntry, write_shard
+from ..codecs.parts.imagefile import Picture
+from .archive import BYTE_EXACT, LOSSY, PIXEL_EXACT, CodecSpec, EncodedItem, Failure, ShardEntry, write_shard
+from .sources import sha256_hex
 from .storage import Location
 
 Item = TypeVar("Item")
@@ -58,26 +61,37 @@ def map_batch(
     return done
 
 
+def encoded_item(key: str, picture: Picture, data: bytes, sha256: str | None = None) -> tuple[EncodedItem, Any, bytes]:
+    """What `encode_items` takes for a loaded file: the row to write (its stream still empty), saying
+    what was loaded and how, the pixels to encode, and the file (a lossless codec keeps it)."""
+    height, width = picture.pixels.shape[:2]
+    item = EncodedItem(key, b"", width, height, len(data), sha256 or sha256_hex(data), picture.format,
+                       picture.profile or "", picture.converted)  # fmt: skip
+    return item, picture.pixels, data
+
+
 def encode_items(
-    codec: Codec, loaded: Iterable[tuple[EncodedItem, Any]], batch_size: int, archive: Location, spec: CodecSpec,
-    failures: list[Failure],
+    codec: Codec, loaded: Iterable[tuple[EncodedItem, Any, bytes | None]], batch_size: int, archive: Location,
+    spec: CodecSpec, failures: list[Failure],
 ) -> tuple[ShardEntry | None, list[str]]:  # fmt: skip
     """The one shard encoder: encode `loaded` (items whose stream is still empty, each with its H×W×3 uint8
-    pixels) in batches of `batch_size`, an image the codec fails on recorded in `failures` (stage
-    "encode"), and write what was encoded as one shard referring to `spec`, the archive's (its id in the
-    spec table). Returns the shard's entry (None when nothing was encoded) and its keys; the caller's
-    writer commits them (`ArchiveWriter.commit`, which applies the key rule)."""
+    pixels and its source file, None for rows given as pixels) in batches of `batch_size`, an image the
+    codec fails on recorded in `failures` (stage "encode"), and write what was encoded as one shard
+    referring to `spec`, the archive's (its id in the spec table). A `lossless` codec is given the source
+    files to keep, and each row records the fidelity its stream gives (`fidelity`). Returns the shard's
+    entry (None when nothing was encoded) and its keys; the caller's writer commits them
+    (`ArchiveWriter.commit`, which applies the key rule)."""
     encoded: list[EncodedItem] = []
 
-    def encode(batch: list[tuple[EncodedItem, Any]]) -> None:
-        pairs = map_batch(
-            batch,
-            lambda items: codec.encode([pixels for _, pixels in items]),
-            lambda item, reason: failures.append(Failure(item[0].key, "encode", reason)),
-        )
-        encoded.extend(replace(item, bitstream=stream) for (item, _), stream in pairs)
+    def encode_batch(items: list[tuple[EncodedItem, Any, bytes | None]]) -> list[bytes]:
+        originals = [original for _, _, original in items] if codec.lossless else None
+        return codec.encode([pixels for _, pixels, _ in items], originals=originals)
 
-    batch: list[tuple[EncodedItem, Any]] = []
+    def encode(batch: list[tuple[EncodedItem, Any, bytes | None]]) -> None:
+        pairs = map_batch(batch, encode_batch, lambda item, why: failures.append(Failure(item[0].key, "encode", why)))
+        encoded.extend(replace(item, bitstream=s, fidelity=fidelity(codec, s)) for (item, _, _), s in pairs)
+
+    batch: list[tuple[EncodedItem, Any, bytes | None]] = []
     for item in loaded:  # an iterator: images are loaded (on threads, ahead) while a batch is encoded
         batch.append(item)
         if len(batch) == batch_size:
@@ -86,6 +100,13 @@ def encode_items(
     encode(batch)
     entry = write_shard(archive, encoded, spec) if encoded else None
     return entry, [item.key for item in encoded]
+
+
+def fidelity(codec: Codec, stream: bytes) -> str:
+    """What a stream the codec has just written gives back: the source file itself, its picture, or less."""
+    if not codec.lossless:
+        return LOSSY
+    return BYTE_EXACT if codec.keeps_original(container.unpack(stream)[1]) else PIXEL_EXACT
 
 
 def codec_spec(name: str, params: dict) -> CodecSpec:

@@ -1,8 +1,12 @@
 """The decode job (archive → image files, on Ray actors) and `cat` (one image, in this process).
 
     driver: ArchiveReader.open ─► select shards ─► read their keys, claim each output path ─► run_on_pool
-    actor:  reader.streams(shard) (read whole, SHA-256 checked, each stream parsed once) ─► decode_streams
-            in batches ─► write each image to DST atomically
+    actor:  reader.streams(shard) (read whole, SHA-256 checked, each stream parsed once) ─► output_files
+            in batches ─► write each file to DST atomically
+
+What an item decodes to is what its row promises (`outputs.py`): a byte-exact item (the lossless mode's
+JPEGs) is its source file again, under its own key, written only once its SHA-256 is the source's; any
+other item is its picture, as an sRGB-tagged PNG or the format asked for.
 
 A stream that is damaged or was written for other weights is reported and skipped; the others are still
 decoded. A shard that is missing, truncated or damaged (its size or SHA-256 is not the manifest's) is
@@ -15,38 +19,30 @@ Outputs are written atomically, and an output that already exists is skipped, so
 resumed by running it again. The driver lists the destination once for that (one LIST per 1000 files on
 S3), rather than each worker asking after each file (a request per image).
 
-`cat` and the actors decode alike: one codec, its default threads, `decode_streams` over streams parsed
-once, so `cat`, `iter_archive`, `read_archive` and `decode` give the same pixels.
+`cat` and the actors decode alike: one codec, its default threads, `output_files` over streams parsed
+once, so `cat` and `decode` give the same files, and `iter_archive` and `read_archive` the same pixels.
 """
 
 from __future__ import annotations
 
-import io
+import posixpath
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
 
-import numpy as np
 import ray
-from PIL import Image
 
 from ..codecs.errors import ArchiveError, BitstreamError, ParameterError
-from .archive import ArchiveReader, Failure, ShardEntry
-from .batches import decode_streams, failure_reason
+from .archive import BYTE_EXACT, ArchiveReader, Failure, ShardEntry
+from .batches import failure_reason
 from .cluster import PROGRESS_GROUP, actor_pool, reported_progress, run_on_pool, torch_device
-from .keys import OUTPUT_EXTENSIONS, DecodedNames, UnsafeKeyError, key_problem, output_name
+from .keys import OUTPUT_EXTENSIONS, DecodedNames, UnsafeKeyError, key_problem
+from .outputs import OUTPUT_FORMATS, decoded_name, output_files, promises
 from .preflight import check_writable
 from .storage import Location
 
-OUTPUT_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP", "tiff": "TIFF", "bmp": "BMP"}
-
-
-def encode_image(pixels: np.ndarray, image_format: str) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(pixels, "RGB").save(buffer, OUTPUT_FORMATS[image_format])
-    return buffer.getvalue()
-
+OUTPUT_COLUMNS = ("key", "bitstream", "source_sha256", "fidelity")  # what the file an item decodes to depends on
 
 @dataclass
 class DecodeTask:
@@ -100,16 +96,17 @@ class DecodeWorker:
         self, task: DecodeTask, dst: Location, image_format: str, overwrite: bool, batch_size: int
     ) -> DecodeResult:
         try:  # read whole, checked against the manifest's size and SHA-256, unless a few keys are wanted
-            found = self.reader.streams(task.entry, task.keys)
+            found = self.reader.streams(task.entry, task.keys, columns=OUTPUT_COLUMNS)
         except ArchiveError as exc:
             return DecodeResult(0, 0, [], [str(exc)])
+        promised = promises(found.table)
         failures = [f for f in found.failures if f.key.startswith(task.prefix)]
         todo, skipped = [], 0
         for key, stream in zip(found.keys, found.streams):
             if not key.startswith(task.prefix):
                 continue
             try:
-                name = output_name(key, image_format)
+                name = decoded_name(key, image_format, promised[key][0])
             except UnsafeKeyError as exc:
                 failures.append(Failure(key, "write", str(exc)))
             else:
@@ -127,9 +124,10 @@ class DecodeWorker:
             before = len(failures)
             names = {key: name for key, name, _ in batch}
             streams = [stream for _, _, stream in batch]
-            for key, pixels in decode_streams(self.codec, list(names), streams, failures, self.max_pixels):
+            files = output_files(self.codec, list(names), streams, promised, failures, self.max_pixels, image_format)
+            for key, data in files:
                 try:
-                    dst.write_atomic(names[key], encode_image(pixels, image_format))
+                    dst.write_atomic(names[key], data)
                     decoded += 1
                 except Exception as exc:
                     failures.append(Failure(key, "write", failure_reason(exc)))
@@ -210,31 +208,36 @@ def claim_outputs(
     """
     tasks = [DecodeTask(entry, wanted, prefix) for entry, wanted in reader.select(keys, prefix)]
 
-    def keys_of(task: DecodeTask) -> list[str] | ArchiveError:
+    def keys_of(task: DecodeTask) -> dict[str, str] | ArchiveError:
+        """key → fidelity (which says the file it decodes to: `decoded_name`) of the task's keys."""
         try:
-            found = reader.read(task.entry, ["key"], keys=task.keys).column("key").to_pylist()
+            found = reader.read(task.entry, ["key", "fidelity"], keys=task.keys)
         except ArchiveError as exc:
             return exc
-        return [k for k in found if k.startswith(task.prefix)]
+        pairs = zip(found.column("key").to_pylist(), found.column("fidelity").to_pylist())
+        return {key: fidelity for key, fidelity in pairs if key.startswith(task.prefix)}
 
     with ThreadPoolExecutor(8) as pool:
         read = list(pool.map(keys_of, tasks))
-    kept, found, occurrences = [], set(), []
+    kept, found, occurrences, fidelity = [], set(), [], {}
     for task, shard_keys in zip(tasks, read):
         if isinstance(shard_keys, ArchiveError):
             summary.problems.append(str(shard_keys))
             continue
         kept.append(task)
         found.update(shard_keys)
+        fidelity.update(shard_keys)
         occurrences += [(key, len(kept) - 1) for key in shard_keys]
-    names = DecodedNames([OUTPUT_EXTENSIONS[image_format]])
+    # A byte-exact item's file keeps its key's own extension: a folder of that name is a clash too.
+    kept_extensions = {posixpath.splitext(key)[1] for key, kept_as in fidelity.items() if kept_as == BYTE_EXACT}
+    names = DecodedNames([OUTPUT_EXTENSIONS[image_format], *sorted(kept_extensions)])
     for key, index in sorted(occurrences):
         if key_problem(key):
             continue  # refused where it is decoded, with its reason
         clash = names.admit(key)
         if clash:
             kept[index].taken[key] = clash
-        elif output_name(key, image_format) in existing:
+        elif decoded_name(key, image_format, fidelity[key]) in existing:
             kept[index].present.add(key)
     return kept, found
 
@@ -250,7 +253,7 @@ def cat_item(
     params: dict | None = None,
     trust_hint: bool = False,
 ) -> bytes:
-    """One image, decoded here — or, with `stream`, its standalone stream (full framing: codec,
+    """One image, decoded here (a byte-exact item: its source file) — or, with `stream`, its standalone stream (full framing: codec,
     parameters, fingerprint), decodable without the archive. The manifest's key ranges and the shard's
     row-group statistics mean only the row group holding the key is read. `max_pixels` defaults to the
     archive's own limit; `params` set decode-time parameters, as for decode."""
@@ -261,13 +264,13 @@ def cat_item(
             if rows:
                 return reader.standalone(rows[0])
             continue
-        found = reader.streams(entry, wanted)
+        found = reader.streams(entry, wanted, columns=OUTPUT_COLUMNS)
         failures = found.failures
         if found.keys:
             codec = reader.codec(model=model, params=params, trust_hint=trust_hint)
-            decoded = decode_streams(codec, found.keys, found.streams, failures, reader.pixel_limit(max_pixels))
-            if decoded:
-                return encode_image(decoded[0][1], image_format)
+            limit, promised = reader.pixel_limit(max_pixels), promises(found.table)
+            for _, data in output_files(codec, found.keys, found.streams, promised, failures, limit, image_format):
+                return data
         if failures:
             raise BitstreamError(f"the stream of {key!r} does not decode ({failures[0].stage}: {failures[0].reason})")
     raise ArchiveError(f"key {key!r} is not in the archive {archive_url}")

@@ -30,9 +30,9 @@ import ray
 from ..codecs.base import Codec
 from ..codecs.registry import codec_class, create_codec
 from .archive import ArchiveWriter, CodecSpec, EmbeddedModel, EncodedItem, Failure, ShardEntry, WriterLease, embed_weights
-from .batches import codec_spec, encode_items, failure_reason, open_encoder
+from .batches import codec_spec, encode_items, encoded_item, failure_reason, open_encoder
 from .cluster import IN_FLIGHT_PER_ACTOR, actor_pool, connect, describe_worker, pool_shape, run_on_pool, torch_device
-from .images import DEFAULT_MAX_PIXELS, load_rgb
+from .images import DEFAULT_MAX_PIXELS, Picture, load_picture
 from .preflight import check_encode, list_source
 from .sources import SourceItem, fetch, hide_credentials, sha256_hex, without_credentials
 from .storage import Location
@@ -102,8 +102,8 @@ class Fetched:
 @dataclass(frozen=True)
 class LoadedImage:
     item: SourceItem
-    pixels: Any  # np.ndarray
-    source_bytes: int
+    picture: Picture
+    data: bytes  # the source file: a lossless codec keeps it (`encode_items`)
     source_sha256: str
 
 
@@ -140,9 +140,9 @@ class EncodeWorker:
 
     def _load_ahead(
         self, items: list[SourceItem], depth: int, failures: list[Failure], deferred: list[str]
-    ) -> Iterator[tuple[EncodedItem, Any]]:
-        """Loaded images in order (each an item still without its stream, and its pixels), with up to 2·depth
-        fetches (and, for a GPU, image decodes) running ahead."""
+    ) -> Iterator[tuple[EncodedItem, Any, bytes]]:
+        """Loaded images in order (each an item still without its stream, its pixels and its file), with up to
+        2·depth fetches (and, for a GPU, image decodes) running ahead."""
         pending = []
         for item in items:
             pending.append(self.fetcher.submit(self._load if self.decode_ahead else self._fetch, item))
@@ -151,7 +151,7 @@ class EncodeWorker:
         for future in pending:
             yield from self._collect(future, failures, deferred)
 
-    def _collect(self, future, failures: list[Failure], deferred: list[str]) -> Iterator[tuple[EncodedItem, Any]]:
+    def _collect(self, future, failures: list[Failure], deferred: list[str]) -> Iterator[tuple[EncodedItem, Any, bytes]]:
         result = future.result()
         if isinstance(result, Fetched):
             result = self._decode(result)
@@ -160,8 +160,7 @@ class EncodeWorker:
         elif isinstance(result, Deferred):
             deferred.append(result.key)
         else:
-            height, width = result.pixels.shape[:2]
-            yield EncodedItem(result.item.key, b"", width, height, result.source_bytes, result.source_sha256), result.pixels
+            yield encoded_item(result.item.key, result.picture, result.data, result.source_sha256)
 
     def _load(self, item: SourceItem) -> LoadedImage | Failure | Deferred:
         fetched = self._fetch(item)
@@ -178,10 +177,10 @@ class EncodeWorker:
 
     def _decode(self, fetched: Fetched) -> LoadedImage | Failure:
         try:
-            pixels = load_rgb(fetched.data, self.max_pixels)
+            picture = load_picture(fetched.data, self.max_pixels)
         except Exception as exc:
             return Failure(fetched.item.key, "load", str(exc))
-        return LoadedImage(fetched.item, pixels, len(fetched.data), fetched.sha256)
+        return LoadedImage(fetched.item, picture, fetched.data, fetched.sha256)
 
 
 def embed_codec_weights(archive: Location, codec: str, params: dict) -> EmbeddedModel:

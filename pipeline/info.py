@@ -11,10 +11,11 @@ from collections import Counter
 import numpy as np
 
 from ..codecs.errors import ArchiveError
-from .archive import ArchiveReader, current_writer
+from .archive import FIDELITIES, ArchiveReader, current_writer
 from .storage import Location
 
 GB = 1e9  # storage is priced per decimal gigabyte
+INFO_COLUMNS = ["bitstream_bytes", "width", "height", "source_bytes", "fidelity", "colour_converted"]
 
 
 def archive_info(archive_url: str, price_per_gb_month: float = 0.023, storage_options: dict | None = None) -> dict:
@@ -29,9 +30,10 @@ def archive_info(archive_url: str, price_per_gb_month: float = 0.023, storage_op
     manifest = reader.manifest
     totals = {"items": 0, "shards": 0, "source_bytes": 0, "bitstream_bytes": 0, "archive_bytes": 0}
     bpp, problems = [], []
+    fidelity, converted = Counter(), 0
     for entry in manifest.shards:
         try:  # the file's size and row count are checked against the entry; sums come from the rows
-            table = reader.read(entry, ["bitstream_bytes", "width", "height", "source_bytes"])
+            table = reader.read(entry, INFO_COLUMNS)
         except ArchiveError as exc:
             problems.append(str(exc))
             continue
@@ -45,6 +47,8 @@ def archive_info(archive_url: str, price_per_gb_month: float = 0.023, storage_op
         totals["source_bytes"] += int(table.column("source_bytes").to_numpy().sum())
         totals["bitstream_bytes"] += int(sizes.sum())
         totals["archive_bytes"] += entry.bytes
+        fidelity.update(table.column("fidelity").to_pylist())
+        converted += table.column("colour_converted").to_pylist().count(True)
     bpp = np.concatenate(bpp) if bpp else np.zeros(0)
     try:
         failures = reader.failures()
@@ -68,6 +72,9 @@ def archive_info(archive_url: str, price_per_gb_month: float = 0.023, storage_op
         "items": totals["items"],
         "failed": len(failures),
         "failures_by_stage": dict(Counter(f.stage for f in failures.values())),
+        # What the archive gives back (docs/FORMAT.md): the source file, its picture exactly, or a picture near it.
+        "fidelity": {kind: fidelity[kind] for kind in FIDELITIES},
+        "colour_converted": converted,  # items whose pixels were converted from their embedded profile to sRGB
         "shards": totals["shards"],
         "problems": problems,
         "source_bytes": totals["source_bytes"],

@@ -39,9 +39,9 @@ from ..codecs.base import Codec
 from ..codecs.errors import ArchiveError, BitstreamError, DiffarcError, ParameterError
 from ..codecs.registry import codec_class
 from .archive import ArchiveReader, ArchiveWriter, CodecSpec, EncodedItem, Failure, Manifest, ShardEntry, WriterLease
-from .batches import codec_spec, decode_streams, encode_items, open_encoder
+from .batches import codec_spec, decode_streams, encode_items, encoded_item, open_encoder
 from .cluster import connect, diffarc_error_in, pool_shape, torch_device
-from .images import DEFAULT_MAX_PIXELS, load_rgb
+from .images import DEFAULT_MAX_PIXELS, load_picture
 from .preflight import check_writable
 from .sources import sha256_hex
 from .storage import Location
@@ -284,11 +284,10 @@ class ShardEncoder:
                 if pixels.shape[0] * pixels.shape[1] > self.max_pixels:
                     raise ValueError(f"image has {pixels.shape[0] * pixels.shape[1]} pixels, over {self.max_pixels}")
                 source = pixels.tobytes()
-            else:
-                source = bytes(batch["bytes"][index])
-                pixels = load_rgb(source, self.max_pixels)
+                height, width = pixels.shape[:2]
+                return EncodedItem(key, b"", width, height, len(source), sha256_hex(source)), pixels, None
+            source = bytes(batch["bytes"][index])
+            return encoded_item(key, load_picture(source, self.max_pixels), source)
         except Exception as exc:
             failures.append(Failure(key, "load", str(exc)))
             return None
-        height, width = pixels.shape[:2]
-        return EncodedItem(key, b"", width, height, len(source), sha256_hex(source)), pixels

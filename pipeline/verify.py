@@ -17,14 +17,15 @@ Decoding: a checksum proves only that the bytes are the ones written, and an arc
 carry streams that parse but do not decode. So the streams of a deterministic sample of items (chosen by
 a hash of the key, so the same fraction picks the same items every run; all of them by default) are
 decoded, as decode would — header and cost checks first, a batch at a time, each batch compared with
-its originals before the next is decoded — and a stream that fails is an item failure.
+its originals before the next is decoded — and a stream that fails is an item failure, as is a byte-exact
+item whose rebuilt source file has not its row's source_sha256 (what decode would refuse to write).
 INTACT therefore means the sampled items decode; streams that cannot be decoded for want of the
 weights make the archive NOT INTACT, saying why.
 
 Quality, with `against`: each decoded item is compared with its source image, found the way encode found
 it (`sources.list_sources`: a folder URL or a list file of URLs) and loaded by the same loader: PSNR,
 MS-SSIM and, when weights are found, LPIPS-squeeze. Thresholds apply to every compared item: one item
-below a threshold fails the job.
+below a threshold fails the job. A byte- or pixel-exact item must equal its source's picture in every pixel.
 
 While an encode is writing the archive, what it has committed so far is verified, and the manifest not
 yet being complete is no problem (`writing` names the writer); once the writer has stopped, it is one.
@@ -51,11 +52,12 @@ from ..codecs.base import check_pixels
 from ..codecs.errors import ArchiveError, BitstreamError, DiffarcError
 from ..codecs.parts.metrics import LPIPS, LPIPS_MIN_SIDE, ms_ssim, psnr
 from ..codecs.registry import codec_class
-from .archive import SHARD_SCHEMA, ArchiveReader, Failure, ShardEntry, check_embedded_weights, current_writer
+from .archive import FIDELITIES, SHARD_SCHEMA, ArchiveReader, Failure, ShardEntry, check_embedded_weights, current_writer
 from .batches import decode_streams, failure_reason
 from .cluster import PROGRESS_GROUP, actor_pool, reported_progress, run_on_pool, torch_device
 from .images import load_rgb
 from .keys import DecodedNames
+from .outputs import exactness_problem, original_failures, promises
 from .preflight import check_against
 from .sources import SourceItem, fetch, list_sources
 from .storage import Location
@@ -168,6 +170,7 @@ class VerifyWorker:
             return report
         table = found.table
         report.problems += column_problems(table, entry, self.reader.manifest.codec.name)
+        promised = promises(table)  # what decode writes for each item, by its fidelity (outputs.py)
         report.keys = table.column("key").to_pylist()
         report.failures += found.failures
         sizes = dict(zip(report.keys, zip(table.column("width").to_pylist(), table.column("height").to_pylist())))
@@ -203,8 +206,9 @@ class VerifyWorker:
             keys, streams = [key for key, _ in batch], [stream for _, stream in batch]
             decoded = decode_streams(self.codec, keys, streams, report.failures, self.max_pixels)
             report.decoded += len(decoded)
+            report.failures += original_failures(self.codec, batch, promised, self.max_pixels)
             if originals is not None:
-                report.quality += self._compare(decoded, stream_bytes, originals, against, report.failures)
+                report.quality += self._compare(decoded, stream_bytes, originals, against, report.failures, promised)
                 release_freed_memory()
             self.items += len(batch)
             self.failed += len(report.failures) - before
@@ -212,7 +216,7 @@ class VerifyWorker:
 
     def _compare(
         self, decoded: list, stream_bytes: dict[str, int], originals: dict[str, SourceItem], against: str,
-        failures: list[Failure],
+        failures: list[Failure], promised: dict[str, tuple[str, str]],
     ) -> list[dict]:
         quality = []
         for key, pixels in decoded:
@@ -227,6 +231,8 @@ class VerifyWorker:
             if original.shape != pixels.shape:
                 failures.append(Failure(key, "verify", f"source is {original.shape}, decoded is {pixels.shape}"))
                 continue
+            if problem := exactness_problem(promised[key][0], original, pixels):  # byte- or pixel-exact: every pixel
+                failures.append(Failure(key, "verify", problem))
             measured = {
                 "key": key,
                 "bpp": 8 * stream_bytes[key] / (pixels.shape[0] * pixels.shape[1]),
@@ -259,6 +265,7 @@ def column_problems(table: pa.Table, entry: ShardEntry, codec: str) -> list[str]
         "width or height is not positive": pc.or_(pc.less(table["width"], 1), pc.less(table["height"], 1)),
         "source_bytes is negative": pc.less(table["source_bytes"], 0),
         f"codec is not {codec}": pc.not_equal(table["codec"], codec),
+        "fidelity is not one diffarc writes": pc.invert(pc.is_in(table["fidelity"], pa.array(FIDELITIES))),
     }  # fmt: skip
     problems = []
     for what, wrong in checks.items():

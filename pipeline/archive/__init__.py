@@ -47,8 +47,9 @@ One role a module:
 
 from ...codecs.errors import ArchiveError
 from .layout import (
-    ARCHIVE_FORMAT_VERSION, CHECKPOINT_EVERY, FAILURE_SCHEMA, LAST_CHECKPOINT, MANIFEST, PART_SHARDS, SHARD_SCHEMA,
-    check_layout, checkpoint_path, commit_path, part_path, shard_parts, tool_version,
+    ARCHIVE_FORMAT_VERSION, BYTE_EXACT, CHECKPOINT_EVERY, FAILURE_SCHEMA, FIDELITIES, LAST_CHECKPOINT, LOSSY, MANIFEST,
+    PART_SHARDS, PIXEL_EXACT, SHARD_SCHEMA, SHARD_SCHEMA_BEFORE_FIDELITY, check_layout, checkpoint_path, commit_path,
+    part_path, shard_parts, tool_version,
 )
 from .lease import WriterLease, current_writer, describe_holder
 from .log import load_manifest, require_manifest
@@ -59,10 +60,11 @@ from .shards import read_failure_table, read_failures, read_parquet, read_shard,
 from .writer import ArchiveWriter
 
 __all__ = [
-    "ARCHIVE_FORMAT_VERSION", "CHECKPOINT_EVERY", "FAILURE_SCHEMA", "LAST_CHECKPOINT", "MANIFEST", "PART_SHARDS",
-    "SHARD_SCHEMA", "ArchiveError", "ArchiveReader", "ArchiveWriter", "CodecSpec", "EmbeddedModel", "EncodedItem",
-    "Failure", "Manifest", "ShardEntry", "ShardStreams", "WriterLease", "check_embedded_weights", "check_layout",
-    "checkpoint_path", "codec_mismatch", "commit_path", "current_writer", "describe_holder", "embed_weights", "load_manifest",
-    "local_weights_folder", "part_path", "read_failure_table", "read_failures", "read_parquet", "read_shard",
-    "require_manifest", "shard_parts", "tool_version", "write_shard",
+    "ARCHIVE_FORMAT_VERSION", "BYTE_EXACT", "CHECKPOINT_EVERY", "FAILURE_SCHEMA", "FIDELITIES", "LAST_CHECKPOINT", "LOSSY",
+    "MANIFEST", "PART_SHARDS", "PIXEL_EXACT", "SHARD_SCHEMA", "SHARD_SCHEMA_BEFORE_FIDELITY", "ArchiveError",
+    "ArchiveReader", "ArchiveWriter", "CodecSpec", "EmbeddedModel", "EncodedItem", "Failure", "Manifest", "ShardEntry",
+    "ShardStreams", "WriterLease", "check_embedded_weights", "check_layout", "checkpoint_path", "codec_mismatch",
+    "commit_path", "current_writer", "describe_holder", "embed_weights", "load_manifest", "local_weights_folder",
+    "part_path", "read_failure_table", "read_failures", "read_parquet", "read_shard", "require_manifest", "shard_parts",
+    "tool_version", "write_shard",
 ]  # fmt: skip

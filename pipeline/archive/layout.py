@@ -32,7 +32,8 @@ SHARD_DIR = "shards"
 FAILURE_DIR = "failures"
 MODEL_DIR = "models"
 DEFAULT_ROW_GROUP_BYTES = 8 << 20
-SHARD_SCHEMA = pa.schema(
+# Shards written before diffarc recorded what it promises about each item hold these columns alone.
+SHARD_SCHEMA_BEFORE_FIDELITY = pa.schema(
     [
         ("key", pa.string()),
         ("bitstream", pa.binary()),
@@ -44,6 +45,17 @@ SHARD_SCHEMA = pa.schema(
         ("codec", pa.string()),
     ]
 )
+# What the archive promises about each item (docs/FORMAT.md): the source's format, its colour profile and
+# whether the pixels were converted from it, and the item's fidelity. Older shards read as FIDELITY_UNKNOWN.
+FIDELITY_FIELDS = [
+    ("source_format", pa.string()),
+    ("source_profile", pa.string()),
+    ("colour_converted", pa.bool_()),
+    ("fidelity", pa.string()),
+]
+SHARD_SCHEMA = pa.schema([*SHARD_SCHEMA_BEFORE_FIDELITY, *FIDELITY_FIELDS])
+BYTE_EXACT, PIXEL_EXACT, LOSSY = FIDELITIES = ("byte-exact", "pixel-exact", "lossy")  # an item's fidelity, best first
+FIDELITY_UNKNOWN = {"source_format": "", "source_profile": "", "colour_converted": False, "fidelity": LOSSY}
 FAILURE_SCHEMA = pa.schema([("key", pa.string()), ("stage", pa.string()), ("reason", pa.string())])
 # What a manifest may name: one file directly in its folder, with a name diffarc could have written.
 SHARD_PATH = re.compile(r"shards/[A-Za-z0-9][A-Za-z0-9._-]*\.parquet")

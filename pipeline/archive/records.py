@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field
 
 from ...codecs import container
 from ...codecs.errors import ArchiveError
-from .layout import ARCHIVE_FORMAT_VERSION, MODEL_DIR, tool_version
+from .layout import ARCHIVE_FORMAT_VERSION, LOSSY, MODEL_DIR, tool_version
 
 def part_document(start: int, shards: list[ShardEntry]) -> bytes:
     return json.dumps({"format": "diffarc-archive-shards", "format_version": ARCHIVE_FORMAT_VERSION,
@@ -94,6 +94,10 @@ class EncodedItem:
     height: int
     source_bytes: int
     source_sha256: str
+    source_format: str = ""  # as Pillow names it ("JPEG", "HEIF", …); "" for rows given as pixels
+    source_profile: str = ""  # the embedded ICC profile's description; "" without one
+    colour_converted: bool = False  # the pixels were converted from that profile to sRGB
+    fidelity: str = LOSSY  # BYTE_EXACT (the source file comes back), PIXEL_EXACT (its picture does) or LOSSY
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,8 @@ from ...codecs.errors import ArchiveError
 from ..storage import LinkRefused, Location
 from ..storage_failures import retry_transient
 from .layout import (
-    ARCHIVE_FORMAT_VERSION, DEFAULT_ROW_GROUP_BYTES, FAILURE_DIR, FAILURE_SCHEMA, SHARD_DIR, SHARD_SCHEMA, tool_version,
+    ARCHIVE_FORMAT_VERSION, DEFAULT_ROW_GROUP_BYTES, FAILURE_DIR, FAILURE_SCHEMA, FIDELITY_UNKNOWN, SHARD_DIR,
+    SHARD_SCHEMA, SHARD_SCHEMA_BEFORE_FIDELITY, tool_version,
 )
 from .log import load_manifest
 from .records import CodecSpec, EncodedItem, Failure, Manifest, ShardEntry
@@ -52,6 +53,10 @@ def write_shard(
             "source_bytes": [i.source_bytes for i in items],
             "source_sha256": [i.source_sha256 for i in items],
             "codec": [codec.name] * len(items),
+            "source_format": [i.source_format for i in items],
+            "source_profile": [i.source_profile[:MAX_PROFILE_CHARS] for i in items],
+            "colour_converted": [i.colour_converted for i in items],
+            "fidelity": [i.fidelity for i in items],
         },
         schema=SHARD_SCHEMA.with_metadata(shard_metadata(codec)),
     )
@@ -64,7 +69,8 @@ def _store_shard(archive: Location, table: pa.Table, row_group_bytes: int = DEFA
     # Bitstreams are already compressed: recompressing them costs CPU and saves nothing.
     compression = {name: ("NONE" if name == "bitstream" else "ZSTD") for name in SHARD_SCHEMA.names}
     sizes = table.column("bitstream_bytes").to_pylist()
-    with pq.ParquetWriter(buffer, table.schema, compression=compression, use_dictionary=["codec"]) as writer:
+    dictionary = ["codec", "source_format", "source_profile", "fidelity"]  # a few values each, repeated
+    with pq.ParquetWriter(buffer, table.schema, compression=compression, use_dictionary=dictionary) as writer:
         for start, stop in _row_groups(sizes, row_group_bytes):
             writer.write_table(table.slice(start, stop - start), row_group_size=stop - start)
     data = buffer.getvalue()
@@ -152,8 +158,10 @@ def read_shard(
 # dictionary-encoded or compressed column, for gigabytes (one 16 MiB string in every row): each column's
 # size read is bounded before it is expanded. Bitstreams are stored uncompressed, so their bound is the
 # file's size (with room for other writers' compression).
+MAX_PROFILE_CHARS = 255  # of a profile's description kept in a row (a hostile file's may be any length)
 SHARD_VALUE_BYTES = {"key": 1024, "source_sha256": 64, "codec": 255, "bitstream_bytes": 8, "width": 4,
-                     "height": 4, "source_bytes": 8}  # fmt: skip
+                     "height": 4, "source_bytes": 8, "source_format": 64, "source_profile": 4 * MAX_PROFILE_CHARS,
+                     "colour_converted": 1, "fidelity": 16}  # fmt: skip
 FAILURE_VALUE_BYTES = {"key": 1024, "stage": 64, "reason": 64 << 10}
 
 
@@ -161,13 +169,21 @@ def _read_shard_rows(
     open_source, entry: ShardEntry, columns: list[str] | None, keys: list[str] | None, check_index: bool
 ) -> pa.Table:
     parquet = pq.ParquetFile(open_source(), pre_buffer=False)
-    if not SHARD_SCHEMA.equals(parquet.schema_arrow.remove_metadata()):
+    schema = parquet.schema_arrow.remove_metadata()
+    older = SHARD_SCHEMA_BEFORE_FIDELITY.equals(schema)  # written before rows recorded their fidelity
+    if not SHARD_SCHEMA.equals(schema) and not older:
         raise ArchiveError(f"{entry.path}: schema differs from the archive format")
     if parquet.metadata.num_rows != entry.rows:
         raise ArchiveError(f"{entry.path}: {parquet.metadata.num_rows} rows, manifest says {entry.rows}")
     limits = {name: entry.rows * size for name, size in SHARD_VALUE_BYTES.items()}
     limits["bitstream"] = 4 * entry.bytes + (1 << 20)
-    table = _bounded_read(open_source, parquet, columns, keys, limits, entry.path)
+    wanted = columns or SHARD_SCHEMA.names
+    present = [name for name in wanted if name in schema.names] if older else columns
+    table = _bounded_read(open_source, parquet, present, keys, limits, entry.path)
+    if older:  # what such a shard's rows promise: nothing beyond their pixels, approximately
+        for name in (n for n in wanted if n not in schema.names):
+            field = SHARD_SCHEMA.field(name)
+            table = table.append_column(field, pa.array([FIDELITY_UNKNOWN[name]] * table.num_rows, field.type))
     for name in table.column_names:
         if table.column(name).null_count:
             raise ArchiveError(f"{entry.path}: column {name} holds nulls")

@@ -13,7 +13,7 @@ from PIL import Image
 
 from diffarc.codecs import container
 from diffarc.codecs.registry import codec_for_header, create_codec
-from diffarc.pipeline.archive import MANIFEST, SHARD_SCHEMA, read_failures, read_shard, require_manifest
+from diffarc.pipeline.archive import MANIFEST, SHARD_SCHEMA_BEFORE_FIDELITY, read_failures, read_shard, require_manifest
 from diffarc.pipeline.decode import cat_item, output_name, run_decode
 from diffarc.pipeline.encode import EncodeOptions, run_encode
 from diffarc.pipeline.images import load_rgb
@@ -237,7 +237,7 @@ def write_format_1_archive(folder, codec, image_folder, keys) -> list[bytes]:
         row["bitstream_bytes"] = len(row["bitstream"])
     shard = "shards/part-0123.parquet"
     (folder / "shards").mkdir(parents=True)
-    pq.write_table(pa.Table.from_pylist(rows, schema=SHARD_SCHEMA), folder / shard)
+    pq.write_table(pa.Table.from_pylist(rows, schema=SHARD_SCHEMA_BEFORE_FIDELITY), folder / shard)
     data = (folder / shard).read_bytes()
     entry = {"path": shard, "rows": len(rows), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
              "first_key": rows[0]["key"], "last_key": rows[-1]["key"],

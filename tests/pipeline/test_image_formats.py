@@ -35,16 +35,18 @@ def test_heic_and_jpeg_xl_sources_encode_and_decode_as_colour_managed_pictures(r
     (src / "web.jxl").write_bytes(imagecodecs.jpegxl_encode(web, distance=0.5))
     damaged = saved(phone, "HEIF")
     (src / "damaged.heic").write_bytes(damaged[: len(damaged) // 2])
+    (src / "plain.jpg").write_bytes(saved(web, "JPEG", quality=90))  # kept whole: the encode actors hand it over
 
     # The lossless mode: what comes out is the loaded picture itself, so the loader's colours are seen exactly.
     summary = run_encode(str(src), str(tmp_path / "arc"), EncodeOptions("jxl", {"lossless": 1}, shard_size=4))
-    assert (summary.encoded, summary.failed, summary.skipped_non_images) == (3, 1, 0)
+    assert (summary.encoded, summary.failed, summary.skipped_non_images) == (4, 1, 0)
     archive = Location(str(tmp_path / "arc"))
     failure = read_failures(archive, require_manifest(archive))["damaged.heic"]
     assert failure.stage == "load" and "cannot read it as HEIF: Invalid input" in failure.reason
 
     result = run_decode(str(tmp_path / "arc"), str(tmp_path / "out"))
-    assert result.decoded == 3 and not result.failures
+    assert result.decoded == 4 and not result.failures
+    assert (tmp_path / "out" / "plain.jpg").read_bytes() == (src / "plain.jpg").read_bytes()
     decoded = {name: np.asarray(Image.open(tmp_path / "out" / f"{name}.png")).astype(float)
                for name in ("IMG_0001", "camera", "web")}  # fmt: skip
     # What a colour-managed viewer shows of each file's pixels, worked out in floating point.
