@@ -12,8 +12,9 @@ from diffarc.codecs import container
 from diffarc.codecs.errors import ParameterError
 from diffarc.codecs.registry import codec_for_header
 from diffarc.jobs.cli import main
-from diffarc.pipeline.decode import cat_item, output_name, run_decode
+from diffarc.pipeline.decode import cat_item, run_decode
 from diffarc.pipeline.encode import EncodeOptions, run_encode
+from diffarc.pipeline.keys import output_name
 
 from ..codecs.test_corrdiff import save_models
 

@@ -14,9 +14,10 @@ from PIL import Image
 from diffarc.codecs import container
 from diffarc.codecs.registry import codec_for_header, create_codec
 from diffarc.pipeline.archive import MANIFEST, SHARD_SCHEMA_BEFORE_FIDELITY, read_failures, read_shard, require_manifest
-from diffarc.pipeline.decode import cat_item, output_name, run_decode
+from diffarc.pipeline.decode import cat_item, run_decode
 from diffarc.pipeline.encode import EncodeOptions, run_encode
 from diffarc.pipeline.images import load_rgb
+from diffarc.pipeline.keys import output_name
 from diffarc.codecs.parts.metrics import psnr
 from diffarc.pipeline.storage import Location
 from diffarc.pipeline.verify import Thresholds, run_verify
