@@ -1,4 +1,4 @@
-"""SIGKILL a running `diffarc encode` (or one of its actors), and find every key exactly once."""
+"""SIGKILL (or Ctrl-C) a running `diffarc encode` (or SIGKILL one of its actors), and find every key exactly once."""
 
 import json
 import os
@@ -46,11 +46,13 @@ def committed_keys(archive: Path) -> list[str]:
     return [k for s in manifest["shards"] for k in pq.read_table(archive / s["path"], columns=["key"])["key"].to_pylist()]
 
 
-def test_killed_encode_resumes_with_no_key_lost_or_repeated(tmp_path):
+@pytest.mark.parametrize("stop", [signal.SIGKILL, signal.SIGINT], ids=["killed", "ctrl-c"])
+def test_a_stopped_encode_resumes_with_no_key_lost_or_repeated(tmp_path, stop):
     src, archive = tmp_path / "src", tmp_path / "archive"
     write_sources(src, ITEMS)
 
-    # Its own process group, so SIGKILL takes the job's local Ray with it, as a killed job on a node would.
+    # Its own process group, so the signal reaches the job's local Ray too: SIGKILL as a killed job on a node
+    # would see, SIGINT as a terminal sends Ctrl-C to the whole foreground group.
     job = subprocess.Popen(encode_command(src, archive), env=cli_env(), start_new_session=True,
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 240
@@ -61,8 +63,17 @@ def test_killed_encode_resumes_with_no_key_lost_or_repeated(tmp_path):
         assert job.poll() is None, job.stderr.read().decode()[-2000:]
         assert time.monotonic() < deadline, "encode made no progress"
         time.sleep(0.2)
-    os.killpg(job.pid, signal.SIGKILL)
-    job.wait()
+    os.killpg(job.pid, stop)
+    _, stderr = job.communicate(timeout=120)
+    if stop == signal.SIGINT:  # not click's bare "Aborted!": what is kept, and that a re-run resumes
+        assert job.returncode == 130, stderr.decode()[-2000:]
+        assert stderr.decode().rstrip().endswith("interrupted: what was finished is kept (encode: every committed "
+                                                 "shard; decode: every image written), and running the same command "
+                                                 "again resumes from there")  # fmt: skip
+        try:
+            os.killpg(job.pid, signal.SIGKILL)  # what of its Ray outlived it
+        except ProcessLookupError:
+            pass
 
     before = whole_manifest(archive)
     assert not before["complete"]
