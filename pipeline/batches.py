@@ -9,8 +9,10 @@ verify, cat, read_archive) both feed their batches through `map_batch`.
 
 from __future__ import annotations
 
+import sys
+from contextlib import contextmanager
 from dataclasses import replace
-from typing import Any, Callable, Iterable, Sequence, TypeVar
+from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
 
 from ..codecs import container
 from ..codecs.base import Codec
@@ -139,9 +141,28 @@ def decode_streams(
             checked.append((key, (header, payload)))
         except BitstreamError as exc:
             failures.append(Failure(key, "parse", str(exc)))
-    decoded = map_batch(
-        checked,
-        lambda batch: codec.decode_checked([stream for _, stream in batch]),
-        lambda item, reason: failures.append(Failure(item[0], "decode", reason)),
-    )
+    with one_decode_thread(codec):
+        decoded = map_batch(
+            checked,
+            lambda batch: codec.decode_checked([stream for _, stream in batch]),
+            lambda item, reason: failures.append(Failure(item[0], "decode", reason)),
+        )
     return [(key, pixels) for (key, _), pixels in decoded]
+
+
+@contextmanager
+def one_decode_thread(codec: Codec) -> Iterator[None]:
+    """Torch on one thread while `codec` decodes on the CPU, as in decode's actors (one core each). A network
+    decoder sums in an order that depends on the thread count (±1 in a few values per million), so cat,
+    iter_archive and read_archive, which decode here too, give `diffarc decode`'s pixels whatever thread
+    count their process has. The process's count is restored afterwards."""
+    torch = sys.modules.get("torch")  # a codec that decodes with torch has imported it
+    if torch is None or str(codec.device) != "cpu":
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

@@ -50,3 +50,24 @@ def test_decode_records_the_stream_it_cannot_decode_and_decodes_the_rest(batch_s
     assert [key for key, _ in decoded] == ["a", "b", "d"]
     assert [(f.key, f.stage) for f in failures] == [("c", "decode")]
     assert "BitstreamError" in failures[0].reason
+
+
+@pytest.mark.slow
+def test_a_network_decoder_gives_the_decode_actors_pixels_whatever_threads_the_process_has(kodak):
+    # hfd on this crop sums one value differently on 2 threads than on 1 (on the machine this was written
+    # on); decode's actors have one core, and every reader decodes through decode_streams.
+    import torch
+    from PIL import Image
+
+    codec = create_codec("hfd", {})
+    [stream] = codec.encode([np.ascontiguousarray(np.asarray(Image.open(kodak / "kodim05.png").convert("RGB"))[:256, :256])])
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one_thread = codec.decode([stream])[0]
+        torch.set_num_threads(2)
+        [(_, pixels)] = decode_streams(codec, ["k"], [container.unpack(stream)], [], 1 << 20)
+        assert torch.get_num_threads() == 2  # the process's count, back
+    finally:
+        torch.set_num_threads(threads)
+    np.testing.assert_array_equal(pixels, one_thread)
