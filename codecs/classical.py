@@ -30,7 +30,8 @@ from PIL import Image
 from .base import Codec, Param
 from .container import Header
 from .errors import BitstreamError
-from .parts.imagefile import JXL_CONTAINER, TooManyPixels, jxl_boxes, jxl_size, open_image, srgb_picture
+from .parts.imagefile import TooManyPixels, open_image, srgb_picture
+from .parts.jxlfile import jxl_size, keeps_jpeg
 
 _QUALITY_PRESETS = {"low": {"quality": 30}, "medium": {"quality": 60}, "high": {"quality": 85}}
 
@@ -175,10 +176,10 @@ class JxlCodec(Codec):
         return payload
 
     def keeps_original(self, payload: bytes) -> bool:
-        return _keeps_jpeg(payload)
+        return keeps_jpeg(payload)
 
     def original_checked(self, header: Header, payload: bytes) -> bytes | None:
-        if not _keeps_jpeg(payload):
+        if not keeps_jpeg(payload):
             return None
         self._check_size(payload, header.width, header.height, kept=True)
         try:
@@ -195,7 +196,7 @@ class JxlCodec(Codec):
         # libjxl reports hostile bytes as JpegxlError, ValueError or RuntimeError; Pillow (a kept JPEG) as
         # OSError and kin: each means "this payload does not decode". Running out of memory is not hidden.
         try:
-            if _keeps_jpeg(payload):
+            if keeps_jpeg(payload):
                 return self._kept_picture(payload, header.width, header.height)
             self._check_size(payload, header.width, header.height, kept=False)
             pixels = imagecodecs.jpegxl_decode(payload, 0, numthreads=1)
@@ -231,7 +232,3 @@ class JxlCodec(Codec):
         if size != (width, height) and not (kept and size == (height, width)):
             raise BitstreamError(f"jxl payload is {size[0]}×{size[1]}, the stream header says {width}×{height}")
 
-
-def _keeps_jpeg(payload: bytes) -> bool:
-    """Whether a JPEG XL file carries JPEG reconstruction data (a `jbrd` box of the container)."""
-    return payload[:12] == JXL_CONTAINER and any(kind == b"jbrd" for kind, _, _ in jxl_boxes(payload))

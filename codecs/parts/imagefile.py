@@ -17,12 +17,12 @@ What this leaves: Pillow still warns (DecompressionBombWarning) for images betwe
 twice it. Some plugins apply Pillow's limit themselves, in their header parser (WebP) or while
 decoding (TIFF, GIF frames, ICO, MPO); those formats stay within twice Pillow's limit (about 179 MP),
 and `open_image` or `load()` raises Pillow's `DecompressionBombError` for larger ones. JPEG, PNG,
-BMP, AVIF, HEIF and the other formats go as high as the caller's limit. The JPEG XL plugin decodes the
-whole image while Pillow reads its header, so a JPEG XL file's size is read here from its own header
-first (`jxl_size`) and checked before Pillow sees the file.
+BMP, AVIF, HEIF and the other formats go as high as the caller's limit. A JPEG XL file's size is read
+from its own header (`jxlfile.jxl_size`) and checked before libjxl decodes it.
 
-HEIF/HEIC (pillow-heif, over libheif) and JPEG XL (pillow-jxl-plugin, over libjxl) are registered with
-Pillow when this module is imported, so every caller of `open_image` reads them.
+HEIF/HEIC (pillow-heif, over libheif) is registered with Pillow when this module is imported; JPEG XL,
+which Pillow does not read, is opened by jxlfile.py (libjxl through imagecodecs) as a Pillow image, so
+every caller of `open_image` reads both.
 
 `srgb_picture` turns an opened image into the picture a colour-managed viewer shows, in sRGB: the one
 conversion the loader (pipeline/images.py) and any codec that decodes a kept source file (jxl) share, so
@@ -34,12 +34,13 @@ from __future__ import annotations
 import io
 import struct
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 import pillow_heif
-import pillow_jxl  # noqa: F401  (registers the JPEG XL plugin with Pillow)
 from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
+
+from .jxlfile import is_jxl, jxl_size, open_jxl
 
 pillow_heif.register_heif_opener(thumbnails=False)
 
@@ -62,20 +63,15 @@ def open_image(data: bytes, max_pixels: int, formats: Sequence[str] | None = Non
     Raises TooManyPixels; Pillow's DecompressionBombError for a format that applies Pillow's limit
     itself (above); or what Pillow raises for a file it cannot identify (OSError and kin).
     """
-    is_jxl = data[:2] == JXL_CODESTREAM or data[:12] == JXL_CONTAINER
-    if is_jxl:
+    if is_jxl(data) and (not formats or "JXL" in formats):  # Pillow has no JPEG XL reader: jxlfile.py
         width, height = jxl_size(data)
         if width * height > max_pixels:
             raise TooManyPixels(width, height, max_pixels)
+        return open_jxl(data)
     try:
         image = Image.open(io.BytesIO(data), formats=list(formats) if formats else None)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         image = _open_without_pillow_limit(data, formats)
-    except RuntimeError:
-        if not is_jxl:
-            raise
-        # The JPEG XL plugin decodes while opening and says only "Generic Error" for any bad data.
-        raise SyntaxError("JPEG XL data is damaged or truncated (libjxl cannot decode it)") from None
     except UnidentifiedImageError:
         raise UnidentifiedImageError(_why_unidentified(data, formats)) from None
     if image.width * image.height > max_pixels:
@@ -110,77 +106,6 @@ def _open_without_pillow_limit(data: bytes, formats: Sequence[str] | None) -> Im
         except (SyntaxError, IndexError, TypeError, struct.error):
             continue
     raise UnidentifiedImageError("cannot identify image file")
-
-
-JXL_CODESTREAM = b"\xff\x0a"
-JXL_CONTAINER = b"\x00\x00\x00\x0cJXL \r\n\x87\n"
-# xsize = ysize × ratio for the SizeHeader's 3-bit ratio code (ISO/IEC 18181-1, SizeHeader).
-_JXL_RATIOS = {1: (1, 1), 2: (12, 10), 3: (4, 3), 4: (3, 2), 5: (16, 9), 6: (5, 4), 7: (2, 1)}
-
-
-def jxl_size(data: bytes) -> tuple[int, int]:
-    """(width, height) a JPEG XL file declares in its codestream's SizeHeader, read without decoding;
-    SyntaxError when the bytes hold no readable one. Orientation may swap the two in the decoded picture."""
-    codestream = _jxl_codestream_start(data)
-    if codestream[:2] != JXL_CODESTREAM:
-        raise SyntaxError("JPEG XL file has no codestream")
-    bits = int.from_bytes(codestream[2:18], "little")  # the SizeHeader fits in 9 bytes; bits are read LSB first
-    position = 0
-
-    def read(count: int) -> int:
-        nonlocal position
-        value = (bits >> position) & ((1 << count) - 1)
-        position += count
-        return value
-
-    def size() -> int:
-        return read((9, 13, 18, 30)[read(2)]) + 1
-
-    small = read(1)
-    height = (read(5) + 1) * 8 if small else size()
-    ratio = read(3)
-    if ratio:
-        numerator, denominator = _JXL_RATIOS[ratio]
-        width = height * numerator // denominator
-    else:
-        width = (read(5) + 1) * 8 if small else size()
-    if len(codestream) < 2 + -(-position // 8):
-        raise SyntaxError("JPEG XL header is truncated")
-    return width, height
-
-
-def _jxl_codestream_start(data: bytes) -> bytes:
-    """The first bytes of the codestream: the file itself, or gathered from the boxes of the container
-    (one `jxlc` box, or `jxlp` parts, each after a 4-byte index)."""
-    if data[:2] == JXL_CODESTREAM:
-        return data[:18]
-    gathered = b""
-    for kind, start, end in jxl_boxes(data):
-        if kind == b"jxlc":
-            gathered += data[start:end]
-        elif kind == b"jxlp":
-            gathered += data[start + 4 : end]
-        if len(gathered) >= 18:
-            break
-    return gathered[:18]
-
-
-def jxl_boxes(data: bytes) -> Iterator[tuple[bytes, int, int]]:
-    """(type, start, end) of each box of a JPEG XL container (ISO BMFF boxes), its contents data[start:end];
-    stops at the first box whose size is damaged."""
-    offset = 0
-    while offset + 8 <= len(data):
-        size, kind = struct.unpack_from(">I4s", data, offset)
-        start = offset + 8
-        if size == 1:
-            if offset + 16 > len(data):
-                return
-            size, start = struct.unpack_from(">Q", data, offset + 8)[0], offset + 16
-        end = len(data) if size == 0 else offset + size
-        if end < start or end > len(data):
-            return
-        yield kind, start, end
-        offset = end
 
 
 @dataclass(frozen=True)

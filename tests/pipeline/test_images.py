@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from diffarc.codecs.errors import ImageLoadError
-from diffarc.codecs.parts.imagefile import jxl_size
+from diffarc.codecs.parts.jxlfile import jxl_size
 from diffarc.pipeline.images import load_picture, load_rgb
 from diffarc.pipeline.sources import is_image_name
 
@@ -265,6 +265,43 @@ def test_damaged_heic_and_jpeg_xl_files_fail_with_a_reason():
         load_picture(jxl[: len(jxl) // 2])
     with pytest.raises(ImageLoadError, match="JPEG XL"):
         load_picture(jxl[:3])
+
+
+def enum(value: int) -> list[tuple[int, int]]:
+    """A JPEG XL Enum field: U32(0, 1, 4 bits + 2, 6 bits + 18), as (value, bit count) pairs."""
+    return [(value, 2)] if value < 2 else [(2, 2), (value - 2, 4)] if value < 18 else [(3, 2), (value - 18, 6)]
+
+
+def jxl_declaring(want_icc: bool = False, primaries: int = 1) -> bytes:
+    """A 16×16 JPEG XL codestream whose ImageMetadata declares an ICC profile or RGB of these primaries (D65,
+    sRGB curve), then zeros: fields as ISO/IEC 18181-1 lays them out, least significant bit first."""
+    fields = [(1, 1), (1, 5), (1, 3)]  # SizeHeader: small, height 2·8, ratio 1:1
+    fields += [(0, 1), (0, 1), (0, 1), (0, 2), (1, 1), (0, 2), (1, 1)]  # not all default, no extras, 8 bits, …
+    fields += [(0, 1), (int(want_icc), 1), (0, 2)]  # colour encoding: not default, want_icc, RGB
+    if not want_icc:  # white point D65, the primaries, no gamma, the sRGB curve, perceptual intent
+        fields += [*enum(1), *enum(primaries), (0, 1), *enum(13), *enum(0)]
+    bits, position = 0, 0
+    for value, count in fields:
+        bits, position = bits | value << position, position + count
+    return b"\xff\x0a" + bits.to_bytes(-(-position // 8), "little") + bytes(64)
+
+
+def test_a_jpeg_xl_whose_colours_cannot_be_read_is_refused_with_the_reason_not_taken_as_srgb():
+    # The same fields with sRGB primaries parse as sRGB (libjxl then finds no image data after them).
+    with pytest.raises(ImageLoadError, match="JPEG XL data is damaged or truncated"):
+        load_picture(jxl_declaring(primaries=1))
+    with pytest.raises(ImageLoadError, match=r"other than sRGB \(colour_space 0, white_point 1, primaries 11, transfer 13\)"):
+        load_picture(jxl_declaring(primaries=11))  # Display P3
+    with pytest.raises(ImageLoadError, match=r"other than sRGB \(an ICC profile\)"):
+        load_picture(jxl_declaring(want_icc=True))
+
+
+def test_a_jpeg_xl_of_linear_samples_is_turned_into_srgb():
+    pixels = colours(9)
+    linear = imagecodecs.jpegxl_encode(pixels.astype(np.uint16) * 257, lossless=True)  # imagecodecs: 16 bits are linear
+    values = pixels / 255
+    expected = 255 * np.where(values <= 0.0031308, 12.92 * values, 1.055 * values ** (1 / 2.4) - 0.055)
+    assert np.array_equal(load_picture(linear).pixels, np.rint(expected))
 
 
 def test_colour_conversion_gives_the_same_pixels_on_many_threads_at_once():

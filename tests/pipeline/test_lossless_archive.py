@@ -86,7 +86,9 @@ def test_encode_keeps_jpegs_whole_and_each_row_says_what_the_archive_promises(ar
         assert np.array_equal(np.asarray(png), load_picture((sources / "scan.png").read_bytes()).pixels)
 
 
-def test_write_archive_keeps_files_given_as_bytes_and_rows_of_pixels_are_pixel_exact(tmp_path):
+@pytest.mark.slow
+def test_write_archive_keeps_files_given_as_bytes_and_rows_of_pixels_are_pixel_exact(ray_cluster, tmp_path):
+    # write_archive's actor class, called here: it asks Ray for its GPUs, so Ray must be up.
     jpeg, png = saved(photo_like(16, 24, seed=4), "JPEG"), saved(photo_like(16, 24, seed=5), "PNG")
     location = Location(str(tmp_path / "arc"))
     spec = CodecSpec.of(create_codec("jxl", LOSSLESS))
