@@ -24,7 +24,8 @@ from .options import (
 @max_pixels_option
 @storage_option
 def cat(archive, key, output, image_format, stream, params, model, trust_hint, max_pixels, storage_options):
-    """Decode the single image KEY from ARCHIVE, reading only the row group that holds it."""
+    """Decode the single image KEY from ARCHIVE, reading only the row group that holds it (a byte-exact item:
+    its original file, whatever --format)."""
     from ..pipeline.decode import cat_item
 
     data = cat_item(archive, key, image_format, storage_options, model=model, stream=stream, max_pixels=max_pixels,

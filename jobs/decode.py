@@ -26,7 +26,8 @@ from .options import (
 @decoding_options
 def decode(archive, dst, prefix, keys_file, image_format, overwrite, batch_size, base_only, params, model, trust_hint,
            max_pixels, actors, address, storage_options, as_json):
-    """Decode ARCHIVE (all, or a subset) to image files under DST, keys as relative paths."""
+    """Decode ARCHIVE (all, or a subset) to image files under DST, keys as relative paths; a byte-exact item
+    (jxl lossless=1 of a JPEG) is its original file, under its own key, whatever --format."""
     from ..pipeline.decode import run_decode
 
     keys = [line.strip() for line in keys_file if line.strip()] if keys_file else None
