@@ -30,7 +30,8 @@ OUTPUT_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP", "tiff": "TIFF", 
 
 
 def srgb_png_chunks() -> PngImagePlugin.PngInfo:
-    """sRGB (perceptual intent), and gAMA 1/2.2 and cHRM of sRGB's primaries and D65 (PNG 3rd edition, 11.3.2.5)."""
+    """sRGB (perceptual intent), and the gAMA (1/2.2) and cHRM (sRGB's primaries, D65) the PNG specification
+    asks a writer of sRGB to add."""
     info = PngImagePlugin.PngInfo()
     info.add(b"sRGB", bytes([0]))
     info.add(b"gAMA", (45455).to_bytes(4, "big"))
