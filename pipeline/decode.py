@@ -175,6 +175,8 @@ def run_decode(
     tasks, found = claim_outputs(reader, keys, prefix, image_format, existing, summary)
     if tasks:
         total = len(found)
+        if on_progress:  # the total, known now: starting Ray and the actors takes seconds
+            on_progress(0, total, 0)
         worker_args = (reader, model, reader.pixel_limit(max_pixels), base_only, params, trust_hint)
         with actor_pool(DecodeWorker, *worker_args, actors=actors, address=address) as pool:
             with reported_progress(pool, on_progress, total):

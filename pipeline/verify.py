@@ -309,6 +309,8 @@ def run_verify(
         sampled = _sampled_originals(against, fraction, storage_options) if against else None
         worker_args = (reader, lpips_weights, storage_options, reader.pixel_limit(max_pixels), model, trust_hint, batch_size)
         total = sum(entry.rows for entry in manifest.shards)
+        if on_progress:  # the total, known now: starting Ray and the actors takes seconds
+            on_progress(0, total, 0)
         with actor_pool(VerifyWorker, *worker_args, actors=actors, address=address) as pool:
             with reported_progress(pool, on_progress, total):
                 shards = run_on_pool(

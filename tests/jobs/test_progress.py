@@ -89,3 +89,14 @@ def test_a_job_logs_its_progress_and_ray_keeps_quiet(image_folder, tmp_path):
     progress = [line for line in result.stderr.splitlines() if " INFO encode: " in line]
     assert progress and all("images/s" in line and "elapsed" in line for line in progress)
     assert "Token authentication" not in result.stderr and "WARNING" not in result.stderr, result.stderr
+    # decode and verify count images, not shards (6 images in one shard per actor), with total and ETA
+    # (tests/pipeline/test_cluster.py: counted within a shard).
+    for command in (["decode", str(tmp_path / "arc"), str(tmp_path / "out")], ["verify", str(tmp_path / "arc")]):
+        result = subprocess.run([sys.executable, "-m", "diffarc.jobs.cli", *command], env=env, capture_output=True,
+                                text=True, timeout=600)  # fmt: skip
+        assert result.returncode == 0, result.stderr[-3000:]
+        progress = [line for line in result.stderr.splitlines() if f" INFO {command[0]}: " in line]
+        # Until the archive is opened the total is unknown (and nothing is done); then, while Ray and the
+        # actors start too, it is 6 items.
+        assert all("/6 (" in line or f" {command[0]}: 0, " in line for line in progress), result.stderr
+        assert any("/6 (" in line and "images/s, ETA" in line for line in progress), result.stderr

@@ -7,7 +7,9 @@ import time
 import pytest
 import ray
 
-from diffarc.pipeline.cluster import ActorsLostError, PoolShape, actor_pool, pool_shape, run_on_pool
+from diffarc.pipeline.cluster import (
+    PROGRESS_GROUP, ActorsLostError, PoolShape, actor_pool, pool_shape, reported_progress, run_on_pool,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -121,3 +123,29 @@ def test_work_that_kills_every_actor_it_meets_stops_the_job_with_a_sentence(ray_
                 results.append(result)
         assert pool.replaced == 2  # the first two losses replaced their actors; the third stopped the job
     assert 6 not in results
+
+
+class Counting:
+    """A stand-in for a decode actor: works through a shard an item at a time, and says how far it is."""
+
+    def __init__(self):
+        self.items = 0
+
+    @ray.method(concurrency_group=PROGRESS_GROUP)
+    def progress(self) -> tuple[int, int]:
+        return self.items, 0
+
+    def work_through(self, items: int) -> int:
+        for _ in range(items):
+            time.sleep(0.05)
+            self.items += 1
+        return items
+
+
+def test_progress_counts_items_within_a_shard_with_the_total(ray_cluster):
+    seen = []
+    with actor_pool(Counting, actors=1) as pool:
+        with reported_progress(pool, lambda done, total, failed: seen.append((done, total)), 40, seconds=0.1):
+            assert list(run_on_pool(pool, [40], lambda actor, items: actor.work_through.remote(items))) == [40]
+    assert all(total == 40 for _, total in seen)
+    assert any(0 < done < 40 for done, _ in seen), seen  # the one shard's items, counted as they were done
