@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from diffarc.codecs.errors import BitstreamError
 from diffarc.codecs.registry import create_codec
 from diffarc.pipeline.archive import SHARD_SCHEMA_BEFORE_FIDELITY, ArchiveWriter, CodecSpec, load_manifest, read_shard
 from diffarc.pipeline.batches import encode_items, encoded_item
@@ -116,6 +117,26 @@ def test_shards_written_before_rows_said_their_fidelity_read_as_lossy(archive, t
     assert archive_info(old.url)["fidelity"] == {"byte-exact": 0, "pixel-exact": 0, "lossy": 3}
 
 
+def with_wrong_source_sha256(archive: Location, copy, key: str) -> Location:
+    """A copy of the archive whose row for `key` records another source SHA-256 (shard and manifest agreeing)."""
+    tampered = Location(str(shutil.copytree(archive.url, copy)))
+    entry = load_manifest(tampered).shards[0]
+    table = pq.read_table(tampered.path(entry.path))
+    sha = [("0" * 64 if k == key else s) for k, s in zip(table["key"].to_pylist(), table["source_sha256"].to_pylist())]
+    pq.write_table(table.set_column(table.schema.get_field_index("source_sha256"), "source_sha256", pa.array(sha)),
+                   tampered.path(entry.path))  # fmt: skip
+    data = open(tampered.path(entry.path), "rb").read()
+    edit_manifest(tampered, lambda d: d["shards"][0].update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest()))
+    return tampered
+
+
+def test_an_original_is_given_back_only_when_its_sha256_is_the_sources(archive, sources, tmp_path):
+    tampered = with_wrong_source_sha256(archive, tmp_path / "arc", "camera.jpg")
+    with pytest.raises(BitstreamError, match="the file rebuilt from its stream has SHA-256 [0-9a-f]{64}, the source's is 0{64}"):
+        cat_item(tampered.url, "camera.jpg")
+    assert cat_item(tampered.url, "web/plain.jpeg") == (sources / "web" / "plain.jpeg").read_bytes()
+
+
 @pytest.mark.slow
 def test_decode_writes_each_jpeg_back_under_its_key_and_the_others_as_srgb_pngs(ray_cluster, archive, sources, tmp_path):
     summary = run_decode(archive.url, str(tmp_path / "out"))
@@ -131,14 +152,7 @@ def test_decode_writes_each_jpeg_back_under_its_key_and_the_others_as_srgb_pngs(
 
 @pytest.mark.slow
 def test_verify_calls_a_wrong_original_or_an_inexact_picture_not_intact(ray_cluster, archive, sources, tmp_path):
-    tampered = Location(str(shutil.copytree(archive.url, tmp_path / "arc")))
-    entry = load_manifest(tampered).shards[0]
-    table = pq.read_table(tampered.path(entry.path))
-    sha = [("0" * 64 if key == "camera.jpg" else s) for key, s in zip(table["key"].to_pylist(), table["source_sha256"].to_pylist())]
-    table = table.set_column(table.schema.get_field_index("source_sha256"), "source_sha256", pa.array(sha))
-    pq.write_table(table, tampered.path(entry.path))
-    data = open(tampered.path(entry.path), "rb").read()
-    edit_manifest(tampered, lambda d: d["shards"][0].update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest()))
+    tampered = with_wrong_source_sha256(archive, tmp_path / "arc", "camera.jpg")
     originals = shutil.copytree(sources, tmp_path / "src")
     scan = load_picture((originals / "scan.png").read_bytes()).pixels.copy()
     scan[3, 4, 1] ^= 1
