@@ -8,8 +8,10 @@ child process) and this checkout's code (in another child process) each write an
 small jpeg streams (32×48 pictures, quality 75) in shards of --shard-size through their `ArchiveWriter`
 (not timed). Then, in the same process, the decode and verify workers (the classes the actors run) work
 through every shard, as the actors would but without Ray between them: decode writes PNGs to a fresh
-folder, verify checks and decodes every stream. Printed for each code, as medians of --repeat runs:
-milliseconds per stream of each, and the bytes each actor is built from, pickled as Ray sends them (the
+folder (each file written and synced, as decode does), verify checks and decodes every stream. Printed for
+each code, as medians of --repeat runs: wall and CPU milliseconds per stream of each (on a shared machine
+the CPU time is the steadier figure), how many times each stream's CRC is checked (each parse checks it),
+and the bytes each actor is built from, pickled as Ray sends them (the
 shard list travels in them or not). Before issue 27 the workers are built from the archive's Location and
 its whole manifest; now from an ArchiveReader.
 """
@@ -17,7 +19,9 @@ its whole manifest; now from an ArchiveReader.
 from __future__ import annotations
 
 import argparse
+import cProfile
 import os
+import pstats
 import statistics
 import subprocess
 import sys
@@ -96,20 +100,34 @@ def workers(archive_url: str):
     return decode_all, verify_all, sizes
 
 
+def crc_checks(work) -> int:
+    """How many times `work` checks a stream's CRC (`codecs/container.py` calling zlib.crc32): how often
+    each stream is parsed and checked. Counted in a pass of its own, under a profiler, not timed."""
+    profile = cProfile.Profile()
+    profile.enable()
+    work()
+    profile.disable()
+    return sum(calls[1] for (_, _, name), (*_, callers) in pstats.Stats(profile).stats.items()
+               if name == "<built-in method zlib.crc32>"
+               for (where, _, _), calls in callers.items() if where.endswith("container.py"))  # fmt: skip
+
+
 def in_process(archive: str, streams: int, repeat: int, scratch: str) -> None:
     decode_all, verify_all, sizes = workers(archive)
     seconds: dict[str, list[float]] = {"decode": [], "verify": []}
+    cpu: dict[str, list[float]] = {"decode": [], "verify": []}  # this process's CPU: no other job's load in it
     for run in range(repeat):
-        began = time.perf_counter()
-        assert decode_all(f"{scratch}/in-process-{run}") == streams
-        seconds["decode"].append(time.perf_counter() - began)
-        began = time.perf_counter()
-        assert verify_all() == streams
-        seconds["verify"].append(time.perf_counter() - began)
+        for job, work in (("decode", lambda: decode_all(f"{scratch}/in-process-{run}")), ("verify", verify_all)):
+            began, began_cpu = time.perf_counter(), time.process_time()
+            assert work() == streams
+            seconds[job].append(time.perf_counter() - began)
+            cpu[job].append(time.process_time() - began_cpu)
+    checks = {"decode": crc_checks(lambda: decode_all(f"{scratch}/checked")), "verify": crc_checks(verify_all)}
     for job in ("decode", "verify"):
-        print(f"  {job} worker: {1e3 * statistics.median(seconds[job]) / streams:.3f} ms per stream "
-              f"(runs {', '.join(f'{s:.2f}' for s in seconds[job])} s); its actors start from {sizes[job]} "
-              "pickled bytes")  # fmt: skip
+        print(f"  {job} worker: {checks[job] / streams:.2f} stream CRC checks per stream; "
+              f"{1e3 * statistics.median(seconds[job]) / streams:.3f} ms per stream, "
+              f"{1e3 * statistics.median(cpu[job]) / streams:.3f} CPU-ms (runs {', '.join(f'{s:.2f}' for s in seconds[job])} s);"
+              f" its actors start from {sizes[job]} pickled bytes")  # fmt: skip
 
 
 CODE_ENV = "DIFFARC_BENCH_CODE"  # a checkout's root: the child process imports diffarc from there
