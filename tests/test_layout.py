@@ -60,6 +60,14 @@ def test_no_module_imports_one_that_imports_it_back():
     assert not circles, circles
 
 
+def test_verify_ray_data_info_and_preflight_import_neither_decode_nor_encode():
+    # They read through ArchiveReader and decode through batches.decode_streams; preflight only checks.
+    known = modules()
+    for name in ("verify", "ray_data", "info", "preflight"):
+        module = f"diffarc.pipeline.{name}"
+        assert not imports(module, known[module], known) & {"diffarc.pipeline.decode", "diffarc.pipeline.encode"}, name
+
+
 def test_codecs_import_nothing_from_the_pipeline_or_the_jobs():
     known = modules()
     for name, path in known.items():
