@@ -158,15 +158,14 @@ class LatentDenoiseCodec(Codec):
         COLOUR_PARAM,
         Param("precision", str, "fp32", "UNet and VAE arithmetic", choices=tuple(PRECISIONS), build_time=True),
     )  # fmt: skip
-    # Chosen by measured quality: none below 22 dB PSNR on Kodak (the autoencoder's own ceiling is 24.55 dB,
-    # 25.26 with the colour transform). Named by bpp with builtin:ldm-small, timestep=off, colour=affine; Kodak
-    # 24 (`diffarc bench`, MODELS.md), bpp, PSNR / LPIPS-squeeze: 0.150 23.30 / 0.323, 0.220 23.93 / 0.283,
-    # 0.317 24.48 / 0.252, 0.442 24.89 / 0.226.
+    # Named by bpp with the default model, builtin:taef2 (issue 22), timestep=off, colour=affine: Δ interpolated
+    # in log–log between Δ 2 / 3.5 / 6 = 0.570 / 0.290 / 0.109 bpp, the mean of kodim01 and kodim23 (MODELS.md).
+    # builtin:ldm-small's were Δ 0.9 / 0.65 / 0.45 / 0.3 (16 channels, not 32: a Δ means another rate there).
     presets = {
-        "0.15bpp": {"step": 0.9},
-        "0.25bpp": {"step": 0.65},
-        "0.35bpp": {"step": 0.45},
-        "0.5bpp": {"step": 0.3},
+        "0.15bpp": {"step": 5.0},
+        "0.25bpp": {"step": 3.8},
+        "0.35bpp": {"step": 3.0},
+        "0.5bpp": {"step": 2.2},
     }
 
     def __init__(self, device: str = "cpu", **params):
