@@ -8,6 +8,7 @@ other curve, its BD-rates (PSNR, MS-SSIM, LPIPS) against the curve named by --ag
 outside its range are left out).
 
     python benchmarks/bench_against.py bench-out/results.json --against "avif:grain=2,quality=0|5|10|20|35"
+    python benchmarks/bench_against.py bench-avif/results.json bench-ddcm/results.json --against avif
 """
 
 from __future__ import annotations
@@ -32,16 +33,17 @@ def at_bpp(curve: dict, bpp: float, metric: str) -> float | None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("results", help="a bench run's results.json")
+    parser.add_argument("results", nargs="+", help="a bench run's results.json; several: their curves together "
+                        "(runs on the same images, e.g. one per codec)")
     parser.add_argument("--against", required=True, help="the curve's name, as the run lists it")
     args = parser.parse_args()
-    results = json.loads(open(args.results).read())
-    curves = {c["name"]: c for c in results["curves"]}
+    runs = [json.loads(open(path).read()) for path in args.results]
+    curves = {c["name"]: c for run in runs for c in run["curves"]}
     if args.against not in curves:
         raise SystemExit(f"no curve {args.against!r}; the run has {sorted(curves)}")
     against = curves[args.against]
     others = [c for name, c in curves.items() if name != args.against]
-    with_lpips = all(p.get("lpips") is not None for c in results["curves"] for p in c["points"])
+    with_lpips = all(p.get("lpips") is not None for c in curves.values() for p in c["points"])
     for name, entry in bd_rates(others, against, with_lpips).items():
         shown = ", ".join(f"{m} {v:+.1f} %" if v is not None else f"{m} –" for m, v in entry.items() if m != "interpolation")
         print(f"BD-rate of {name} against {args.against}: {shown}")
