@@ -27,8 +27,10 @@ Choices made here:
   was +180 % for `predict`, +158 % for `off`, +143 % for `search`: the t-net is trained on latent MSE,
   not LPIPS. After it, on Kodak 24 (MODELS.md), `predict` gains 0.01–0.05 dB of PSNR but loses LPIPS at
   every preset (0.364 against 0.337 at 0.15bpp; BD-rate +99 % against `off`'s +88 %); `search` gains
-  0.003–0.004 LPIPS over `off` at 18× the encode time. `predict` (the paper's method) and `search` (the best of 0, ½, 1, 1½,
-  2 × the prediction by LPIPS, 25× slower to encode, needs $DIFFARC_LPIPS_WEIGHTS) remain parameters.
+  0.003–0.004 LPIPS over `off` at 18× the encode time. With builtin:taef2 (issue 22, its UNet at step 318;
+  kodim01 and kodim23) the same: `predict` 0.132 against `off`'s 0.125 at 0.29 bpp, 0.276 against 0.230
+  at 0.11. `predict` (the paper's method) and `search` (the best of 0, ½, 1, 1½, 2 × the prediction by
+  LPIPS, 25× slower to encode, needs $DIFFARC_LPIPS_WEIGHTS) remain parameters.
 - γ and t come from pooled per-channel statistics, so they cost the same at any image size; the
   predicted γ is rounded to fp16 before the encoder uses it, so both sides quantize with one transform.
 - The entropy model is the mean-scale hyperprior (Minnen et al., NeurIPS 2018) over the γ-normalised
