@@ -164,43 +164,40 @@ def test_the_latent_task_trains_on_cached_latents_and_exports_a_model_the_codec_
     run_one_step(training_task("hfd"), settings, tmp_path / "again")
 
 
-@pytest.mark.slow
-def test_a_killed_latent_training_resumes_from_its_last_checkpoint(tmp_path):
-    import os
-    import re
-    import signal
-    import subprocess
-    import sys
+# A killed `diffarc train hfd --config latent-tiny` resuming: tests/pipeline/test_training.py, beside the
+# other tasks' kill/resume cases.
 
+
+# ---------------------------------------------------------------------- the shipped weights (builtin:taef2's hfd/)
+
+
+# Measured with the step-532 weights: the base's texture energy 15, the decode's 102, the original's 1753;
+# PSNR 25.01 → 24.75 dB.
+TEXTURE_GAIN, PSNR_LOSS = 3.0, 0.6
+
+
+def high_frequency_energy(picture: np.ndarray) -> float:
+    """Mean square of the picture's Laplacian: the fine texture a blurred base lacks."""
+    x = picture.astype(float).mean(axis=2)
+    laplacian = 4 * x[1:-1, 1:-1] - x[:-2, 1:-1] - x[2:, 1:-1] - x[1:-1, :-2] - x[1:-1, 2:]
+    return float(np.mean(laplacian**2))
+
+
+@pytest.mark.slow
+def test_the_shipped_latent_decoder_restores_texture_and_its_streams_find_it_in_a_fresh_process(kodak, tmp_path):
+    """On kodim13's foliage at quality 10: AVIF flattens the leaves; the shipped latent decoder gives back
+    texture energy (more than the base's, no more than the original's) within PSNR_LOSS dB of the base; a
+    fresh process that is told nothing finds the weights from the stream's fingerprint, same pixels."""
     from PIL import Image
 
-    from diffarc.pipeline.training import find_resume_checkpoint
+    from diffarc.codecs.parts.metrics import psnr
 
-    images = tmp_path / "images"
-    images.mkdir()
-    for seed in range(5):
-        Image.fromarray(photo_like(40 + 8 * seed, 64, seed)).save(images / f"{seed}.png")
-    work, out = tmp_path / "work", tmp_path / "out"
-    command = [sys.executable, "-m", "diffarc.jobs.cli", "train", "hfd", "--data", str(images), "--out", str(out),
-               "--work-dir", str(work), "--config", "latent-tiny", "--crop", "32", "--batch-size", "2",
-               "--report-seconds", "0", "--checkpoint-minutes", "0.005"]  # fmt: skip
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "DIFFARC_LATENT_CACHE": str(tmp_path / "cache")}
-    first = subprocess.Popen(command + ["--steps", "100000"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                             text=True, env=env, start_new_session=True)  # fmt: skip
-    lines = []
-    try:
-        for line in first.stdout:
-            lines.append(line)
-            if "checkpoint at step" in line:
-                break
-    finally:
-        os.killpg(first.pid, signal.SIGKILL)
-        first.wait()
-    checkpoint = find_resume_checkpoint(work / "hfd")
-    assert checkpoint is not None, "".join(lines[-30:])
-    saved = int(re.search(r'"step": (\d+)', (checkpoint / "progress.json").read_text()).group(1))
-    second = subprocess.run(command + ["--steps", str(saved + 2)], capture_output=True, text=True, env=env, timeout=300)
-    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
-    resumed = [int(s) for s in re.findall(r"resumed from step (\d+)", second.stdout + second.stderr)]
-    assert resumed and resumed[0] >= saved  # Ray's worker may persist one more checkpoint after the kill
-    assert (out / LATENT_FOLDER / "config.json").is_file() and (out / "vae" / "config.json").is_file()
+    image = np.asarray(Image.open(kodak / "kodim13.png").convert("RGB"))[128:256, 64:192]
+    codec = create_codec("hfd", {"model": "builtin:taef2", "quality": 10})
+    [stream] = codec.encode([image])
+    decoded = codec.decode([stream])[0]
+    base = hfd_codec.HfdCodec.base_decoder(container.unpack(stream)[0].params).decode([stream])[0]
+    energy = [high_frequency_energy(picture) for picture in (base, decoded, image)]
+    assert TEXTURE_GAIN * energy[0] < energy[1] < energy[2], energy
+    assert psnr(image, decoded) > psnr(image, base) - PSNR_LOSS
+    np.testing.assert_array_equal(decode_in_new_process(stream, tmp_path), decoded)
