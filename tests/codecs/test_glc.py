@@ -2,9 +2,6 @@
 
 import copy
 import hashlib
-import os
-import re
-import signal
 import subprocess
 import sys
 
@@ -258,37 +255,3 @@ def test_one_training_step_on_cached_latents_exports_transforms_the_codec_loads(
     task_class.export(settings, tmp_path / "trained", metrics, tmp_path / "out")
     codec = create_codec("glc", {"transforms": str(tmp_path / "out")})
     assert codec.decode(codec.encode([TRAIN[0]]))[0].shape == TRAIN[0].shape
-
-
-@pytest.mark.slow
-def test_a_killed_training_resumes_from_its_last_checkpoint(tmp_path):
-    from PIL import Image
-
-    from diffarc.pipeline.training import find_resume_checkpoint
-
-    from ..pipeline.test_training import TRAIN_COMMAND, _progress_lines
-
-    images = tmp_path / "images"
-    images.mkdir()
-    for seed in range(5):
-        Image.fromarray(photo_like(64 + 8 * seed, 72, seed)).save(images / f"{seed}.png")
-    work, out = tmp_path / "work", tmp_path / "out"
-    args = ["glc", "--data", str(images), "--out", str(out), "--work-dir", str(work), "--config", "tiny", "--crop", "64",
-            "--batch-size", "2", "--report-seconds", "0", "--checkpoint-minutes", "0.005"]  # fmt: skip
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", crops.LATENT_CACHE_ENV: str(tmp_path / "latents")}
-    first = subprocess.Popen(TRAIN_COMMAND + args + ["--steps", "100000"], stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)  # fmt: skip
-    try:
-        lines = _progress_lines(first, r"checkpoint at step \d+", timeout=180)
-    finally:
-        os.killpg(first.pid, signal.SIGKILL)
-        first.wait()
-    assert any("checkpoint at step" in line for line in lines), "".join(lines[-30:])
-    saved = int(re.search(r'"step": (\d+)', (find_resume_checkpoint(work / "glc") / "progress.json").read_text()).group(1))
-    assert saved > 0 and not out.exists()
-    second = subprocess.run(TRAIN_COMMAND + args + ["--steps", str(saved + 2)], capture_output=True, text=True, env=env, timeout=300)
-    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
-    resumed = [int(s) for s in re.findall(r"resumed from step (\d+)", second.stdout + second.stderr)]
-    assert resumed and resumed[0] >= saved
-    codec = create_codec("glc", {"transforms": str(out)})
-    assert codec.decode(codec.encode([photo_like(24, 40, 0)]))[0].shape == (24, 40, 3)

@@ -1,0 +1,90 @@
+"""`diffarc train` killed with SIGKILL mid-run resumes from its last checkpoint, for each training task: a
+file of its own so that the test runner can run these slow cases beside the rest."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from diffarc.pipeline.training import find_resume_checkpoint
+
+from ..conftest import photo_like
+
+pytestmark = pytest.mark.slow
+
+# How a subprocess runs `diffarc train`, as a user's shell would.
+TRAIN_COMMAND = [sys.executable, "-m", "diffarc.jobs.cli", "train"]
+
+
+@pytest.fixture
+def images(tmp_path) -> Path:
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for seed in range(5):
+        Image.fromarray(photo_like(64 + 8 * seed, 72, seed)).save(folder / f"{seed}.png")
+    return folder
+
+
+def _progress_lines(process: subprocess.Popen, pattern: str, timeout: float) -> list[str]:
+    """Read the process's output until a line matches; return all lines read."""
+    lines, deadline = [], time.monotonic() + timeout
+    for line in process.stdout:
+        lines.append(line)
+        if re.search(pattern, line) or time.monotonic() > deadline:
+            break
+    return lines
+
+
+@pytest.mark.parametrize(
+    "what, options, written",
+    [
+        ("autoencoder", ["--config", "tiny", "--batch-size", "2", "--lpips-weight", "0"], ["vae/config.json"]),
+        # hfd's latent config (its pairs cached on disk, the export a vae/ + hfd/ folder); the pixel
+        # DetailDecoderTask resumes in corrdiff's case, its subclass.
+        ("hfd", ["--config", "latent-tiny", "--batch-size", "2"], ["hfd/config.json", "vae/config.json"]),
+        ("corrdiff", ["--config", "tiny", "--batch-size", "4"], ["config.json"]),
+        # The v-objective UNet on taef2's cached latents, as builtin:taef2's was trained (a tiny UNet).
+        ("diffusion", ["--autoencoder", "builtin:taef2", "--config", "taef2-tiny-v", "--batch-size", "2"],
+         ["unet/config.json", "scheduler/scheduler_config.json", "vae/config.json"]),
+        # glc's transforms on taef2's cached latents (its crops a multiple of its 64-px stride).
+        ("glc", ["--config", "tiny", "--batch-size", "2", "--crop", "64"], ["config.json"]),
+    ],
+)
+def test_a_killed_train_resumes_from_its_last_checkpoint(images, tmp_path, what, options, written):
+    work, out = tmp_path / "work", tmp_path / "out"
+    args = [what, "--data", str(images), "--out", str(out), "--work-dir", str(work),
+            "--crop", "32", "--report-seconds", "0", "--checkpoint-minutes", "0.005", *options]  # fmt: skip
+    # (a later --crop, as glc's, overrides the first)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "DIFFARC_LATENT_CACHE": str(tmp_path / "latents")}
+    first = subprocess.Popen(
+        TRAIN_COMMAND + args + ["--steps", "100000"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env=env, start_new_session=True,  # its own process group: the kill reaches Ray's processes too
+    )
+    try:
+        lines = _progress_lines(first, r"checkpoint at step \d+", timeout=120)
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+    assert any("checkpoint at step" in line for line in lines), "".join(lines[-30:])
+    checkpoint = find_resume_checkpoint(work / what)
+    assert checkpoint is not None
+    saved_step = int(re.search(r'"step": (\d+)', (checkpoint / "progress.json").read_text()).group(1))
+    assert saved_step > 0 and not out.exists()
+
+    second = subprocess.run(
+        TRAIN_COMMAND + args + ["--steps", str(saved_step + 2)], capture_output=True, text=True, env=env, timeout=180
+    )
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    resumed = [int(s) for s in re.findall(r"resumed from step (\d+)", second.stdout + second.stderr)]
+    # Ray's worker can outlive the kill by a moment and persist one more checkpoint: never an older one.
+    assert resumed and resumed[0] >= saved_step
+    assert f"wrote {out} (step {max(resumed[0], saved_step + 2)}" in second.stdout
+    assert all((out / path).is_file() for path in written)
