@@ -81,12 +81,14 @@ def save_tiny_ldm(folder: Path, seed: int = 0, conditional: bool = False, dtype=
     return folder
 
 
-def decode_in_new_process(stream: bytes, folder: Path, model: str | None = None) -> np.ndarray:
+def decode_in_new_process(stream: bytes, folder: Path, model: str | None = None, threads: int | None = None) -> np.ndarray:
     """Decode a stream in a fresh Python process that knows nothing but the stream (codec and params from
-    its header) and, for weights other than the built-in default, the folder holding them."""
+    its header) and, for weights other than the built-in default, the folder holding them; on `threads`
+    torch threads if given (a decoder that is not thread-invariant is compared at one count)."""
     (folder / "stream.bin").write_bytes(stream)
     script = (
-        "import numpy as np\n"
+        (f"import torch\ntorch.set_num_threads({threads})\n" if threads else "")
+        + "import numpy as np\n"
         "from diffarc.codecs.registry import codec_for_header, read_header\n"
         f"data = open({str(folder / 'stream.bin')!r}, 'rb').read()\n"
         f"codec = codec_for_header(read_header(data), model={model!r})\n"

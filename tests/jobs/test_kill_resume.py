@@ -53,8 +53,11 @@ def test_a_stopped_encode_resumes_with_no_key_lost_or_repeated(tmp_path, stop):
 
     # Its own process group, so the signal reaches the job's local Ray too: SIGKILL as a killed job on a node
     # would see, SIGINT as a terminal sends Ctrl-C to the whole foreground group.
+    # A shell gives its foreground job Ctrl-C's default action; a test runner's worker may ignore SIGINT, and
+    # an ignored SIGINT is inherited (Python then installs no KeyboardInterrupt handler).
     job = subprocess.Popen(encode_command(src, archive), env=cli_env(), start_new_session=True,
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
     deadline = time.monotonic() + 240
     while True:
         manifest = whole_manifest(archive)
