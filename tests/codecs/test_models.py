@@ -140,7 +140,12 @@ def test_unknown_references_and_unreachable_hub_ids_fail_clearly(tmp_path, monke
         load_model("builtin:nope")
     with pytest.raises(ModelError, match="not a built-in"):
         load_model(str(tmp_path / "missing" / "deeper" / "x"))
+    # The hub client reads HF_HUB_OFFLINE when it is first imported, which an earlier test may have done:
+    # set both, or a machine without internet waits out the hub's retries.
+    import huggingface_hub.constants
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(ModelError, match="could not load hub model 'someone/not-a-model'.*hub must be reachable"):
         load_model("someone/not-a-model")
 
