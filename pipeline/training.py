@@ -33,6 +33,7 @@ import torch
 from safetensors.torch import load_file
 
 from ..codecs.errors import ImageLoadError, SourceError
+from ..codecs.parts.crops import LATENT_CACHE_ENV
 from ..codecs.registry import training_task, weights_folder
 from ..codecs.task import SettingsError, TrainingTask, TrainSettings
 from .images import load_rgb
@@ -136,6 +137,8 @@ def _worker_loop(config: dict) -> None:
     settings = TrainSettings(**config["settings"])
     if not settings.gpu:
         torch.set_num_threads(config["threads"])
+    if config["latent_cache"]:
+        os.environ[LATENT_CACHE_ENV] = config["latent_cache"]
     device = ray.train.torch.get_device()
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
@@ -261,6 +264,8 @@ def run_training(settings: TrainSettings, address: str | None = None) -> dict:
             "settings": asdict(settings),
             "resume_from": str(resume) if resume else None,
             "threads": max(1, cpus // settings.workers),
+            # Workers on a joined cluster do not share this process's environment.
+            "latent_cache": os.environ.get(LATENT_CACHE_ENV),
         },
         scaling_config=ScalingConfig(num_workers=settings.workers, use_gpu=settings.gpu, resources_per_worker={"CPU": 1}),
         run_config=RunConfig(

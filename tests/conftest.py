@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -177,6 +179,63 @@ def cli_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(extra)
     return env
+
+
+RAY = str(Path(sys.executable).with_name("ray"))
+# A cluster started by `ray start` asks joiners for a token unless told not to; these nodes are local.
+RAY_NODE_ENV = cli_env(RAY_AUTH_MODE="disabled")
+
+
+def session_processes(session: int, title: bytes = b"") -> set[int]:
+    """The processes of one session whose command line starts with `title`. A job or `ray start` run as a
+    session leader keeps its Ray processes in its session, which tells them from other jobs' on the machine
+    (Ray titles an actor's process "ray::EncodeWorker…")."""
+    pids = set()
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and (entry / "cmdline").read_bytes().startswith(title):
+                stat = (entry / "stat").read_text()
+                if int(stat[stat.rindex(")") + 2 :].split()[3]) == session:
+                    pids.add(int(entry.name))
+        except OSError:  # the process ended while being looked at
+            continue
+    return pids
+
+
+def start_ray_node(*args: str) -> int:
+    """`ray start ARGS` in a session of its own, on 127.0.0.1; returns the session, which holds the node's
+    processes (stop_node)."""
+    node = subprocess.Popen(
+        [RAY, "start", "--node-ip-address=127.0.0.1", "--disable-usage-stats", *args],
+        env=RAY_NODE_ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )  # fmt: skip
+    if node.wait(timeout=180) != 0:
+        stop_node(node.pid)
+        raise RuntimeError(f"ray start {' '.join(args)} failed: {node.stdout.read()[-3000:]}")
+    return node.pid
+
+
+def stop_node(session: int) -> None:
+    """SIGKILL every process of one node, as a lost machine would go: no goodbye to the cluster."""
+    for pid in session_processes(session):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+@contextlib.contextmanager
+def ray_head(cpus: int):
+    """(address, session) of a head node started by `ray start --head`, stopped on leaving."""
+    temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # a short path: Ray's socket paths must fit 107 bytes
+    port = _free_port()
+    session = start_ray_node("--head", f"--port={port}", f"--num-cpus={cpus}", "--include-dashboard=false",
+                             f"--temp-dir={temp}")  # fmt: skip
+    try:
+        yield f"127.0.0.1:{port}", session
+    finally:
+        stop_node(session)
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 def write_bad_inputs(folder: Path) -> dict[str, tuple[int, int] | None]:

@@ -15,7 +15,7 @@ from PIL import Image
 from diffarc.pipeline.archive import load_manifest
 from diffarc.pipeline.storage import Location
 
-from ..conftest import cli_env, photo_like
+from ..conftest import cli_env, photo_like, session_processes
 
 pytestmark = pytest.mark.slow
 
@@ -96,22 +96,6 @@ def test_a_stopped_encode_resumes_with_no_key_lost_or_repeated(tmp_path, stop):
     listed = {s["path"] for s in after["shards"]}
     on_disk = {f"shards/{p.name}" for p in (archive / "shards").iterdir()}
     assert on_disk == listed  # shards of the killed run that were never committed are gone
-
-
-def session_processes(session: int, title: bytes = b"") -> set[int]:
-    """The processes of one session whose command line starts with `title`. A job or `ray start` run as a
-    session leader keeps its Ray processes in its session, which tells them from other jobs' on the machine
-    (Ray titles an actor's process "ray::EncodeWorker…")."""
-    pids = set()
-    for entry in Path("/proc").iterdir():
-        try:
-            if entry.name.isdigit() and (entry / "cmdline").read_bytes().startswith(title):
-                stat = (entry / "stat").read_text()
-                if int(stat[stat.rindex(")") + 2 :].split()[3]) == session:
-                    pids.add(int(entry.name))
-        except OSError:  # the process ended while being looked at
-            continue
-    return pids
 
 
 def encode_actor_pids(session: int) -> set[int]:

@@ -5,67 +5,35 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
-from ..conftest import _free_port, cli_env
-from .test_kill_resume import committed_keys, encode_command, session_processes, write_sources
+from ..conftest import RAY_NODE_ENV, ray_head, start_ray_node, stop_node
+from .test_kill_resume import committed_keys, encode_command, write_sources
 
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds each node's processes through /proc"),
 ]
 
-RAY = str(Path(sys.executable).with_name("ray"))
-# A cluster started by `ray start` asks joiners for a token unless told not to; these nodes are local.
-ENV = cli_env(RAY_AUTH_MODE="disabled")
-
-
-def stop_node(session: int) -> None:
-    """SIGKILL every process of one node, as a lost machine would go: no goodbye to the cluster."""
-    for pid in session_processes(session):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
 
 @pytest.fixture
 def cluster():
     """(address, head session, worker session): a head with 2 CPUs and a worker node with 1."""
-    port = _free_port()
-    temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # a short path: Ray's socket paths must fit 107 bytes
-    head = subprocess.Popen(
-        [RAY, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=2",
-         "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp}"],
-        env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-    )  # fmt: skip
-    sessions = [head.pid]
-    try:
-        assert head.wait(timeout=180) == 0, head.stdout.read()[-3000:]
-        worker = subprocess.Popen(
-            [RAY, "start", f"--address=127.0.0.1:{port}", "--node-ip-address=127.0.0.1", "--num-cpus=1",
-             "--disable-usage-stats"],
-            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-        )  # fmt: skip
-        sessions.append(worker.pid)
-        assert worker.wait(timeout=180) == 0, worker.stdout.read()[-3000:]
-        yield f"127.0.0.1:{port}", head.pid, worker.pid
-    finally:
-        for session in reversed(sessions):
-            stop_node(session)
-        shutil.rmtree(temp, ignore_errors=True)
+    with ray_head(cpus=2) as (address, head):
+        worker = start_ray_node(f"--address={address}", "--num-cpus=1")
+        try:
+            yield address, head, worker
+        finally:
+            stop_node(worker)
 
 
 def run_encode(src: Path, archive: Path, address: str) -> subprocess.Popen:
-    return subprocess.Popen(encode_command(src, archive, actors=2) + ["--address", address], env=ENV,
+    return subprocess.Popen(encode_command(src, archive, actors=2) + ["--address", address], env=RAY_NODE_ENV,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)  # fmt: skip
 
 

@@ -1,5 +1,9 @@
 """`diffarc train` killed with SIGKILL mid-run resumes from its last checkpoint, for each training task: a
-file of its own so that the test runner can run these slow cases beside the rest."""
+file of its own so that the test runner can run these slow cases beside the rest.
+
+Every run joins one Ray head started for the module (`--address`), as a user's runs on a cluster do: a
+local Ray of its own would cost each of the ten runs a cluster start-up, most of what a case costs. A job
+that starts its own local Ray and is killed with it is test_kill_resume's."""
 
 from __future__ import annotations
 
@@ -16,12 +20,18 @@ from PIL import Image
 
 from diffarc.pipeline.training import find_resume_checkpoint
 
-from ..conftest import photo_like
+from ..conftest import RAY_NODE_ENV, photo_like, ray_head
 
 pytestmark = pytest.mark.slow
 
 # How a subprocess runs `diffarc train`, as a user's shell would.
 TRAIN_COMMAND = [sys.executable, "-m", "diffarc.jobs.cli", "train"]
+
+
+@pytest.fixture(scope="module")
+def head() -> str:
+    with ray_head(cpus=2) as (address, _):
+        yield address
 
 
 @pytest.fixture
@@ -58,15 +68,15 @@ def _progress_lines(process: subprocess.Popen, pattern: str, timeout: float) -> 
         ("glc", ["--config", "tiny", "--batch-size", "2", "--crop", "64"], ["config.json"]),
     ],
 )
-def test_a_killed_train_resumes_from_its_last_checkpoint(images, tmp_path, what, options, written):
+def test_a_killed_train_resumes_from_its_last_checkpoint(head, images, tmp_path, what, options, written):
     work, out = tmp_path / "work", tmp_path / "out"
     args = [what, "--data", str(images), "--out", str(out), "--work-dir", str(work),
-            "--crop", "32", "--report-seconds", "0", "--checkpoint-minutes", "0.005", *options]  # fmt: skip
+            "--crop", "32", "--report-seconds", "0", "--checkpoint-minutes", "0.005", "--address", head, *options]  # fmt: skip
     # (a later --crop, as glc's, overrides the first)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "DIFFARC_LATENT_CACHE": str(tmp_path / "latents")}
+    env = {**RAY_NODE_ENV, "PYTHONUNBUFFERED": "1", "DIFFARC_LATENT_CACHE": str(tmp_path / "latents")}
     first = subprocess.Popen(
         TRAIN_COMMAND + args + ["--steps", "100000"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env=env, start_new_session=True,  # its own process group: the kill reaches Ray's processes too
+        env=env, start_new_session=True,
     )
     try:
         lines = _progress_lines(first, r"checkpoint at step \d+", timeout=120)
@@ -84,7 +94,8 @@ def test_a_killed_train_resumes_from_its_last_checkpoint(images, tmp_path, what,
     )
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     resumed = [int(s) for s in re.findall(r"resumed from step (\d+)", second.stdout + second.stderr)]
-    # Ray's worker can outlive the kill by a moment and persist one more checkpoint: never an older one.
+    # The cluster ends a dead job's workers once it notices; meanwhile one may persist one more checkpoint:
+    # never an older one.
     assert resumed and resumed[0] >= saved_step
     assert f"wrote {out} (step {max(resumed[0], saved_step + 2)}" in second.stdout
     assert all((out / path).is_file() for path in written)
