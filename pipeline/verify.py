@@ -50,7 +50,6 @@ import ray
 
 from ..codecs.base import check_pixels
 from ..codecs.errors import ArchiveError, BitstreamError, DiffarcError
-from ..codecs.parts.metrics import LPIPS, LPIPS_MIN_SIDE, ms_ssim, psnr
 from ..codecs.registry import codec_class
 from .archive import FIDELITIES, SHARD_SCHEMA, ArchiveReader, Failure, ShardEntry, check_embedded_weights, current_writer
 from .batches import decode_streams, failure_reason
@@ -148,7 +147,11 @@ class VerifyWorker:
         self.reader = reader
         self.model, self.trust_hint = model, trust_hint  # where to look for the weights, if they are needed
         self.codec = None
-        self.lpips = LPIPS(lpips_weights, self.device) if lpips_weights else None
+        self.lpips = None
+        if lpips_weights:
+            from ..codecs.parts.metrics import LPIPS  # torch: loaded only where quality is measured
+
+            self.lpips = LPIPS(lpips_weights, self.device)
         self.storage_options = storage_options
         self.max_pixels, self.batch_size = max_pixels, batch_size
         self.items = self.failed = 0  # over this actor's life, for `progress`
@@ -218,6 +221,10 @@ class VerifyWorker:
         self, decoded: list, stream_bytes: dict[str, int], originals: dict[str, SourceItem], against: str,
         failures: list[Failure], promised: dict[str, tuple[str, str]],
     ) -> list[dict]:
+        # The metrics run on torch, which a check without originals never loads (a classical codec's
+        # verify actor starts without it).
+        from ..codecs.parts.metrics import LPIPS_MIN_SIDE, ms_ssim, psnr
+
         quality = []
         for key, pixels in decoded:
             if key not in originals:

@@ -33,35 +33,25 @@ KODAK = SHARED / "data" / "kodak"
 LPIPS_WEIGHTS = SHARED / "weights" / "lpips-squeeze" / "lpips_squeeze_v0.1.safetensors"
 
 
-# The files whose tests run 40 s or more each, longest first. The suite is CPU-bound on its workers, and a
-# long test started last keeps one worker busy after the others are done (CI spent its last 2.5 minutes
-# so). The test runner (pytest-xdist, worksteal) gives each worker one contiguous part of the collection
-# and lets an idle worker take the back half of another's queue; so each part starts with its share of
-# these tests, dealt round-robin, and the short tests at the back of each part fill the gaps at the end.
-LONGEST_FIRST = (
-    "pipeline/test_training_resume.py", "jobs/test_kill_resume.py", "pipeline/test_training.py",
-    "jobs/test_concurrent_encode.py", "jobs/test_multinode.py", "pipeline/test_ray_data.py",
-    "jobs/test_storage_outage.py", "jobs/test_progress.py", "pipeline/test_decode_params.py",
-    "jobs/test_base_only.py", "pipeline/test_encode_decode.py",
+# The files that cost the most CPU time (serial run, Ray's workers counted), most first. The test runner
+# (pytest-xdist, `--dist loadfile --no-loadscope-reorder`) gives each worker whole files, in this order, as
+# it frees up: a module's Ray cluster and fixtures are set up once, and the long files start first, so
+# the short ones fill the gaps at the end instead of a long one started last.
+MOST_CPU_FIRST = (
+    "pipeline/test_encode_decode.py", "pipeline/test_training_resume.py", "pipeline/test_ray_data.py",
+    "jobs/test_kill_resume.py", "jobs/test_attacks.py", "pipeline/test_training.py", "pipeline/test_s3.py",
+    "jobs/test_multinode.py", "jobs/test_concurrent_encode.py", "jobs/test_model_options.py",
+    "jobs/test_storage_outage.py", "jobs/test_base_only.py", "jobs/test_cli.py", "pipeline/test_gpu_pinning.py",
+    "jobs/test_encode.py", "pipeline/test_decode_params.py", "pipeline/test_hostile_archives.py",
 )  # fmt: skip
 
 
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     def rank(item: pytest.Item) -> int:
         path = item.path.relative_to(Path(__file__).parent).as_posix()
-        return LONGEST_FIRST.index(path) if path in LONGEST_FIRST else len(LONGEST_FIRST)
+        return MOST_CPU_FIRST.index(path) if path in MOST_CPU_FIRST else len(MOST_CPU_FIRST)
 
-    ranked = sorted(items, key=rank)  # stable: a file's tests keep their order
-    long, rest = [i for i in ranked if rank(i) < len(LONGEST_FIRST)], [i for i in ranked if rank(i) == len(LONGEST_FIRST)]
-    workers = config.getoption("numprocesses", None)
-    workers = workers if isinstance(workers, int) and workers > 1 else 1
-    ordered, left = [], len(items)
-    for part in range(workers):  # the sizes worksteal's first split gives: what is left over the workers left
-        size = left // (workers - part)
-        dealt = long[part::workers]
-        ordered += dealt + rest[: size - len(dealt)]
-        rest, left = rest[max(0, size - len(dealt)) :], left - size
-    items[:] = ordered + rest
+    items.sort(key=rank)  # stable: the other files, and each file's tests, keep their order
 
 
 @pytest.fixture(scope="session")
