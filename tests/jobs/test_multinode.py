@@ -39,17 +39,17 @@ def run_encode(src: Path, archive: Path, address: str) -> subprocess.Popen:
 
 def test_an_encode_runs_on_both_nodes_and_survives_losing_one(cluster, tmp_path):
     address, _, worker_session = cluster
-    src = tmp_path / "src"
-    expected = write_sources(src, 24)
-
-    job = run_encode(src, tmp_path / "first", address)
+    few = write_sources(tmp_path / "few", 6)  # a small job is split across both actors
+    job = run_encode(tmp_path / "few", tmp_path / "first", address)
     stdout, stderr = job.communicate(timeout=600)
     assert job.returncode == 0, stderr.decode()[-3000:]
     summary = json.loads(stdout)
     assert len({worker["node"] for worker in summary["workers"]}) == 2, summary["workers"]  # SPREAD: one per node
-    assert sorted(committed_keys(tmp_path / "first")) == expected
+    assert sorted(committed_keys(tmp_path / "first")) == few
 
-    # Again, and the worker node dies once work is under way on both nodes.
+    # Again, longer, and the worker node dies once work is under way on both nodes.
+    src = tmp_path / "src"
+    expected = write_sources(src, 24)
     job = run_encode(src, tmp_path / "second", address)
     try:
         deadline = time.monotonic() + 300
