@@ -1,8 +1,8 @@
-"""`diffarc train` killed with SIGKILL mid-run resumes from its last checkpoint, for each training task: a
+"""`diffarc train` killed with SIGKILL mid-run resumes from its last checkpoint, for the tasks whose model classes are their own: a
 file of its own so that the test runner can run these slow cases beside the rest.
 
 Every run joins one Ray head started for the module (`--address`), as a user's runs on a cluster do: a
-local Ray of its own would cost each of the ten runs a cluster start-up, most of what a case costs. A job
+local Ray of its own would cost each of the four runs a cluster start-up, most of what a case costs. A job
 that starts its own local Ray and is killed with it is test_kill_resume's."""
 
 from __future__ import annotations
@@ -53,18 +53,16 @@ def _progress_lines(process: subprocess.Popen, pattern: str, timeout: float) -> 
     return lines
 
 
-# The tasks trained on taef2's cached latents. Checkpoint, kill and resume are the training loop's, the
-# same for every task (pipeline/training.py); what a task adds is its model class and its start-up, and the
-# other tasks (autoencoder, diffusion on a trained autoencoder, hyperprior, hfd's pixel decoder) train to
-# their written folders in test_training.py.
+# Checkpoint, kill and resume are the training loop's, the same for every task (pipeline/training.py);
+# what a task adds is its model class and its start-up. The two tasks here bring their own model classes
+# (hfd's DetailDecoder, glc's transforms) and caches; the diffusion task's is diffusers' UNet2DModel,
+# whose from_pretrained the export and load of test_training.py run, and every task trains to its
+# written folder there.
 @pytest.mark.parametrize(
     "what, options, written",
     [
         # hfd's latent config (its pairs cached on disk, the export a vae/ + hfd/ folder).
         ("hfd", ["--config", "latent-tiny", "--batch-size", "2"], ["hfd/config.json", "vae/config.json"]),
-        # The v-objective UNet on taef2's cached latents, as builtin:taef2's was trained (a tiny UNet).
-        ("diffusion", ["--autoencoder", "builtin:taef2", "--config", "taef2-tiny-v", "--batch-size", "2"],
-         ["unet/config.json", "scheduler/scheduler_config.json", "vae/config.json"]),
         # glc's transforms on taef2's cached latents (its crops a multiple of its 64-px stride).
         ("glc", ["--config", "tiny", "--batch-size", "2", "--crop", "64"], ["config.json"]),
     ],
