@@ -1,5 +1,5 @@
-"""`diffarc train` killed with SIGKILL mid-run resumes from its last checkpoint, for the tasks whose model classes are their own: a
-file of its own so that the test runner can run these slow cases beside the rest.
+"""`diffarc train` killed with SIGKILL mid-run resumes from its last checkpoint, for the tasks whose model
+classes are their own: a file of its own so that the test runner can run these slow cases beside the rest.
 
 Every run joins one Ray head started for the module (`--address`), as a user's runs on a cluster do: a
 local Ray of its own would cost each of the four runs a cluster start-up, most of what a case costs. A job
