@@ -260,7 +260,7 @@ storage_option = click.option(
     help="JSON object passed to fsspec (e.g. S3 endpoint/credentials); AWS_* env vars also work.",
 )
 address_option = click.option("--address", envvar="RAY_ADDRESS", help="Ray cluster to join; default: a local one.")
-actors_option = click.option("--actors", type=int, help="Codec actors; default one per GPU, else one per CPU (decode, verify: at most one per shard).")
+actors_option = click.option("--actors", type=int, help="Codec actors; default one per GPU, else one per CPU.")
 model_option = click.option(
     "--model", help="Weights to decode with (folder, builtin:NAME, URL), tried first; accepted only if their "
     "fingerprint is the archive's. Default: the archive's models/, the local model cache, the built-in weights "
