@@ -81,15 +81,15 @@ class PoolShape:
     cpus_per_actor: float
 
 
-def pool_shape(actors: int | None = None, gpus: bool = True, tasks: int | None = None) -> PoolShape:
+def pool_shape(actors: int | None = None, gpus: bool = True) -> PoolShape:
     """One actor per GPU when the cluster has GPUs (and the work wants them: `gpus`), else one per CPU core;
-    `actors` overrides the count. Never more than `tasks`, the units of work known up front (decode's and
-    verify's shards): an actor with none to take would load its codec, on a GPU its weights, for nothing."""
+    `actors` overrides the count."""
     resources = ray.cluster_resources()
     gpus = int(resources.get("GPU", 0)) if gpus else 0
-    count = actors or gpus or max(1, int(resources.get("CPU", 1)))
-    count = min(count, tasks) if tasks else count
-    return PoolShape(count, 1, 1) if gpus else PoolShape(count, 0, 1)
+    if gpus:
+        return PoolShape(actors or gpus, 1, 1)
+    cpus = max(1, int(resources.get("CPU", 1)))
+    return PoolShape(actors or cpus, 0, 1)
 
 
 def unwrapped(exc: BaseException) -> BaseException:
@@ -151,16 +151,15 @@ class ActorPool(Sequence):
 
 @contextmanager
 def actor_pool(
-    actor_class: type, *args: Any, actors: int | None = None, address: str | None = None, gpus: bool = True,
-    tasks: int | None = None,
+    actor_class: type, *args: Any, actors: int | None = None, address: str | None = None, gpus: bool = True
 ) -> Iterator[ActorPool]:
-    """Actors of `actor_class(*args)`, shaped by `pool_shape(actors, gpus, tasks)`, alive for the `with` block.
+    """Actors of `actor_class(*args)`, shaped by `pool_shape(actors, gpus)`, alive for the `with` block.
 
     The actors are killed however the block is left (results consumed, an error, an interrupt), so a
     failed job does not leave actors holding GPUs and models in a cluster it joined.
     """
     connect(address)
-    shape = pool_shape(actors, gpus, tasks)
+    shape = pool_shape(actors, gpus)
     # SPREAD: on a cluster of CPU nodes the actors go one node after another instead of filling the
     # first (GPU actors spread anyway, one per GPU); a replacement goes wherever there is room.
     # An actor that reports its `progress` answers in a thread of its own while its work runs in the other.

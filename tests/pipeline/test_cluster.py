@@ -50,9 +50,6 @@ def is_dead(actor, within: float = 60.0) -> bool:
 def test_pool_shape_is_one_actor_per_cpu_without_gpus(ray_cluster):
     assert pool_shape() == PoolShape(actors=2, gpus_per_actor=0, cpus_per_actor=1)
     assert pool_shape(3).actors == 3
-    # No more actors than units of work known up front (a one-shard archive's decode starts one).
-    assert [pool_shape(tasks=n).actors for n in (1, 2, 5)] == [1, 2, 2]
-    assert pool_shape(3, tasks=2).actors == 2
 
 
 def test_actors_are_killed_when_the_block_ends(ray_cluster):
