@@ -19,12 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-
-def machine_cpu_seconds() -> float:
-    """Busy CPU time of the whole machine (user, nice, system, irq, softirq)."""
-    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
-    user, nice, system, _idle, _iowait, irq, softirq = map(int, fields[1:8])
-    return (user + nice + system + irq + softirq) / 100  # USER_HZ
+from suite_cpu import machine_cpu_seconds  # beside this script
 
 
 def measured(what: str, run) -> None:

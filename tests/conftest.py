@@ -33,10 +33,10 @@ KODAK = SHARED / "data" / "kodak"
 LPIPS_WEIGHTS = SHARED / "weights" / "lpips-squeeze" / "lpips_squeeze_v0.1.safetensors"
 
 
-# The files that cost the most CPU time (serial run, Ray's workers counted), most first. The test runner
-# (pytest-xdist, `--dist loadfile --no-loadscope-reorder`) gives each worker whole files, in this order, as
-# it frees up: a module's Ray cluster and fixtures are set up once, and the long files start first, so
-# the short ones fill the gaps at the end instead of a long one started last.
+# The files that cost the most CPU time (benchmarks/suite_cpu.py: one process, Ray's workers counted),
+# most first. The test runner (pytest-xdist, `--dist loadfile --no-loadscope-reorder`) gives each worker
+# whole files, in this order, as it frees up: a module's Ray cluster and fixtures are set up once, and the
+# long files start first, so the short ones fill the gaps at the end instead of a long one started last.
 MOST_CPU_FIRST = (
     "pipeline/test_encode_decode.py", "pipeline/test_training_resume.py", "pipeline/test_ray_data.py",
     "jobs/test_kill_resume.py", "jobs/test_attacks.py", "pipeline/test_training.py", "pipeline/test_s3.py",
