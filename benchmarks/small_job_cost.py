@@ -6,7 +6,8 @@ Ray, with the bare codec loop (the same images, in this process) beside them as 
 Ray's start-ups dominate a small job: each actor is a new Python process that imports what its codec
 needs, so the figures are whole-machine CPU seconds read from /proc/stat (Linux), nice time included,
 because Ray runs its workers at nice 15 (user + system of this process would miss them). Run it on an
-otherwise idle machine. Printed per job: wall seconds, machine CPU seconds and the actors it started.
+otherwise idle machine. Printed per job: wall seconds and machine CPU seconds (each job starts one actor
+per CPU, two here).
 """
 
 from __future__ import annotations
@@ -24,10 +25,9 @@ from suite_cpu import machine_cpu_seconds  # beside this script
 
 def measured(what: str, run) -> None:
     cpu, began = machine_cpu_seconds(), time.perf_counter()
-    result = run()
+    run()
     wall, cpu = time.perf_counter() - began, machine_cpu_seconds() - cpu
-    actors = len(getattr(result, "workers", []) or []) or "-"
-    print(f"{what:<32} {wall:7.2f} s wall {cpu:7.2f} CPU-s   actors {actors}")
+    print(f"{what:<32} {wall:7.2f} s wall {cpu:7.2f} CPU-s")
 
 
 def main() -> None:

@@ -55,9 +55,9 @@ def _progress_lines(process: subprocess.Popen, pattern: str, timeout: float) -> 
 
 # Checkpoint, kill and resume are the training loop's, the same for every task (pipeline/training.py);
 # what a task adds is its model class and its start-up. The two tasks here bring their own model classes
-# (hfd's DetailDecoder, glc's transforms) and caches; the diffusion task's is diffusers' UNet2DModel,
-# whose from_pretrained the export and load of test_training.py run, and every task trains to its
-# written folder there.
+# (hfd's DetailDecoder, glc's transforms) and caches. The diffusion task's is diffusers' UNet2DModel:
+# test_training.py trains it on Ray and loads its export, and test_tasks.py exports and loads its taef2
+# configs (the v-objective one included).
 @pytest.mark.parametrize(
     "what, options, written",
     [
