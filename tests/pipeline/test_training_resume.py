@@ -12,7 +12,7 @@ import re
 import signal
 import subprocess
 import sys
-import time
+import threading
 from pathlib import Path
 
 import pytest
@@ -44,12 +44,18 @@ def images(tmp_path) -> Path:
 
 
 def _progress_lines(process: subprocess.Popen, pattern: str, timeout: float) -> list[str]:
-    """Read the process's output until a line matches; return all lines read."""
-    lines, deadline = [], time.monotonic() + timeout
-    for line in process.stdout:
-        lines.append(line)
-        if re.search(pattern, line) or time.monotonic() > deadline:
-            break
+    """Read the process's output until a line matches; return all lines read. A process silent past
+    `timeout` is killed (its session), which ends the read: a stuck run fails the test instead of hanging it."""
+    lines = []
+    deadline = threading.Timer(timeout, os.killpg, (process.pid, signal.SIGKILL))
+    deadline.start()
+    try:
+        for line in process.stdout:
+            lines.append(line)
+            if re.search(pattern, line):
+                break
+    finally:
+        deadline.cancel()
     return lines
 
 
