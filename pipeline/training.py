@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import asdict
@@ -58,6 +59,13 @@ def is_validation_key(key: str) -> bool:
     return int(hashlib.sha256(key.encode("utf-8")).hexdigest()[:8], 16) % 100 < VALIDATION_PERCENT
 
 
+def say(message: str) -> None:
+    """One line of the job's output, from a training worker. Not print(): Ray Train turns a worker's print
+    into a log record and also copies it to the worker's stdout, so every line reached the user twice."""
+    sys.stdout.write(message + "\n")
+    sys.stdout.flush()
+
+
 def load_training_images(settings: TrainSettings) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """(train, validation) images; at least one image is held out, even from a tiny folder."""
     items = list_sources(settings.data, settings.storage_options or None).items
@@ -68,7 +76,7 @@ def load_training_images(settings: TrainSettings) -> tuple[list[np.ndarray], lis
         try:
             image = load_rgb(fetch(item, settings.storage_options or None), settings.max_pixels)
         except ImageLoadError as exc:
-            print(f"skipping {item.key}: {exc}", flush=True)
+            say(f"skipping {item.key}: {exc}")
             continue
         (validation if is_validation_key(item.key) else train).append(image)
     if not validation and len(train) > 1:
@@ -142,7 +150,7 @@ def _worker_loop(config: dict) -> None:
     device = ray.train.torch.get_device()
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    log = (lambda message: print(message, flush=True)) if rank == 0 else (lambda message: None)
+    log = say if rank == 0 else (lambda message: None)
 
     train_images, validation_images = load_training_images(settings)
     log(f"{settings.what}: {len(train_images)} training images, {len(validation_images)} held out")

@@ -104,3 +104,5 @@ def test_a_killed_train_resumes_from_its_last_checkpoint(head, images, tmp_path,
     assert resumed and resumed[0] >= saved_step
     assert f"wrote {out} (step {max(resumed[0], saved_step + 2)}" in second.stdout
     assert all((out / path).is_file() for path in written)
+    progress = [line for line in (second.stdout + second.stderr).splitlines() if re.search(r"\] step \d+/", line)]
+    assert progress and len(set(progress)) == len(progress), "\n".join(progress)  # each line once, not twice
