@@ -44,5 +44,9 @@ class SourceError(DiffarcError, FileNotFoundError):
     """A source folder, bucket or list file that cannot be listed."""
 
 
+class ClusterError(DiffarcError, ConnectionError):
+    """A Ray cluster that cannot be joined, or a Ray of the job's own that did not start."""
+
+
 class StorageError(DiffarcError, OSError):
     """A location that cannot be reached, listed, read or written: no bucket, no credentials, no permission."""

@@ -19,6 +19,7 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import socket
 import threading
 from collections import deque
 from collections.abc import Sequence
@@ -29,7 +30,7 @@ from typing import Any, Callable, Iterable, Iterator
 import ray
 from ray.exceptions import ActorDiedError, RayActorError
 
-from ..codecs.errors import DiffarcError
+from ..codecs.errors import ClusterError, DiffarcError
 from .storage_failures import SETTINGS_ENV
 
 logger = logging.getLogger("diffarc.cluster")
@@ -53,13 +54,40 @@ def connect(address: str | None = None, worker_output: bool = False) -> None:
         "logging_level": logging.INFO if verbose else logging.ERROR, "log_to_driver": verbose or worker_output,
     }
     if address:
+        _check_answers(address)
         told = {name: os.environ[name] for name in SETTINGS_ENV if name in os.environ}
         if told:  # a local cluster's workers inherit them; a joined one's are told
             settings["runtime_env"] = {"env_vars": told}
-        ray.init(address=address, **settings)
-    else:
-        ray.init(include_dashboard=False, **settings)
+    try:
+        if address:
+            ray.init(address=address, **settings)
+        else:
+            ray.init(include_dashboard=False, **settings)
+    except Exception as exc:
+        # Ray says that a node did not come up (its raylet not registered within 30 s, as on an overloaded
+        # machine) with a bare Exception, and that it cannot make its sockets or reach a GCS with an OSError;
+        # anything else is a bug and keeps its traceback.
+        if type(exc) is not Exception and not isinstance(exc, OSError):
+            raise
+        what = f"join the Ray cluster at {address}" if address else "start a Ray of this job's own"
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ClusterError(f"could not {what} ({reason}); nothing was done") from None
     _connected_here = True
+
+
+def _check_answers(address: str) -> None:
+    """A host:port where nothing listens is refused at once: Ray itself would retry for minutes, printing
+    its own warnings. Other forms (auto, ray://…) are left to Ray."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit() or "://" in address:
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
+    except OSError as exc:
+        raise ClusterError(
+            f"no Ray cluster answers at {address} ({exc.strerror or exc}): start one there (`ray start --head "
+            f"--port={port}`), or leave out --address and RAY_ADDRESS to run on a Ray of this job's own"
+        ) from None
 
 
 def disconnect() -> None:

@@ -4,6 +4,7 @@ Every test here runs the real command in this process and then checks that Ray w
 failure was found by pre-flight, not after a shard had been encoded.
 """
 
+import socket
 import subprocess
 import sys
 import time
@@ -108,3 +109,26 @@ def test_a_missing_source_is_answered_before_a_codec_pyarrow_or_ray_is_imported(
                            capture_output=True, text=True, timeout=120, env=cli_env())  # fmt: skip
     assert shown.stdout.splitlines() == [f"source {tmp_path / 'no-such-folder'} does not exist", "[]"], shown.stderr
     assert not (tmp_path / "arc").exists()
+
+
+def test_an_address_where_no_ray_answers_is_refused_at_once(image_folder, tmp_path):
+    # Ray itself retries such an address for minutes, printing its own warnings beside a progress line of 0.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{probe.getsockname()[1]}"  # free once the probe closes: nothing listens there
+    started = time.perf_counter()
+    result = run("encode", image_folder, tmp_path / "arc", "--codec", "jpeg", "--address", address)
+    assert_one_sentence(result, f"no Ray cluster answers at {address}", "ray start --head", "leave out --address")
+    assert time.perf_counter() - started < 10 and not (tmp_path / "arc").exists()
+
+
+def test_a_ray_that_cannot_start_is_one_sentence_and_nothing_is_written(image_folder, tmp_path):
+    # A temporary folder too deep for Ray's sockets (a unix socket's path holds at most 107 bytes): the job's
+    # own Ray cannot start. In a process of its own, so that the failed start touches no other test's Ray.
+    deep = tmp_path / ("x" * 110)
+    deep.mkdir()
+    encode = [sys.executable, "-m", "diffarc.jobs.cli", "encode", str(image_folder), str(tmp_path / "arc"), "--codec", "jpeg"]
+    result = subprocess.run(encode, env=cli_env(RAY_TMPDIR=str(deep)), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert result.stderr.startswith("Error: could not start a Ray of this job's own (") and "Traceback" not in result.stderr
+    assert "nothing was done" in result.stderr and not (tmp_path / "arc").exists()
