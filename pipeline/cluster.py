@@ -55,14 +55,14 @@ def connect(address: str | None = None, worker_output: bool = False) -> None:
     }
     if address:
         _check_answers(address)
+        settings["address"] = address
         told = {name: os.environ[name] for name in SETTINGS_ENV if name in os.environ}
         if told:  # a local cluster's workers inherit them; a joined one's are told
             settings["runtime_env"] = {"env_vars": told}
+    else:
+        settings["include_dashboard"] = False
     try:
-        if address:
-            ray.init(address=address, **settings)
-        else:
-            ray.init(include_dashboard=False, **settings)
+        ray.init(**settings)
     except Exception as exc:
         # Ray says that a node did not come up (its raylet not registered within 30 s, as on an overloaded
         # machine) with a bare Exception, and that it cannot make its sockets or reach a GCS with an OSError;
@@ -71,7 +71,7 @@ def connect(address: str | None = None, worker_output: bool = False) -> None:
             raise
         what = f"join the Ray cluster at {address}" if address else "start a Ray of this job's own"
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ClusterError(f"could not {what} ({reason}); nothing was done") from None
+        raise ClusterError(f"could not {what} ({reason}); the job did not run") from None
     _connected_here = True
 
 

@@ -131,4 +131,4 @@ def test_a_ray_that_cannot_start_is_one_sentence_and_nothing_is_written(image_fo
     result = subprocess.run(encode, env=cli_env(RAY_TMPDIR=str(deep)), capture_output=True, text=True, timeout=120)
     assert result.returncode == 1, result.stderr[-3000:]
     assert result.stderr.startswith("Error: could not start a Ray of this job's own (") and "Traceback" not in result.stderr
-    assert "nothing was done" in result.stderr and not (tmp_path / "arc").exists()
+    assert "the job did not run" in result.stderr and not (tmp_path / "arc").exists()

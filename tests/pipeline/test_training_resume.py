@@ -44,8 +44,9 @@ def images(tmp_path) -> Path:
 
 
 def _progress_lines(process: subprocess.Popen, pattern: str, timeout: float) -> list[str]:
-    """Read the process's output until a line matches; return all lines read. A process silent past
-    `timeout` is killed (its session), which ends the read: a stuck run fails the test instead of hanging it."""
+    """Read the process's output until a line matches; return all lines read. A process that has printed
+    no matching line within `timeout` is killed (its session), which ends the read even while it prints
+    nothing: a stuck run fails the test instead of hanging it."""
     lines = []
     deadline = threading.Timer(timeout, os.killpg, (process.pid, signal.SIGKILL))
     deadline.start()
