@@ -28,7 +28,11 @@ def test_a_progress_line_says_rate_eta_and_elapsed_time():
 def read_all(leader: int) -> str:
     """All a terminal shows until its other end is closed."""
     shown = b""
-    while select.select([leader], [], [], 5)[0]:
+    # poll, not select: select cannot watch a descriptor numbered 1024 or more, which a long run of
+    # the suite in one process reaches.
+    readable = select.poll()
+    readable.register(leader, select.POLLIN)
+    while readable.poll(5000):
         try:
             chunk = os.read(leader, 65536)
         except OSError:  # the other end closed (EIO)
