@@ -29,10 +29,13 @@ def read_png(data_or_path) -> np.ndarray:
 def test_perception_set_at_decode_time_overrides_every_streams_own(ray_cluster, image_folder, tmp_path):
     models = save_models(tmp_path / "models")
     arc = str(tmp_path / "arc")
-    run_encode(str(image_folder), arc, EncodeOptions("corrdiff", {"model": models, "quality": 20, "steps": 1}))
-    result = CliRunner().invoke(main, ["decode", arc, str(tmp_path / "fidelity"), "--param", "perception=0", "--model", models])
+    # One actor a job: each loads torch and the models, and what is tested is the parameters, not the split.
+    run_encode(str(image_folder), arc, EncodeOptions("corrdiff", {"model": models, "quality": 20, "steps": 1}, actors=1))
+    result = CliRunner().invoke(
+        main, ["decode", arc, str(tmp_path / "fidelity"), "--param", "perception=0", "--model", models, "--actors", "1"]
+    )
     assert result.exit_code == 0, result.output
-    run_decode(arc, str(tmp_path / "default"), model=models)
+    run_decode(arc, str(tmp_path / "default"), model=models, actors=1)
     changed = 0
     for key in ("a.png", "sub/e.jpg"):
         stream = cat_item(arc, key, stream=True)
