@@ -96,7 +96,7 @@ def test_weights_embedded_in_an_s3_archive_are_fetched_into_the_model_cache_by_f
     result = run_decode("s3://tinyarchive/a", str(tmp_path / "out"), actors=1, storage_options=options)
     assert result.decoded == 6 and not result.failures
     assert (cached_weights_folder(fingerprint) / "unet" / "config.json").is_file()
-    report = run_verify("s3://tinyarchive/a", storage_options=options)
+    report = run_verify("s3://tinyarchive/a", actors=1, storage_options=options)  # one actor, as encode and decode
     assert report.intact, report.problems
 
 
