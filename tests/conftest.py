@@ -63,7 +63,11 @@ def kodak() -> Path:
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    """One real local Ray cluster per test module, as design.md asks."""
+    """One real local Ray cluster per test module, as design.md asks.
+
+    A job on it starts one actor per CPU, two. Each actor is a process that imports torch and loads its
+    model (about 4 CPU-s for a tiny ddcm or corrdiff model), and actor start-ups are most of what the suite
+    costs: a test whose point is not how work is split passes actors=1 (`--actors 1`)."""
     import ray
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
