@@ -109,15 +109,16 @@ class PoolShape:
     cpus_per_actor: float
 
 
-def pool_shape(actors: int | None = None, gpus: bool = True) -> PoolShape:
+def pool_shape(actors: int | None = None, gpus: bool = True, work: int | None = None) -> PoolShape:
     """One actor per GPU when the cluster has GPUs (and the work wants them: `gpus`), else one per CPU core;
-    `actors` overrides the count."""
+    `actors` overrides the count. No more actors than `work`, the pieces of work there are: each actor
+    loads the codec (its model, on its GPU), which an actor that gets nothing to do would load for nothing."""
     resources = ray.cluster_resources()
     gpus = int(resources.get("GPU", 0)) if gpus else 0
-    if gpus:
-        return PoolShape(actors or gpus, 1, 1)
-    cpus = max(1, int(resources.get("CPU", 1)))
-    return PoolShape(actors or cpus, 0, 1)
+    count = actors or gpus or max(1, int(resources.get("CPU", 1)))
+    if work is not None:
+        count = max(1, min(count, work))
+    return PoolShape(count, 1 if gpus else 0, 1)
 
 
 def unwrapped(exc: BaseException) -> BaseException:
@@ -179,15 +180,16 @@ class ActorPool(Sequence):
 
 @contextmanager
 def actor_pool(
-    actor_class: type, *args: Any, actors: int | None = None, address: str | None = None, gpus: bool = True
+    actor_class: type, *args: Any, actors: int | None = None, address: str | None = None, gpus: bool = True,
+    work: int | None = None,
 ) -> Iterator[ActorPool]:
-    """Actors of `actor_class(*args)`, shaped by `pool_shape(actors, gpus)`, alive for the `with` block.
+    """Actors of `actor_class(*args)`, shaped by `pool_shape(actors, gpus, work)`, alive for the `with` block.
 
     The actors are killed however the block is left (results consumed, an error, an interrupt), so a
     failed job does not leave actors holding GPUs and models in a cluster it joined.
     """
     connect(address)
-    shape = pool_shape(actors, gpus)
+    shape = pool_shape(actors, gpus, work)
     # SPREAD: on a cluster of CPU nodes the actors go one node after another instead of filling the
     # first (GPU actors spread anyway, one per GPU); a replacement goes wherever there is room.
     # An actor that reports its `progress` answers in a thread of its own while its work runs in the other.

@@ -178,7 +178,7 @@ def run_decode(
         if on_progress:  # the total, known now: starting Ray and the actors takes seconds
             on_progress(0, total, 0)
         worker_args = (reader, model, reader.pixel_limit(max_pixels), base_only, params, trust_hint)
-        with actor_pool(DecodeWorker, *worker_args, actors=actors, address=address) as pool:
+        with actor_pool(DecodeWorker, *worker_args, actors=actors, address=address, work=len(tasks)) as pool:
             with reported_progress(pool, on_progress, total):
                 for result in run_on_pool(
                     pool, tasks, lambda actor, task: actor.decode_shard.remote(task, dst, image_format, overwrite, batch_size)

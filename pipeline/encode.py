@@ -243,14 +243,6 @@ def run_encode(
         writer.record_refusals(listing.refused)
         if options.embed_model and spec.fingerprint and not writer.manifest.embedded_model(spec.fingerprint):
             writer.add_model(ray.get(ray.remote(embed_codec_weights).remote(archive, options.codec, params)))
-        # An encoder that runs no network (hfd's AVIF base, the classical codecs) takes no GPU.
-        gpus = codec_class(options.codec).encoder_needs(params).gpu
-        shape = pool_shape(options.actors, gpus)
-        spare_cores = ray.cluster_resources().get("CPU", 0) > shape.actors * shape.cpus_per_actor
-        worker_args = (spec, params, storage_options, options.max_pixels, options.fetch_threads, spare_cores)
-        actors = held.enter_context(
-            actor_pool(EncodeWorker, *worker_args, actors=options.actors, address=address, gpus=gpus)
-        )
         if options.retry_failed:
             todo = [item for item in listing.items if item.key in writer.failures]
         else:
@@ -259,22 +251,20 @@ def run_encode(
             # (load, encode) wait for --retry-failed.
             settled = {key for key, failure in writer.failures.items() if failure.stage != "fetch"}
             todo = [i for i in listing.items if i.key not in writer.done and i.key not in settled]
-        shards = cut_into_shards(todo, len(actors), options.shard_size)
         if on_progress:
             on_progress(0, len(todo), 0)
-        for result in run_on_pool(
-            actors, shards, lambda actor, items: actor.encode_shard.remote(archive, items, options.batch_size)
-        ):
-            writer.commit(result.entry, result.keys, result.failures)
-            encoded += len(result.keys)
-            failed += len(result.failures)
-            deferred += len(result.deferred)
-            if result.entry:
-                source_bytes += result.entry.source_bytes
-                bitstream_bytes += result.entry.bitstream_bytes
-            workers[result.worker["node"], result.worker["pid"]] = result.worker  # pids repeat across nodes
-            if on_progress:
-                on_progress(encoded + failed + deferred, len(todo), failed)
+        if todo:
+            for result in _encode_on_actors(todo, archive, spec, params, options, storage_options, address, held):
+                writer.commit(result.entry, result.keys, result.failures)
+                encoded += len(result.keys)
+                failed += len(result.failures)
+                deferred += len(result.deferred)
+                if result.entry:
+                    source_bytes += result.entry.source_bytes
+                    bitstream_bytes += result.entry.bitstream_bytes
+                workers[result.worker["node"], result.worker["pid"]] = result.worker  # pids repeat across nodes
+                if on_progress:
+                    on_progress(encoded + failed + deferred, len(todo), failed)
         # Items left for the next run keep the archive incomplete: it is not yet what was asked for.
         manifest = writer.manifest if deferred else writer.finish()
     return EncodeSummary(
@@ -292,3 +282,19 @@ def run_encode(
         totals=manifest.totals,
         deferred=deferred,
     )
+
+
+def _encode_on_actors(
+    todo: list[SourceItem], archive: Location, spec: CodecSpec, params: dict, options: EncodeOptions,
+    storage_options: dict | None, address: str | None, held: ExitStack,
+) -> Iterator[ShardResult]:
+    """Encode `todo` in shards on a pool of EncodeWorkers (alive as long as `held`), yielding each shard's
+    result as it comes. Each item could be a shard of its own: no more actors than items."""
+    # An encoder that runs no network (hfd's AVIF base, the classical codecs) takes no GPU.
+    gpus = codec_class(options.codec).encoder_needs(params).gpu
+    shape = pool_shape(options.actors, gpus, work=len(todo))
+    spare_cores = ray.cluster_resources().get("CPU", 0) > shape.actors * shape.cpus_per_actor
+    worker_args = (spec, params, storage_options, options.max_pixels, options.fetch_threads, spare_cores)
+    actors = held.enter_context(actor_pool(EncodeWorker, *worker_args, actors=shape.actors, address=address, gpus=gpus))
+    shards = cut_into_shards(todo, len(actors), options.shard_size)
+    yield from run_on_pool(actors, shards, lambda actor, items: actor.encode_shard.remote(archive, items, options.batch_size))

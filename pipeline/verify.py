@@ -318,7 +318,7 @@ def run_verify(
         total = sum(entry.rows for entry in manifest.shards)
         if on_progress:  # the total, known now: starting Ray and the actors takes seconds
             on_progress(0, total, 0)
-        with actor_pool(VerifyWorker, *worker_args, actors=actors, address=address) as pool:
+        with actor_pool(VerifyWorker, *worker_args, actors=actors, address=address, work=len(manifest.shards)) as pool:
             with reported_progress(pool, on_progress, total):
                 shards = run_on_pool(
                     pool,

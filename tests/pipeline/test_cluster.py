@@ -50,6 +50,8 @@ def is_dead(actor, within: float = 60.0) -> bool:
 def test_pool_shape_is_one_actor_per_cpu_without_gpus(ray_cluster):
     assert pool_shape() == PoolShape(actors=2, gpus_per_actor=0, cpus_per_actor=1)
     assert pool_shape(3).actors == 3
+    assert [pool_shape(work=n).actors for n in (0, 1, 5)] == [1, 1, 2]  # no more actors than pieces of work
+    assert pool_shape(3, work=2).actors == 2
 
 
 def test_actors_are_killed_when_the_block_ends(ray_cluster):

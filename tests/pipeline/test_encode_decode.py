@@ -173,9 +173,12 @@ def test_rerun_encodes_only_new_items(ray_cluster, image_folder, tmp_path):
     (image_folder / "README.txt").write_text("not an image name: skipped, not failed")
     summary = run_encode(str(image_folder), str(arc), EncodeOptions("avif", shard_size=4))
     assert (summary.already_done, summary.encoded, summary.skipped_non_images) == (6, 1, 1)
+    assert len(summary.workers) == 1  # one new item: one actor, not one per CPU
     assert len(archive_keys(arc)) == 7
     manifest = require_manifest(Location(str(arc)))
     assert manifest.complete and manifest.totals["items"] == 7
+    nothing_new = run_encode(str(image_folder), str(arc), EncodeOptions("avif", shard_size=4))
+    assert (nothing_new.encoded, nothing_new.workers) == (0, [])  # no actor started for no work
 
 
 def test_list_file_of_urls_is_a_source(ray_cluster, image_folder, tmp_path):
