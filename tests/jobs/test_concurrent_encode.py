@@ -123,6 +123,7 @@ def test_two_encodes_into_one_s3_archive_one_refused_none_lost(s3_server, tmp_pa
         assert info.returncode == 0, info.stderr[-2000:]
         facts = json.loads(info.stdout)
         assert facts["problems"] == [] and (facts["complete"] or facts["writing"]["pid"] == writer.pid)
+        time.sleep(0.5)  # a reader looking twice a second: back to back, the readers' processes held a core
     stdout, stderr = writer.communicate()
     assert writer.returncode == 0, stderr[-2000:]
     assert json.loads(stdout)["encoded"] == ITEMS
