@@ -57,8 +57,8 @@ def read_archive(
 
     Streams are decoded by an actor pool (Ray Data may fuse the shard reads into it): one actor per GPU,
     each with `num_gpus=1`, where the cluster has GPUs, else CPU actors (from one up to one per CPU, as Ray
-    Data scales them); `actors` fixes the count; never more actors than the archive has shards. `model`,
-    `max_pixels` and `trust_hint` are decode's --model, --max-pixels and --trust-hint.
+    Data scales them); `actors` fixes the count. `model`, `max_pixels` and `trust_hint` are decode's --model,
+    --max-pixels and --trust-hint.
     """
     reader = _open(url, storage_options)
     connect()
@@ -70,8 +70,7 @@ def read_archive(
     streams = shards.map_batches(_read_streams, batch_size=1, batch_format="numpy", fn_args=(reader,))
     return streams.map_batches(
         ArchiveDecoder, batch_size=batch_size, batch_format="numpy",
-        fn_constructor_args=(reader, model, reader.pixel_limit(max_pixels), trust_hint),
-        **_actor_pool(actors, work=len(entries)),
+        fn_constructor_args=(reader, model, reader.pixel_limit(max_pixels), trust_hint), **_actor_pool(actors),
     )  # fmt: skip
 
 
@@ -160,14 +159,13 @@ class ArchiveDecoder:
         return _image_rows(_decode_or_raise(self.codec, keys, streams, self.max_pixels))
 
 
-def _actor_pool(actors: int | None, work: int | None = None) -> dict[str, Any]:
+def _actor_pool(actors: int | None) -> dict[str, Any]:
     """map_batches' pool arguments: one actor per GPU (each `num_gpus=1`), else CPU actors, `actors` of them
-    if given, else as many as Ray Data finds CPUs for (so the reading tasks are never starved of CPUs); no
-    more than `work`, the blocks there are to map, where known."""
-    shape = pool_shape(actors, work=work)
+    if given, else as many as Ray Data finds CPUs for (so the reading tasks are never starved of CPUs)."""
+    shape = pool_shape(actors)
     if shape.gpus_per_actor:
         return {"compute": ray.data.ActorPoolStrategy(size=shape.actors), "num_gpus": shape.gpus_per_actor}
-    sizes = {"size": shape.actors} if actors else {"min_size": 1, "max_size": shape.actors}
+    sizes = {"size": actors} if actors else {"min_size": 1, "max_size": shape.actors}
     pool = ray.data.ActorPoolStrategy(**sizes)
     # The tasks upstream (a dataset's reads) need CPUs too: actors holding every CPU would leave them none and
     # the job would wait for ever (2 actors on 2 CPUs did). The actors share all but one CPU, or half of one.
