@@ -5,6 +5,10 @@ outlasts the retry budget must end the job with one sentence, leaving an archive
 run again, completes.
 botocore's own retries are switched off (`max_attempts: 1`), so that a few seconds of outage reach
 diffarc's retry policy, as a longer one would with botocore's defaults.
+
+The jobs join one Ray head started for the module (`--address`), as jobs on a cluster do: the retry
+settings reach the actors as a joined cluster's are told (a runtime environment), and no job pays for
+starting a Ray of its own.
 """
 
 import json
@@ -20,7 +24,7 @@ from PIL import Image
 from diffarc.pipeline.archive import load_manifest
 from diffarc.pipeline.storage import Location
 
-from ..conftest import cli_env, photo_like
+from ..conftest import RAY_NODE_ENV, photo_like, ray_head
 from ..tcp_switch import TcpSwitch
 
 pytestmark = pytest.mark.slow
@@ -28,8 +32,14 @@ pytestmark = pytest.mark.slow
 ITEMS = 48
 
 
+@pytest.fixture(scope="module")
+def head() -> str:
+    with ray_head(cpus=2) as (address, _):
+        yield address
+
+
 @pytest.fixture
-def s3_job(s3_server, tmp_path, request):
+def s3_job(s3_server, head, tmp_path, request):
     """Source images in one bucket and an empty archive bucket, on the real server; the job's view of it
     goes through a switch."""
     direct = s3fs.S3FileSystem(**s3_server["storage_options"])
@@ -46,7 +56,8 @@ def s3_job(s3_server, tmp_path, request):
                "config_kwargs": {"retries": {"max_attempts": 1}}}
     # One image per shard: the job fetches, writes and commits all the time, so an outage cannot miss it.
     command = [sys.executable, "-m", "diffarc.jobs.cli", "encode", f"s3://{name}-src/images", f"s3://{name}-arc/a",
-               "--codec", "jpeg", "--shard-size", "1", "--actors", "2", "--storage-options", json.dumps(options), "--json"]
+               "--codec", "jpeg", "--shard-size", "1", "--actors", "2", "--storage-options", json.dumps(options), "--json",
+               "--address", head]
     return direct, switch, command, f"{name}-arc/a"
 
 
@@ -69,7 +80,7 @@ def run_with_outage(
 ) -> subprocess.CompletedProcess:
     """Run the encode; once it has committed two shards, switch the endpoint off (`silently`: connections
     stop answering but stay open) for `seconds` (None: until the job ends)."""
-    job = subprocess.Popen(command, env=cli_env(**env), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    job = subprocess.Popen(command, env={**RAY_NODE_ENV, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 600
         while (found := manifest(direct, archive)) is None or len(found["shards"]) < 2:
@@ -124,7 +135,7 @@ def test_a_long_outage_ends_the_job_in_one_sentence_and_a_rerun_completes_it(s3_
     before = manifest(direct, archive)
     assert not before["complete"] and before["failures"] is None  # an outage is no item's fault
 
-    rerun = subprocess.run(command, env=cli_env(), capture_output=True, text=True, timeout=900)
+    rerun = subprocess.run(command, env=RAY_NODE_ENV, capture_output=True, text=True, timeout=900)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     summary = json.loads(rerun.stdout)
     assert summary["already_done"] > 0 and summary["already_done"] + summary["encoded"] == ITEMS  # resumed
