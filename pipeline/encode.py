@@ -295,6 +295,8 @@ def _encode_on_actors(
     shape = pool_shape(options.actors, gpus, work=len(todo))
     spare_cores = ray.cluster_resources().get("CPU", 0) > shape.actors * shape.cpus_per_actor
     worker_args = (spec, params, storage_options, options.max_pixels, options.fetch_threads, spare_cores)
-    actors = held.enter_context(actor_pool(EncodeWorker, *worker_args, actors=shape.actors, address=address, gpus=gpus))
+    actors = held.enter_context(
+        actor_pool(EncodeWorker, *worker_args, actors=options.actors, address=address, gpus=gpus, work=len(todo))
+    )
     shards = cut_into_shards(todo, len(actors), options.shard_size)
     yield from run_on_pool(actors, shards, lambda actor, items: actor.encode_shard.remote(archive, items, options.batch_size))
