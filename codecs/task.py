@@ -48,6 +48,8 @@ class TrainSettings:
     lr: float = 2e-4
     workers: int = 1
     gpu: bool = False
+    in_process: bool = False  # train in the calling process without Ray (one worker)
+    minutes: float | None = None  # stop (checkpointed and exported) after this many minutes of training
     checkpoint_minutes: float = 5.0
     report_seconds: float = 30.0
     config: str = "small"  # the model size: a key of the task's configs (tiny, small, base)
@@ -99,6 +101,8 @@ class TrainingTask(ABC):
         """Raise SettingsError for settings this task cannot run with, before any work starts."""
         if settings.config not in cls.configs:
             raise SettingsError("config", f"{cls.name} configs are {', '.join(cls.configs)}; got {settings.config!r}")
+        if settings.in_process and settings.workers != 1:
+            raise SettingsError("workers", "--in-process trains one worker in this process; --workers must be 1")
         if settings.crop % cls.crop_multiple:
             raise SettingsError("crop", f"the training crop {settings.crop} must be a multiple of {cls.crop_multiple}")
         for setting, reason in cls.required.items():

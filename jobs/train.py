@@ -32,6 +32,12 @@ def _check_crop(ctx, param, value: int) -> int:
 @click.option("--lr", type=float, default=2e-4, help="AdamW learning rate; it falls linearly to 10 %% over the last quarter of --steps.")
 @click.option("--workers", type=click.IntRange(min=1), default=1, help="Ray Train workers (data-parallel).")
 @click.option("--gpu", is_flag=True, help="One GPU per worker.")
+@click.option("--in-process", is_flag=True,
+              help="Train in this process, without Ray: one worker, on the GPU with --gpu, else the CPU (a machine "
+              "without Ray, one GPU, a quick run). Its checkpoints resume a Ray Train run's and the other way round.")
+@click.option("--minutes", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Stop after this many minutes of training, checkpointed and exported as if --steps were reached "
+              "(the learning rate's warm-down still follows --steps); re-running continues.")
 @click.option("--checkpoint-minutes", type=click.FloatRange(min=0), default=5.0, help="Minutes between checkpoints.")
 @click.option("--report-seconds", type=click.FloatRange(min=0), default=30.0, help="Seconds between progress lines.")
 @click.option("--autoencoder", default=None, help="diffusion: model reference of the frozen autoencoder (folder, URL, builtin:NAME).")
@@ -48,8 +54,8 @@ def _check_crop(ctx, param, value: int) -> int:
 @click.option("--max-images", type=click.IntRange(min=2), default=None, help="Use only the first N images.")
 @click.option("--seed", type=int, default=0)
 @click.option("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray).")
-def train(what, data, out, work_dir, config_name, steps, batch_size, crop, lr, workers, gpu, checkpoint_minutes,
-          report_seconds, autoencoder, model, init, lpips_weights, lpips_weight, save_dtype, max_images, seed, address):  # fmt: skip
+def train(what, data, out, work_dir, config_name, steps, batch_size, crop, lr, workers, gpu, in_process, minutes,
+          checkpoint_minutes, report_seconds, autoencoder, model, init, lpips_weights, lpips_weight, save_dtype, max_images, seed, address):  # fmt: skip
     """Train a model. WHAT names a training task of the codec registry: `autoencoder` and `diffusion`
     (on an --autoencoder's latents) build the built-in latent diffusion model; `decoder` fine-tunes a
     --model's autoencoder decoder in the same latent space, which every latent codec then decodes with;
@@ -62,10 +68,12 @@ def train(what, data, out, work_dir, config_name, steps, batch_size, crop, lr, w
 
     settings = TrainSettings(
         what=what, data=data, out=out, work_dir=work_dir, steps=steps, batch_size=batch_size, crop=crop, lr=lr,
-        workers=workers, gpu=gpu, checkpoint_minutes=checkpoint_minutes, report_seconds=report_seconds,
+        workers=workers, gpu=gpu, in_process=in_process, minutes=minutes, checkpoint_minutes=checkpoint_minutes, report_seconds=report_seconds,
         config=config_name, autoencoder=autoencoder, model=model, init=init, lpips_weights=lpips_weights, lpips_weight=lpips_weight,
         save_dtype=save_dtype, seed=seed, max_images=max_images,
     )  # fmt: skip
+    if in_process and address:
+        raise click.BadParameter("--in-process trains without Ray; it takes no cluster --address", param_hint="--address")
     try:  # before Ray starts: a missing option is a usage error, named as the option
         training_task(what).check(settings)
     except SettingsError as exc:

@@ -1,11 +1,16 @@
-"""The generic training loop on Ray Train: data, checkpoints, resume, learning rate, progress, export.
+"""The generic training loop, on Ray Train or in this process: data, checkpoints, resume, learning rate, progress, export.
 
     images (any fsspec folder) ──list_sources / fetch / load_rgb──► train split │ held-out split (5 %, by key hash)
     task = registry.training_task(settings.what)       what is trained and how: codecs/<family>/task.py
     each step: batch from rng(seed, step, rank) ──► task.loss ──► AdamW, grad-norm clip 1, LR warm-down
     every --report-seconds: task.validate ──► one progress line (the task names its fields)
     every --checkpoint-minutes: checkpoint = {model/ (save_pretrained), optimizer.pt, progress.json}
-    end: the driver hands the last checkpoint to task.export, into a staging folder renamed to --out
+    end (--steps reached, or --minutes spent): the last checkpoint goes to task.export, into a staging
+    folder renamed to --out
+
+The loop runs on Ray Train's workers (RayTrainRun: data parallel, any cluster) or, with --in-process, in
+the calling process without Ray (InProcessRun: one device; for a machine where Ray is not installed, such
+as a lent GPU box, or a quick run). Both write the same checkpoints into the same folder.
 
 Choices:
 - Resume: re-running with the same --work-dir continues from the newest checkpoint there (Ray Train's
@@ -138,18 +143,82 @@ def load_initial_weights(model: torch.nn.Module, reference: str) -> None:
     model.load_state_dict({k: v.to(expected[k].dtype) for k, v in weights.items()})
 
 
-def _worker_loop(config: dict) -> None:
-    import ray.train
-    import ray.train.torch
+class RayTrainRun:
+    """What the loop asks of Ray Train: the worker's device, rank and world size, the checkpoint Ray Train
+    restored, data parallelism, and checkpoints reported to it (it keeps the newest two)."""
 
+    def __init__(self):
+        import ray.train
+        import ray.train.torch
+
+        self._train = ray.train
+        self.device = ray.train.torch.get_device()
+        context = ray.train.get_context()
+        self.rank, self.world = context.get_world_rank(), context.get_world_size()
+
+    def restored(self) -> Path | None:
+        checkpoint = self._train.get_checkpoint()
+        return Path(checkpoint.to_directory()) if checkpoint is not None else None
+
+    def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
+        import ray.train.torch
+
+        return ray.train.torch.prepare_model(model, move_to_device=False)
+
+    def checkpoint(self, metrics: dict, write) -> None:
+        """`write(folder)` fills a checkpoint folder; only rank 0 writes one, every rank reports."""
+        with tempfile.TemporaryDirectory() as tmp:
+            if self.rank == 0:
+                write(Path(tmp))
+                self._train.report(metrics, checkpoint=self._train.Checkpoint.from_directory(tmp))
+            else:
+                self._train.report(metrics)
+
+
+class InProcessRun:
+    """The same loop in the calling process, without Ray (`--in-process`): one worker on one device, its
+    checkpoints written straight into the run's folder, where a later run of either kind finds them."""
+
+    rank, world = 0, 1
+    keep = 2  # checkpoints kept, as Ray Train's CheckpointConfig keeps
+
+    def __init__(self, run_dir: Path, gpu: bool):
+        if gpu and not torch.cuda.is_available():
+            raise SettingsError("gpu", "--gpu was given, but torch sees no GPU in this process")
+        self.device = torch.device("cuda" if gpu else "cpu")
+        self.run_dir = run_dir
+        self._written: list[Path] = []
+
+    def restored(self) -> Path | None:
+        return None  # the driver found the newest checkpoint on disk already
+
+    def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model
+
+    def checkpoint(self, metrics: dict, write) -> None:
+        # Written under a name the resume search skips, then renamed: a kill leaves no half checkpoint behind it.
+        final = self.run_dir / f"checkpoint_step_{metrics['step']:09d}"
+        staging = self.run_dir / f".{final.name}.tmp-{os.getpid()}"
+        shutil.rmtree(staging, ignore_errors=True)
+        write(staging)
+        shutil.rmtree(final, ignore_errors=True)
+        staging.rename(final)
+        self._written.append(final)
+        while len(self._written) > self.keep:
+            shutil.rmtree(self._written.pop(0), ignore_errors=True)
+
+
+def _ray_worker_loop(config: dict) -> None:
+    train_loop(config, RayTrainRun())
+
+
+def train_loop(config: dict, run: RayTrainRun | InProcessRun) -> None:
     settings = TrainSettings(**config["settings"])
-    if not settings.gpu:
+    if not settings.gpu and config["threads"]:
         torch.set_num_threads(config["threads"])
     if config["latent_cache"]:
         os.environ[LATENT_CACHE_ENV] = config["latent_cache"]
-    device = ray.train.torch.get_device()
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
+    device, rank, world = run.device, run.rank, run.world
     log = say if rank == 0 else (lambda message: None)
 
     train_images, validation_images = load_training_images(settings)
@@ -159,8 +228,8 @@ def _worker_loop(config: dict) -> None:
     # Ray Train's own restore and the newest folder on disk can disagree when a kill fell between writing
     # a checkpoint and recording it; the one further along wins.
     candidates = [Path(config["resume_from"])] if config["resume_from"] else []
-    if (checkpoint := ray.train.get_checkpoint()) is not None:
-        candidates.append(Path(checkpoint.to_directory()))
+    if (restored := run.restored()) is not None:
+        candidates.append(restored)
     resume = max(candidates, key=checkpoint_step, default=None)
     optimizer_factory = lambda m: torch.optim.AdamW(m.parameters(), lr=settings.lr, weight_decay=0.0)  # noqa: E731
     if resume is not None:
@@ -179,9 +248,9 @@ def _worker_loop(config: dict) -> None:
         for k, v in state.items():
             if torch.is_tensor(v):
                 state[k] = v.to(device)
-    trained = ray.train.torch.prepare_model(task.wrap(model), move_to_device=False)
+    trained = run.prepare(task.wrap(model))
 
-    last_report = last_checkpoint = time.monotonic()
+    started = last_report = last_checkpoint = time.monotonic()
     images_since = 0
     metrics: dict[str, Any] = {}
     while step < settings.steps:
@@ -199,8 +268,10 @@ def _worker_loop(config: dict) -> None:
         images_since += settings.batch_size * world
 
         now = time.monotonic()
-        report_due = now - last_report >= settings.report_seconds or step == settings.steps
-        checkpoint_due = now - last_checkpoint >= settings.checkpoint_minutes * 60 or step == settings.steps
+        # --minutes ends the run early at this step, checkpointed and exported like a finished one.
+        last = step == settings.steps or (settings.minutes is not None and now - started >= settings.minutes * 60)
+        report_due = now - last_report >= settings.report_seconds or last
+        checkpoint_due = now - last_checkpoint >= settings.checkpoint_minutes * 60 or last
         if report_due or checkpoint_due:
             model.eval()
             with torch.no_grad():
@@ -210,24 +281,17 @@ def _worker_loop(config: dict) -> None:
             log(format_progress(settings, task, metrics))
             last_report, images_since = now, 0
         if checkpoint_due:
-            with tempfile.TemporaryDirectory() as tmp:
-                if rank == 0:
-                    save_checkpoint(Path(tmp), model, optimizer, step, metrics)
-                    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-                else:
-                    ray.train.report(metrics)
+            run.checkpoint(metrics, lambda folder: save_checkpoint(folder, model, optimizer, step, metrics))
             log(f"checkpoint at step {step}")
             last_checkpoint = time.monotonic()
-    if step >= settings.steps and not metrics:  # resumed a finished run: nothing left to train
-        with tempfile.TemporaryDirectory() as tmp:
-            if rank == 0:
-                model.eval()
-                with torch.no_grad():
-                    metrics = {"step": step, **task.validate(model)}
-                save_checkpoint(Path(tmp), model, optimizer, step, metrics)
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-            else:
-                ray.train.report({})
+        if last:
+            break
+    if not metrics:  # resumed a finished run: nothing left to train
+        if rank == 0:
+            model.eval()
+            with torch.no_grad():
+                metrics = {"step": step, **task.validate(model)}
+        run.checkpoint(metrics, lambda folder: save_checkpoint(folder, model, optimizer, step, metrics))
 
 
 def format_progress(settings: TrainSettings, task: TrainingTask, metrics: dict) -> str:
@@ -242,51 +306,67 @@ def format_progress(settings: TrainSettings, task: TrainingTask, metrics: dict) 
 
 
 def run_training(settings: TrainSettings, address: str | None = None) -> dict:
-    """Train (or resume) on Ray Train and write the diffusers model folder to `settings.out`.
+    """Train (or resume) and write the diffusers model folder to `settings.out`: on Ray Train, or in this
+    process without Ray when `settings.in_process` (a machine without Ray, one GPU or a quick run).
 
-    Returns the final metrics. The run's checkpoints live in `<work_dir>/<what>/`. Settings the task
-    cannot run with raise SettingsError before anything starts.
+    Returns the final metrics. The run's checkpoints live in `<work_dir>/<what>/`, where a run of either
+    kind resumes from the other's. Settings the task cannot run with raise SettingsError before anything starts.
     """
+    task = training_task(settings.what)
+    task.check(settings)
+    work_dir = Path(settings.work_dir).expanduser().resolve()
+    work_dir.mkdir(parents=True, exist_ok=True)
+    settings.work_dir = str(work_dir)
+    # Ray's workers do not run in this directory: relative local paths are made absolute here.
+    for name in ("data", "init", "model", "autoencoder", "lpips_weights"):
+        value = getattr(settings, name)
+        if value and "://" not in value and not value.startswith("builtin:") and Path(value).expanduser().exists():
+            setattr(settings, name, str(Path(value).expanduser().resolve()))
+    run_dir = work_dir / settings.what
+    resume = find_resume_checkpoint(run_dir)
+    config = {
+        "settings": asdict(settings),
+        "resume_from": str(resume) if resume else None,
+        "threads": None,  # in this process: torch's own choice
+        # Workers on a joined cluster do not share this process's environment.
+        "latent_cache": os.environ.get(LATENT_CACHE_ENV),
+    }
+    if settings.in_process:
+        run_dir.mkdir(exist_ok=True)
+        train_loop(config, InProcessRun(run_dir, settings.gpu))
+        finished = find_resume_checkpoint(run_dir)
+        return _export_checkpoint(settings, task, finished)
+    return _train_on_ray(settings, task, config, address)
+
+
+def _train_on_ray(settings: TrainSettings, task: type[TrainingTask], config: dict, address: str | None) -> dict:
     import ray
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from .cluster import connect
 
-    task = training_task(settings.what)
-    task.check(settings)
-    work_dir = Path(settings.work_dir).expanduser().resolve()
-    work_dir.mkdir(parents=True, exist_ok=True)
-    settings.work_dir = str(work_dir)
-    # The workers do not run in this directory: relative local paths are made absolute here.
-    for name in ("data", "init", "model", "autoencoder", "lpips_weights"):
-        value = getattr(settings, name)
-        if value and "://" not in value and not value.startswith("builtin:") and Path(value).expanduser().exists():
-            setattr(settings, name, str(Path(value).expanduser().resolve()))
-    resume = find_resume_checkpoint(work_dir / settings.what)
     connect(address, worker_output=True)  # the progress lines are the rank-0 worker's
     cpus = int(ray.cluster_resources().get("CPU", 1))
     trainer = TorchTrainer(
-        _worker_loop,
-        train_loop_config={
-            "settings": asdict(settings),
-            "resume_from": str(resume) if resume else None,
-            "threads": max(1, cpus // settings.workers),
-            # Workers on a joined cluster do not share this process's environment.
-            "latent_cache": os.environ.get(LATENT_CACHE_ENV),
-        },
+        _ray_worker_loop,
+        train_loop_config={**config, "threads": max(1, cpus // settings.workers)},
         scaling_config=ScalingConfig(num_workers=settings.workers, use_gpu=settings.gpu, resources_per_worker={"CPU": 1}),
         run_config=RunConfig(
-            name=settings.what, storage_path=str(work_dir), checkpoint_config=CheckpointConfig(num_to_keep=2)
+            name=settings.what, storage_path=settings.work_dir, checkpoint_config=CheckpointConfig(num_to_keep=InProcessRun.keep)
         ),
     )
     result = trainer.fit()
     if result.checkpoint is None:
-        raise RuntimeError(f"training finished without a checkpoint; see {work_dir / settings.what}")
+        raise RuntimeError(f"training finished without a checkpoint; see {Path(settings.work_dir) / settings.what}")
     with result.checkpoint.as_directory() as folder:
-        progress = json.loads((Path(folder) / "progress.json").read_text())
-        export_model(settings, task, Path(folder) / "model", progress["metrics"])
-    return progress["metrics"]
+        return _export_checkpoint(settings, task, Path(folder))
+
+
+def _export_checkpoint(settings: TrainSettings, task: type[TrainingTask], checkpoint: Path) -> dict:
+    metrics = json.loads((checkpoint / "progress.json").read_text())["metrics"]
+    export_model(settings, task, checkpoint / "model", metrics)
+    return metrics
 
 
 def export_model(settings: TrainSettings, task: type[TrainingTask], trained: Path, metrics: dict) -> None:

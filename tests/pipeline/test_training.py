@@ -1,7 +1,12 @@
-"""Training the built-in models on a real local Ray Train: a tiny config, a few steps (kill/resume: test_training_resume.py)."""
+"""Training the built-in models on a real local Ray Train, and in one process without Ray: a tiny config, a
+few steps (kill/resume: test_training_resume.py)."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -115,6 +120,74 @@ def test_hfd_fine_tunes_for_the_hyperprior_base_from_init_weights_given_by_relat
     DetailDecoder(widths=(16, 32, 32)).save_pretrained(str(tmp_path / "other"))
     with pytest.raises(SettingsError, match="does not fit the --config architecture"):
         load_initial_weights(DetailDecoder(widths=(16, 16, 32)), "other")
+
+
+# Makes a Python process behave as if the named top-level packages were not installed (a lent GPU box has
+# no Ray): any import of them raises ImportError.
+WITHOUT_PACKAGES = """
+import os, sys
+class _NotInstalled:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in os.environ["NOT_INSTALLED"].split(","):
+            raise ImportError(f"{name} is not installed here")
+sys.meta_path.insert(0, _NotInstalled())
+"""
+
+
+def _train_without_ray(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    (tmp_path / "site").mkdir(exist_ok=True)
+    (tmp_path / "site" / "sitecustomize.py").write_text(WITHOUT_PACKAGES)
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "site"), "NOT_INSTALLED": "ray", "OMP_NUM_THREADS": "2"}
+    command = [sys.executable, "-m", "diffarc.jobs.cli", "train", "hyperprior", "--in-process", *args]
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+
+
+def test_in_process_training_needs_no_ray_and_trains_as_ray_train_does(ray_cluster, images, tmp_path):
+    """The same run (seed, data, steps) in a process where Ray cannot be imported and on Ray Train gives the
+    same held-out figures; a Ray Train run resumes the in-process run's checkpoint, and back."""
+    common = ["--data", str(images), "--steps", "3", "--batch-size", "2", "--crop", "64", "--config", "tiny",
+              "--checkpoint-minutes", "60", "--report-seconds", "0"]  # fmt: skip
+    alone = _train_without_ray(tmp_path, *common, "--out", str(tmp_path / "alone"), "--work-dir", str(tmp_path / "w1"))
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    assert "wrote" in alone.stdout and "step 3" in alone.stdout
+    written = json.loads((tmp_path / "alone" / "training.json").read_text())["metrics"]
+
+    settings = dict(what="hyperprior", data=str(images), steps=3, batch_size=2, crop=64, config="tiny",
+                    checkpoint_minutes=60, report_seconds=0)  # fmt: skip
+    on_ray = run_training(TrainSettings(out=str(tmp_path / "ray"), work_dir=str(tmp_path / "w2"), **settings))
+    validation = sorted(k for k in on_ray if k.startswith("val_"))
+    assert validation and all(on_ray[k] == pytest.approx(written[k], rel=1e-4) for k in validation)
+
+    # Ray Train goes on from the in-process checkpoint (step 3 → 4), then the in-process run from Ray's (→ 5).
+    resumed = run_training(TrainSettings(out=str(tmp_path / "more"), work_dir=str(tmp_path / "w1"), **{**settings, "steps": 4}))
+    assert resumed["step"] == 4
+    again = _train_without_ray(tmp_path, *common[:2], "--steps", "5", *common[4:], "--out", str(tmp_path / "last"),
+                               "--work-dir", str(tmp_path / "w1"))  # fmt: skip
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resumed from step 4" in again.stdout + again.stderr and "step 5" in again.stdout
+
+
+def test_minutes_end_a_run_early_checkpointed_and_exported(images, tmp_path):
+    settings = TrainSettings(what="hyperprior", data=str(images), out=str(tmp_path / "out"), work_dir=str(tmp_path / "w"),
+                             steps=100_000, batch_size=2, crop=64, config="tiny", checkpoint_minutes=60, report_seconds=60,
+                             in_process=True, minutes=0.001)  # fmt: skip
+    metrics = run_training(settings)
+    assert 1 <= metrics["step"] < 100_000
+    assert json.loads((tmp_path / "out" / "training.json").read_text())["metrics"]["step"] == metrics["step"]
+    checkpoints = sorted((tmp_path / "w" / "hyperprior").glob("checkpoint_*"))
+    assert [json.loads((c / "progress.json").read_text())["step"] for c in checkpoints] == [metrics["step"]]
+
+
+def test_in_process_training_refuses_several_workers_and_a_cluster(tmp_path):
+    from click.testing import CliRunner
+
+    from diffarc.jobs.train import train
+
+    base = ["hyperprior", "--in-process", "--data", str(tmp_path), "--out", str(tmp_path / "o"), "--work-dir", str(tmp_path / "w")]
+    result = CliRunner().invoke(train, base + ["--workers", "2"])
+    assert result.exit_code == 2 and "--workers must be 1" in result.output
+    result = CliRunner().invoke(train, base + ["--address", "127.0.0.1:6379"])
+    assert result.exit_code == 2 and "no cluster --address" in result.output
 
 
 @pytest.mark.parametrize(

@@ -3,7 +3,8 @@ classes are their own: a file of its own so that the test runner can run these s
 
 Every run joins one Ray head started for the module (`--address`), as a user's runs on a cluster do: a
 local Ray of its own would cost each of the four runs a cluster start-up, most of what a case costs. A job
-that starts its own local Ray and is killed with it is test_kill_resume's."""
+that starts its own local Ray and is killed with it is test_kill_resume's; one case runs without Ray
+(`--in-process`)."""
 
 from __future__ import annotations
 
@@ -66,18 +67,21 @@ def _progress_lines(process: subprocess.Popen, pattern: str, timeout: float) -> 
 # test_training.py trains it on Ray and loads its export, and test_tasks.py exports and loads its taef2
 # configs (the v-objective one included).
 @pytest.mark.parametrize(
-    "what, options, written",
+    "what, options, written, in_process",
     [
         # hfd's latent config (its pairs cached on disk, the export a vae/ + hfd/ folder).
-        ("hfd", ["--config", "latent-tiny", "--batch-size", "2"], ["hfd/config.json", "vae/config.json"]),
+        ("hfd", ["--config", "latent-tiny", "--batch-size", "2"], ["hfd/config.json", "vae/config.json"], False),
         # glc's transforms on taef2's cached latents (its crops a multiple of its 64-px stride).
-        ("glc", ["--config", "tiny", "--batch-size", "2", "--crop", "64"], ["config.json"]),
+        ("glc", ["--config", "tiny", "--batch-size", "2", "--crop", "64"], ["config.json"], False),
+        # The same loop without Ray (--in-process): its checkpoints are its own folders, renamed into place.
+        ("glc", ["--config", "tiny", "--batch-size", "2", "--crop", "64"], ["config.json"], True),
     ],
 )
-def test_a_killed_train_resumes_from_its_last_checkpoint(head, images, tmp_path, what, options, written):
+def test_a_killed_train_resumes_from_its_last_checkpoint(head, images, tmp_path, what, options, written, in_process):
     work, out = tmp_path / "work", tmp_path / "out"
+    where = ["--in-process"] if in_process else ["--address", head]
     args = [what, "--data", str(images), "--out", str(out), "--work-dir", str(work),
-            "--crop", "32", "--report-seconds", "0", "--checkpoint-minutes", "0.005", "--address", head, *options]  # fmt: skip
+            "--crop", "32", "--report-seconds", "0", "--checkpoint-minutes", "0.005", *where, *options]  # fmt: skip
     # (a later --crop, as glc's, overrides the first)
     env = {**RAY_NODE_ENV, "PYTHONUNBUFFERED": "1", "DIFFARC_LATENT_CACHE": str(tmp_path / "latents")}
     first = subprocess.Popen(
