@@ -21,7 +21,7 @@ _CODECS = {
     "jpeg": "diffarc.codecs.classical:JpegCodec",
     "webp": "diffarc.codecs.classical:WebpCodec",
     "avif": "diffarc.codecs.classical:AvifCodec",
-    "jxl": "diffarc.codecs.classical:JxlCodec",
+    "jxl": "diffarc.codecs.jxl:JxlCodec",
     "ddcm": "diffarc.codecs.ddcm:DdcmCodec",
     "latent-denoise": "diffarc.codecs.latent_denoise.codec:LatentDenoiseCodec",
     "hfd": "diffarc.codecs.hfd.codec:HfdCodec",

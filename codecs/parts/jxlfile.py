@@ -21,7 +21,6 @@ import io
 import struct
 from typing import Iterator
 
-import imagecodecs
 import numpy as np
 from PIL import Image
 
@@ -195,6 +194,10 @@ def open_jxl(data: bytes) -> Image.Image:
     """A JPEG XL file (its size already checked by the caller) as a Pillow image whose format is "JXL": the
     JPEG it keeps, opened, or its pixels decoded, when its header says they are sRGB. SyntaxError for a
     file libjxl cannot read, ValueError for one in another colour encoding (module docstring)."""
+    # libjxl is loaded with the first JPEG XL file: a process that meets none (a training run on JPEGs on a
+    # bare GPU box, say) runs without imagecodecs installed.
+    import imagecodecs
+
     try:
         if keeps_jpeg(data):
             jpeg = bytes(imagecodecs.jpegxl_decode_jpeg(data, numthreads=1))
