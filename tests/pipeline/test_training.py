@@ -122,8 +122,10 @@ def test_hfd_fine_tunes_for_the_hyperprior_base_from_init_weights_given_by_relat
         load_initial_weights(DetailDecoder(widths=(16, 16, 32)), "other")
 
 
-# Makes a Python process behave as if the named top-level packages were not installed (a lent GPU box has
-# no Ray): any import of them raises ImportError.
+# Makes a Python process behave as if the named top-level packages were not installed: any import of them
+# raises ImportError. A lent GPU box has none of them, and Ray's and imagecodecs' wheels are too large to
+# carry there (MODELS.md, "Training on a lent GPU").
+NOT_ON_A_GPU_BOX = "ray,imagecodecs,s3fs"
 WITHOUT_PACKAGES = """
 import os, sys
 class _NotInstalled:
@@ -137,7 +139,7 @@ sys.meta_path.insert(0, _NotInstalled())
 def _train_without_ray(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     (tmp_path / "site").mkdir(exist_ok=True)
     (tmp_path / "site" / "sitecustomize.py").write_text(WITHOUT_PACKAGES)
-    env = {**os.environ, "PYTHONPATH": str(tmp_path / "site"), "NOT_INSTALLED": "ray", "OMP_NUM_THREADS": "2"}
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "site"), "NOT_INSTALLED": NOT_ON_A_GPU_BOX, "OMP_NUM_THREADS": "2"}
     command = [sys.executable, "-m", "diffarc.jobs.cli", "train", "hyperprior", "--in-process", *args]
     return subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
 
@@ -165,6 +167,23 @@ def test_in_process_training_needs_no_ray_and_trains_as_ray_train_does(ray_clust
                                "--work-dir", str(tmp_path / "w1"))  # fmt: skip
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resumed from step 4" in again.stdout + again.stderr and "step 5" in again.stdout
+
+
+def test_every_training_task_and_the_avif_base_load_without_ray_and_imagecodecs(tmp_path):
+    (tmp_path / "sitecustomize.py").write_text(WITHOUT_PACKAGES)
+    probe = (
+        "from diffarc.codecs.registry import training_task, training_task_names, create_codec\n"
+        "import diffarc.pipeline.training, numpy\n"
+        "tasks = [training_task(name) for name in training_task_names()]\n"
+        "avif = create_codec('avif', {})\n"
+        "print(len(tasks), avif.decode(avif.encode([numpy.zeros((8, 8, 3), numpy.uint8)]))[0].shape)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(tmp_path), "NOT_INSTALLED": NOT_ON_A_GPU_BOX}
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    from diffarc.codecs.registry import training_task_names
+
+    assert done.stdout.split() == [str(len(training_task_names())), "(8,", "8,", "3)"]
 
 
 def test_minutes_end_a_run_early_checkpointed_and_exported(images, tmp_path):
