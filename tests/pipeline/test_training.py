@@ -124,7 +124,7 @@ def test_hfd_fine_tunes_for_the_hyperprior_base_from_init_weights_given_by_relat
 
 # Makes a Python process behave as if the named top-level packages were not installed: any import of them
 # raises ImportError. A lent GPU box has none of them, and Ray's and imagecodecs' wheels are too large to
-# carry there (MODELS.md, "Training on a lent GPU").
+# carry there (infra/lent-gpu/README.md).
 NOT_ON_A_GPU_BOX = "ray,imagecodecs,s3fs"
 WITHOUT_PACKAGES = """
 import os, sys
