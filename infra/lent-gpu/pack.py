@@ -22,8 +22,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-from PIL import Image
-
 REPO = Path(__file__).resolve().parents[2]
 PACK = REPO / ".device"
 ASIDE = REPO / ".device-aside"
@@ -37,6 +35,8 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp"}
 
 def pack_images(data: Path, out: Path, max_side: int, quality: int) -> int:
     """Every image under `data`, at most `max_side` pixels on its long side (Lanczos), as JPEG; the bytes written."""
+    from PIL import Image  # only here: --restore runs in any Python
+
     total = 0
     for source in sorted(p for p in data.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
         with Image.open(source) as image:
