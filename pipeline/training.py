@@ -181,13 +181,13 @@ class InProcessRun:
 
     rank, world = 0, 1
     keep = 2  # checkpoints kept, as Ray Train's CheckpointConfig keeps
+    prefix = "checkpoint_step_"  # then the step, zero-padded: names sort as steps do
 
     def __init__(self, run_dir: Path, gpu: bool):
         if gpu and not torch.cuda.is_available():
             raise SettingsError("gpu", "--gpu was given, but torch sees no GPU in this process")
         self.device = torch.device("cuda" if gpu else "cpu")
         self.run_dir = run_dir
-        self._written: list[Path] = []
 
     def restored(self) -> Path | None:
         return None  # the driver found the newest checkpoint on disk already
@@ -197,15 +197,15 @@ class InProcessRun:
 
     def checkpoint(self, metrics: dict, write) -> None:
         # Written under a name the resume search skips, then renamed: a kill leaves no half checkpoint behind it.
-        final = self.run_dir / f"checkpoint_step_{metrics['step']:09d}"
+        final = self.run_dir / f"{self.prefix}{metrics['step']:09d}"
         staging = self.run_dir / f".{final.name}.tmp-{os.getpid()}"
         shutil.rmtree(staging, ignore_errors=True)
         write(staging)
         shutil.rmtree(final, ignore_errors=True)
         staging.rename(final)
-        self._written.append(final)
-        while len(self._written) > self.keep:
-            shutil.rmtree(self._written.pop(0), ignore_errors=True)
+        # Its own folders only, earlier in-process runs' too: Ray Train prunes its own, and keeps a record of them.
+        for old in sorted(self.run_dir.glob(self.prefix + "*"))[: -self.keep]:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def _ray_worker_loop(config: dict) -> None:
