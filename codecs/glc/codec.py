@@ -49,6 +49,9 @@ from .nets import HYPER_STRIDE, LATENT_STRIDE, GlcModel
 
 DEFAULT_AUTOENCODER = "builtin:taef2"
 TRANSFORMS_FOLDER = "glc"  # where an autoencoder's folder keeps glc's trained transforms
+# Transforms shipped before the current ones (MODELS.md): streams name their weights by fingerprint, so
+# theirs are still found (`builtin_weights`, registry.open_codec) and decode as they did.
+FORMER_TRANSFORMS: tuple[str, ...] = ("builtin:taef2/glc-2026-12-06",)
 IMAGE_STRIDE = 8 * LATENT_STRIDE  # pixels per position of y
 # Latents of fewer px are decoded on one thread: on a few px oneDNN orders its sums by the thread count
 # (parts/taef2.py), and a picture this small (256 × 256) decodes in a fraction of a second anyway.
@@ -71,8 +74,12 @@ class GlcCodec(Codec):
         Param("step", float, 2.0, "quantization step Δ of y: the rate knob", minimum=0.1, maximum=64),
     )  # fmt: skip
     # Named by the mean bpp they give on Kodak 24 with the shipped transforms (benchmarks/glc_presets.py,
-    # MODELS.md). No Δ reaches 0.02 bpp: ζ alone costs 0.03 bpp (the lowest preset is 0.03bpp, Δ 24).
-    presets = {"0.03bpp": {"step": 24.0}, "0.05bpp": {"step": 7.17}, "0.1bpp": {"step": 3.12}, "0.2bpp": {"step": 1.52}}
+    # MODELS.md). ζ alone costs about 0.02 bpp, so 0.02bpp is the coarsest step measured (Δ 48: 0.0206 bpp).
+    presets = {"0.02bpp": {"step": 48.0}, "0.05bpp": {"step": 6.78}, "0.1bpp": {"step": 3.42}, "0.2bpp": {"step": 1.71}}
+
+    @classmethod
+    def builtin_weights(cls) -> dict:
+        return {DEFAULT_AUTOENCODER: {}, **{former: {"transforms": former} for former in FORMER_TRANSFORMS}}
 
     def __init__(self, device: str = "cpu", **params):
         super().__init__(device, **params)
