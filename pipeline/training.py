@@ -46,6 +46,7 @@ from .images import load_rgb
 from .sources import fetch, list_sources
 
 VALIDATION_PERCENT = 5
+CHECKPOINTS_KEPT = 2  # per run folder, by either kind of run
 WARMDOWN_FRACTION = 0.25  # the learning rate falls linearly to 10 % over the last quarter of --steps
 
 
@@ -151,7 +152,7 @@ class RayTrainRun:
         import ray.train
         import ray.train.torch
 
-        self._train = ray.train
+        self._train, self._train_torch = ray.train, ray.train.torch
         self.device = ray.train.torch.get_device()
         context = ray.train.get_context()
         self.rank, self.world = context.get_world_rank(), context.get_world_size()
@@ -161,9 +162,7 @@ class RayTrainRun:
         return Path(checkpoint.to_directory()) if checkpoint is not None else None
 
     def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
-        import ray.train.torch
-
-        return ray.train.torch.prepare_model(model, move_to_device=False)
+        return self._train_torch.prepare_model(model, move_to_device=False)
 
     def checkpoint(self, metrics: dict, write) -> None:
         """`write(folder)` fills a checkpoint folder; only rank 0 writes one, every rank reports."""
@@ -180,7 +179,6 @@ class InProcessRun:
     checkpoints written straight into the run's folder, where a later run of either kind finds them."""
 
     rank, world = 0, 1
-    keep = 2  # checkpoints kept, as Ray Train's CheckpointConfig keeps
     prefix = "checkpoint_step_"  # then the step, zero-padded: names sort as steps do
 
     def __init__(self, run_dir: Path, gpu: bool):
@@ -204,7 +202,7 @@ class InProcessRun:
         shutil.rmtree(final, ignore_errors=True)
         staging.rename(final)
         # Its own folders only, earlier in-process runs' too: Ray Train prunes its own, and keeps a record of them.
-        for old in sorted(self.run_dir.glob(self.prefix + "*"))[: -self.keep]:
+        for old in sorted(self.run_dir.glob(self.prefix + "*"))[:-CHECKPOINTS_KEPT]:
             shutil.rmtree(old, ignore_errors=True)
 
 
@@ -353,7 +351,7 @@ def _train_on_ray(settings: TrainSettings, task: type[TrainingTask], config: dic
         train_loop_config={**config, "threads": max(1, cpus // settings.workers)},
         scaling_config=ScalingConfig(num_workers=settings.workers, use_gpu=settings.gpu, resources_per_worker={"CPU": 1}),
         run_config=RunConfig(
-            name=settings.what, storage_path=settings.work_dir, checkpoint_config=CheckpointConfig(num_to_keep=InProcessRun.keep)
+            name=settings.what, storage_path=settings.work_dir, checkpoint_config=CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT)
         ),
     )
     result = trainer.fit()

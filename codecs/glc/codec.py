@@ -79,7 +79,7 @@ class GlcCodec(Codec):
 
     @classmethod
     def builtin_weights(cls) -> dict:
-        return {DEFAULT_AUTOENCODER: {}, **{former: {"transforms": former} for former in FORMER_TRANSFORMS}}
+        return {**super().builtin_weights(), **{former: {"transforms": former} for former in FORMER_TRANSFORMS}}
 
     def __init__(self, device: str = "cpu", **params):
         super().__init__(device, **params)
