@@ -62,9 +62,8 @@ def train(what, data, out, work_dir, config_name, steps, batch_size, crop, lr, w
     `latent-denoise` trains
     that codec's predictors and entropy model for a frozen --model (written to MODEL/latent_denoise/
     they are found without naming them)."""
-    from ..codecs.registry import training_task
     from ..codecs.task import SettingsError, TrainSettings
-    from ..pipeline.training import run_training
+    from ..pipeline.training import check_settings, run_training
 
     settings = TrainSettings(
         what=what, data=data, out=out, work_dir=work_dir, steps=steps, batch_size=batch_size, crop=crop, lr=lr,
@@ -74,8 +73,8 @@ def train(what, data, out, work_dir, config_name, steps, batch_size, crop, lr, w
     )  # fmt: skip
     if in_process and address:
         raise click.BadParameter("--in-process trains without Ray; it takes no cluster --address", param_hint="--address")
-    try:  # before Ray starts: a missing option is a usage error, named as the option
-        training_task(what).check(settings)
+    try:  # a missing option is a usage error, named as the option
+        check_settings(settings)
     except SettingsError as exc:
         raise click.BadParameter(str(exc), param_hint="--" + exc.setting.replace("_", "-")) from None
     metrics = run_training(settings, address)

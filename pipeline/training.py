@@ -129,14 +129,30 @@ def load_checkpoint(folder: Path, model_class, optimizer_factory) -> tuple[Any, 
 # ---------------------------------------------------------------- the per-worker loop
 
 
-def load_initial_weights(model: torch.nn.Module, reference: str) -> None:
-    """Load a trained model's weights (a save_pretrained folder) into a new model of the same architecture,
-    to fine-tune it; every tensor must match by name and shape (SettingsError otherwise)."""
+def initial_weights_file(reference: str) -> Path:
+    """The one safetensors file of an --init folder; SettingsError otherwise, naming the sub-folders that
+    would do (a model's folder, e.g. builtin:taef2, holds each part's weights in a folder of its own)."""
     folder = weights_folder(reference)
     files = sorted(folder.glob("*.safetensors")) if folder is not None else []
     if len(files) != 1:
-        raise SettingsError("init", f"--init {reference} must be a folder holding one .safetensors weights file")
-    weights = load_file(str(files[0]))
+        parts = sorted(p.name for p in folder.iterdir() if len(list(p.glob("*.safetensors"))) == 1) if folder else []
+        hint = f"; its parts are in {', '.join(f'{part}/' for part in parts)}: name one of them" if parts else ""
+        raise SettingsError("init", f"--init {reference} must be a folder holding one .safetensors weights file{hint}")
+    return files[0]
+
+
+def check_settings(settings: TrainSettings) -> None:
+    """SettingsError for settings a run cannot start with, before the data is read and its latents are
+    cached (which can take minutes) and before Ray starts."""
+    training_task(settings.what).check(settings)
+    if settings.init:
+        initial_weights_file(settings.init)
+
+
+def load_initial_weights(model: torch.nn.Module, reference: str) -> None:
+    """Load a trained model's weights (a save_pretrained folder) into a new model of the same architecture,
+    to fine-tune it; every tensor must match by name and shape (SettingsError otherwise)."""
+    weights = load_file(str(initial_weights_file(reference)))
     expected = model.state_dict()
     mismatched = sorted(set(expected) ^ set(weights)) + [k for k in expected if k in weights and expected[k].shape != weights[k].shape]
     if mismatched:
@@ -311,7 +327,7 @@ def run_training(settings: TrainSettings, address: str | None = None) -> dict:
     kind resumes from the other's. Settings the task cannot run with raise SettingsError before anything starts.
     """
     task = training_task(settings.what)
-    task.check(settings)
+    check_settings(settings)
     work_dir = Path(settings.work_dir).expanduser().resolve()
     work_dir.mkdir(parents=True, exist_ok=True)
     settings.work_dir = str(work_dir)

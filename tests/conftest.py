@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import gc
 import os
@@ -24,8 +25,11 @@ import torch  # noqa: E402
 
 torch.set_num_threads(1)
 
-# Training tasks cache frozen-encoder latents on disk; the tests' toy models keep theirs out of the user's cache.
-os.environ.setdefault("DIFFARC_LATENT_CACHE", tempfile.mkdtemp(prefix="diffarc-test-latents-"))
+# Training tasks cache frozen-encoder latents on disk; the tests' toy models keep theirs out of the user's cache,
+# in a folder that goes with the test run (xdist's workers inherit the variable, so only the runner makes one).
+if "DIFFARC_LATENT_CACHE" not in os.environ:
+    os.environ["DIFFARC_LATENT_CACHE"] = tempfile.mkdtemp(prefix="diffarc-test-latents-")
+    atexit.register(shutil.rmtree, os.environ["DIFFARC_LATENT_CACHE"], ignore_errors=True)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"

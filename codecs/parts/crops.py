@@ -81,7 +81,7 @@ def training_latents(
         encoded = {}
         for view in views:
             pixels = image if view == "image" else np.ascontiguousarray(image[:, ::-1])
-            x = torch.from_numpy(pixels).permute(2, 0, 1)[None].float().to(device) / 127.5 - 1
+            x = torch.tensor(pixels).permute(2, 0, 1)[None].float().to(device) / 127.5 - 1  # a copy: images may be read-only
             encoded[view] = encode(x)[0]
         latents.extend(encoded.values())
         if path is not None:  # written whole under a fresh name, then renamed: a kill leaves no half file
