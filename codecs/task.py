@@ -6,7 +6,7 @@
     worker: images, split train / held out ───────────────► Task(settings, train, validation, device)
             new run: seeded ──────────────────────────────► new_model()              a diffusers ModelMixin
                      (--init: its weights loaded into it, so the architecture must match)
-            resume: model_class.from_pretrained(checkpoint)
+            resume: load_trained(model_class, checkpoint)
             data-parallel wrapping ───────────────────────► wrap(model)              the module run forward
             each step, rng seeded by (seed, step, rank) ──► loss(wrapped, rng)       (loss, shown parts)
             each report ──────────────────────────────────► validate(model)          metrics; `progress`
@@ -131,5 +131,15 @@ class TrainingTask(ABC):
     @classmethod
     def export(cls, settings: TrainSettings, trained: Path, metrics: dict, folder: Path) -> None:
         """Write the trained model (a save_pretrained folder) as the run's output, into `folder`."""
-        model = cls.model_class.from_pretrained(str(trained))
-        model.to(settings.weights_dtype).save_pretrained(str(folder / cls.export_folder))
+        save_trained(cls.model_class, trained, settings.weights_dtype, folder / cls.export_folder)
+
+
+def load_trained(model_class: type, folder: Path):
+    """A save_pretrained folder's model, in float32 (low_cpu_mem_usage off: the default wants `accelerate`,
+    and only warns without it)."""
+    return model_class.from_pretrained(str(folder), use_safetensors=True, low_cpu_mem_usage=False)
+
+
+def save_trained(model_class: type, trained: Path, dtype, target: Path) -> None:
+    """Write a checkpoint's model (a save_pretrained folder) to `target` in `dtype`: a run's export."""
+    load_trained(model_class, trained).to(dtype).save_pretrained(str(target))

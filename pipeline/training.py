@@ -41,7 +41,7 @@ from safetensors.torch import load_file
 from ..codecs.errors import ImageLoadError, SourceError
 from ..codecs.parts.crops import LATENT_CACHE_ENV
 from ..codecs.registry import training_task, weights_folder
-from ..codecs.task import SettingsError, TrainingTask, TrainSettings
+from ..codecs.task import SettingsError, TrainingTask, TrainSettings, load_trained
 from .images import load_rgb
 from .sources import fetch, list_sources
 
@@ -120,7 +120,7 @@ def save_checkpoint(folder: Path, model, optimizer, step: int, metrics: dict) ->
 
 
 def load_checkpoint(folder: Path, model_class, optimizer_factory) -> tuple[Any, Any, int]:
-    model = model_class.from_pretrained(str(folder / "model"), use_safetensors=True)
+    model = load_trained(model_class, folder / "model")
     optimizer = optimizer_factory(model)
     optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
     return model, optimizer, json.loads((folder / "progress.json").read_text())["step"]

@@ -30,6 +30,7 @@ from ..hfd.nets import DetailDecoder
 from ..hfd.task import CONFIGS as DETAIL_CONFIGS
 from ..hfd.task import DEFAULT_AUTOENCODER, DetailDecoderTask, copy_weights, is_latent, model_folder
 from ..parts.models import resolve_folder
+from ..task import save_trained
 from .codec import LATENT_END_TO_END_FOLDER
 from .nets import EndToEndDecoder
 
@@ -87,8 +88,7 @@ class EndToEndDecoderTask(DetailDecoderTask):
         """The decoder's own folder; a latent one in LATENT_END_TO_END_FOLDER beside the vae/ and hfd/ of `--model`."""
         if not is_latent(settings.config):
             return super().export(settings, trained, metrics, folder)
-        model = cls.model_class.from_pretrained(str(trained))
-        model.to(settings.weights_dtype).save_pretrained(str(folder / LATENT_END_TO_END_FOLDER))
+        save_trained(cls.model_class, trained, settings.weights_dtype, folder / LATENT_END_TO_END_FOLDER)
         source = model_folder(settings.model or DEFAULT_AUTOENCODER)
         for part in ("vae", LATENT_FOLDER):
             copy_weights(source / part, folder / part)

@@ -32,15 +32,15 @@ loads: the autoencoder's vae/ and the network in hfd/ (detail.LATENT_FOLDER).
 
 from __future__ import annotations
 
-import numpy as np
-import torch
-
 import shutil
 from pathlib import Path
 
+import numpy as np
+import torch
+
 from ..hyperprior.codec import DEFAULT_HYPERPRIOR
 from ..parts.models import load_model, resolve_folder, weights_files
-from ..task import SettingsError, TrainingTask, TrainSettings
+from ..task import SettingsError, TrainingTask, TrainSettings, save_trained
 from .bases import HYPERPRIOR_FOLDER, AvifBase, HyperpriorBase
 from .detail import LATENT_DOWNSAMPLING, LATENT_FOLDER
 from .latent_data import LatentPairs
@@ -229,8 +229,7 @@ class DetailDecoderTask(TrainingTask):
         """The decoder's weights; a hyperprior-base decoder also keeps its base model, in HYPERPRIOR_FOLDER;
         a latent decoder is written to LATENT_FOLDER beside a copy of its autoencoder's vae/."""
         if is_latent(settings.config):
-            model = cls.model_class.from_pretrained(str(trained))
-            model.to(settings.weights_dtype).save_pretrained(str(folder / LATENT_FOLDER))
+            save_trained(cls.model_class, trained, settings.weights_dtype, folder / LATENT_FOLDER)
             copy_weights(model_folder(settings.model or DEFAULT_AUTOENCODER) / "vae", folder / "vae")
             return
         super().export(settings, trained, metrics, folder)

@@ -36,7 +36,7 @@ from ..parts.crops import center_crops, latent_crops, random_crops, training_lat
 from ..parts.denoisers import DiffusionDenoiser, noise_schedule, timestep_at
 from ..parts.latents import encode_latents
 from ..parts.models import load_model
-from ..task import SettingsError, TrainingTask, TrainSettings
+from ..task import SettingsError, TrainingTask, TrainSettings, save_trained
 from .nets import AUTOENCODER_CONFIGS, DIFFUSION_CONFIGS, AutoencoderPass, new_autoencoder, new_scheduler, new_unet
 
 KL_WEIGHT = 1e-6
@@ -195,5 +195,5 @@ class DiffusionTask(TrainingTask):
             vae = copy.deepcopy(autoencoder.vae)
             vae.register_to_config(scaling_factor=metrics["scaling_factor"])
             vae.to(settings.weights_dtype).save_pretrained(str(folder / "vae"))
-        UNet2DModel.from_pretrained(str(trained)).to(settings.weights_dtype).save_pretrained(str(folder / "unet"))
+        save_trained(UNet2DModel, trained, settings.weights_dtype, folder / "unet")
         new_scheduler(spec.objective).save_pretrained(str(folder / "scheduler"))
