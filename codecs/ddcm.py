@@ -52,7 +52,7 @@ from .parts.bitpack import BitReader, BitWriter, combination_bits, rank_combinat
 from .container import Header
 from .errors import BitstreamError, ModelError, ParameterError
 from .parts.latents import VAE_DOWNSAMPLING, decode_latents, encode_latents, images_to_tensor, latent_size, tensor_to_images
-from .parts.models import DEFAULT_MODEL, MODEL_PARAM_HELP, PRECISIONS, builtin_model_weights, load_model
+from .parts.models import DEFAULT_MODEL, MODEL_PARAM_HELP, PRECISIONS, UNET_PARAM_HELP, builtin_model_weights, load_model
 from .parts.noise import gaussian
 from .parts.denoisers import DiffusionDenoiser
 from .parts.samplers import codebook_ddpm, linspace_schedule
@@ -73,6 +73,7 @@ class DdcmCodec(Codec):
     description = "Denoising Diffusion Codebook Models: codebook-selected noise in reverse diffusion (ICML 2025)."
     params = (
         Param("model", str, DEFAULT_MODEL, MODEL_PARAM_HELP, location=True),
+        Param("unet", str, "", UNET_PARAM_HELP, location=True),
         Param("steps", int, 20, "reverse-diffusion steps T (T − 1 carry indices)", minimum=2, maximum=1000),
         Param("codebook", int, 256, "codebook size K, a power of two", minimum=2, maximum=1 << 16),
         Param("atoms", int, 1, "noise vectors per step and tile, M (mp, turbo)", minimum=1, maximum=512),
@@ -93,7 +94,7 @@ class DdcmCodec(Codec):
 
     def __init__(self, device: str = "cpu", **params):
         super().__init__(device, **params)
-        self.model = load_model(self.config["model"], device, PRECISIONS[self.config["precision"]])
+        self.model = load_model(self.config["model"], device, PRECISIONS[self.config["precision"]], self.config["unet"])
         if self.model.unet is None:
             raise ModelError(f"model {self.config['model']} has no diffusion UNet; ddcm needs one")
 
@@ -113,7 +114,7 @@ class DdcmCodec(Codec):
         return self.model.fingerprint
 
     def weights_folders(self) -> dict:
-        return {"": self.model.folder}
+        return self.model.weights_folders()
 
     # ------------------------------------------------------------------ geometry and rate
 

@@ -78,8 +78,8 @@ from ..parts.denoisers import DiffusionDenoiser, timestep_at
 from ..parts.latent_codecs import MeanScaleHyperpriorLatentCodec
 from ..parts.latents import VAE_DOWNSAMPLING, decode_latents, encode_latents, images_to_tensor, latent_size, tensor_to_images
 from ..parts.models import (
-    DEFAULT_MODEL, MODEL_PARAM_HELP, PRECISIONS, builtin_model_weights, check_safetensors, fingerprint, load_model,
-    part_folder,
+    DEFAULT_MODEL, MODEL_PARAM_HELP, PRECISIONS, UNET_PARAM_HELP, builtin_model_weights, check_safetensors, fingerprint,
+    load_model, part_folder,
 )
 from ..parts.colour import COLOUR_BYTES, COLOUR_PARAM, apply_colour, fit_colour, split_colour
 from ..parts.noise import gaussian
@@ -149,6 +149,7 @@ class LatentDenoiseCodec(Codec):
     description = "Quantized latent, denoised by the frozen diffusion model from a predicted timestep (ECCV 2024)."
     params = (
         Param("model", str, DEFAULT_MODEL, MODEL_PARAM_HELP, location=True),
+        Param("unet", str, "", UNET_PARAM_HELP, location=True),
         Param("predictors", str, "", "trained γ/t/entropy predictors (folder or URL); default: the model's latent_denoise/",
               location=True),
         Param("step", float, 1.0, "quantization step Δ of the transformed latent: the rate knob", minimum=0.01, maximum=64),
@@ -172,7 +173,7 @@ class LatentDenoiseCodec(Codec):
 
     def __init__(self, device: str = "cpu", **params):
         super().__init__(device, **params)
-        self.model = load_model(self.config["model"], device, PRECISIONS[self.config["precision"]])
+        self.model = load_model(self.config["model"], device, PRECISIONS[self.config["precision"]], self.config["unet"])
         if self.model.unet is None:
             raise ModelError(f"model {self.config['model']} has no diffusion UNet; latent-denoise needs one")
         self.predictors_dir = part_folder(self.config["model"], self.config["predictors"], PREDICTORS_FOLDER, "predictors")
@@ -200,7 +201,7 @@ class LatentDenoiseCodec(Codec):
         return self._fingerprint
 
     def weights_folders(self) -> dict:
-        return {"": self.model.folder, PREDICTORS_FOLDER: self.predictors_dir}
+        return {**self.model.weights_folders(), PREDICTORS_FOLDER: self.predictors_dir}
 
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
         return latent_size(self.model, height, width)

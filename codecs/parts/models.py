@@ -64,13 +64,24 @@ DEFAULT_MODEL = "builtin:taef2"
 # Built-in models that were the default before: streams name weights by fingerprint, so theirs are still
 # looked for there (`Codec.builtin_weights`, registry.open_codec).
 FORMER_DEFAULT_MODELS: tuple[str, ...] = ("builtin:ldm-small",)  # until issue 22
+# UNets the default model had before its unet/: their streams are found the same way, with the codecs'
+# `unet` parameter naming the folder. builtin:taef2's first UNet, 318 steps (2026-12-06), kept when it was
+# trained longer.
+FORMER_UNETS: tuple[str, ...] = ("builtin:taef2/unet-2026-12-06",)
 
 
 def builtin_model_weights() -> dict[str, dict[str, str]]:
-    """`Codec.builtin_weights` of a codec whose `model` parameter defaults to DEFAULT_MODEL: the default, and
-    each former default with the `model` that loads it."""
-    return {DEFAULT_MODEL: {}, **{reference: {"model": reference} for reference in FORMER_DEFAULT_MODELS}}
+    """`Codec.builtin_weights` of a codec whose `model` parameter defaults to DEFAULT_MODEL: the default, each
+    former default with the `model` that loads it, and each former UNet with the `unet` that loads it."""
+    return {
+        DEFAULT_MODEL: {},
+        **{reference: {"model": reference} for reference in FORMER_DEFAULT_MODELS},
+        **{reference: {"unet": reference} for reference in FORMER_UNETS},
+    }
+
+
 MODEL_PARAM_HELP = "diffusers latent diffusion model: builtin:NAME, folder, URL or hub id"
+UNET_PARAM_HELP = "the model's diffusion UNet from another folder (builtin:NAME/SUB, folder or URL); default: its unet/"
 
 # The arithmetic a codec's `precision` parameter names; weights are cast to it at load.
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -86,6 +97,8 @@ class LatentDiffusionModel:
     scheduler_config: dict | None
     fingerprint: bytes
     folder: Path | None = None
+    # The UNet's folder when it is not the model's own unet/ (the codecs' `unet` parameter).
+    unet_folder: Path | None = None
     extras: dict = field(default_factory=dict)
     # The autoencoder's alone (vae + latent scaling): what codecs that use no UNet, and the latent cache,
     # key on, so that training a UNet into the same folder changes nothing for them.
@@ -105,6 +118,10 @@ class LatentDiffusionModel:
 
     def modules(self) -> dict[str, torch.nn.Module]:
         return {name: m for name, m in (("vae", self.vae), ("unet", self.unet)) if m is not None}
+
+    def weights_folders(self) -> dict[str, Path | None]:
+        """Where the weights came from, laid out as one model folder (`Codec.weights_folders`)."""
+        return {"": self.folder, **({"unet": self.unet_folder} if self.unet_folder is not None else {})}
 
     def make_scheduler(self):
         """A fresh scheduler object (schedulers are stateful: one per sampling loop)."""
@@ -329,11 +346,11 @@ def _load_component(folder: Path, component: str, allowed: tuple[str, ...], dtyp
     return cls.from_pretrained(str(directory), use_safetensors=True, torch_dtype=dtype, low_cpu_mem_usage=False)
 
 
-def _load_from_folder(reference: str, folder: Path, dtype: torch.dtype):
+def _load_from_folder(reference: str, folder: Path, dtype: torch.dtype, load_unet: bool = True):
     if not (folder / "vae").is_dir():
         raise ModelError(f"model folder {folder} (from {reference!r}) has no vae/ subfolder")
     vae = _load_component(folder, "vae", VAE_CLASSES, dtype)
-    unet = _load_component(folder, "unet", UNET_CLASSES, dtype) if (folder / "unet").is_dir() else None
+    unet = _load_component(folder, "unet", UNET_CLASSES, dtype) if load_unet and (folder / "unet").is_dir() else None
     scheduler_file = folder / "scheduler" / "scheduler_config.json"
     scheduler = json.loads(scheduler_file.read_text()) if scheduler_file.is_file() else None
     return vae, unet, scheduler
@@ -357,27 +374,34 @@ def _load_from_hub(reference: str, dtype: torch.dtype):
 
 
 @functools.lru_cache(maxsize=8)
-def _load_cached(reference: str, device: str, dtype: torch.dtype) -> LatentDiffusionModel:
+def _load_cached(reference: str, unet_reference: str, device: str, dtype: torch.dtype) -> LatentDiffusionModel:
     folder = resolve_folder(reference)
     if folder is None:
         vae, unet, scheduler = _load_from_hub(reference, dtype)
     else:
-        vae, unet, scheduler = _load_from_folder(reference, folder, dtype)
+        vae, unet, scheduler = _load_from_folder(reference, folder, dtype, load_unet=not unet_reference)
+    unet_folder = None
+    if unet_reference:
+        unet_folder = resolve_folder(unet_reference)
+        if unet_folder is None:
+            raise ModelError(f"unet {unet_reference!r} is not a folder or an fsspec URL of one")
+        unet = _load_component(unet_folder.parent, unet_folder.name, UNET_CLASSES, dtype)
     modules = {name: m for name, m in (("vae", vae), ("unet", unet)) if m is not None}
     for module in modules.values():
         module.to(device).eval().requires_grad_(False)
-    model = LatentDiffusionModel(reference, vae, unet, scheduler, b"", folder)
+    model = LatentDiffusionModel(reference, vae, unet, scheduler, b"", folder, unet_folder)
     model.fingerprint = fingerprint(modules, (model.scaling_factor, model.shift_factor), schedule_signature(scheduler))
     model.autoencoder_fingerprint = fingerprint({"vae": vae}, (model.scaling_factor, model.shift_factor))
     return model
 
 
-def load_model(reference: str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> LatentDiffusionModel:
-    """Load a model once per process (per reference, device and dtype); later calls return the same object.
+def load_model(reference: str, device: str = "cpu", dtype: torch.dtype = torch.float32, unet: str = "") -> LatentDiffusionModel:
+    """Load a model once per process (per reference, UNet, device and dtype); later calls return the same
+    object. `unet` names a folder whose UNet replaces the model's unet/ (a former one, a fine-tuned one).
 
     The modules are in eval mode with gradients off: codecs share them and must not change them.
     """
-    return _load_cached(canonical_reference(reference), str(device), dtype)
+    return _load_cached(canonical_reference(reference), canonical_reference(unet) if unet else "", str(device), dtype)
 
 
 # ---------------------------------------------------------------- built-ins

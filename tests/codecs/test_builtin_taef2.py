@@ -65,3 +65,17 @@ def test_other_weights_and_damaged_payloads_are_refused(name, crop):
     for damaged in (payload[:3], payload[:-5]):
         with pytest.raises(BitstreamError):
             decoder.decode([container.pack(header, damaged)])
+
+
+def test_a_unet_parameter_replaces_the_models_unet_and_is_the_one_an_archive_embeds():
+    """builtin:taef2's first UNet is kept in unet-2026-12-06/: `unet` loads it beside taef2's vae/, under
+    another fingerprint, and `encode --embed-model` copies it as the embedded model's unet/."""
+    from diffarc.codecs.parts.models import BUILTIN_DIR
+
+    former = create_codec("ddcm", {**CODECS["ddcm"], "unet": "builtin:taef2/unet-2026-12-06"})
+    current = create_codec("ddcm", CODECS["ddcm"])
+    assert former.fingerprint != current.fingerprint
+    files = former.weights_files()
+    assert files["unet/diffusion_pytorch_model.safetensors"] == BUILTIN_DIR / "taef2/unet-2026-12-06/diffusion_pytorch_model.safetensors"
+    assert files["vae/taef2_decoder.safetensors"] == BUILTIN_DIR / "taef2/vae/taef2_decoder.safetensors"
+    assert current.weights_files()["unet/diffusion_pytorch_model.safetensors"] == BUILTIN_DIR / "taef2/unet/diffusion_pytorch_model.safetensors"

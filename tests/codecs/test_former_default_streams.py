@@ -1,8 +1,10 @@
-"""Streams of builtin:ldm-small, the default model before issue 22, decode to the pixels they decoded to then.
+"""Streams of former default weights decode to the pixels they decoded to then: builtin:ldm-small's, the
+default model before issue 22, and builtin:taef2's with its first UNet (318 steps), before it was trained longer.
 
-The streams and the SHA-256 of their decoded pixels were made with the code of commit 98bffad, before the
-default moved to builtin:taef2 (a 32 × 48 `photo_like` picture, seed 5). The decoder is found as
-`diffarc decode` finds it, from the stream alone: builtin:ldm-small is among each codec's built-in weights.
+The streams and the SHA-256 of their decoded pixels were made with the code of commit 98bffad (ldm-small),
+before the default moved to builtin:taef2, and of commit 3ce650d (taef2's first UNet), each from a 32 × 48
+`photo_like` picture, seed 5. The decoder is found as `diffarc decode` finds it, from the stream alone: the
+former weights are among each codec's built-in weights (parts/models.py: builtin_model_weights).
 """
 
 import hashlib
@@ -41,6 +43,45 @@ STREAMS = {
 }
 
 
+# Written with builtin:taef2's unet/ of 2026-12-06, now builtin:taef2/unet-2026-12-06.
+TAEF2_FIRST_UNET_STREAMS = {
+    "ddcm": (
+        "e7568976698d5b65b94a7d4297c8a4018a71c8333e65e667133e5e81b747a40a",
+        "4446415201046464636d007d7b2261746f6d73223a312c22636f6465626f6f6b223a36342c22636f65665f62697473223a322c22636f6c6f757222"
+        "3a22616666696e65222c22707265636973696f6e223a2266703332222c2273656564223a302c2273656c656374696f6e223a226172676d6178222c"
+        "227374657073223a382c2274696c65223a347d20d89e2eb97ab2ade5b7e09012d3066e800f7a31e4eb23c4ecb707c4cb1947c54200000030000000"
+        "2000000023333905ebbb5381506be3809c4081c099ba9a42d9464638f2c29dc23f40e9d392579a49c1e09f9b"
+    ),
+    "latent-denoise": (
+        "782def92dae481e0e57b7c0db0ad64a1edbcf1a1e61b6839502dd25092cdb7b4",
+        "44464152010e6c6174656e742d64656e6f697365005e7b22636f6c6f7572223a22616666696e65222c22707265636973696f6e223a226670333222"
+        "2c2272656e6f697365223a302e302c2273746570223a302e392c227374657073223a342c2274696d6573746570223a2270726564696374227d2027"
+        "dab5906fe67ab0f5f79df201dd9e8fc5d4a7ba0e0b2bed74487530e92196e00000003000000020000001a28c00ffb32c325dba3a35f1b78232bf33"
+        "4d39fb346839513bb9badcb4d63401b8a6aa24b9f735deb6efb1bab2693194ac9abbdcbaeabc74346fb39b3900b643bc7b3071398f3cf73c833ae0"
+        "3a733bb33dec39b83b1a3ad739f13c123b583aa5395e3a533bec3aba39be3c313be839c83b56393b3a393c9b3be23a513a423c943bf939fcff0300"
+        "ffff020008000000d111ea8884fe428a13c726c9d514ce190ddacf47968006d371510a9d7bdee387a9a653510811973b28da8277f561d718f5c1ee"
+        "dcb36ddd862f8c255f99327e93a6d5704d6cc66ee8675808d769cbd0741a0b18ab40ef0e10f88e6fe84f3b26a5240c75ce962bc453ee1df2461286"
+        "bbe32fb68f6216f6108097d89e0ed39124ee6a9fbbcd0d1c308a78ebd5258cac156377aad0f3d0009af487fc0e6e039ee1113e2a6a4d415db553c6"
+        "1e644f8f19a158e8ea4c70aed0b5fe3b9e72b638d0ffc026c7411004c5f0e50873038cd45c18857d85eaf6bc1a24ba328c05a0dce6696b55ee7ceb"
+        "9f3d68ef95123c8b899a55ebf615b1a104eb8125b79e5286473c22ad93abc3abe73b59b433a8b4a31a3dcc36b64d08483c56dff3"
+    ),
+    "corrdiff-latent": (
+        "782def92dae481e0e57b7c0db0ad64a1edbcf1a1e61b6839502dd25092cdb7b4",
+        "44464152010f636f7272646966662d6c6174656e7400837b22636f6c6f7572223a22616666696e65222c226d61785f70736e725f6c6f7373223a30"
+        "2e332c2270657263657074696f6e223a302e352c22707265636973696f6e223a2266703332222c2272656e6f697365223a302e302c227374657022"
+        "3a302e392c227374657073223a342c2274696d6573746570223a2270726564696374227d2027dab5906fe67ab0f5f79df201dd9e8fc5d4a7ba0e0b"
+        "2bed74487530e92196e00000003000000020000001a3008c00ffb32c325dba3a35f1b78232bf334d39fb346839513bb9badcb4d63401b8a6aa24b9"
+        "f735deb6efb1bab2693194ac9abbdcbaeabc74346fb39b3900b643bc7b3071398f3cf73c833ae03a733bb33dec39b83b1a3ad739f13c123b583aa5"
+        "395e3a533bec3aba39be3c313be839c83b56393b3a393c9b3be23a513a423c943bf939fcff0300ffff020008000000d111ea8884fe428a13c726c9"
+        "d514ce190ddacf47968006d371510a9d7bdee387a9a653510811973b28da8277f561d718f5c1eedcb36ddd862f8c255f99327e93a6d5704d6cc66e"
+        "e8675808d769cbd0741a0b18ab40ef0e10f88e6fe84f3b26a5240c75ce962bc453ee1df2461286bbe32fb68f6216f6108097d89e0ed39124ee6a9f"
+        "bbcd0d1c308a78ebd5258cac156377aad0f3d0009af487fc0e6e039ee1113e2a6a4d415db553c61e644f8f19a158e8ea4c70aed0b5fe3b9e72b638"
+        "d0ffc026c7411004c5f0e50873038cd45c18857d85eaf6bc1a24ba328c05a0dce6696b55ee7ceb9f3d68ef95123c8b899a55ebf615b1a104eb8125"
+        "b79e5286473c22ad93abc3abe73b59b433a8b4a31a3dcc36b64d0848066445fd"
+    ),
+}
+
+
 @pytest.mark.parametrize(
     "codec", [pytest.param(name, marks=pytest.mark.slow) if name == "corrdiff-latent" else name for name in sorted(STREAMS)]
 )
@@ -49,4 +90,13 @@ def test_a_stream_of_the_former_default_model_decodes_bit_identically_without_na
     stream = bytes.fromhex(hex_stream)
     decoder = codec_for_header(read_header(stream))
     assert decoder.name == codec and decoder.locations["model"] == "builtin:ldm-small"
+    assert hashlib.sha256(decoder.decode([stream])[0].tobytes()).hexdigest() == digest
+
+
+@pytest.mark.parametrize("codec", sorted(TAEF2_FIRST_UNET_STREAMS))
+def test_a_stream_of_taef2s_first_unet_decodes_bit_identically_without_naming_it(codec):
+    digest, hex_stream = TAEF2_FIRST_UNET_STREAMS[codec]
+    stream = bytes.fromhex(hex_stream)
+    decoder = codec_for_header(read_header(stream))
+    assert decoder.locations == {**decoder.locations, "model": "builtin:taef2", "unet": "builtin:taef2/unet-2026-12-06"}
     assert hashlib.sha256(decoder.decode([stream])[0].tobytes()).hexdigest() == digest

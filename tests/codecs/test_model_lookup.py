@@ -86,7 +86,7 @@ def test_latent_denoise_weights_are_the_model_and_its_predictors(weights, tmp_pa
     codec = create_codec("latent-denoise", {"model": str(weights["model"]), "step": 0.5})
     assert codec.weights_folders() == {"": weights["model"], PREDICTORS_FOLDER: weights["model"] / PREDICTORS_FOLDER}
     assert codec.stream_params.keys() == {"step", "timestep", "steps", "renoise", "colour", "precision"}
-    assert codec.locations == {"model": str(weights["model"]), "predictors": ""}
+    assert codec.locations == {"model": str(weights["model"]), "unet": "", "predictors": ""}
     stream = codec.encode([IMAGE])[0]
     header = container.unpack(stream)[0]
     assert codec_for_header(header, model=str(weights["copy"])).fingerprint == header.fingerprint
