@@ -206,14 +206,15 @@ def read_header(stream: bytes) -> Header:
 
 def builtin_codec_weights() -> list[dict[str, Any]]:
     """The shipped weights that belong to one codec rather than being a latent diffusion model (hfd's
-    detail decoder): one row per built-in folder a codec's default points at, as `builtin_models` rows."""
+    detail decoder): one row per built-in folder a codec's default points at, as `builtin_models` rows.
+    A part inside a model's folder (taef2's former UNet, glc's former transforms) is in that model's row."""
     from .parts.models import BUILTIN_DIR, folder_bytes, parameter_count
 
     rows = []
     for name in codec_names():
         for reference, params in codec_class(name).builtin_weights().items():
             folder = BUILTIN_DIR / reference.split(":", 1)[1]
-            if folder.is_dir() and not (folder / "vae").is_dir():
+            if folder.is_dir() and not (folder / "vae").is_dir() and not (folder.parent / "vae").is_dir():
                 rows.append({
                     "name": reference, "path": str(folder), "parameters": parameter_count(folder),
                     "bytes": folder_bytes(folder), "fingerprint": create_codec(name, params).fingerprint.hex(),

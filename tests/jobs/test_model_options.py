@@ -46,7 +46,7 @@ def test_an_archive_with_embedded_weights_decodes_after_they_are_gone(ray_cluste
     assert encoded.exit_code == 0, encoded.output
     manifest = require_manifest(Location(str(arc)))
     fingerprint = manifest.codec.fingerprint
-    assert manifest.codec.hint == {"model": str(weights)} and "model" not in manifest.codec.params
+    assert manifest.codec.hint == {"model": str(weights), "unet": ""} and "model" not in manifest.codec.params
     assert [m.fingerprint for m in manifest.models] == [fingerprint]
     assert (arc / "models" / fingerprint / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     assert run("cat", arc, "sub/e.jpg", "--stream", "-o", tmp_path / "e.dfar").exit_code == 0
@@ -130,7 +130,7 @@ def test_resuming_accepts_the_same_weights_elsewhere_and_refuses_other_weights(r
     resumed = run("encode", image_folder, arc, *DDCM, "--param", f"model={copy}", "--json")
     assert resumed.exit_code == 0, resumed.output
     assert (json.loads(resumed.stdout)["already_done"], json.loads(resumed.stdout)["encoded"]) == (6, 1)
-    assert require_manifest(Location(str(arc))).codec.hint == {"model": str(copy)}
+    assert require_manifest(Location(str(arc))).codec.hint == {"model": str(copy), "unet": ""}
 
     other = save_tiny_ldm(tmp_path / "other", seed=1)
     (image_folder / "newer.png").write_bytes((image_folder / "new.png").read_bytes())

@@ -274,7 +274,7 @@ def test_an_archive_of_the_first_format_still_decodes_verifies_and_resumes(ray_c
     resumed = run_encode(str(image_folder), str(arc), EncodeOptions("ddcm", params, actors=1))
     assert (resumed.already_done, resumed.encoded) == (3, 3)
     assert json.loads((arc / MANIFEST).read_text())["log"] == {"first_commit": 2}  # resuming started the log
-    assert require_manifest(Location(str(arc))).codec.hint == {"model": model}
+    assert require_manifest(Location(str(arc))).codec.hint == {"model": model, "unet": ""}
     assert run_decode(str(arc), str(tmp_path / "all"), model=model, actors=1).decoded == 6
     assert run_verify(str(arc), model=model, actors=1).intact  # old full streams and new compact ones side by side
 
