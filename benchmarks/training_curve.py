@@ -5,7 +5,8 @@
 Reads the lines `diffarc train` prints ("[what] step N/M, loss L, <field> V, …"), keeps the last value
 per step (Ray repeats some lines), and prints step, loss and the field. Several logs (a run and its
 resumes, or two runs to compare) may be given; each is one line in the plot, labelled by its file name
-or by --labels.
+or by --labels. A run started from another's weights (`--init`) counts its steps from 0: --offsets adds
+the steps its weights had already taken.
 """
 
 from __future__ import annotations
@@ -15,13 +16,13 @@ import re
 from pathlib import Path
 
 
-def read_curve(path: Path, field: str) -> dict[int, tuple[float, float]]:
-    """{step: (loss, field value)} from one log."""
+def read_curve(path: Path, field: str, offset: int = 0) -> dict[int, tuple[float, float]]:
+    """{step + offset: (loss, field value)} from one log."""
     pattern = re.compile(rf"step (\d+)/\d+, loss ([\d.e+-]+), .*?{re.escape(field)} ([\d.e+-]+)")
     curve = {}
     for line in path.read_text(errors="replace").splitlines():
         if match := pattern.search(line):
-            curve[int(match.group(1))] = (float(match.group(2)), float(match.group(3)))
+            curve[offset + int(match.group(1))] = (float(match.group(2)), float(match.group(3)))
     return curve
 
 
@@ -30,10 +31,14 @@ def main() -> None:
     parser.add_argument("logs", nargs="+", type=Path)
     parser.add_argument("--field", default="val x0-MSE", help="the progress field to plot (default: %(default)s)")
     parser.add_argument("--labels", default=None, help="comma-separated labels, one per log")
+    parser.add_argument("--offsets", default=None, help="comma-separated steps added to each log's (default: 0)")
     parser.add_argument("--out", default=None, help="PNG to write (default: print only)")
     args = parser.parse_args()
     labels = args.labels.split(",") if args.labels else [path.stem for path in args.logs]
-    curves = {label: read_curve(path, args.field) for label, path in zip(labels, args.logs)}
+    offsets = [int(o) for o in args.offsets.split(",")] if args.offsets else [0] * len(args.logs)
+    curves: dict[str, dict] = {}
+    for label, path, offset in zip(labels, args.logs, offsets, strict=True):
+        curves.setdefault(label, {}).update(read_curve(path, args.field, offset))  # a label's logs: one line
     for label, curve in curves.items():
         print(f"{label}:  step  loss  {args.field}")
         for step in sorted(curve):
