@@ -134,12 +134,12 @@ class TrainingTask(ABC):
         save_trained(cls.model_class, trained, settings.weights_dtype, folder / cls.export_folder)
 
 
-def load_trained(model_class: type, folder: Path):
-    """A save_pretrained folder's model, in float32 (low_cpu_mem_usage off: the default wants `accelerate`,
-    and only warns without it)."""
-    return model_class.from_pretrained(str(folder), use_safetensors=True, low_cpu_mem_usage=False)
+def load_trained(model_class: type, folder: Path, dtype=None):
+    """A save_pretrained folder's model in `dtype` (default float32), cast as it loads (casting afterwards
+    makes diffusers warn); low_cpu_mem_usage off: the default wants `accelerate`, and only warns without it."""
+    return model_class.from_pretrained(str(folder), use_safetensors=True, low_cpu_mem_usage=False, torch_dtype=dtype)
 
 
 def save_trained(model_class: type, trained: Path, dtype, target: Path) -> None:
     """Write a checkpoint's model (a save_pretrained folder) to `target` in `dtype`: a run's export."""
-    load_trained(model_class, trained).to(dtype).save_pretrained(str(target))
+    load_trained(model_class, trained, dtype).save_pretrained(str(target))
