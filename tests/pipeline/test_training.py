@@ -220,7 +220,7 @@ def test_in_process_training_refuses_several_workers_and_a_cluster(tmp_path):
         (["latent-denoise"], "--model"),
         (["autoencoder", "--crop", "36"], "multiple of 8"),
         (["autoencoder"], "--lpips-weights"),
-        (["diffusion", "--autoencoder", "builtin:taef2", "--init", "builtin:taef2"], "unet/: name one of them"),
+        (["diffusion", "--autoencoder", "builtin:taef2", "--init", "builtin:taef2"], "latent_denoise/, unet/"),
     ],
 )
 def test_train_refuses_incomplete_settings_before_starting_ray(tmp_path, monkeypatch, args, complaint):
