@@ -146,6 +146,7 @@ class CorrectedDenoiser:
     def __init__(self, denoiser, estimate: torch.Tensor, strength: float):
         self.denoiser, self.estimate, self.strength = denoiser, estimate, strength
         self.alphas_cumprod = denoiser.alphas_cumprod  # the sampler's schedule reads it
+        self.alpha_bar = denoiser.alpha_bar  # and `renoise` its noise level
 
     def __call__(self, x: torch.Tensor, t: int, cond: torch.Tensor | None = None):
         weight = correction_weight(self.strength, t / len(self.alphas_cumprod))

@@ -52,7 +52,7 @@ from .restorer import LatentRestorer
 RESTORER_FOLDER = "corrdiff_latent"  # where a model folder keeps its end-to-end restorer
 # Not latent-denoise's: the colour transform too, which follows the whole payload and is fitted to this
 # codec's picture (the inner latent-denoise payload carries none).
-OWN_PARAMS = ("restorer", "perception", "max_psnr_loss", "colour")
+OWN_PARAMS = ("restorer", "estimate", "perception", "max_psnr_loss", "colour")
 
 
 @functools.lru_cache(maxsize=4)
@@ -81,7 +81,9 @@ class LatentCorrDiffCodec(Codec):
             for p in LatentDenoiseCodec.params
         ),
         Param("restorer", str, "", "end-to-end latent restorer (folder or URL); default: the model's corrdiff_latent/ "
-              "if it has one, else the latent codec's own decode", location=True),
+              "if it has one, else `estimate`", location=True),
+        Param("estimate", str, "unet", "the end-to-end estimate where there is no restorer: the UNet's x̂0 at the "
+              "predicted t (one call), or the latent codec's own ẑ", choices=("unet", "latent"), absent="latent"),
         Param("perception", float, 0.5, "0: the end-to-end (MSE) decode … ½: the encoder's choice … 1: plain latent-denoise",
               minimum=0.0, maximum=1.0, decode_time=True),
         Param("max_psnr_loss", float, 0.3, "encoder: the most PSNR (dB) its choice may lose to the end-to-end decode",
@@ -132,7 +134,7 @@ class LatentCorrDiffCodec(Codec):
         config = self.stream_config(header)
         inner = split_level(split_colour(payload, config, self.name)[0])[1]
         cost = self.latent.decode_cost(self._latent_header(header.height, header.width, config), inner)
-        return DecodeCost(cost.pixels, cost.passes + (self.restorer is not None))
+        return DecodeCost(cost.pixels, cost.passes + (self.restorer is not None or config["estimate"] == "unet"))
 
     # ------------------------------------------------------------------ encode: the privileged choice
 
@@ -141,7 +143,7 @@ class LatentCorrDiffCodec(Codec):
         payloads = []
         for image, inner in zip(images, self.latent.encode_payloads(images), strict=True):
             size = image.shape[:2]
-            z_hat, t, estimate = self._restored(inner, self._latent_header(*size, self.config))
+            z_hat, t, estimate = self._restored(inner, self._latent_header(*size, self.config), self.config)
             picture = lambda level: self.picture(z_hat, t, estimate, self.config, level / (LEVELS - 1), size)  # noqa: E731
             level = privileged_level(lambda lv: psnr(image, picture(lv)), self.config["max_psnr_loss"])
             payload = bytes([level]) + inner
@@ -150,10 +152,17 @@ class LatentCorrDiffCodec(Codec):
             payloads.append(payload)
         return payloads
 
-    def _restored(self, inner: bytes, header: Header) -> tuple[torch.Tensor, int, torch.Tensor]:
+    def _restored(self, inner: bytes, header: Header, config: dict) -> tuple[torch.Tensor, int, torch.Tensor]:
         """(ẑ, t, ẑ_e): what latent-denoise's decoder reads from its payload, and the end-to-end estimate."""
         z_hat, t, channel_step = self.latent.dequantized(inner, header)
-        return z_hat, t, z_hat if self.restorer is None else self.restorer(z_hat, channel_step).float()
+        if self.restorer is not None:
+            return z_hat, t, self.restorer(z_hat, channel_step).float()
+        if config["estimate"] == "latent" or t == 0:
+            return z_hat, t, z_hat
+        # The sent t is t_scale times the prediction; the posterior mean wants the prediction itself.
+        predicted = min(self.latent.predictors.config.max_timestep, round(t / config["t_scale"]))
+        denoiser = DiffusionDenoiser.from_model(self.latent.model, PRECISIONS[config["precision"]])
+        return z_hat, t, denoiser(denoiser.alpha_bar(predicted) ** 0.5 * z_hat, predicted)[0].float()
 
     # ------------------------------------------------------------------ decode
 
@@ -164,7 +173,7 @@ class LatentCorrDiffCodec(Codec):
             config = self.stream_config(header)
             payload, colour = split_colour(payload, config, self.name)
             chosen, inner = split_level(payload)
-            z_hat, t, estimate = self._restored(inner, self._latent_header(header.height, header.width, config))
+            z_hat, t, estimate = self._restored(inner, self._latent_header(header.height, header.width, config), config)
             g = strength(config["perception"], chosen)
             image = self.picture(z_hat, t, estimate, config, g, (header.height, header.width))
             images.append(image if colour is None else apply_colour(image, colour))

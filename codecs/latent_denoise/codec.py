@@ -153,10 +153,12 @@ class LatentDenoiseCodec(Codec):
         Param("predictors", str, "", "trained γ/t/entropy predictors (folder or URL); default: the model's latent_denoise/",
               location=True),
         Param("step", float, 1.0, "quantization step Δ of the transformed latent: the rate knob", minimum=0.01, maximum=64),
-        Param("timestep", str, "off", "t: predicted from the quantized latent, searched by LPIPS at the encoder, or off (t = 0)",
+        Param("timestep", str, "predict", "t: predicted from the quantized latent, searched by LPIPS at the encoder, or off (t = 0)",
               choices=("predict", "search", "off")),
-        Param("steps", int, 4, "most denoising UNet calls (fewer when t is smaller)", minimum=1, maximum=100),
-        Param("renoise", float, 0.0, "seeded Gaussian noise added before denoising, as a multiple of t's noise variance",
+        Param("t_scale", float, 0.5, "timestep=predict: the encoder sends this multiple of the predicted t",
+              minimum=0.0, maximum=2.0, absent=1.0),
+        Param("steps", int, 8, "most denoising UNet calls (fewer when t is smaller)", minimum=1, maximum=100),
+        Param("renoise", float, 0.5, "seeded Gaussian noise added before denoising, as a multiple of t's noise variance",
               minimum=0.0, maximum=16.0, absent=0.0),
         COLOUR_PARAM,
         Param("precision", str, "fp32", "UNet and VAE arithmetic", choices=tuple(PRECISIONS), build_time=True),
@@ -224,9 +226,11 @@ class LatentDenoiseCodec(Codec):
         if config["timestep"] == "off":
             t = 0
         else:
-            t = int(round(float(self.predictors.timestep(z_hat, step, scale)[0])))
+            predicted = float(self.predictors.timestep(z_hat, step, scale)[0])
             if config["timestep"] == "search":
-                t = self._search_timestep(image, z_hat, t)
+                t = self._search_timestep(image, z_hat, round(predicted))
+            else:
+                t = min(self.predictors.config.max_timestep, round(config["t_scale"] * predicted))
         (y_range,), (y_words,), (z_range,), (z_words,) = coded["strings"]
         gamma = torch.cat([shift[0], scale[0]]).half().cpu().numpy().astype("<f2").tobytes()
         payload = TIMESTEP.pack(t) + gamma + CODED.pack(y_range, z_range, len(z_words)) + z_words + y_words

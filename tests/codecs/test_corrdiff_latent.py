@@ -90,14 +90,18 @@ def test_the_encoder_sends_the_most_perceptual_level_within_its_psnr_bound(model
     assert psnr(image, codec.decode([stream])[0]) >= psnr(image, decode_at(model, stream, 0.0)) - max_psnr_loss
 
 
-def test_without_a_restorer_the_latent_codecs_own_decode_is_the_end_to_end_one(model, image, tmp_path):
-    """A model folder without corrdiff_latent/ (builtin:taef2): perception 0 is latent-denoise's t = 0
-    decode VAE(ẑ), 1 its decode from the sent t; the stream is bound to latent-denoise's weights alone."""
+@pytest.mark.parametrize("estimate", ["unet", "latent"])
+def test_without_a_restorer_the_end_to_end_decode_is_the_unets_estimate_or_the_latent_codecs_own(model, image, tmp_path, estimate):
+    """A model folder without corrdiff_latent/ (builtin:taef2): perception 0 is VAE(x̂0) of one UNet call at
+    the predicted t (`estimate=unet`), or latent-denoise's t = 0 decode VAE(ẑ) (`latent`, and every stream
+    made before `estimate` existed); 1 is latent-denoise's decode from the sent t. The stream is bound to
+    latent-denoise's weights alone."""
+    import dataclasses
     import shutil
 
     bare = str(shutil.copytree(model, tmp_path / "bare", ignore=shutil.ignore_patterns(RESTORER_FOLDER)))
-    codec = create_codec("corrdiff-latent", {"model": bare, **PARAMS, "max_psnr_loss": 20})
-    latent = create_codec("latent-denoise", {"model": bare, **PARAMS, "timestep": "predict"})
+    codec = create_codec("corrdiff-latent", {"model": bare, **PARAMS, "estimate": estimate, "max_psnr_loss": 20})
+    latent = create_codec("latent-denoise", {"model": bare, **PARAMS})
     assert codec.restorer is None and codec.fingerprint == latent.fingerprint
     assert RESTORER_FOLDER not in codec.weights_folders()
     [stream] = codec.encode([image])
@@ -105,10 +109,23 @@ def test_without_a_restorer_the_latent_codecs_own_decode_is_the_end_to_end_one(m
     [plain_stream] = latent.encode([image])
     plain_header, plain_payload = container.unpack(plain_stream)
     assert plain_payload == payload[1:]
-    at_t0 = container.pack(plain_header, b"\0\0" + plain_payload[2:])  # the same latent with t = 0
-    np.testing.assert_array_equal(decode_at(bare, stream, 0.0), latent.decode([at_t0])[0])
+    z_hat, t, _ = latent.dequantized(plain_payload, plain_header)
+    if estimate == "unet":
+        predicted = round(t / latent.config["t_scale"])
+        denoiser = DiffusionDenoiser.from_model(latent.model)
+        with torch.inference_mode():
+            x0 = denoiser(denoiser.alpha_bar(predicted) ** 0.5 * z_hat, predicted)[0]
+        assert 0 < t < predicted and not torch.equal(x0, z_hat)
+        end_to_end = latent.pixels(x0, latent.config, image.shape[:2])
+    else:
+        end_to_end = latent.decode([container.pack(plain_header, b"\0\0" + plain_payload[2:])])[0]  # t = 0
+    np.testing.assert_array_equal(decode_at(bare, stream, 0.0), end_to_end)
     np.testing.assert_array_equal(decode_at(bare, stream, 1.0), latent.decode([plain_stream])[0])
-    assert codec.decode_cost(header, payload).passes == latent.decode_cost(plain_header, plain_payload).passes
+    unet_calls = latent.decode_cost(plain_header, plain_payload).passes
+    assert codec.decode_cost(header, payload).passes == unet_calls + (estimate == "unet")
+    if estimate == "latent":  # a stream from before the parameter names none and decodes as `latent` does
+        older = dataclasses.replace(header, params={k: v for k, v in header.params.items() if k != "estimate"})
+        np.testing.assert_array_equal(decode_at(bare, container.pack(older, payload), 0.0), end_to_end)
     with pytest.raises(BitstreamError, match="fingerprint"):  # a stream of the model with its restorer
         codec.decode(create_codec("corrdiff-latent", {"model": model, **PARAMS}).encode([image]))
 

@@ -58,7 +58,8 @@ def test_any_size_round_trips_and_the_decoder_rebuilds_the_latent(tiny_model):
     # What the codec reports about a stream (the bench prints it) is what the stream holds.
     z_bytes = CODED.unpack_from(container.unpack(streams[0])[1], 2 + 4 * 4)[2]
     side_bytes = 2 + 4 * 4 + 12 + z_bytes + COLOUR_BYTES
-    assert codec.stream_stats(streams[0]) == {"t": t, "denoising_steps": min(4, t), "side_info_bits": 8 * side_bytes}
+    start = start_timestep(codec.denoiser.alphas_cumprod, t, codec.config["renoise"])
+    assert codec.stream_stats(streams[0]) == {"t": t, "denoising_steps": min(8, start), "side_info_bits": 8 * side_bytes}
 
 
 def test_a_coarser_step_costs_fewer_bits(tiny_model):
@@ -91,7 +92,7 @@ def test_denoising_runs_the_promised_number_of_unet_calls(tiny_model):
 
 
 def test_renoise_starts_later_with_seeded_noise_and_streams_without_it_decode_as_they_did(tiny_model):
-    params = {"model": tiny_model, "step": 0.5, "timestep": "predict"}
+    params = {"model": tiny_model, "step": 0.5, "timestep": "predict", "steps": 4}
     plain, renoised = (create_codec("latent-denoise", {**params, "renoise": r}) for r in (0.0, 1.0))
     [stream] = renoised.encode([IMAGES[0]])
     header, payload = container.unpack(stream)
@@ -109,6 +110,23 @@ def test_renoise_starts_later_with_seeded_noise_and_streams_without_it_decode_as
     assert container.unpack(no_noise)[0].params["renoise"] == 0.0
     assert np.array_equal(plain.decode([container.pack(older, container.unpack(no_noise)[1])])[0], plain.decode([no_noise])[0])
     assert not np.array_equal(renoised.decode([container.pack(header, container.unpack(no_noise)[1])])[0], plain.decode([no_noise])[0])
+
+
+def test_the_encoder_sends_t_scale_times_the_predicted_t(tiny_model):
+    """The t-net is trained for the denoised latent's MSE; the encoder sends a multiple of its prediction
+    (½ by default: MODELS.md), and search ignores the multiple."""
+    params = {"model": tiny_model, "step": 0.5, "timestep": "predict", "colour": "off"}
+    full, half, none = (create_codec("latent-denoise", {**params, "t_scale": s}) for s in (1.0, 0.5, 0.0))
+    assert half.config["t_scale"] == create_codec("latent-denoise", {"model": tiny_model}).config["t_scale"]
+    predicted = side_info(full.encode([IMAGES[0]])[0])[0]
+    assert predicted > 10
+    assert abs(side_info(half.encode([IMAGES[0]])[0])[0] - predicted / 2) <= 1
+    assert side_info(none.encode([IMAGES[0]])[0])[0] == 0
+    # A stream made before t_scale decodes as it did: the decoder reads only the sent t.
+    [stream] = half.encode([IMAGES[0]])
+    header, payload = container.unpack(stream)
+    older = dataclasses.replace(header, params={k: v for k, v in header.params.items() if k != "t_scale"})
+    assert np.array_equal(half.decode([container.pack(older, payload)])[0], half.decode([stream])[0])
 
 
 def test_a_stream_decodes_identically_in_another_process(tiny_model, tmp_path):
@@ -166,7 +184,8 @@ def test_search_keeps_the_candidate_with_the_best_lpips(tiny_model, monkeypatch)
     # Without a colour transform, which the encoder fits after choosing t.
     search = create_codec("latent-denoise", {"model": tiny_model, "step": 0.5, "timestep": "search", "colour": "off"})
     chosen = side_info(search.encode([image])[0])[0]
-    predicted = side_info(create_codec("latent-denoise", {"model": tiny_model, "step": 0.5, "timestep": "predict"}).encode([image])[0])[0]
+    predicting = create_codec("latent-denoise", {"model": tiny_model, "step": 0.5, "timestep": "predict", "t_scale": 1.0})
+    predicted = side_info(predicting.encode([image])[0])[0]
     # Decode the same stream with each candidate t written in: the chosen one scores best.
     lpips, scores = LPIPS(LPIPS_WEIGHTS), {}
     header, payload = container.unpack(search.encode([image])[0])

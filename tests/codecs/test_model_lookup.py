@@ -85,7 +85,7 @@ def test_a_stream_written_with_its_model_in_its_params_still_decodes_but_is_not_
 def test_latent_denoise_weights_are_the_model_and_its_predictors(weights, tmp_path):
     codec = create_codec("latent-denoise", {"model": str(weights["model"]), "step": 0.5})
     assert codec.weights_folders() == {"": weights["model"], PREDICTORS_FOLDER: weights["model"] / PREDICTORS_FOLDER}
-    assert codec.stream_params.keys() == {"step", "timestep", "steps", "renoise", "colour", "precision"}
+    assert codec.stream_params.keys() == {"step", "timestep", "t_scale", "steps", "renoise", "colour", "precision"}
     assert codec.locations == {"model": str(weights["model"]), "unet": "", "predictors": ""}
     stream = codec.encode([IMAGE])[0]
     header = container.unpack(stream)[0]
