@@ -5,7 +5,7 @@ correction applies to any diffusion decoder of a transmitted representation).
     encoder: image ─► latent-denoise's payload (ẑ's words, t, γ) ─► ẑ, t, Δ·s as its decoder reads them
              for strengths g on a grid: decode(ẑ, g); keep the smallest g within `max_psnr_loss` of g = 1
              payload = [level of g: one byte] + latent-denoise's payload
-    decoder: ẑ ─► end-to-end estimate ẑ_e: LatentRestorer(ẑ, Δ·s) where the model has one, else ẑ itself
+    decoder: ẑ ─► end-to-end estimate ẑ_e: LatentRestorer(ẑ, Δ·s) where the model has one, else `estimate`
              DDIM from t on the corrected x̂0 = lerp(x̂0, ẑ_e, λ(τ)), λ(τ) = min(1, g·(1 + τ)), τ = t/T
              ─► VAE decoder ─► image
 
@@ -17,11 +17,17 @@ restorer.py, its training in latent_task.py):
   of t and this encoder's PSNR choice of g would pull two ways.
 - The end-to-end decoder: a restorer, a network trained for pixel MSE through the frozen VAE decoder
   (restorer.py, latent_task.py), where the model folder ships one in `corrdiff_latent/` (builtin:ldm-small)
-  or `restorer` names one; otherwise the latent codec's own decode, ẑ = (q·Δ + μ)·s + b with the
-  hyperprior's mean μ: the MSE estimate the entropy model already makes (latent-denoise's predictors are
-  trained for rate + λ·MSE), with no weights of its own, so the picture at perception 0 is latent-denoise's
-  t = 0 decode (builtin:taef2, issue 22: a restorer there costs backpropagation through a 107-GMAC decoder
-  per step, which 2 CPU cores cannot afford in a session).
+  or `restorer` names one. Otherwise (builtin:taef2: a restorer there costs backpropagation through a
+  107-GMAC decoder per step, which 2 CPU cores cannot afford) `estimate` says which:
+  - `unet` (the default): the UNet's own x̂0 from x_t = √ᾱ_t̂·ẑ at the predicted t̂ = t / t_scale, one
+    call. The UNet is trained for the MSE of x̂0, so this is the posterior mean E[z | ẑ] under the
+    Gaussian reading of the quantization error: an MSE decoder that needs no weights of its own. The
+    sampler starts from t = t_scale·t̂ with renoise (latent-denoise's defaults), the more perceptual end.
+  - `latent`: the latent codec's own decode ẑ = (q·Δ + μ)·s + b, the hyperprior's mean (the picture at
+    perception 0 is latent-denoise's t = 0 decode). With builtin:taef2's UNet it is no MSE end: at
+    latent-denoise's former defaults the sampler's picture had the higher PSNR, and at its present ones
+    it wins on PSNR and LPIPS alike (MODELS.md). Streams made before `estimate` existed name none and
+    decode as `latent`, as they did.
 - The fingerprint is SHA-256(latent-denoise's ‖ the restorer's), or latent-denoise's alone without a
   restorer: a stream is bound to the end-to-end decoder it was made with, and `encode --embed-model`
   copies `corrdiff_latent/` beside `latent_denoise/` when there is one.

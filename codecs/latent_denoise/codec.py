@@ -7,8 +7,8 @@ frozen model. Only small predictors and the entropy model are trained; the backb
     image ─VAE─► z ─γ-net(per-channel stats of z, Δ)─► shift b_c, scale s_c     (fp16, side info)
       y = (z − b) / s ─MeanScaleHyperpriorLatentCodec(Δ)─► ζ's and y's ranges and words
         (ζ = hyper_analysis(y), factorized; y ≈ Gaussians of mean μ and scale σ = hyper_synthesis(ζ̂))
-      ẑ = (q·Δ + μ)·s + b ─t-net(stats of ẑ, Δ·s)─► t                           (u16, side info)
-    decoder: q ─► ẑ ─► x_t = √ᾱ_t · ẑ ─► DDIM (η = 0), n = min(steps, t) UNet calls, t → 0 ─► x̂0 ─VAE─► image
+      ẑ = (q·Δ + μ)·s + b ─t-net(stats of ẑ, Δ·s)─► t_scale · t̂ = t               (u16, side info)
+    decoder: q ─► ẑ (+ seeded noise: `renoise`, t grows) ─► x_t = √ᾱ_t · ẑ ─► DDIM (η = 0), min(steps, t) UNet calls ─► x̂0 ─VAE─► image
              ─► colour transform (colour=affine: 24 bytes the encoder fitted to this picture, parts/colour.py)
 
 Why x_t = √ᾱ_t · ẑ: the forward process makes x_t = √ᾱ_t·z + √(1−ᾱ_t)·ε; scaling ẑ = z + e by √ᾱ_t
@@ -22,15 +22,16 @@ Choices made here:
   encoder, which has the original, try 0, ½, 1, 1½ and 2 times the prediction and keep the one with the
   best LPIPS; `timestep=off` decodes the quantized latent as it is (t = 0), the baseline the denoising
   is measured against.
-- The default is `off` (t = 0, no UNet call; issue 13's rule: the predicted t must improve LPIPS over
-  t = 0 at every preset to be the default). Before the hyperprior, on Kodak, LPIPS BD-rate against AVIF
-  was +180 % for `predict`, +158 % for `off`, +143 % for `search`: the t-net is trained on latent MSE,
-  not LPIPS. After it, on Kodak 24 (MODELS.md), `predict` gains 0.01–0.05 dB of PSNR but loses LPIPS at
-  every preset (0.364 against 0.337 at 0.15bpp; BD-rate +99 % against `off`'s +88 %); `search` gains
-  0.003–0.004 LPIPS over `off` at 18× the encode time. With builtin:taef2 (issue 22, its UNet at step 318;
-  kodim01 and kodim23) the same: `predict` 0.132 against `off`'s 0.125 at 0.29 bpp, 0.276 against 0.230
-  at 0.11. `predict` (the paper's method) and `search` (the best of 0, ½, 1, 1½, 2 × the prediction by
-  LPIPS, 25× slower to encode, needs $DIFFARC_LPIPS_WEIGHTS) remain parameters.
+- The encoder sends `t_scale` times the predicted t (½ by default). The t-net is trained for the MSE of
+  the denoised latent, and a sampler started at the MSE-optimal t returns the smooth posterior mean: with
+  builtin:taef2's UNet (issue 22), `predict` at the full t gained 0.4–0.5 dB over t = 0 and lost LPIPS at
+  every rate but the highest. Half the predicted t, with `renoise` ½ and 8 steps, beat t = 0 on PSNR and
+  LPIPS at every preset on the 17 held-out training images (never Kodak) and on Kodak 24 (MODELS.md), so
+  that is the default. The decoder reads only the sent t, so streams made before `t_scale` decode as
+  they did. `search` (the best of 0, ½, 1, 1½, 2 × the prediction by LPIPS, 25× slower to encode, needs
+  $DIFFARC_LPIPS_WEIGHTS) remains a parameter, and `off` is the baseline.
+  History: on builtin:ldm-small (issue 13) `predict` lost LPIPS at every preset (0.364 against `off`'s
+  0.337 at 0.15bpp), and `off` was the default until issue 22.
 - γ and t come from pooled per-channel statistics, so they cost the same at any image size; the
   predicted γ is rounded to fp16 before the encoder uses it, so both sides quantize with one transform.
 - The entropy model is the mean-scale hyperprior (Minnen et al., NeurIPS 2018) over the γ-normalised

@@ -1,10 +1,11 @@
-"""glc next to AVIF and AVIF + grain at the same bytes, on crops of Kodak images: one PNG, one row per image.
+"""Codecs next to AVIF and AVIF + grain at the same bytes, on crops of Kodak images: one PNG, one row per image.
 
-Each row: the original | glc at --preset | avif at the quality whose stream is nearest glc's in bytes |
-avif:grain=2 at that quality (the same bytes: the grain is a header parameter). Printed: each panel's bpp,
-PSNR over the whole image and LPIPS-squeeze of the whole image, so the crops can be read with the figures.
+Each row: the original | each --codec point in turn | avif at the quality whose stream is nearest the first
+codec's in bytes | avif:grain=2 at that quality (the same bytes: the grain is a header parameter). Printed:
+each panel's bpp, PSNR over the whole image and LPIPS-squeeze of the whole image, so the crops can be read
+with the figures. A --codec is one point in `diffarc bench`'s grammar (a preset and/or parameters, no sweep).
 
-    python benchmarks/glc_gallery.py ../shared/data/kodak --preset 0.05bpp --out docs/models/glc-gallery-0.05bpp.png
+    python benchmarks/matched_gallery.py ../shared/data/kodak --codec glc:0.05bpp --lpips-weights W --out glc.png
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from PIL import Image, ImageDraw
 
 from diffarc.codecs.parts.metrics import LPIPS, psnr
 from diffarc.codecs.registry import create_codec
+from diffarc.pipeline.bench.specs import parse_codec_spec
 
 # image → (top, left) of its crop: texture, faces, edges, flat sky (the issue's three and two more).
 CROPS = {"kodim01": (200, 240), "kodim13": (120, 380), "kodim23": (60, 250), "kodim05": (180, 280), "kodim21": (40, 330)}
@@ -45,35 +47,43 @@ def avif_at_bytes(image: np.ndarray, size: int) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("kodak")
-    parser.add_argument("--preset", default="0.05bpp")
+    parser.add_argument("--codec", action="append", required=True, help="one point, e.g. glc:0.05bpp (repeat: one panel each)")
     parser.add_argument("--lpips-weights", required=True)
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     torch.set_num_threads(2)
     lpips = LPIPS(args.lpips_weights)
-    glc = create_codec("glc", preset=args.preset)
+    codecs = []
+    for spec in args.codec:
+        points = parse_codec_spec(spec).points
+        if len(points) != 1:
+            parser.error(f"--codec {spec!r} is {len(points)} points; name one (a preset or parameters, no sweep)")
+        codecs.append((spec, create_codec(points[0].codec, points[0].params)))
     rows = []
     for name, (top, left) in CROPS.items():
         image = np.asarray(Image.open(Path(args.kodak) / f"{name}.png").convert("RGB"))
-        stream = glc.encode([image])[0]
-        quality = avif_at_bytes(image, len(stream))
         panels = [("original", image, None)]
-        for label, codec in ((f"glc {args.preset}", glc), (f"avif q{quality}", create_codec("avif", {"quality": quality})),
-                             (f"avif:grain=2 q{quality}", create_codec("avif", {"quality": quality, "grain": 2}))):  # fmt: skip
-            coded = stream if codec is glc else codec.encode([image])[0]
-            decoded = codec.decode([coded])[0]
-            panels.append((label, decoded, coded))
-            print(f"{name} {label:24s} {bpp(coded, image):.4f} bpp  {psnr(image, decoded):.2f} dB  "
-                  f"LPIPS {lpips(image, decoded):.3f}")  # fmt: skip
+        for label, codec in codecs:
+            panels.append((label, *_decoded(codec, image)))
+        quality = avif_at_bytes(image, len(panels[1][2]))
+        for label, params in ((f"avif q{quality}", {"quality": quality}), (f"avif:grain=2 q{quality}", {"quality": quality, "grain": 2})):
+            panels.append((label, *_decoded(create_codec("avif", params), image)))
+        for label, decoded, coded in panels[1:]:
+            print(f"{name} {label:40s} {bpp(coded, image):.4f} bpp  {psnr(image, decoded):.2f} dB  LPIPS {lpips(image, decoded):.3f}")
         row = np.concatenate([im[top : top + SIDE, left : left + SIDE] for _, im, _ in panels], axis=1)
         canvas = Image.fromarray(row)
         draw = ImageDraw.Draw(canvas)
         for i, (label, im, coded) in enumerate(panels):
-            text = f"{name} {label}" if coded is None else f"{label} {bpp(coded, image):.3f} bpp"
-            draw.text((i * SIDE + 4, 2), text, fill=(255, 255, 0))
+            lines = [name] if coded is None else [*label.replace(",", ",\n").splitlines(), f"{bpp(coded, image):.3f} bpp"]
+            draw.multiline_text((i * SIDE + 4, 2), "\n".join(lines), fill=(255, 255, 0))  # a spec per comma, then the bpp
         rows.append(np.asarray(canvas))
     Image.fromarray(np.concatenate(rows, axis=0)).save(args.out, optimize=True)
     print("wrote", args.out)
+
+
+def _decoded(codec, image: np.ndarray) -> tuple[np.ndarray, bytes]:
+    [stream] = codec.encode([image])
+    return codec.decode([stream])[0], stream
 
 
 if __name__ == "__main__":
