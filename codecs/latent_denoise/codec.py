@@ -8,7 +8,8 @@ frozen model. Only small predictors and the entropy model are trained; the backb
       y = (z − b) / s ─MeanScaleHyperpriorLatentCodec(Δ)─► ζ's and y's ranges and words
         (ζ = hyper_analysis(y), factorized; y ≈ Gaussians of mean μ and scale σ = hyper_synthesis(ζ̂))
       ẑ = (q·Δ + μ)·s + b ─t-net(stats of ẑ, Δ·s)─► t_scale · t̂ = t               (u16, side info)
-    decoder: q ─► ẑ (+ seeded noise: `renoise`, t grows) ─► x_t = √ᾱ_t · ẑ ─► DDIM (η = 0), min(steps, t) UNet calls ─► x̂0 ─VAE─► image
+    decoder: q ─► ẑ (+ seeded noise: `renoise`, t grows) ─► x_t = √ᾱ_t · ẑ
+             ─► DDIM (η = 0), min(steps, t) UNet calls ─► x̂0 ─VAE─► image
              ─► colour transform (colour=affine: 24 bytes the encoder fitted to this picture, parts/colour.py)
 
 Why x_t = √ᾱ_t · ẑ: the forward process makes x_t = √ᾱ_t·z + √(1−ᾱ_t)·ε; scaling ẑ = z + e by √ᾱ_t
