@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from diffarc.codecs import container
-from diffarc.codecs.latent_denoise.codec import denoise
+from diffarc.codecs.latent_denoise.codec import denoise, posterior_mean
 from diffarc.codecs.parts.denoisers import DiffusionDenoiser
 from diffarc.codecs.parts.metrics import LPIPS, psnr
 from diffarc.codecs.registry import create_codec
@@ -61,7 +61,7 @@ def main() -> None:
             z_hat, t, _ = codec.dequantized(payload, header)
             with torch.inference_mode():
                 latents = [denoise(denoiser, z_hat, round(f * t), 8, r) for f, r in SETTINGS]
-                latents.append(denoiser(denoiser.alpha_bar(t) ** 0.5 * z_hat, t)[0] if t else z_hat)
+                latents.append(posterior_mean(denoiser, z_hat, t))
             decoded = [codec.pixels(latent, codec.config, image.shape[:2]) for latent in latents]
             scores.append([(psnr(image, d), lpips(image, d)) for d in decoded])
             bpps.append(8 * len(stream) / (image.shape[0] * image.shape[1]))

@@ -47,7 +47,7 @@ import torch
 from ..base import Codec, DecodeCost, Param
 from ..container import Header, unpack
 from ..errors import ModelError
-from ..latent_denoise.codec import LatentDenoiseCodec, denoise
+from ..latent_denoise.codec import LatentDenoiseCodec, denoise, posterior_mean
 from ..parts.denoisers import DiffusionDenoiser
 from ..parts.metrics import psnr
 from ..parts.colour import apply_colour, fit_colour, split_colour
@@ -168,7 +168,7 @@ class LatentCorrDiffCodec(Codec):
         # The sent t is t_scale times the prediction; the posterior mean wants the prediction itself.
         predicted = min(self.latent.predictors.config.max_timestep, round(t / config["t_scale"]))
         denoiser = DiffusionDenoiser.from_model(self.latent.model, PRECISIONS[config["precision"]])
-        return z_hat, t, denoiser(denoiser.alpha_bar(predicted) ** 0.5 * z_hat, predicted)[0].float()
+        return z_hat, t, posterior_mean(denoiser, z_hat, predicted).float()
 
     # ------------------------------------------------------------------ decode
 

@@ -122,6 +122,12 @@ def denoise(denoiser: DiffusionDenoiser, z_hat: torch.Tensor, t: int, steps: int
     return ddim(denoiser, schedule.alpha_bar[0] ** 0.5 * z_hat, schedule)
 
 
+def posterior_mean(denoiser: DiffusionDenoiser, z_hat: torch.Tensor, t: int) -> torch.Tensor:
+    """The UNet's x̂0 from x_t = √ᾱ_t·ẑ, one call: E[z | ẑ] when the quantization error is read as t's noise
+    (the UNet is trained for x̂0's MSE). ẑ itself at t = 0."""
+    return denoiser(denoiser.alpha_bar(t) ** 0.5 * z_hat, t)[0] if t else z_hat
+
+
 @functools.lru_cache(maxsize=8)
 def load_predictors(folder: str, device: str) -> tuple[LatentDenoisePredictors, bytes]:
     path = Path(folder)
