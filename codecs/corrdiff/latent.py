@@ -16,13 +16,14 @@ restorer.py, its training in latent_task.py):
   lerp(ẑ, ẑ_e, min(1, g)), the correction's last estimate). `search` is not offered: its LPIPS choice
   of t and this encoder's PSNR choice of g would pull two ways.
 - The end-to-end decoder: a restorer, a network trained for pixel MSE through the frozen VAE decoder
-  (restorer.py, latent_task.py), where the model folder ships one in `corrdiff_latent/` (builtin:ldm-small)
-  or `restorer` names one. Otherwise (builtin:taef2: a restorer there costs backpropagation through a
-  107-GMAC decoder per step, which 2 CPU cores cannot afford) `estimate` says which:
+  (restorer.py, latent_task.py), where the model folder ships one in `corrdiff_latent/` (builtin:taef2,
+  builtin:ldm-small) or `restorer` names one. Without one (a model folder that ships none, or
+  `restorer=none`), `estimate` says which:
   - `unet` (the default): the UNet's own x̂0 from x_t = √ᾱ_t̂·ẑ at the predicted t̂ = t / t_scale, one
-    call. The UNet is trained for the MSE of x̂0, so this is the posterior mean E[z | ẑ] under the
-    Gaussian reading of the quantization error: an MSE decoder that needs no weights of its own. The
-    sampler starts from t = t_scale·t̂ with renoise (latent-denoise's defaults), the more perceptual end.
+    call. The UNet is trained for the MSE of x̂0 in the latent, so this is the posterior mean E[z | ẑ]
+    under the Gaussian reading of the quantization error: an MSE decoder that needs no weights of its
+    own, but for the latent's MSE, not the picture's: with builtin:taef2 it was 0.1 dB above the
+    sampler's picture on Kodak (MODELS.md).
   - `latent`: the latent codec's own decode ẑ = (q·Δ + μ)·s + b, the hyperprior's mean (the picture at
     perception 0 is latent-denoise's t = 0 decode). With builtin:taef2's UNet it is no MSE end: at
     latent-denoise's former defaults the sampler's picture had the higher PSNR, and at its present ones
@@ -30,7 +31,8 @@ restorer.py, its training in latent_task.py):
     decode as `latent`, as they did.
 - The fingerprint is SHA-256(latent-denoise's ‖ the restorer's), or latent-denoise's alone without a
   restorer: a stream is bound to the end-to-end decoder it was made with, and `encode --embed-model`
-  copies `corrdiff_latent/` beside `latent_denoise/` when there is one.
+  copies `corrdiff_latent/` beside `latent_denoise/` when there is one. Streams of builtin:taef2 made
+  before it shipped a restorer are found with `restorer=none` (`builtin_weights`).
 - The privileged level and the knob are CorrDiff's (correction.py): PSNR only, 2 bits, `perception`
   0 = the end-to-end decode VAE(ẑ_e), 1 = latent-denoise's own decode bit for bit, ½ = the encoder's choice.
 """
@@ -56,6 +58,7 @@ from .correction import LEVELS, CorrectedDenoiser, correction_weight, privileged
 from .restorer import LatentRestorer
 
 RESTORER_FOLDER = "corrdiff_latent"  # where a model folder keeps its end-to-end restorer
+NO_RESTORER = "none"  # the `restorer` that uses none, even where the model ships one
 # Not latent-denoise's: the colour transform too, which follows the whole payload and is fitted to this
 # codec's picture (the inner latent-denoise payload carries none).
 OWN_PARAMS = ("restorer", "estimate", "perception", "max_psnr_loss", "colour")
@@ -71,7 +74,9 @@ def load_restorer(folder: str, device: str) -> tuple[LatentRestorer, bytes]:
 
 def restorer_folder(model_reference: str, restorer: str) -> Path | None:
     """The restorer's folder: the explicit reference, else `corrdiff_latent/` inside the model's folder;
-    None when the model ships none (the latent codec's own decode is then the end-to-end one)."""
+    None for `none` or when the model ships none (`estimate` then makes the end-to-end estimate)."""
+    if restorer == NO_RESTORER:
+        return None
     folder = part_folder(model_reference, restorer, RESTORER_FOLDER, "restorer")
     return folder if restorer or folder.is_dir() else None
 
@@ -87,7 +92,7 @@ class LatentCorrDiffCodec(Codec):
             for p in LatentDenoiseCodec.params
         ),
         Param("restorer", str, "", "end-to-end latent restorer (folder or URL); default: the model's corrdiff_latent/ "
-              "if it has one, else `estimate`", location=True),
+              f"if it has one; {NO_RESTORER}: `estimate` makes the estimate", location=True),
         Param("estimate", str, "unet", "the end-to-end estimate where there is no restorer: the UNet's x̂0 at the "
               "predicted t (one call), or the latent codec's own ẑ", choices=("unet", "latent"), absent="latent"),
         Param("perception", float, 0.5, "0: the end-to-end (MSE) decode … ½: the encoder's choice … 1: plain latent-denoise",
@@ -108,7 +113,11 @@ class LatentCorrDiffCodec(Codec):
 
     @classmethod
     def builtin_weights(cls) -> dict:
-        return builtin_model_weights()
+        """The latent codecs' built-in weights, and each without its restorer: builtin:taef2 shipped none
+        before 2026-12-07 (session 6), and the streams made then decode as they did."""
+        weights = builtin_model_weights()
+        return {**weights, **{f"{reference} without its restorer": {**params, "restorer": NO_RESTORER}
+                              for reference, params in weights.items()}}  # fmt: skip
 
     @staticmethod
     def _latent_params(config: dict) -> dict:

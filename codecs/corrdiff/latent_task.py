@@ -1,25 +1,29 @@
 """Training CorrDiff's end-to-end decoder for latent-denoise (`diffarc train corrdiff-latent --model M`).
 
-    training image ─frozen VAE encoder─► z (whole image, once)
+    training image (and its mirror) ─frozen VAE encoder─► z (whole image, once; cached on disk)
     Δ log-uniform in STEP_RANGE ─► latent-denoise's own quantizer (its trained γ-net and hyperprior) ─► ẑ
-    the same random crop of ẑ and of the image ─► LatentRestorer(ẑ, Δ·s) ─► ẑ_e ─frozen VAE decoder─► x̂_e
-    loss = ‖x̂_e − x‖²  (pixels in [-1, 1]; MSE only, never LPIPS, the bench's metric)
+    a random window of ẑ ─LatentRestorer(ẑ, Δ·s)─► ẑ_e; its centre crop ─frozen VAE decoder─► x̂_e
+    loss = ‖x̂_e − x‖² over the crop less MARGIN latent px  (pixels in [-1, 1]; MSE only, never LPIPS)
 
 The VAE, the UNet and latent-denoise's predictors stay frozen: only the restorer learns. Validation
-reports, on held-out centre crops at each Δ of VALIDATION_STEPS, the PSNR of x̂_e over that of the plain
-decode of ẑ (the codec's `timestep=off`).
+reports, on held-out centre crops at each Δ of VALIDATION_STEPS (the presets'), the PSNR of x̂_e over that
+of the plain decode of ẑ (the codec's `timestep=off`).
 
 Choices:
 - ẑ is made as the codec makes it, in float32 rather than the coder's float64 (a difference of ~10⁻⁷
-  in μ): γ from the whole image's latent, then y = (z − b)/s, μ from the rounded hyper-latent,
-  q = round((y − μ)/Δ), ẑ = (q·Δ + μ)·s + b.
-- Crops start on whole hyper-latent positions (multiples of 4 latent pixels), so a crop's hyper-latent
-  is the whole image's, but for the crop's edges.
-- STEP_RANGE covers the presets of latent-denoise (Δ 0.3–0.9) and coarser steps.
-- Crops must be large (`--crop 384`): the VAE decoder's GroupNorm layers normalise over the whole
-  picture, so what a latent change does to the pixels depends on the picture's size. A restorer trained
-  on 128-px crops gained +0.5 dB on held-out 128-px crops and lost 3–4.5 dB on 512-px ones (and 5.6 dB on
-  a whole Kodak image): it had learned to shift the statistics of a small picture.
+  in μ): γ and the hyper-latent from the whole image's latent, then y = (z − b)/s, q = round((y − μ)/Δ),
+  ẑ = (q·Δ + μ)·s + b. So a crop of ẑ at any position is what the codec's decoder reads there.
+- The restorer runs on a window HALO latent px (its receptive radius) larger than the crop on every side,
+  so the crop's ẑ_e is the whole image's, not a padded crop's.
+- A decoder that normalises over the whole picture (taef2's pooled blocks, parts/taef2.py) decodes each
+  crop with the pooled statistics of the whole image's ẑ_e, as the codec decodes it; a crop decoded with
+  its own statistics renders far from its place in the picture. The MSE leaves out MARGIN latent px at
+  each side, where the decoder sees no picture. With those statistics small crops train what whole
+  pictures decode, at a fraction of the decoder's cost.
+- A decoder without them (diffusers' AutoencoderKL, builtin:ldm-small) normalises its GroupNorm layers
+  over the crop, so its crops must be large (`--crop 384`): a restorer trained on 128-px crops gained
+  +0.5 dB on held-out 128-px crops and lost 3–4.5 dB on 512-px ones (5.6 dB on a whole Kodak image).
+- STEP_RANGE spans latent-denoise's presets with some room each side.
 """
 
 from __future__ import annotations
@@ -27,20 +31,20 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..latent_denoise.codec import PREDICTORS_FOLDER, load_predictors
+from ..latent_denoise.codec import PREDICTORS_FOLDER, LatentDenoiseCodec, load_predictors
 from ..latent_denoise.nets import HYPER_STRIDE
-from ..parts.crops import fit_crop
+from ..parts.crops import mirrored_views, training_latents
 from ..parts.latent_codecs import dequantize, mean_and_scale
 from ..parts.latents import decode_latents, encode_latents
-from ..parts.metrics import psnr
 from ..parts.models import load_model, part_folder
 from ..task import SettingsError, TrainingTask
 from .restorer import LatentRestorer
 
 CONFIGS = {"tiny": dict(width=16, blocks=1), "small": dict(width=64, blocks=4)}
-STEP_RANGE = (0.25, 2.5)
-VALIDATION_STEPS = (0.3, 0.9, 2.0)
-LATENT_GRID = HYPER_STRIDE  # crops start on whole hyper-latent positions
+PRESET_STEPS = sorted(preset["step"] for preset in LatentDenoiseCodec.presets.values())
+STEP_RANGE = (PRESET_STEPS[0] / 1.5, PRESET_STEPS[-1] * 1.6)
+VALIDATION_STEPS = tuple(PRESET_STEPS)
+MARGIN = 3  # latent px of each crop side left out of the MSE: the decoder sees no picture beyond them
 
 
 def _gain_key(step: float) -> str:
@@ -48,7 +52,8 @@ def _gain_key(step: float) -> str:
 
 
 def quantize(predictors, z: torch.Tensor, step: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ẑ, Δ·s) of latents z (B, C, H, W) at steps Δ (B,), as latent-denoise's encoder quantizes them."""
+    """(ẑ, Δ·s) of latents z (B, C, H, W), H and W multiples of HYPER_STRIDE, at steps Δ (B,), as
+    latent-denoise's encoder quantizes them."""
     shift, scale = predictors.sent_transform(z, step)
     y = (z - shift[..., None, None]) / scale[..., None, None]
     means, _ = mean_and_scale(predictors.hyper_synthesis(torch.round(predictors.hyper_analysis(y))))
@@ -57,76 +62,115 @@ def quantize(predictors, z: torch.Tensor, step: torch.Tensor) -> tuple[torch.Ten
     return y_hat * scale[..., None, None] + shift[..., None, None], step[:, None] * scale
 
 
+def halo(config: str) -> int:
+    """The restorer's receptive radius in latent px: its first and last convolutions and two per block."""
+    return 2 + 2 * CONFIGS[config]["blocks"]
+
+
 class LatentRestorerTask(TrainingTask):
     name = "corrdiff-latent"
     model_class = LatentRestorer
     configs = tuple(CONFIGS)
-    crop_multiple = 8 * LATENT_GRID
     required = {"model": "training corrdiff-latent needs the latent diffusion model whose latents it restores"}
     progress = ("mse {mse:.5f}", "val PSNR gain at Δ " + "|".join(f"{v:g}" for v in VALIDATION_STEPS) + " "
                 + "|".join(f"{{{_gain_key(v)}:+.2f}}" for v in VALIDATION_STEPS) + " dB")  # fmt: skip
 
+    @classmethod
+    def check(cls, settings) -> None:
+        super().check(settings)
+        if settings.crop // 8 <= 2 * MARGIN:
+            raise SettingsError("crop", f"the training crop must be over {16 * MARGIN} px: {MARGIN} latent px of each side are not scored")
+
     def __init__(self, settings, train, validation, device):
         super().__init__(settings, train, validation, device)
+        if not train:
+            raise SettingsError("data", "corrdiff-latent found no training images")
         self.model = load_model(settings.model, str(device))
         self.model.vae.requires_grad_(False)
         self.predictors, _ = load_predictors(str(part_folder(settings.model, "", PREDICTORS_FOLDER, "predictors")), str(device))
-        self.side = settings.crop // 8
-        self.train = [self._prepared(image) for image in train]
-        self.validation = [self._prepared(image) for image in validation[:16]]
-        if not self.train:
-            raise SettingsError("data", "corrdiff-latent found no training images")
+        self.side, self.halo = settings.crop // 8, halo(settings.config)
+        window = settings.crop + 16 * self.halo  # every image holds a whole window (smaller ones are mirror-padded)
+        encode = lambda x: encode_latents(self.model, x)  # noqa: E731
+        cache = self.model.autoencoder_fingerprint.hex()
+        self.train = self._paired(training_latents(encode, train, window, device, mirrored=True, cache=cache),
+                                  mirrored_views(train, window, mirrored=True))  # fmt: skip
+        self.validation = self._paired(training_latents(encode, validation[:16], window, device, mirrored=False, cache=cache),
+                                       mirrored_views(validation[:16], window, mirrored=False))  # fmt: skip
+        self.pooled = hasattr(self.model.vae, "pool_statistics")
 
-    @torch.no_grad()
-    def _prepared(self, image: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """(pixels (3, H, W) in [-1, 1], latent (C, H/8, W/8)) of an image cut to whole hyper-latent positions."""
-        grid = 8 * LATENT_GRID
-        image = fit_crop(image, self.settings.crop)
-        image = image[: image.shape[0] // grid * grid, : image.shape[1] // grid * grid]
-        pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1).float().to(self.device) / 127.5 - 1
-        return pixels, encode_latents(self.model, pixels[None])[0]
+    def _paired(self, latents, views) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(pixels (3, H, W) in [-1, 1], latent (C, H/8, W/8)) of each view, cut to whole hyper-latent positions."""
+        pairs = []
+        for z, view in zip(latents, views, strict=True):
+            h, w = z.shape[1] // HYPER_STRIDE * HYPER_STRIDE, z.shape[2] // HYPER_STRIDE * HYPER_STRIDE
+            pixels = torch.from_numpy(np.array(view[: 8 * h, : 8 * w])).permute(2, 0, 1).float() / 127.5 - 1  # a copy
+            pairs.append((pixels.to(self.device), z[:, :h, :w]))
+        return pairs
 
     def new_model(self) -> LatentRestorer:
         return LatentRestorer(latent_channels=self.predictors.config.latent_channels, **CONFIGS[self.settings.config])
 
-    def _batch(self, examples, steps: torch.Tensor, corners) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(pixel crops, ẑ crops, Δ·s) of `examples` at `steps`, each crop at its (latent) corner."""
-        pixels, latents, channel_steps = [], [], []
+    def _decoded_crops(self, restorer, examples, steps: torch.Tensor, corners) -> tuple[torch.Tensor, ...]:
+        """(pixel crops, decoded ẑ_e crops, decoded ẑ crops) of `examples` at `steps`, each crop's top left
+        at its latent `corners`, all without their margins; only the ẑ_e decode carries gradients."""
+        windows, crops, channel_steps, plain, statistics, restored_statistics = [], [], [], [], [], []
+        side, pad = self.side, self.halo
         with torch.no_grad():
             for (image, z), step, (y, x) in zip(examples, steps, corners):
                 z_hat, channel_step = quantize(self.predictors, z[None], step[None])
-                latents.append(z_hat[0, :, y : y + self.side, x : x + self.side])
-                pixels.append(image[:, 8 * y : 8 * (y + self.side), 8 * x : 8 * (x + self.side)])
+                windows.append(z_hat[0, :, y - pad : y + side + pad, x - pad : x + side + pad])
+                plain.append(z_hat[0, :, y : y + side, x : x + side])
+                crops.append(image[:, 8 * y : 8 * (y + side), 8 * x : 8 * (x + side)])
                 channel_steps.append(channel_step[0])
-        return torch.stack(pixels), torch.stack(latents), torch.stack(channel_steps)
+                if self.pooled:  # the pictures' statistics as the codec decodes them: of the whole ẑ and ẑ_e
+                    statistics.append(self._statistics(z_hat))
+                    restored_statistics.append(self._statistics(restorer(z_hat, channel_step)))
+        restored = restorer(torch.stack(windows), torch.stack(channel_steps))[..., pad : pad + side, pad : pad + side]
+        inner = (..., slice(8 * MARGIN, 8 * (side - MARGIN)), slice(8 * MARGIN, 8 * (side - MARGIN)))
+        decoded = self._decode(restored, restored_statistics)[inner]
+        with torch.no_grad():
+            plain_decoded = self._decode(torch.stack(plain), statistics)[inner]
+        return torch.stack(crops)[inner], decoded, plain_decoded
+
+    def _statistics(self, z: torch.Tensor) -> list:
+        return self.model.vae.pool_statistics(z / self.model.scaling_factor + self.model.shift_factor)
+
+    def _decode(self, z: torch.Tensor, statistics: list) -> torch.Tensor:
+        """Pixels in [-1, 1] of latent crops, with their pictures' pooled statistics where the decoder has them."""
+        if not statistics:
+            return decode_latents(self.model, z)
+        batched = [tuple(torch.cat(parts) for parts in zip(*block)) for block in zip(*statistics)]
+        return self.model.vae.decode(z / self.model.scaling_factor + self.model.shift_factor, statistics=batched).sample
+
+    def _corner(self, z: torch.Tensor, rng: np.random.Generator | None) -> tuple[int, int]:
+        """The latent top left of a crop whose window lies inside z: random, or the centre without `rng`."""
+        rows, cols = z.shape[1] - self.side - 2 * self.halo + 1, z.shape[2] - self.side - 2 * self.halo + 1
+        if rng is None:
+            return self.halo + rows // 2, self.halo + cols // 2
+        return self.halo + int(rng.integers(rows)), self.halo + int(rng.integers(cols))
 
     def loss(self, wrapped, rng):
         examples = [self.train[i] for i in rng.integers(len(self.train), size=self.settings.batch_size)]
         low, high = np.log(STEP_RANGE)
         steps = torch.from_numpy(np.exp(rng.uniform(low, high, len(examples)))).float().to(self.device)
-        corners = []
-        for _, z in examples:
-            rows, cols = (z.shape[1] - self.side) // LATENT_GRID + 1, (z.shape[2] - self.side) // LATENT_GRID + 1
-            corners.append((LATENT_GRID * int(rng.integers(rows)), LATENT_GRID * int(rng.integers(cols))))
-        pixels, z_hat, channel_step = self._batch(examples, steps, corners)
-        decoded = decode_latents(self.model, wrapped(z_hat, channel_step))
+        corners = [self._corner(z, rng) for _, z in examples]
+        pixels, decoded, _ = self._decoded_crops(wrapped, examples, steps, corners)
         mse = ((decoded - pixels) ** 2).mean()
         return mse, {"mse": float(mse.detach())}
 
     def validate(self, model) -> dict:
-        corners = [
-            (((z.shape[1] - self.side) // 2) // LATENT_GRID * LATENT_GRID, ((z.shape[2] - self.side) // 2) // LATENT_GRID * LATENT_GRID)
-            for _, z in self.validation
-        ]  # fmt: skip
+        corners = [self._corner(z, None) for _, z in self.validation]
         out = {}
         for value in VALIDATION_STEPS:
             steps = torch.full((len(self.validation),), value, device=self.device)
-            pixels, z_hat, channel_step = self._batch(self.validation, steps, corners)
-            plain, restored = (decode_latents(self.model, z).clamp(-1, 1) for z in (z_hat, model(z_hat, channel_step)))
-            gains = [psnr(_uint8(x), _uint8(r)) - psnr(_uint8(x), _uint8(p)) for r, p, x in zip(restored, plain, pixels)]
+            pixels, restored, plain = self._decoded_crops(model, self.validation, steps, corners)
+            gains = [_psnr(x, r) - _psnr(x, p) for x, r, p in zip(pixels, restored, plain)]
             out[_gain_key(value)] = float(np.mean(gains))
         return out
 
 
-def _uint8(x: torch.Tensor) -> np.ndarray:
-    return ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+def _psnr(x: torch.Tensor, y: torch.Tensor) -> float:
+    """PSNR (dB) of two [-1, 1] pictures as the codec outputs them: 8-bit."""
+    to_8bit = lambda p: torch.round((p.clamp(-1, 1) + 1) * 127.5)  # noqa: E731
+    mse = float((to_8bit(x) - to_8bit(y)).pow(2).mean())
+    return 10 * np.log10(255.0**2 / max(mse, 1e-10))

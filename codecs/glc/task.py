@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..parts.crops import fit_crop, training_latents
+from ..parts.crops import mirrored_views, training_latents
 from ..parts.latents import encode_latents
 from ..parts.models import load_model
 from ..task import TrainingTask, TrainSettings
@@ -61,16 +61,6 @@ VALIDATION_PIXEL_CROPS = 6
 def metric_at(metric: str, step: float) -> str:
     """A validation metric at one Δ, e.g. val_bpp_d0p5 (no dot: progress fields are format strings)."""
     return f"{metric}_d{step:g}".replace(".", "p")
-
-
-def mirrored_views(images: list[np.ndarray], crop: int, mirrored: bool) -> list[np.ndarray]:
-    """Each image as `training_latents` encodes it (cut to whole latent px, grown to the crop) and its mirror:
-    the pixels of each latent it returns, in its order."""
-    views = []
-    for image in images:
-        image = fit_crop(image[: image.shape[0] // 8 * 8, : image.shape[1] // 8 * 8], crop)
-        views.extend([image, image[:, ::-1]] if mirrored else [image])
-    return views
 
 
 def paired_crops(latents, views, count: int, side: int, rng: np.random.Generator, pixels: bool):

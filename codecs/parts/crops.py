@@ -92,6 +92,16 @@ def training_latents(
     return latents
 
 
+def mirrored_views(images: list[np.ndarray], crop: int, mirrored: bool) -> list[np.ndarray]:
+    """Each image as `training_latents` encodes it (cut to whole latent px, grown to the crop) and its mirror:
+    the pixels of each latent it returns, in its order."""
+    views = []
+    for image in images:
+        image = fit_crop(image[: image.shape[0] // 8 * 8, : image.shape[1] // 8 * 8], crop)
+        views.extend([image, image[:, ::-1]] if mirrored else [image])
+    return views
+
+
 def latent_crops(latents: list[torch.Tensor], count: int, side: int, rng: np.random.Generator) -> torch.Tensor:
     """(count, C, side, side): random latent, random position."""
     out = []

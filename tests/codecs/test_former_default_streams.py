@@ -1,10 +1,12 @@
 """Streams of former default weights decode to the pixels they decoded to then: builtin:ldm-small's, the
-default model before issue 22, and builtin:taef2's with its first UNet (318 steps), before it was trained longer.
+default model before issue 22, and builtin:taef2's with its first UNet (318 steps), before it was trained longer, and corrdiff-latent's of
+builtin:taef2 before it shipped an end-to-end restorer.
 
 The streams and the SHA-256 of their decoded pixels were made with the code of commit 98bffad (ldm-small),
 before the default moved to builtin:taef2, and of commit 3ce650d (taef2's first UNet), each from a 32 × 48
 `photo_like` picture, seed 5. The decoder is found as `diffarc decode` finds it, from the stream alone: the
 former weights are among each codec's built-in weights (parts/models.py: builtin_model_weights).
+The corrdiff-latent stream without a restorer was made with commit 4bcf4d3, with the codec's defaults.
 """
 
 import hashlib
@@ -99,4 +101,30 @@ def test_a_stream_of_taef2s_first_unet_decodes_bit_identically_without_naming_it
     stream = bytes.fromhex(hex_stream)
     decoder = codec_for_header(read_header(stream))
     assert decoder.locations == {**decoder.locations, "model": "builtin:taef2", "unet": "builtin:taef2/unet-2026-12-06"}
+    assert hashlib.sha256(decoder.decode([stream])[0].tobytes()).hexdigest() == digest
+
+
+# corrdiff-latent with its defaults of commit 4bcf4d3: builtin:taef2 shipped no corrdiff_latent/, and the
+# end-to-end estimate was the UNet's x̂0 (estimate=unet).
+TAEF2_BEFORE_ITS_RESTORER = (
+    "2d50bcae11ae5bff2dd4ed121b07d0e15df21554ca53f1660e3e81f05cb75da9",
+    "44464152010f636f7272646966662d6c6174656e7400a37b22636f6c6f7572223a22616666696e65222c22657374696d617465223a22756e6574"
+    "222c226d61785f70736e725f6c6f7373223a302e332c2270657263657074696f6e223a302e352c22707265636973696f6e223a2266703332222c"
+    "2272656e6f697365223a302e352c2273746570223a312e302c227374657073223a382c22745f7363616c65223a302e352c2274696d6573746570"
+    "223a2270726564696374227d2088c5bc20785531b72c15065edfa828340ad4b3884a84f293a8f2e79bb553b6f000000030000000200000018f004c"
+    "0002b4293252ba5b3507b8a932db334039f13466394f3bb7bad6b4f43408b86dac1eb9e335c3b6afb2e5b246310dad94bbf7baedbca3344cb38f39"
+    "23b64fbc1e306339883cef3c7f3ad53a653bb03de139ac3b103aca39eb3c023b503a9c39553a423bde3aad39b83c273bda39bb3b4c39343a2f3c8e"
+    "3bd83a4a3a3d3c893bf039fdff0300ffff020008000000d111ea8884fe428affc8ded089105c7a119ac5df7fd1cd798efc03c5ef8ba8b67615f28b"
+    "23e48b5417686e2efb6f8f86bfa4229538cc5bcbe031b431fc1d67b87e33fdbfef2cfcefea2a3f9c0de1cbe27b07db9fc04c5ed334d1f234cff68f"
+    "118ab24016bf0e9fcec5b651856dcf8b694db6d80befb2bf19fbec950ffca9cecbb3d4eaa8447441a366efe567fd59fc5ea7dbc60f6a92327facd1"
+    "d4530dd9508af007971cce5c4b76ce424876de5541f2f0fa448e17131e6ad44cdaf263e4dddba7ef11192fdc9d18116c2e16ca4bfd681df946cdf8"
+    "bf52a02fe7f671890361187131d8771f002f40e53bdf29ce265a1f0d3cd2aefdab3ca9d93caf4ad94191c95cdfabbb"
+)
+
+
+def test_a_corrdiff_latent_stream_of_taef2_from_before_its_restorer_decodes_bit_identically_without_one():
+    digest, hex_stream = TAEF2_BEFORE_ITS_RESTORER
+    stream = bytes.fromhex(hex_stream)
+    decoder = codec_for_header(read_header(stream))
+    assert decoder.locations["model"] == "builtin:taef2" and decoder.restorer is None
     assert hashlib.sha256(decoder.decode([stream])[0].tobytes()).hexdigest() == digest

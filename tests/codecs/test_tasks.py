@@ -47,7 +47,7 @@ def test_the_registry_names_each_task_by_its_own_name():
         ("latent-denoise", {}, "model"),
         ("hyperprior", {"crop": 96}, "crop"),  # whole hyper-latent positions: multiples of 64
         ("corrdiff-latent", {}, "model"),
-        ("corrdiff-latent", {"crop": 48, "model": "m"}, "crop"),  # whole hyper-latent positions: multiples of 32
+        ("corrdiff-latent", {"crop": 48, "model": "m"}, "crop"),  # 3 latent px of each side are not scored
     ],
 )
 def test_check_names_the_setting_a_task_cannot_run_without(what, changes, setting):
@@ -168,15 +168,22 @@ def test_the_corrdiff_task_trains_the_end_to_end_decoder_and_exports_a_codecs_mo
     assert isinstance(EndToEndDecoder.from_pretrained(str(tmp_path / "out")), EndToEndDecoder)
 
 
-def test_the_corrdiff_latent_task_trains_a_restorer_the_codec_then_loads(tmp_path):
+@pytest.mark.parametrize("pooled", [False, True], ids=["crops-own-statistics", "taef2-pooled-statistics"])
+def test_the_corrdiff_latent_task_trains_a_restorer_the_codec_then_loads(pooled, tmp_path):
+    """On a tiny AutoencoderKL model, whose crops decode with their own GroupNorm statistics, and on
+    builtin:taef2, whose crops decode with their whole picture's pooled statistics."""
     from diffarc.codecs.registry import create_codec
 
     from .test_latent_denoise import save_predictors
 
-    folder = save_tiny_ldm(tmp_path / "ldm")
-    save_predictors(folder / "latent_denoise")
-    metrics = run_one_step(training_task("corrdiff-latent"), settings("corrdiff-latent", model=str(folder)), tmp_path)
-    assert {"mse", "val_gain_d0p3", "val_gain_d0p9", "val_gain_d2"} <= set(metrics)
+    if pooled:
+        folder = "builtin:taef2"
+    else:
+        folder = save_tiny_ldm(tmp_path / "ldm")
+        save_predictors(folder / "latent_denoise")
+    task = training_task("corrdiff-latent")
+    metrics = run_one_step(task, settings("corrdiff-latent", model=str(folder), crop=64), tmp_path)
+    assert {"mse", "val_gain_d2p2", "val_gain_d3p8", "val_gain_d5"} <= set(metrics)
     assert all(p.grad is None for p in load_model(str(folder)).vae.parameters())  # the decoder stays frozen
-    codec = create_codec("corrdiff-latent", {"model": str(folder), "restorer": str(tmp_path / "out")})
+    codec = create_codec("corrdiff-latent", {"model": str(folder), "restorer": str(tmp_path / "out"), "steps": 2})
     assert codec.decode(codec.encode([TRAIN[0]]))[0].shape == TRAIN[0].shape
