@@ -62,10 +62,10 @@ def _progress_lines(process: subprocess.Popen, pattern: str, timeout: float) -> 
 
 
 # Checkpoint, kill and resume are the training loop's, the same for every task (pipeline/training.py);
-# what a task adds is its model class and its start-up. The two tasks here bring their own model classes
-# (hfd's DetailDecoder, glc's transforms) and caches. The diffusion task's is diffusers' UNet2DModel:
-# test_training.py trains it on Ray and loads its export, and test_tasks.py exports and loads its taef2
-# configs (the v-objective one included).
+# what a task adds is its model class and its start-up. The three tasks here bring their own model classes
+# (hfd's DetailDecoder, glc's transforms, corrdiff-latent's restorer) and caches. The diffusion task's is
+# diffusers' UNet2DModel: test_training.py trains it on Ray and loads its export, and test_tasks.py exports
+# and loads its taef2 configs (the v-objective one included).
 @pytest.mark.parametrize(
     "what, options, written, in_process",
     [
@@ -73,6 +73,8 @@ def _progress_lines(process: subprocess.Popen, pattern: str, timeout: float) -> 
         ("hfd", ["--config", "latent-tiny", "--batch-size", "2"], ["hfd/config.json", "vae/config.json"], False),
         # glc's transforms on taef2's cached latents (its crops a multiple of its 64-px stride).
         ("glc", ["--config", "tiny", "--batch-size", "2", "--crop", "64"], ["config.json"], False),
+        # corrdiff-latent's restorer for builtin:taef2 (its crops decoded with their pictures' pooled statistics).
+        ("corrdiff-latent", ["--config", "tiny", "--batch-size", "2", "--crop", "64", "--model", "builtin:taef2"], ["config.json"], False),
         # The same loop without Ray (--in-process): its checkpoints are its own folders, renamed into place.
         ("glc", ["--config", "tiny", "--batch-size", "2", "--crop", "64"], ["config.json"], True),
     ],
