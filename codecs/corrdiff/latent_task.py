@@ -40,7 +40,7 @@ from ..latent_denoise.codec import PREDICTORS_FOLDER, LatentDenoiseCodec, load_p
 from ..latent_denoise.nets import HYPER_STRIDE
 from ..parts.crops import mirrored_views, training_latents
 from ..parts.latent_codecs import dequantize, mean_and_scale
-from ..parts.latents import decode_latents, encode_latents
+from ..parts.latents import decode_latents, encode_latents, picture_statistics
 from ..parts.models import load_model, part_folder
 from ..task import SettingsError, TrainingTask
 from .restorer import LatentRestorer
@@ -114,10 +114,11 @@ class LatentRestorerTask(TrainingTask):
     def new_model(self) -> LatentRestorer:
         return LatentRestorer(latent_channels=self.predictors.config.latent_channels, **CONFIGS[self.settings.config])
 
-    def _decoded_crops(self, restorer, examples, steps: torch.Tensor, corners) -> tuple[torch.Tensor, ...]:
-        """(pixel crops, decoded ẑ_e crops, decoded ẑ crops) of `examples` at `steps`, each crop's top left
-        at its latent `corners`, all without their margins; only the ẑ_e decode carries gradients."""
-        crops, restored, plain, statistics, restored_statistics = [], [], [], [], []
+    def _decoded_crops(self, restorer, examples, steps: torch.Tensor, corners, plain: bool = False) -> tuple:
+        """(pixel crops, decoded ẑ_e crops, and with `plain` decoded ẑ crops, else None) of `examples` at
+        `steps`, each crop's top left at its latent `corners`, all without their margins; only the ẑ_e
+        decode carries gradients."""
+        crops, restored, plain_crops, statistics, restored_statistics = [], [], [], [], []
         side = self.side
         for (image, z), step, (y, x) in zip(examples, steps, corners):
             with torch.no_grad():
@@ -126,27 +127,20 @@ class LatentRestorerTask(TrainingTask):
             top, left = max(y - self.halo, 0), max(x - self.halo, 0)
             window = z_hat[..., top : y + side + self.halo, left : x + side + self.halo]
             restored.append(restorer(window, channel_step)[0, :, y - top : y - top + side, x - left : x - left + side])
-            plain.append(z_hat[0, :, y : y + side, x : x + side])
+            plain_crops.append(z_hat[0, :, y : y + side, x : x + side])
             crops.append(image[:, 8 * y : 8 * (y + side), 8 * x : 8 * (x + side)])
-            if self.pooled:  # the pictures' statistics as the codec decodes them: of the whole ẑ and ẑ_e
+            if self.pooled:  # the pictures' statistics as the codec decodes them: of the whole ẑ_e and ẑ
                 with torch.no_grad():
-                    statistics.append(self._statistics(z_hat))
-                    restored_statistics.append(self._statistics(restorer(z_hat, channel_step)))
+                    restored_statistics.append(picture_statistics(self.model, restorer(z_hat, channel_step)))
+                    if plain:
+                        statistics.append(picture_statistics(self.model, z_hat))
         inner = (..., slice(8 * MARGIN, 8 * (side - MARGIN)), slice(8 * MARGIN, 8 * (side - MARGIN)))
-        decoded = self._decode(torch.stack(restored), restored_statistics)[inner]
-        with torch.no_grad():
-            plain_decoded = self._decode(torch.stack(plain), statistics)[inner]
+        decoded = decode_latents(self.model, torch.stack(restored), restored_statistics or None)[inner]
+        plain_decoded = None
+        if plain:
+            with torch.no_grad():
+                plain_decoded = decode_latents(self.model, torch.stack(plain_crops), statistics or None)[inner]
         return torch.stack(crops)[inner], decoded, plain_decoded
-
-    def _statistics(self, z: torch.Tensor) -> list:
-        return self.model.vae.pool_statistics(z / self.model.scaling_factor + self.model.shift_factor)
-
-    def _decode(self, z: torch.Tensor, statistics: list) -> torch.Tensor:
-        """Pixels in [-1, 1] of latent crops, with their pictures' pooled statistics where the decoder has them."""
-        if not statistics:
-            return decode_latents(self.model, z)
-        batched = [tuple(torch.cat(parts) for parts in zip(*block)) for block in zip(*statistics)]
-        return self.model.vae.decode(z / self.model.scaling_factor + self.model.shift_factor, statistics=batched).sample
 
     def _corner(self, z: torch.Tensor, rng: np.random.Generator | None) -> tuple[int, int]:
         """The latent top left of a crop inside z: random, or the centre without `rng`."""
@@ -171,7 +165,7 @@ class LatentRestorerTask(TrainingTask):
         out = {}
         for value in VALIDATION_STEPS:
             steps = torch.full((len(examples),), value, device=self.device)
-            pixels, restored, plain = self._decoded_crops(model, examples, steps, corners)
+            pixels, restored, plain = self._decoded_crops(model, examples, steps, corners, plain=True)
             gains = [_psnr(x, r) - _psnr(x, p) for x, r, p in zip(pixels, restored, plain)]
             out[_gain_key(value)] = float(np.mean(gains))
         return out

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from ..parts.crops import mirrored_views, training_latents
-from ..parts.latents import encode_latents
+from ..parts.latents import decode_latents, encode_latents, picture_statistics
 from ..parts.models import load_model
 from ..task import TrainingTask, TrainSettings
 from .codec import DEFAULT_AUTOENCODER
@@ -111,21 +111,12 @@ class GlcTask(TrainingTask):
         return GlcModel(latent_channels=self.autoencoder.vae.config.latent_channels,
                         **MODEL_CONFIGS[self.settings.config.removesuffix(PIXELS)])  # fmt: skip
 
-    def raw(self, z: torch.Tensor) -> torch.Tensor:
-        """Unit-variance latents → the decoder's raw latents."""
-        return z / self.autoencoder.scaling_factor + self.autoencoder.shift_factor
-
     @torch.no_grad()
     def statistics(self, latents, indices: list[int], memo: dict) -> list:
-        """The decoder's pooled statistics of each crop's whole picture, batched as `decode` takes them."""
+        """The decoder's pooled statistics of each crop's whole picture, as `decode_latents` takes them."""
         for index in set(indices) - set(memo):
-            memo[index] = self.autoencoder.vae.pool_statistics(self.raw(latents[index][None]))
-        blocks = zip(*(memo[index] for index in indices))
-        return [tuple(torch.cat(parts) for parts in zip(*block)) for block in blocks]
-
-    def decode(self, z_hat: torch.Tensor, statistics: list) -> torch.Tensor:
-        """Pixels in [-1, 1] of unit-variance latent crops, through the frozen taef2 decoder as inside their pictures."""
-        return self.autoencoder.vae.decode(self.raw(z_hat), statistics=statistics).sample
+            memo[index] = picture_statistics(self.autoencoder, latents[index][None])
+        return [memo[index] for index in indices]
 
     def _noise(self, model, z, rng: np.random.Generator):
         y_shape, zeta_shape = getattr(model, "module", model).code_shapes(z.shape[2], z.shape[3])  # DDP wraps it
@@ -140,7 +131,7 @@ class GlcTask(TrainingTask):
         z_hat, y_bits, zeta_bits = wrapped(z, step, *self._noise(wrapped, z, rng))
         bpp = (y_bits + zeta_bits) / (64 * z.shape[2] * z.shape[3])
         if self.pixels:
-            decoded = self.decode(z_hat, self.statistics(self.train, indices, self.train_statistics))
+            decoded = decode_latents(self.autoencoder, z_hat, self.statistics(self.train, indices, self.train_statistics))
             error = (127.5 * (decoded - x.to(self.device)))[..., INNER, INNER].pow(2).flatten(1).mean(1)
             lam = LAMBDA_PIXELS / step**2
         else:
@@ -157,7 +148,7 @@ class GlcTask(TrainingTask):
             z_hat, y_bits, zeta_bits = model(z, step, None, None)
             out[metric_at("val_bpp", value)] = float(((y_bits + zeta_bits) / (64 * z.shape[2] * z.shape[3])).mean())
             out[metric_at("val_latent_mse", value)] = float((z_hat - z).pow(2).mean())
-            decoded = self.decode(z_hat[:VALIDATION_PIXEL_CROPS], self.validation_statistics)
+            decoded = decode_latents(self.autoencoder, z_hat[:VALIDATION_PIXEL_CROPS], self.validation_statistics)
             decoded = torch.round((decoded.clamp(-1, 1) + 1) * 127.5)  # 8-bit, as the codec outputs
             mse = ((x[:VALIDATION_PIXEL_CROPS] + 1) * 127.5 - decoded)[..., INNER, INNER].pow(2).flatten(1).mean(1)
             out[metric_at("val_psnr", value)] = float((10 * torch.log10(255.0**2 / mse.clamp_min(1e-10))).mean())

@@ -57,5 +57,17 @@ def encode_latents(model, x: torch.Tensor) -> torch.Tensor:
     return (latent - model.shift_factor) * model.scaling_factor
 
 
-def decode_latents(model, latents: torch.Tensor) -> torch.Tensor:
-    return model.vae.decode(latents / model.scaling_factor + model.shift_factor).sample
+def picture_statistics(model, latents: torch.Tensor) -> list:
+    """The pooled statistics of the pictures of diffusion-space latents (a decoder that normalises over the
+    whole picture, parts/taef2.py), for `decode_latents` of crops of them."""
+    return model.vae.pool_statistics(latents / model.scaling_factor + model.shift_factor)
+
+
+def decode_latents(model, latents: torch.Tensor, statistics: list | None = None) -> torch.Tensor:
+    """Diffusion-space latents → [-1, 1] images. `statistics`: for each latent of the batch, the
+    `picture_statistics` of the picture it is a crop of, so that it decodes as it does inside it."""
+    raw = latents / model.scaling_factor + model.shift_factor
+    if statistics is None:
+        return model.vae.decode(raw).sample
+    stacked = [tuple(torch.cat(parts) for parts in zip(*block)) for block in zip(*statistics)]
+    return model.vae.decode(raw, statistics=stacked).sample
