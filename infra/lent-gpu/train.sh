@@ -11,11 +11,13 @@ set -u
 minutes=$1
 shift
 site=/tmp/diffarc-site
-if [ ! -d "$site/diffarc" ]; then
-    # The carried wheels, then diffarc itself (its dependencies are the image's or the wheels').
+if [ ! -d "$site/diffusers" ]; then  # the carried wheels, once per machine
     python3 -m pip install -q --no-index --no-deps --no-compile --target "$site" .device/wheels/*.whl || exit 1
-    PYTHONPATH=$site python3 -m pip install -q --no-index --no-deps --no-build-isolation --target "$site" . || exit 1
 fi
+# diffarc itself at every call (its dependencies are the image's or the wheels'): a warm machine keeps
+# $site, and a later call may bring other code or keep other built-in models (pack.py --keep).
+rm -rf "$site/diffarc" "$site"/diffarc-*.dist-info
+PYTHONPATH=$site python3 -m pip install -q --no-index --no-deps --no-build-isolation --target "$site" . || exit 1
 export PYTHONPATH=$site PYTHONUNBUFFERED=1 DIFFARC_LATENT_CACHE=$PWD/.device-runs/latents
 python3 -c "import torch, PIL.features; print(torch.__version__, torch.cuda.is_available() and torch.cuda.get_device_name(), 'AVIF', PIL.features.check('avif'))"
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader || true
