@@ -120,20 +120,22 @@ class LatentRestorerTask(TrainingTask):
         decode carries gradients."""
         crops, restored, plain_crops, statistics, restored_statistics = [], [], [], [], []
         side = self.side
+        pictures = {}  # (latent, Δ) → its whole-picture work, done once for several crops of it (validation's)
         for (image, z), step, (y, x) in zip(examples, steps, corners):
-            with torch.no_grad():
-                z_hat, channel_step = quantize(self.predictors, z[None], step[None])
+            key = (id(z), float(step))
+            if key not in pictures:
+                pictures[key] = self._picture(restorer, z, step, plain)
+            z_hat, channel_step, whole_restored, whole_plain = pictures[key]
             # The window the crop's ẑ_e depends on, cut at the picture's edges as the whole pass sees them.
             top, left = max(y - self.halo, 0), max(x - self.halo, 0)
             window = z_hat[..., top : y + side + self.halo, left : x + side + self.halo]
             restored.append(restorer(window, channel_step)[0, :, y - top : y - top + side, x - left : x - left + side])
             plain_crops.append(z_hat[0, :, y : y + side, x : x + side])
             crops.append(image[:, 8 * y : 8 * (y + side), 8 * x : 8 * (x + side)])
-            if self.pooled:  # the pictures' statistics as the codec decodes them: of the whole ẑ_e and ẑ
-                with torch.no_grad():
-                    restored_statistics.append(picture_statistics(self.model, restorer(z_hat, channel_step)))
-                    if plain:
-                        statistics.append(picture_statistics(self.model, z_hat))
+            if self.pooled:
+                restored_statistics.append(whole_restored)
+                if plain:
+                    statistics.append(whole_plain)
         inner = (..., slice(8 * MARGIN, 8 * (side - MARGIN)), slice(8 * MARGIN, 8 * (side - MARGIN)))
         decoded = decode_latents(self.model, torch.stack(restored), restored_statistics or None)[inner]
         plain_decoded = None
@@ -141,6 +143,16 @@ class LatentRestorerTask(TrainingTask):
             with torch.no_grad():
                 plain_decoded = decode_latents(self.model, torch.stack(plain_crops), statistics or None)[inner]
         return torch.stack(crops)[inner], decoded, plain_decoded
+
+    @torch.no_grad()
+    def _picture(self, restorer, z: torch.Tensor, step: torch.Tensor, plain: bool) -> tuple:
+        """(ẑ, its channels' steps, and where the decoder pools: the pooled statistics of the whole ẑ_e and,
+        with `plain`, of ẑ, as the codec decodes them) of one picture's latent z at step Δ."""
+        z_hat, channel_step = quantize(self.predictors, z[None], step[None])
+        if not self.pooled:
+            return z_hat, channel_step, None, None
+        restored = picture_statistics(self.model, restorer(z_hat, channel_step))
+        return z_hat, channel_step, restored, picture_statistics(self.model, z_hat) if plain else None
 
     def _corner(self, z: torch.Tensor, rng: np.random.Generator | None) -> tuple[int, int]:
         """The latent top left of a crop inside z: random, or the centre without `rng`."""
